@@ -1,0 +1,2 @@
+"""vitfast: fast kernels for Vision Transformers."""
+__version__ = "0.1.0"

@@ -1,0 +1,78 @@
+"""Kernel dispatch shared by every vitfast op.
+
+Each fast kernel states why it cannot serve an input (``not_supported_reasons``).
+``backend="auto"`` runs the kernel when that list is empty and otherwise falls back
+to the reference path with a one-time warning listing the reasons; a forced kernel
+backend raises :class:`KernelNotSupported` with every reason instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Iterable, Sequence
+
+__all__ = ["KernelNotSupported", "warn_fallback_once", "resolve_backend", "reset_warnings"]
+
+
+class KernelNotSupported(ValueError):
+    """A kernel was forced for an input it cannot serve."""
+
+    def __init__(self, op: str, backend: str, reasons: Sequence[str]):
+        self.op, self.backend, self.reasons = op, backend, list(reasons)
+        lines = "\n".join(f"  - {r}" for r in self.reasons)
+        super().__init__(f"vitfast.{op}: backend={backend!r} cannot serve these inputs:\n{lines}")
+
+
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+_lock = threading.Lock()
+
+
+def warn_fallback_once(op: str, reasons: Iterable[str], fallback: str = "reference") -> None:
+    """Warn once per (op, reasons) that ``op`` fell back to ``fallback``."""
+    key = (op, tuple(reasons))
+    with _lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    lines = "; ".join(key[1])
+    warnings.warn(
+        f"vitfast.{op}: falling back to the {fallback} path because: {lines}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def reset_warnings() -> None:
+    """Forget which fallbacks were warned about (for tests)."""
+    with _lock:
+        _warned.clear()
+
+
+def resolve_backend(
+    op: str,
+    backend: str,
+    kernel: str,
+    reasons: Sequence[str],
+    *,
+    choices: Sequence[str],
+    fallback: str,
+) -> str:
+    """Pick the backend to run.
+
+    ``backend`` is what the caller asked for, ``kernel`` the fast backend's name,
+    ``reasons`` why the kernel cannot serve this input (empty when it can),
+    ``fallback`` the backend used when ``auto`` cannot use the kernel.
+    """
+    if backend not in choices:
+        raise ValueError(f"vitfast.{op}: backend must be one of {list(choices)}, got {backend!r}")
+    if backend == kernel:
+        if reasons:
+            raise KernelNotSupported(op, backend, reasons)
+        return kernel
+    if backend == "auto":
+        if reasons:
+            warn_fallback_once(op, reasons, fallback)
+            return fallback
+        return kernel
+    return backend
