@@ -1,0 +1,277 @@
+"""Triton kernels behind :mod:`vitfast.ops.attention` (FlashAttention-2 style).
+
+Layout: every tensor is addressed through its own (batch, head, token) strides with the
+head dimension contiguous (stride 1), so views of a packed ``[B, N, 3*H*D]`` qkv tensor
+are read in place. One program handles one ``BLOCK`` of rows of one (batch, head); the
+program id is flattened on grid axis 0 (limit 2**31 - 1) so B*H > 65,535 is fine.
+
+Shape handling (what the Triton tutorial assumes away):
+
+* N is any length >= 1. The loop over the other side runs over full ``BLOCK`` tiles
+  without masks, then over the remainder in ``TAIL``-wide masked tiles, so at N = 197 a
+  64-wide loop wastes at most TAIL - 1 columns instead of 63.
+* The head dim D is any multiple of 8 in [16, 256]: the tile is ``BLOCK_D =
+  next_power_of_2(D)`` wide and the extra columns are masked loads (zeros), never copies.
+
+Numerics: the softmax runs in fp32 with ``exp2``; ``log2(e)`` is folded into the scale.
+The forward stores the natural-log log-sum-exp ``lse`` (fp32, ``[B, H, N]``) for the
+backward, which recomputes P = exp(S - lse) tile by tile. The backward has no atomics:
+one kernel owns a key tile and accumulates dK, dV over all queries, another owns a query
+tile and accumulates dQ over all keys, so two runs give bit-identical gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+# Fixed tiles used under the interpreter (and when autotuning is off): small, uneven
+# tail so the masked paths run even at the test shapes.
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, TAIL=16, num_warps=4, num_stages=1)
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _load(ptrs, mask_a, mask_b, USE_A: tl.constexpr, USE_B: tl.constexpr):
+    """Load a tile, masking (with zeros) only along the axes that need it."""
+    if USE_A:
+        if USE_B:
+            x = tl.load(ptrs, mask=mask_a & mask_b, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=mask_a, other=0.0)
+    else:
+        if USE_B:
+            x = tl.load(ptrs, mask=mask_b, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store(ptrs, x, mask_a, mask_b, USE_B: tl.constexpr):
+    if USE_B:
+        tl.store(ptrs, x, mask=mask_a & mask_b)
+    else:
+        tl.store(ptrs, x, mask=mask_a)
+
+
+@triton.jit
+def _program_tile(N, H, BLOCK: tl.constexpr):
+    """Split the flat program id into (batch, head, first row of this tile)."""
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(N, BLOCK)
+    bh = pid // num_tiles  # consecutive programs share (b, h): K/V stay in L2
+    start = (pid % num_tiles) * BLOCK
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64), start
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+               MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
+                   offs_n[None, :] < N, offs_d[:, None] < HEAD_DIM, MASK_N, MASK_D)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        if MASK_N:
+            s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :],
+                  offs_n[:, None] < N, offs_d[None, :] < HEAD_DIM, MASK_N, MASK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    H, N, N_BUCKET, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+):
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m[:, None] < N
+    mask_d = offs_d[None, :] < HEAD_DIM
+    q = _load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask_m, mask_d, True, MASK_D)
+
+    qk_scale = scale * 1.4426950408889634  # exp(x * scale) == exp2(x * scale * log2(e))
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, 0, n_full, N,
+                               qk_scale, offs_d, HEAD_DIM, BLOCK_N, False, MASK_D, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, n_full, N, N,
+                               qk_scale, offs_d, HEAD_DIM, TAIL, True, MASK_D, PRECISION)
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    _store(O + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(O.dtype.element_ty),
+           mask_m, mask_d, MASK_D)
+    tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
+
+
+# ---------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+    H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta = rowsum(dO * O) in fp32, ``[B, H, N]``."""
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m[:, None] < N
+    mask_d = offs_d[None, :] < HEAD_DIM
+    o = _load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+              mask_m, mask_d, True, MASK_D)
+    do = _load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+               mask_m, mask_d, True, MASK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, lo, hi, N,
+                    qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASK_M: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qT = _load(Q + offs_m[None, :] * stride_qn + offs_d[:, None],
+                   offs_m[None, :] < N, offs_d[:, None] < HEAD_DIM, MASK_M, MASK_D)
+        if MASK_M:  # rows past N get lse = +inf, hence P = 0
+            lse = tl.load(LSE + offs_m, mask=offs_m < N, other=float("inf"))
+            delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
+        else:
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        do = _load(DO + offs_m[:, None] * stride_don + offs_d[None, :],
+                   offs_m[:, None] < N, offs_d[None, :] < HEAD_DIM, MASK_M, MASK_D)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    H, N, N_BUCKET, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+):
+    """One program owns BLOCK_N keys and loops over every query (BLOCK_M, then TAIL)."""
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    b, h, bh, start_n = _program_tile(N, H, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n[:, None] < N
+    mask_d = offs_d[None, :] < HEAD_DIM
+    k = _load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+              mask_n, mask_d, True, MASK_D)
+    v = _load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+              mask_n, mask_d, True, MASK_D)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh * N
+    DELTA += bh * N
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = (N // BLOCK_M) * BLOCK_M
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, 0, m_full,
+                             N, qk_scale, offs_d, HEAD_DIM, BLOCK_M, False, MASK_D, PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, m_full, N,
+                             N, qk_scale, offs_d, HEAD_DIM, TAIL, True, MASK_D, PRECISION)
+    dk *= scale
+    _store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+           dk.to(DK.dtype.element_ty), mask_n, mask_d, MASK_D)
+    _store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+           dv.to(DV.dtype.element_ty), mask_n, mask_d, MASK_D)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
+                  offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+                  MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
+                   offs_n[None, :] < N, offs_d[:, None] < HEAD_DIM, MASK_N, MASK_D)
+        vT = _load(V + offs_n[None, :] * stride_vn + offs_d[:, None],
+                   offs_n[None, :] < N, offs_d[:, None] < HEAD_DIM, MASK_N, MASK_D)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK_N:
+            p = tl.where(offs_n[None, :] < N, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N, N_BUCKET, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+):
+    """One program owns BLOCK_M queries and loops over every key (BLOCK_N, then TAIL)."""
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m[:, None] < N
+    mask_d = offs_d[None, :] < HEAD_DIM
+    q = _load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+              mask_m, mask_d, True, MASK_D)
+    do = _load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+               mask_m, mask_d, True, MASK_D)
+    # rows past N: lse = +inf makes P = 0, so they contribute nothing
+    lse2 = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, 0, n_full, N,
+                       qk_scale, offs_d, HEAD_DIM, BLOCK_N, False, MASK_D, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, n_full, N, N,
+                       qk_scale, offs_d, HEAD_DIM, TAIL, True, MASK_D, PRECISION)
+    dq *= scale
+    _store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+           dq.to(DQ.dtype.element_ty), mask_m, mask_d, MASK_D)

@@ -1,0 +1,130 @@
+"""Patch embedding: raw or float images to ViT tokens in one op (``torch.ops.vitfast.patch_embed``).
+
+The schema and the CPU/CUDA kernels live in ``csrc/``; this module holds the typed wrapper,
+argument checks shared with the fake (meta) implementation, and the registrations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .._ext import load_extension
+
+load_extension()
+
+__all__ = ["patch_embed", "check_patch_embed_args"]
+
+ChannelStats = Optional[Union[torch.Tensor, Sequence[float]]]
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
+    """Raise a ValueError/TypeError naming the argument for any input the op cannot take.
+
+    Returns ``(B, N, T, D)``: batch, patches, tokens out, embedding dim.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"vitfast.patch_embed: images must be a [B, C, H, W] tensor, got {_describe(images)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"vitfast.patch_embed: weight must be a [D, C, p, p] tensor, got {_describe(weight)}")
+    if images.dtype != torch.uint8 and images.dtype not in _FLOAT:
+        raise TypeError(f"vitfast.patch_embed: images must be uint8 or floating point, got {images.dtype}")
+    if weight.dtype not in _FLOAT:
+        raise TypeError(f"vitfast.patch_embed: weight must be floating point, got {weight.dtype}")
+    B, C, H, W = images.shape
+    D, Cw, p, q = weight.shape
+    if p != q:
+        raise ValueError(f"vitfast.patch_embed: weight must have a square kernel [D, C, p, p], got {_shape(weight)}")
+    if Cw != C:
+        raise ValueError(
+            f"vitfast.patch_embed: images have {C} channels but weight expects {Cw} (weight shape {_shape(weight)})"
+        )
+    if H % p or W % p:
+        raise ValueError(f"vitfast.patch_embed: image size {H}x{W} is not divisible by the patch size {p}")
+    N = (H // p) * (W // p)
+    T = N + (cls_token is not None)
+    for name, t in (("weight", weight), ("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed),
+                    ("mean", mean), ("std", std)):
+        if isinstance(t, torch.Tensor) and t.device != images.device:
+            raise ValueError(f"vitfast.patch_embed: {name} is on {t.device} but images are on {images.device}")
+    for name, t in (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)):
+        if t is not None and t.dtype not in _FLOAT:
+            raise TypeError(f"vitfast.patch_embed: {name} must be floating point, got {t.dtype}")
+    if bias is not None and _shape(bias) != [D]:
+        raise ValueError(f"vitfast.patch_embed: bias must be [{D}], got {_shape(bias)}")
+    if cls_token is not None and (cls_token.numel() != D or cls_token.shape[-1] != D):
+        raise ValueError(f"vitfast.patch_embed: cls_token must be [1, 1, {D}], got {_shape(cls_token)}")
+    if pos_embed is not None:
+        allowed = [[1, T, D]] + ([[1, N, D]] if cls_token is not None else [])
+        if _shape(pos_embed) not in allowed:
+            extra = f" (or [1, {N}, {D}] for patches only)" if cls_token is not None else ""
+            raise ValueError(
+                f"vitfast.patch_embed: pos_embed must be [1, {T}, {D}]{extra} for "
+                f"{H // p}x{W // p} patches of {H}x{W} images, got {_shape(pos_embed)}"
+            )
+    if (mean is None) != (std is None):
+        raise ValueError("vitfast.patch_embed: mean and std must be given together")
+    for name, t in (("mean", mean), ("std", std)):
+        if t is not None and torch.as_tensor(t).numel() != C:
+            raise ValueError(
+                f"vitfast.patch_embed: {name} must have one value per channel ({C}), got {list(torch.as_tensor(t).shape)}"
+            )
+    return B, N, T, D
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {_shape(x)}"
+    return type(x).__name__
+
+
+def _stats(x: ChannelStats, device: torch.device) -> Optional[torch.Tensor]:
+    if x is None:
+        return None
+    return torch.as_tensor(x, dtype=torch.float64, device=device).reshape(-1)
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    cls_token: Optional[torch.Tensor] = None,
+    pos_embed: Optional[torch.Tensor] = None,
+    mean: ChannelStats = None,
+    std: ChannelStats = None,
+) -> torch.Tensor:
+    """Images to ViT tokens in one fused op.
+
+    Args:
+        images: ``[B, C, H, W]``, uint8 (raw pixels) or float16/bfloat16/float32/float64,
+            NCHW or channels_last.
+        weight: ``[D, C, p, p]`` (a stride-p Conv2d's weight, timm's layout).
+        bias: ``[D]``.
+        cls_token: ``[1, 1, D]``, prepended to the patch tokens.
+        pos_embed: ``[1, T, D]`` with T the tokens out, or ``[1, N, D]`` for the patches only
+            (timm's ``no_embed_class``).
+        mean, std: per-channel statistics (``C`` values). uint8 images become
+            ``(images/255 - mean)/std``, float images ``(images - mean)/std``; without them
+            uint8 images become ``images/255`` and float images are used as they are.
+
+    Returns:
+        ``[B, T, D]`` in the weight's dtype, T = N (+1 with cls_token), N = (H/p)(W/p):
+        ``cat(cls, conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)) + pos_embed``.
+    """
+    check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    return torch.ops.vitfast.patch_embed(
+        images, weight, bias, cls_token, pos_embed, _stats(mean, images.device), _stats(std, images.device)
+    )
+
+
+@torch.library.register_fake("vitfast::patch_embed")
+def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
+    B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    return images.new_empty((B, T, D), dtype=weight.dtype)
