@@ -1,2 +1,12 @@
-"""vitfast: fast kernels for Vision Transformers."""
+"""vitfast: fused kernels (Triton attention, CUDA patch embedding) and a drop-in ViT for PyTorch."""
+
 __version__ = "0.1.0"
+
+from ._ext import load_extension as _load_extension
+
+_load_extension()  # registers torch.ops.vitfast.*; raises a clear ImportError when the build is missing
+
+from . import ops  # noqa: E402
+from .models import FastViT, create_model, list_models  # noqa: E402
+
+__all__ = ["FastViT", "create_model", "list_models", "ops", "__version__"]

@@ -275,3 +275,179 @@ def _attn_bwd_dq_kernel(
     dq *= scale
     _store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
            dq.to(DQ.dtype.element_ty), mask_m, mask_d, MASK_D)
+
+
+# ------------------------------------------------------------------- configs, tuning
+def _is_interpreted(fn: Any) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+INTERPRET = _is_interpreted(_attn_fwd_kernel)
+# Autotuning on the GPU; off (first surviving config) when VITFAST_ATTENTION_AUTOTUNE=0
+# or after set_autotune(False), e.g. in tests. Under the interpreter the fixed
+# INTERPRET_CONFIG is launched directly.
+_AUTOTUNE = os.environ.get("VITFAST_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Turn autotuning on or off; returns the previous setting."""
+    global _AUTOTUNE
+    previous, _AUTOTUNE = _AUTOTUNE, bool(enabled)
+    return previous
+
+
+def _cfg(bm: int, bn: int, tail: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, TAIL=tail), num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, TAIL, warps, stages); first survivor is the untuned default. Uneven
+# tiles and 16-wide tails are here for ViT lengths (197, 257, 577): a 128x128 tile does
+# 1.69x the useful work at N = 197, 64x32 with a 16-wide tail does 1.21x.
+_FWD_CONFIGS = [
+    _cfg(128, 64, 64, 8, 3), _cfg(128, 64, 16, 8, 3), _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 128, 16, 8, 3), _cfg(128, 32, 16, 4, 3), _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(64, 32, 16, 4, 4),
+    _cfg(64, 128, 128, 4, 3), _cfg(64, 128, 32, 4, 3), _cfg(32, 32, 16, 4, 3),
+    _cfg(16, 16, 16, 2, 2),
+]
+# dK/dV: BLOCK_N keys owned, loop over queries in BLOCK_M (then TAIL).
+_DKDV_CONFIGS = [
+    _cfg(32, 128, 32, 8, 3), _cfg(32, 128, 16, 8, 3), _cfg(64, 128, 64, 8, 2),
+    _cfg(64, 128, 16, 8, 2), _cfg(32, 64, 32, 4, 3), _cfg(32, 64, 16, 4, 3),
+    _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(16, 32, 16, 4, 3),
+    _cfg(16, 16, 16, 2, 2),
+]
+# dQ: BLOCK_M queries owned, loop over keys in BLOCK_N (then TAIL).
+_DQ_CONFIGS = [
+    _cfg(128, 32, 32, 8, 3), _cfg(128, 32, 16, 8, 3), _cfg(128, 64, 64, 8, 2),
+    _cfg(128, 64, 16, 8, 2), _cfg(64, 32, 32, 4, 3), _cfg(64, 32, 16, 4, 3),
+    _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(32, 16, 16, 4, 3),
+    _cfg(16, 16, 16, 2, 2),
+]
+MIN_TILE = 16  # smallest owned tile in any config (bounds the grid size)
+_SMEM_BYTES = 227 * 1024  # H100; configs over this fail to compile and are skipped anyway
+
+
+def _make_prune(kind: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        n, block_d = args["N_BUCKET"], args["BLOCK_D"]
+        el = args["Q"].dtype.itemsize
+        n_cap = max(16, triton.next_power_of_2(int(n)))
+        kept = []
+        for c in configs:
+            bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TAIL"]
+            own, loop = (bn, bm) if kind == "dkdv" else (bm, bn)
+            if own > n_cap or loop > n_cap or tail > loop:
+                continue
+            # operands streamed through shared memory, and fp32 accumulators per thread
+            smem = (c.num_stages * 2 * loop * block_d + (2 if kind != "fwd" else 1) * own * block_d) * el
+            acc_regs = (2 if kind == "dkdv" else 1) * own * block_d // (32 * c.num_warps)
+            if smem > _SMEM_BYTES or acc_regs > 128:
+                continue
+            kept.append(c)
+        if not kept:
+            kept = [configs[-1]]
+        return kept if _AUTOTUNE else kept[:1]
+
+    return prune
+
+
+def _autotune(configs, kind):
+    return triton.autotune(
+        configs=configs,
+        key=["N_BUCKET", "HEAD_DIM", "PRECISION"],  # + the dtypes of the tensor arguments
+        prune_configs_by={"early_config_prune": _make_prune(kind)},
+    )
+
+
+_attn_fwd_tuned = _autotune(_FWD_CONFIGS, "fwd")(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = _autotune(_DKDV_CONFIGS, "dkdv")(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = _autotune(_DQ_CONFIGS, "dq")(_attn_bwd_dq_kernel)
+
+
+# -------------------------------------------------------------------------- launchers
+def n_bucket(n: int) -> int:
+    """Autotuning bucket for sequence length ``n``: exact to 16 up to 256 (where tile
+    waste is decided), to 64 up to 1024, to 256 beyond."""
+    if n <= 256:
+        return (n + 15) // 16 * 16
+    if n <= 1024:
+        return (n + 63) // 64 * 64
+    return (n + 255) // 256 * 256
+
+
+def block_d(head_dim: int) -> int:
+    return max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
+
+
+def grid_size(batch_heads: int, n: int, block: int) -> tuple[int]:
+    """Launch grid: all (batch, head, tile) programs flattened on axis 0, whose limit
+    (2**31 - 1) is far above axes 1 and 2 (65,535)."""
+    return (triton.cdiv(n, block) * batch_heads,)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots use TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _wrap(kernel):
+    if INTERPRET:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def _pick(raw, tuned, config: Optional[dict]):
+    """Kernel and launch kwargs: a given config (tests), the fixed interpreter config,
+    or the autotuner."""
+    if config is None and INTERPRET:
+        config = INTERPRET_CONFIG
+    if config is None:
+        return _wrap(tuned), {}
+    meta = dict(config)
+    if INTERPRET:  # the interpreter takes no launch options
+        meta.pop("num_warps", None)
+        meta.pop("num_stages", None)
+    return _wrap(raw), meta
+
+
+def _s(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, token) strides of a [B, H, N, D] tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def launch_fwd(q, k, v, out, lse, scale: float, config: Optional[dict] = None) -> None:
+    """out[b, h] = softmax(q k^T * scale) v and lse[b, h] = logsumexp(q k^T * scale)."""
+    B, H, N, D = q.shape
+    kernel, meta = _pick(_attn_fwd_kernel, _attn_fwd_tuned, config)
+    kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
+        q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), H, N, n_bucket(N), scale,
+        HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), **meta,
+    )
+
+
+def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
+               config: Optional[dict] = None, dq_config: Optional[dict] = None) -> None:
+    """dq, dk, dv of attention given dout, the forward's out and lse."""
+    B, H, N, D = q.shape
+    bd, precision = block_d(D), dot_precision(q.dtype)
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    pre_block = 64 if not INTERPRET else 32
+    _wrap(_bwd_preprocess_kernel)[grid_size(B * H, N, pre_block)](
+        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_block,
+    )
+    kernel, meta = _pick(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, config)
+    kernel[lambda m: grid_size(B * H, N, m["BLOCK_N"])](
+        q, k, v, dout, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
+        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, PRECISION=precision, **meta,
+    )
+    kernel, meta = _pick(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, dq_config or config)
+    kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
+        q, k, v, dout, lse, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
+        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, PRECISION=precision, **meta,
+    )
