@@ -1,0 +1,306 @@
+"""Fused multi-head attention for ViTs: ``softmax(q k^T * scale) v``.
+
+Public API:
+
+* :func:`attention` -- q, k, v ``[B, H, N, D]`` (any strides with the last one 1, so views
+  of a packed qkv tensor are read in place) -> out ``[B, H, N, D]``. ``out`` is laid out
+  as ``[B, N, H, D]`` in memory, so ``out.transpose(1, 2).reshape(B, N, H * D)`` is free.
+* :func:`attention_packed` -- qkv ``[B, N, 3*H*D]`` straight from a ViT's qkv Linear
+  (split as ``(3, H, D)``, timm's order) -> out ``[B, N, H*D]`` ready for the projection.
+* :func:`attention_not_supported_reasons` -- why the Triton kernel cannot serve an input.
+
+``backend="auto"`` runs the Triton kernel on CUDA tensors and ``torch``'s SDPA on the CPU
+(that is the documented behaviour, not a fallback, so it does not warn); a CUDA input the
+kernel cannot serve falls back to SDPA with a one-time warning. ``"triton"`` forces the
+kernel (on the CPU only under ``TRITON_INTERPRET=1``) and raises
+:class:`~vitfast._dispatch.KernelNotSupported` with every reason; ``"sdpa"`` forces PyTorch.
+
+Precision: fp16 and bf16 inputs are multiplied on tensor cores with fp32 accumulation and
+an fp32 softmax. fp32 inputs use TF32 dots when ``torch.backends.cuda.matmul.allow_tf32``
+is True (PyTorch's default is False, which gives full-fp32 "ieee" dots).
+
+Registration: four ops in the ``vitfast`` namespace -- ``attention_fwd``/``attention_bwd``
+and ``attention_packed_fwd``/``attention_packed_bwd`` -- each with a fake (meta)
+implementation and the forward ops with autograd, so ``torch.compile(fullgraph=True)``
+traces through them. On the GPU they are ``torch.library.triton_op``s whose kernels are
+wrapped with ``wrap_triton`` (Inductor sees the kernels); under the Triton interpreter they
+are opaque ``torch.library.custom_op``s, because ``wrap_triton`` cannot trace an
+interpreted kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._dispatch import resolve_backend
+from . import _attention_kernels as _k
+
+__all__ = ["attention", "attention_packed", "attention_not_supported_reasons"]
+
+BACKENDS = ("auto", "triton", "sdpa")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
+
+
+# ------------------------------------------------------------------------ validation
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _input_problems(op: str, tensors: dict) -> list[tuple[type, str]]:
+    """Errors that no backend can run with: (exception type, message) pairs."""
+    problems: list[tuple[type, str]] = []
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            problems.append((TypeError, f"vitfast.{op}: {name} must be a torch.Tensor, got {type(t).__name__}"))
+    if problems:
+        return problems
+    (n0, t0), *rest = tensors.items()
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            problems.append((ValueError, f"vitfast.{op}: {name} must have 4 dimensions [B, H, N, D], got shape {_shape(t)}"))
+        if not (t.is_floating_point()):
+            problems.append((TypeError, f"vitfast.{op}: {name} has dtype {t.dtype}; attention needs a floating-point dtype"))
+    if problems:
+        return problems
+    for name, t in rest:
+        if t.shape != t0.shape:
+            problems.append((ValueError, f"vitfast.{op}: {name} has shape {_shape(t)} but {n0} has {_shape(t0)}; "
+                                         f"expected {', '.join(tensors)} to share [B, H, N, D]"))
+        if t.dtype != t0.dtype:
+            problems.append((TypeError, f"vitfast.{op}: {name} has dtype {t.dtype} but {n0} has {t0.dtype}; expected one dtype"))
+        if t.device != t0.device:
+            problems.append((ValueError, f"vitfast.{op}: {name} is on {t.device} but {n0} is on {t0.device}; expected one device"))
+    if not problems and t0.shape[2] < 1:
+        problems.append((ValueError, f"vitfast.{op}: {n0} has N = {t0.shape[2]} tokens; expected N >= 1"))
+    return problems
+
+
+def _raise_first(problems: list[tuple[type, str]]) -> None:
+    if problems:
+        exc, msg = problems[0]
+        raise exc(msg if len(problems) == 1 else msg + "; also: " + "; ".join(m for _, m in problems[1:]))
+
+
+def attention_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+    """Why the Triton kernel cannot serve q, k, v (empty list: it can).
+
+    Never raises; inputs no backend accepts (wrong rank, mismatched shapes, ...) are
+    reported here too.
+    """
+    problems = _input_problems("attention", {"q": q, "k": k, "v": v})
+    if problems:
+        return [msg for _, msg in problems]
+    reasons: list[str] = []
+    B, H, N, D = q.shape
+    if q.device.type != "cuda" and not _k.INTERPRET:
+        reasons.append(f"q is on {q.device}; the Triton kernel needs CUDA tensors "
+                       "(on the CPU it runs only with TRITON_INTERPRET=1 set before vitfast is imported)")
+    if q.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"q has dtype {q.dtype}; the kernel supports float16, bfloat16 and float32")
+    elif q.dtype == torch.bfloat16 and _k.INTERPRET:
+        reasons.append("q has dtype torch.bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) does not support")
+    if D % 8 or not _k.MIN_HEAD_DIM <= D <= _k.MAX_HEAD_DIM:
+        reasons.append(f"q.shape[-1] (head dim D) is {D}; the kernel takes multiples of 8 "
+                       f"from {_k.MIN_HEAD_DIM} to {_k.MAX_HEAD_DIM}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            reasons.append(f"{name}.stride(-1) is {t.stride(-1)}; the kernel needs the last dimension contiguous (stride 1)")
+        elif (N + 256) * max(t.stride(2), H * D) > _INT32_MAX:
+            reasons.append(f"{name}: N * stride(2) = {N} * {t.stride(2)} overflows the kernel's 32-bit row offsets")
+    if _k.grid_size(B * H, N, _k.MIN_TILE)[0] > _INT32_MAX:
+        reasons.append(f"B*H*ceil(N/{_k.MIN_TILE}) = {_k.grid_size(B * H, N, _k.MIN_TILE)[0]} programs exceed the grid limit 2**31-1")
+    return reasons
+
+
+def _choose_backend(op: str, backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"vitfast.{op}: backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto" and q.device.type != "cuda":
+        return "sdpa"  # documented CPU behaviour, not a fallback: no warning
+    if backend == "sdpa":
+        return "sdpa"
+    reasons = attention_not_supported_reasons(q, k, v)
+    return resolve_backend(op, backend, "triton", reasons, choices=BACKENDS, fallback="sdpa")
+
+
+def _default_scale(scale: Optional[float], head_dim: int) -> float:
+    return float(head_dim ** -0.5 if scale is None else scale)
+
+
+# ------------------------------------------------------------------------- the ops
+# On the GPU: triton_op, so Inductor sees the kernels. Under the interpreter: custom_op,
+# because wrap_triton cannot trace an interpreted kernel (fake tensors would reach it).
+_register = torch.library.custom_op if _k.INTERPRET else torch.library.triton_op
+
+
+def _empty_bnhd(like: Tensor, B: int, H: int, N: int, D: int, dtype=None) -> Tensor:
+    """A fresh [B, H, N, D] tensor laid out as [B, N, H, D] (not a view)."""
+    return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1),
+                               dtype=dtype or like.dtype, device=like.device)
+
+
+def _lse(like: Tensor, B: int, H: int, N: int) -> Tensor:
+    return torch.empty((B, H, N), dtype=torch.float32, device=like.device)
+
+
+def _split_packed(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, N, 3*H*D] -> three [B, H, N, D] views (timm's (3, H, D) split), no copies."""
+    D = qkv.shape[-1] // (3 * num_heads)
+    q, k, v = qkv.unflatten(-1, (3, num_heads, D)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    # e.g. the expanded gradient of out.sum() has stride 0 everywhere
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@_register("vitfast::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q, k, v [B, H, N, D] -> (out [B, H, N, D] laid out as [B, N, H, D], lse [B, H, N] fp32)."""
+    B, H, N, D = q.shape
+    out, lse = _empty_bnhd(q, B, H, N, D), _lse(q, B, H, N)
+    if out.numel():
+        _k.launch_fwd(q, k, v, out, lse, scale)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale):
+    torch._check(q.dim() == 4 and k.shape == q.shape and v.shape == q.shape,
+                 lambda: "vitfast::attention_fwd: q, k, v must share [B, H, N, D]")
+    B, H, N, D = q.shape
+    return _empty_bnhd(q, B, H, N, D), _lse(q, B, H, N)
+
+
+@_register("vitfast::attention_bwd", mutates_args=())
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv), each [B, H, N, D] shaped like its input."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel():
+        _k.launch_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dq, dk, dv, scale)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@_register("vitfast::attention_packed_fwd", mutates_args=())
+def _attention_packed_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    """qkv [B, N, 3*H*D] -> (out [B, N, H*D], lse [B, H, N] fp32); no copies in or out."""
+    B, N, C = qkv.shape
+    H, D = num_heads, C // (3 * num_heads)
+    out, lse = qkv.new_empty((B, N, H * D)), _lse(qkv, B, H, N)
+    if out.numel():
+        q, k, v = _split_packed(qkv, H)
+        _k.launch_fwd(q, k, v, out.unflatten(-1, (H, D)).transpose(1, 2), lse, scale)
+    return out, lse
+
+
+@_attention_packed_fwd.register_fake
+def _(qkv, num_heads, scale):
+    torch._check(qkv.dim() == 3, lambda: "vitfast::attention_packed_fwd: qkv must be [B, N, 3*H*D]")
+    B, N, C = qkv.shape
+    return qkv.new_empty((B, N, C // 3)), _lse(qkv, B, num_heads, N)
+
+
+@_register("vitfast::attention_packed_bwd", mutates_args=())
+def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
+                          scale: float) -> Tensor:
+    """dqkv [B, N, 3*H*D]: dq, dk, dv are written straight into their packed slots."""
+    B, N, C = qkv.shape
+    H, D = num_heads, C // (3 * num_heads)
+    dqkv = qkv.new_empty((B, N, C))
+    if dqkv.numel():
+        q, k, v = _split_packed(qkv, H)
+        dq, dk, dv = _split_packed(dqkv, H)
+        as_bhnd = lambda t: _last_dim_contiguous(t).unflatten(-1, (H, D)).transpose(1, 2)  # noqa: E731
+        _k.launch_bwd(as_bhnd(dout), q, k, v, as_bhnd(out), lse, dq, dk, dv, scale)
+    return dqkv
+
+
+@_attention_packed_bwd.register_fake
+def _(dout, qkv, out, lse, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _packed_backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return _attention_packed_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
+
+
+_attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+# ---------------------------------------------------------------------- public API
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+              backend: str = "auto") -> Tensor:
+    """``softmax(q @ k^T * scale) @ v`` for q, k, v ``[B, H, N, D]``.
+
+    Any strides work as long as the last dimension has stride 1. ``scale`` defaults to
+    ``D ** -0.5``. Returns ``[B, H, N, D]`` (with the Triton kernel, laid out as
+    ``[B, N, H, D]`` in memory). Differentiable in q, k and v.
+    """
+    _raise_first(_input_problems("attention", {"q": q, "k": k, "v": v}))
+    scale = _default_scale(scale, q.shape[-1])
+    if _choose_backend("attention", backend, q, k, v) == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return _attention_fwd(q, k, v, scale)[0]
+
+
+def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = None,
+                     backend: str = "auto") -> Tensor:
+    """Attention straight from a ViT's fused qkv projection.
+
+    ``qkv`` is ``[B, N, 3*H*D]`` (``H = num_heads``) split as ``(3, H, D)`` like timm's
+    ``qkv.reshape(B, N, 3, H, D)``; returns ``[B, N, H*D]``, ready for the output
+    projection. With the Triton kernel nothing is copied on the way in or out, and the
+    backward writes dq, dk, dv straight into one packed ``[B, N, 3*H*D]`` gradient.
+    """
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"vitfast.attention_packed: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"vitfast.attention_packed: num_heads must be a positive int, got {num_heads!r}")
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"vitfast.attention_packed: qkv must be [B, N, 3*H*D] with H = num_heads = {num_heads}, "
+                         f"got shape {_shape(qkv)}")
+    if not qkv.is_floating_point():
+        raise TypeError(f"vitfast.attention_packed: qkv has dtype {qkv.dtype}; attention needs a floating-point dtype")
+    q, k, v = _split_packed(qkv, num_heads)
+    _raise_first(_input_problems("attention_packed", {"q": q, "k": k, "v": v}))
+    scale = _default_scale(scale, q.shape[-1])
+    if _choose_backend("attention_packed", backend, q, k, v) == "sdpa":
+        B, N, _ = qkv.shape
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, -1)
+    return _attention_packed_fwd(qkv, num_heads, scale)[0]
