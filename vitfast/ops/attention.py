@@ -75,8 +75,6 @@ def _input_problems(op: str, tensors: dict) -> list[tuple[type, str]]:
             problems.append((TypeError, f"vitfast.{op}: {name} has dtype {t.dtype} but {n0} has {t0.dtype}; expected one dtype"))
         if t.device != t0.device:
             problems.append((ValueError, f"vitfast.{op}: {name} is on {t.device} but {n0} is on {t0.device}; expected one device"))
-    if not problems and t0.shape[2] < 1:
-        problems.append((ValueError, f"vitfast.{op}: {n0} has N = {t0.shape[2]} tokens; expected N >= 1"))
     return problems
 
 
@@ -117,11 +115,16 @@ def attention_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str
     return reasons
 
 
+def _auto_means_sdpa(q: Tensor) -> bool:
+    """``auto`` on a non-CUDA tensor is SDPA by definition (not a fallback: no warning)."""
+    return q.device.type != "cuda"
+
+
 def _choose_backend(op: str, backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"vitfast.{op}: backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "auto" and q.device.type != "cuda":
-        return "sdpa"  # documented CPU behaviour, not a fallback: no warning
+    if backend == "auto" and _auto_means_sdpa(q):
+        return "sdpa"
     if backend == "sdpa":
         return "sdpa"
     reasons = attention_not_supported_reasons(q, k, v)

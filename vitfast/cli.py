@@ -1,0 +1,40 @@
+"""The ``vitfast`` command: ``vitfast info | bench | profile``.
+
+Each subcommand lives in its own module with a ``main(argv) -> int``; this file only routes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = {
+    "info": ("vitfast.info", "versions, what was built, the registered ops and the GPU"),
+    "bench": ("vitfast.bench", "throughput of FastViT against the reference and timm"),
+    "profile": ("vitfast.profile", "where the kernel time goes (torch.profiler)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: vitfast <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`vitfast <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vitfast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
