@@ -13,6 +13,7 @@ COMMANDS = {
     "info": ("vitfast.info", "versions, what was built, the registered ops and the GPU"),
     "bench": ("vitfast.bench", "throughput of FastViT against the reference and timm"),
     "profile": ("vitfast.profile", "where the kernel time goes (torch.profiler)"),
+    "train": ("vitfast.train", "train FastViT (or a patched timm ViT) under torchrun: DDP or FSDP2"),
 }
 
 
