@@ -1,0 +1,71 @@
+"""The build, the extension's registrations, and `vitfast info`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vitfast
+from vitfast import _C
+
+
+def test_extension_built_for_this_torch():
+    assert _C.torch_version == torch.__version__
+
+
+def test_patch_embed_registered_for_cpu():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("vitfast::patch_embed", "CPU")
+
+
+@pytest.mark.skipif(
+    os.environ.get("VITFAST_SKIP_CUDA_BUILD", "0") == "1", reason="built with VITFAST_SKIP_CUDA_BUILD=1: no CUDA kernels"
+)
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU build: the CUDA sources are not compiled")
+def test_patch_embed_registered_for_cuda():
+    # the build compiles csrc/cuda whenever nvcc and a CUDA torch are present, GPU or not
+    assert _C.with_cuda, "vitfast._C was built without its CUDA kernels although torch is a CUDA build"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("vitfast::patch_embed", "CUDA")
+
+
+def test_missing_extension_is_a_clear_import_error():
+    code = "import sys; sys.modules['vitfast._C'] = None\ntry:\n import vitfast\nexcept ImportError as e:\n print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "vitfast._C could not be loaded" in out and "rebuild" in out
+
+
+def test_info_tells_the_truth():
+    out = subprocess.run(
+        [sys.executable, "-m", "vitfast.info", "--json"], capture_output=True, text=True, check=True
+    ).stdout
+    info = json.loads(out)
+    assert info["torch"] == torch.__version__
+    assert info["extension"]["cuda_kernels"] == bool(_C.with_cuda)
+    keys = info["ops"]["patch_embed"]
+    assert "CPU" in keys
+    assert ("CUDA" in keys) == bool(_C.with_cuda)
+    assert info["cuda_available"] == torch.cuda.is_available()
+
+
+def test_cli_usage_and_unknown_command():
+    from vitfast.cli import main
+
+    assert main(["--help"]) == 0
+    assert main(["no-such-command"]) == 2
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch32_384", "vit_base_patch16_reg4_gap_256"])
+def test_fastvit_matches_timm(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    depth = {"vit_tiny_patch16_224": 12}.get(name, 2)
+    ref = timm.create_model(name, pretrained=False, depth=depth).eval()
+    model = vitfast.create_model(name, depth=depth).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        expected, got = ref(x), model(x)
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel <= 1e-5, rel
