@@ -1,0 +1,476 @@
+"""vitfast.ops.attention against a float64 reference, with flash-attention's rule: the
+kernel's error is at most 2x the error of torch's SDPA in the same dtype (plus a floor of
+one rounding step, see ``_ATOL``).
+
+Without a GPU everything runs on the CPU under the Triton interpreter (fp32 and fp16; the
+interpreter has no bf16), which is slow: the forward covers every listed (N, D) with small
+B*H, the gradients a representative subset. Tests marked ``cuda`` redo the checks in bf16
+and fp16 at full ViT sizes and compile with Inductor.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitfast._dispatch import KernelNotSupported, reset_warnings
+from vitfast.ops import _attention_kernels as kernels
+from vitfast.ops import attention as attention_mod
+from vitfast.ops.attention import attention, attention_not_supported_reasons, attention_packed
+from vitfast.ops.reference import attention_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Floor on top of 2x SDPA's error, relative to the largest reference magnitude: a
+# fraction of one output rounding step (fp16 eps = 9.8e-4, bf16 7.8e-3; fp32 1.2e-7, so
+# 1e-6 is ~8 eps for a different summation order). Without it a case where SDPA happens to
+# round exactly like float64 (error 0, e.g. dq at N = 1 in fp16) would demand a perfect kernel.
+_ATOL = {torch.float32: 1e-6, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _qkv(B, H, N, D, dtype, device=DEV, seed=0, requires_grad=False):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref).abs().max().item() if x.numel() else 0.0
+
+
+def _assert_close_2x(name, got, sdpa, ref, dtype):
+    e_kernel, e_sdpa = _err(got, ref), _err(sdpa, ref)
+    floor = _ATOL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert e_kernel <= 2 * e_sdpa + floor, (
+        f"{name}: kernel error {e_kernel:.3g} > 2 x SDPA error {e_sdpa:.3g} + {floor:.3g}")
+
+
+def _grads(fn, q, k, v, dout):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check_fwd_bwd(B, H, N, D, dtype, backward=True, scale=None, seed=0):
+    q, k, v = _qkv(B, H, N, D, dtype, seed=seed)
+    ref_inputs = [t.double() for t in (q, k, v)]
+    dout = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(seed + 1)).to(q.device, dtype)
+    run = lambda be: (lambda a, b, c: attention(a, b, c, scale=scale, backend=be))  # noqa: E731
+    ref_fn = lambda a, b, c: attention_ref(a, b, c, scale=scale)  # noqa: E731
+    if not backward:
+        with torch.no_grad():
+            got, sdpa, ref = run("triton")(q, k, v), run("sdpa")(q, k, v), ref_fn(*ref_inputs)
+        _assert_close_2x("out", got, sdpa, ref, dtype)
+        return
+    got, sdpa, ref = (_grads(f, *args, dout) for f, args in (
+        (run("triton"), (q, k, v)), (run("sdpa"), (q, k, v)), (ref_fn, ref_inputs)))
+    for name, g, s, r in zip(("out", "dq", "dk", "dv"), got, sdpa, ref):
+        assert g.dtype == dtype and g.shape == r.shape
+        _assert_close_2x(name, g, s, r, dtype)
+
+
+# ----------------------------------------------------------------- numerics on the CPU
+# (B, H) per N: both batch sizes and 1-3 heads are covered while keeping B*H*N^2 small.
+_BH_FOR_N = {1: (2, 3), 50: (2, 3), 197: (1, 2), 257: (2, 1), 577: (1, 1)}
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 64, 72, 80, 128])
+@pytest.mark.parametrize("N", [1, 50, 197, 257, 577])
+def test_forward_matches_reference(N, D, dtype):
+    B, H = _BH_FOR_N[N]
+    _check_fwd_bwd(B, H, N, D, dtype, backward=False)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("N,D", [(1, 64), (50, 72), (50, 80), (197, 64), (197, 72), (197, 80),
+                                 (257, 32), (50, 128), (577, 80)])
+def test_gradients_match_reference(N, D, dtype):
+    B, H = (2, 2) if N <= 50 else (1, 1)
+    _check_fwd_bwd(B, H, N, D, dtype)
+
+
+def test_custom_scale_and_head_dims_at_the_limits():
+    _check_fwd_bwd(1, 1, 20, 16, torch.float32, scale=0.3)
+    _check_fwd_bwd(1, 1, 20, 256, torch.float32, scale=0.05)
+    _check_fwd_bwd(1, 1, 20, 104, torch.float16)
+
+
+def test_lse_is_the_logsumexp_of_the_scores():
+    q, k, v = _qkv(2, 2, 50, 72, torch.float32)
+    out, lse = torch.ops.vitfast.attention_fwd(q, k, v, 0.2)
+    ref = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 0.2, dim=-1)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 50)
+    assert _err(lse, ref) < 1e-5
+
+
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=16, BLOCK_N=64, TAIL=16, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=16, TAIL=16, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, TAIL=32, num_warps=4, num_stages=2),  # no narrow tail
+    dict(BLOCK_M=128, BLOCK_N=128, TAIL=16, num_warps=8, num_stages=2),  # tile > N
+], ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}t{c['TAIL']}")
+def test_uneven_tiles(config):
+    """Every tile shape the autotuner may pick gives the same answer (N = 97, D = 80)."""
+    B, H, N, D = 1, 2, 97, 80
+    q, k, v = _qkv(B, H, N, D, torch.float32)
+    dout = torch.randn(B, H, N, D)
+    out, lse = torch.empty_like(q), torch.empty(B, H, N)
+    kernels.launch_fwd(q, k, v, out, lse, D**-0.5, config=config)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kernels.launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, D**-0.5, config=config)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_ref(qd, kd, vd)
+    ref.backward(dout.double())
+    for got, want in ((out, ref.detach()), (dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+        assert _err(got, want) < 2e-5
+
+
+# ----------------------------------------------------------------- layouts and packing
+def _packed_views(qkv, H):
+    B, N, C = qkv.shape
+    return qkv.view(B, N, 3, H, C // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_strided_views_of_packed_qkv(dtype):
+    B, N, H, D = 2, 50, 3, 72
+    qkv = torch.randn(B, N, 3 * H * D).to(DEV, dtype)
+    q, k, v = _packed_views(qkv, H)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    with torch.no_grad():
+        got, sdpa = attention(q, k, v, backend="triton"), attention(q, k, v, backend="sdpa")
+    _assert_close_2x("out", got, sdpa, attention_ref(q.double(), k.double(), v.double()), dtype)
+    # the output is [B, N, H, D] in memory: the reshape to [B, N, H*D] is a view
+    assert got.transpose(1, 2).reshape(B, N, H * D).data_ptr() == got.data_ptr()
+
+
+def test_packed_matches_unpacked_forward_and_backward():
+    B, N, H, D = 2, 50, 2, 80
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV)
+    dout = torch.randn(B, N, H * D, device=DEV)
+    a = qkv.clone().requires_grad_()
+    out_packed = attention_packed(a, num_heads=H, backend="triton")
+    out_packed.backward(dout)
+    b = qkv.clone().requires_grad_()
+    out = attention(*_packed_views(b, H), backend="triton").transpose(1, 2).reshape(B, N, H * D)
+    out.backward(dout)
+    assert out_packed.shape == (B, N, H * D)
+    torch.testing.assert_close(out_packed, out, rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    c = qkv.clone().requires_grad_()
+    out_sdpa = attention_packed(c, num_heads=H, backend="sdpa")
+    out_sdpa.backward(dout)
+    torch.testing.assert_close(out_packed, out_sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad, c.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_forward_makes_no_copies():
+    """The packed op reads qkv in place: its only allocations are out and lse."""
+    B, N, H, D = 1, 20, 2, 16
+    qkv = torch.randn(B, N, 3 * H * D)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        torch.ops.vitfast.attention_packed_fwd(qkv, H, 0.25)
+    copies = [o for o in rec.ops if any(w in o for w in ("copy", "clone", "contiguous", "cat", "stack"))]
+    assert not copies, rec.ops
+
+
+def test_backward_accepts_expanded_gradients():
+    q, k, v = _qkv(1, 2, 30, 64, torch.float32, requires_grad=True)
+    attention(q, k, v, backend="triton").sum().backward()  # dout has stride 0 everywhere
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    attention_ref(qd, kd, vd).sum().backward()
+    assert _err(q.grad, qd.grad) < 1e-5 and _err(v.grad, vd.grad) < 1e-5
+
+
+def test_backward_is_deterministic():
+    q, k, v = _qkv(2, 3, 197, 72, torch.float32)
+    dout = torch.randn_like(q)
+    first = _grads(lambda a, b, c: attention(a, b, c, backend="triton"), q, k, v, dout)
+    second = _grads(lambda a, b, c: attention(a, b, c, backend="triton"), q, k, v, dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    q, k, v = _qkv(0, 2, 10, 32, torch.float32)
+    assert attention(q, k, v, backend="triton").shape == (0, 2, 10, 32)
+
+
+# ----------------------------------------------------------------------- grid limits
+def test_grid_flattens_batch_heads_onto_axis_0():
+    """B*H = 70,000 > 65,535 (the limit of grid axes 1 and 2) must still launch."""
+    B, H, N = 5000, 14, 197
+    (programs,) = kernels.grid_size(B * H, N, 16)
+    assert programs == 13 * B * H and programs < 2**31 - 1
+    # the kernel's decomposition of the flat id (see _program_tile) reaches every tile
+    tiles = -(-N // 16)
+    last = programs - 1
+    assert (last // tiles // H, last // tiles % H, last % tiles * 16) == (B - 1, H - 1, 192)
+
+
+def test_reasons_report_grid_overflow():
+    q = torch.empty(1, 1, 1, 64).expand(2**25, 4, 300, 64)  # no memory behind the expand
+    reasons = attention_not_supported_reasons(q, q, q)
+    assert any("grid limit" in r for r in reasons)
+
+
+def test_autotune_keys_and_pruning():
+    assert kernels.n_bucket(197) == 208 and kernels.n_bucket(577) == 640 and kernels.n_bucket(4097) == 4352
+    assert kernels.block_d(72) == 128 and kernels.block_d(16) == 16 and kernels.block_d(80) == 128
+    q = torch.empty(1, 1, 1, 1, dtype=torch.float16)
+    for kind, configs in (("fwd", kernels._FWD_CONFIGS), ("dkdv", kernels._DKDV_CONFIGS), ("dq", kernels._DQ_CONFIGS)):
+        prune = kernels._make_prune(kind)
+        previous = kernels.set_autotune(True)
+        try:
+            small = prune(configs, {"Q": q, "N_BUCKET": 16}, BLOCK_D=64)
+            big = prune(configs, {"Q": q, "N_BUCKET": 4096}, BLOCK_D=256)
+            assert small and all(c.kwargs["BLOCK_M"] <= 16 and c.kwargs["BLOCK_N"] <= 16 for c in small)
+            assert big and len(big) < len(configs)
+            kernels.set_autotune(False)
+            assert len(prune(configs, {"Q": q, "N_BUCKET": 4096}, BLOCK_D=128)) == 1
+        finally:
+            kernels.set_autotune(previous)
+
+
+# ------------------------------------------------------------------ dispatch, errors
+def test_auto_on_cpu_is_sdpa_without_warning():
+    q, k, v = _qkv(1, 2, 10, 32, torch.float64, device="cpu")
+    reset_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = attention(q, k, v)
+        out_packed = attention_packed(torch.randn(1, 10, 96, dtype=torch.float64), num_heads=1)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    assert out_packed.shape == (1, 10, 32)
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    """What a CUDA input the kernel cannot serve does (float64 here)."""
+    monkeypatch.setattr(attention_mod, "_auto_means_sdpa", lambda q: False)
+    reset_warnings()
+    q, k, v = _qkv(1, 2, 10, 32, torch.float64, device="cpu")
+    with pytest.warns(RuntimeWarning, match="float64"):
+        out = attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention(q, k, v)  # warned once only
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_forced_backends():
+    q, k, v = _qkv(1, 1, 10, 32, torch.float64, device="cpu")
+    with pytest.raises(KernelNotSupported, match="float64"):
+        attention(q, k, v, backend="triton")
+    torch.testing.assert_close(attention(q, k, v, backend="sdpa"), attention_ref(q, k, v))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention(q, k, v, backend="flash")
+    q, k, v = _qkv(1, 1, 10, 300, torch.float32, device="cpu")  # D > 256: SDPA only
+    with pytest.raises(KernelNotSupported, match="head dim"):
+        attention(q, k, v, backend="triton")
+    torch.testing.assert_close(attention(q, k, v, backend="sdpa"), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("D", [8, 36, 264, 512])
+def test_forced_triton_rejects_unsupported_head_dims(D):
+    q, k, v = _qkv(1, 1, 4, D, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"q\.shape\[-1\] \(head dim D\) is " + str(D)):
+        attention(q, k, v, backend="triton")
+
+
+def test_reasons():
+    q, k, v = _qkv(1, 2, 10, 64, torch.float32)
+    assert attention_not_supported_reasons(q, k, v) == []
+    if kernels.INTERPRET:
+        r = attention_not_supported_reasons(*(t.bfloat16() for t in (q, k, v)))
+        assert any("interpreter" in x for x in r)
+    strided = torch.randn(1, 2, 10, 128, device=DEV)[..., ::2]
+    assert any("q.stride(-1) is 2" in x for x in attention_not_supported_reasons(strided, k, v))
+    assert any("q must have 4 dimensions" in x for x in attention_not_supported_reasons(q[0], k, v))
+    assert any("float64" in x for x in attention_not_supported_reasons(q.double(), k.double(), v.double()))
+
+
+_BAD = {
+    "rank": (lambda q, k, v: (q[0], k, v), ValueError, r"q must have 4 dimensions"),
+    "batch": (lambda q, k, v: (q, k[:1], v), ValueError, r"k has shape \[1, 3, 8, 32\] but q has \[2, 3, 8, 32\]"),
+    "heads": (lambda q, k, v: (q, k, v[:, :2]), ValueError, r"v has shape \[2, 2, 8, 32\]"),
+    "tokens": (lambda q, k, v: (q, k[:, :, :5], v), ValueError, r"k has shape \[2, 3, 5, 32\]"),
+    "head_dim": (lambda q, k, v: (q, k, v[..., :16]), ValueError, r"v has shape \[2, 3, 8, 16\]"),
+    "int": (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, r"q has dtype torch.int64"),
+    "mixed_dtype": (lambda q, k, v: (q, k, v.half()), TypeError, r"v has dtype torch.float16 but q has torch.float32"),
+    "mixed_device": (lambda q, k, v: (q, k.to("meta"), v), ValueError, r"k is on meta but q is on cpu"),
+    "not_tensor": (lambda q, k, v: (q, k, v.tolist()), TypeError, r"v must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "sdpa"])
+@pytest.mark.parametrize("case", list(_BAD))
+def test_bad_inputs_raise_naming_the_argument(case, backend):
+    make, exc, match = _BAD[case]
+    q, k, v = _qkv(2, 3, 8, 32, torch.float32, device="cpu")
+    with pytest.raises(exc, match=match):
+        attention(*make(q, k, v), backend=backend)
+
+
+@pytest.mark.parametrize("qkv,num_heads,exc,match", [
+    (torch.randn(2, 8, 96), 5, ValueError, r"qkv must be \[B, N, 3\*H\*D\] with H = num_heads = 5"),
+    (torch.randn(2, 8, 3, 32), 1, ValueError, r"got shape \[2, 8, 3, 32\]"),
+    (torch.randn(2, 8, 96), 0, ValueError, r"num_heads must be a positive int"),
+    (torch.ones(2, 8, 96, dtype=torch.int32), 1, TypeError, r"qkv has dtype torch.int32"),
+])
+def test_bad_packed_inputs(qkv, num_heads, exc, match):
+    with pytest.raises(exc, match=match):
+        attention_packed(qkv, num_heads=num_heads, backend="triton")
+
+
+# ------------------------------------------------------------------- registration
+def test_opcheck_all_ops():
+    q, k, v = _qkv(1, 2, 20, 32, torch.float32)
+    qkv = torch.randn(1, 20, 3 * 2 * 32, device=DEV)
+    out, lse = torch.ops.vitfast.attention_fwd(q, k, v, 0.2)
+    pout, plse = torch.ops.vitfast.attention_packed_fwd(qkv, 2, 0.2)
+    dout, pdout = torch.randn_like(out), torch.randn_like(pout)
+    cases = [
+        (torch.ops.vitfast.attention_fwd.default, (q.requires_grad_(), k, v, 0.2)),
+        (torch.ops.vitfast.attention_bwd.default, (dout, q.detach(), k, v, out, lse, 0.2)),
+        (torch.ops.vitfast.attention_packed_fwd.default, (qkv.requires_grad_(), 2, 0.2)),
+        (torch.ops.vitfast.attention_packed_bwd.default, (pdout, qkv.detach(), pout, plse, 2, 0.2)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    """On the CPU the ops are opaque custom_ops (the interpreter's kernels cannot be
+    traced by wrap_triton); test_compiled_matches_eager_cuda compiles the triton_ops."""
+    torch._dynamo.reset()
+    B, N, H, D = 2, 20, 2, 32
+    lin = torch.nn.Linear(H * D, 3 * H * D).to(DEV)
+
+    def block(x):
+        return attention_packed(lin(x), num_heads=H, backend="triton").square().mean()
+
+    x = torch.randn(B, N, H * D, device=DEV)
+    compiled = torch.compile(block, fullgraph=True, backend=compile_backend)
+    loss_c = compiled(x)
+    grads_c = torch.autograd.grad(loss_c, list(lin.parameters()))
+    loss_e = block(x)
+    grads_e = torch.autograd.grad(loss_e, list(lin.parameters()))
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+# -------------------------------------------------------------------------- GPU
+@pytest.fixture
+def fixed_config():
+    previous = kernels.set_autotune(False)
+    yield
+    kernels.set_autotune(previous)
+
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+VIT_SHAPES = [  # (B, H, N, D): ViT-B/16 224, ViT-L/14 224 style 257/D=80, 384-res, 448-res, long
+    (8, 12, 197, 64), (4, 16, 257, 80), (4, 16, 577, 64), (2, 16, 1025, 64), (1, 16, 4097, 128),
+    (4, 16, 145, 72), (2, 16, 785, 88), (4, 8, 50, 104),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,N,D", VIT_SHAPES)
+def test_vit_shapes_cuda(B, H, N, D, dtype, fixed_config):
+    _check_fwd_bwd(B, H, N, D, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("D", list(range(16, 257, 8)))
+def test_every_head_dim_cuda(D, dtype, fixed_config):
+    _check_fwd_bwd(2, 3, 197, D, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N", [1, 50, 145, 197, 257, 577, 785, 1025, 4097])
+def test_every_length_cuda(N, fixed_config):
+    _check_fwd_bwd(1, 4, N, 80, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_autotuned_cuda():
+    previous = kernels.set_autotune(True)
+    try:
+        _check_fwd_bwd(4, 12, 197, 64, torch.bfloat16)
+    finally:
+        kernels.set_autotune(previous)
+
+
+@pytest.mark.cuda
+def test_batch_heads_above_grid_axis_limit_cuda(fixed_config):
+    _check_fwd_bwd(4100, 16, 8, 16, torch.float16)  # B*H = 65,600
+
+
+@pytest.mark.cuda
+def test_deterministic_and_packed_cuda(fixed_config):
+    B, N, H, D = 8, 197, 12, 64
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(B, N, H * D, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for _ in range(2):
+        x = qkv.clone().requires_grad_()
+        out = attention_packed(x, num_heads=H)
+        out.backward(dout)
+        results.append((out, x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.cuda
+def test_fallback_warns_once_cuda():
+    reset_warnings()
+    q, k, v = _qkv(1, 2, 10, 32, torch.float64, device="cuda")
+    with pytest.warns(RuntimeWarning, match="float64"):
+        attention(q, k, v)
+
+
+@pytest.mark.cuda
+def test_opcheck_cuda(fixed_config):
+    test_opcheck_all_ops()
+    qb = _qkv(1, 2, 20, 64, torch.bfloat16)
+    torch.library.opcheck(torch.ops.vitfast.attention_fwd.default, (*qb, 0.125))
+
+
+@pytest.mark.cuda
+def test_compiled_matches_eager_cuda(fixed_config):
+    torch._dynamo.reset()
+    B, N, H, D = 4, 197, 6, 64
+    lin = torch.nn.Linear(H * D, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+    proj = torch.nn.Linear(H * D, H * D, device="cuda", dtype=torch.bfloat16)
+
+    def block(x):
+        return proj(attention_packed(lin(x), num_heads=H)).float().square().mean()
+
+    x = torch.randn(B, N, H * D, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(block, fullgraph=True)
+    loss_c = compiled(x)
+    grads_c = torch.autograd.grad(loss_c, list(lin.parameters()))
+    loss_e = block(x)
+    grads_e = torch.autograd.grad(loss_e, list(lin.parameters()))
+    torch.testing.assert_close(loss_c, loss_e, rtol=2e-2, atol=2e-3)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
