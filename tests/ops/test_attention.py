@@ -474,3 +474,23 @@ def test_compiled_matches_eager_cuda(fixed_config):
     torch.testing.assert_close(loss_c, loss_e, rtol=2e-2, atol=2e-3)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+
+
+# --------------------------------------------------------------------- benchmark
+def test_benchmark_rows_smoke():
+    """benchmarks/bench_attention.py runs and its rows carry what the CLI needs."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.collect_rows([(1, 1, 20, 16)], ["fp32"], ["fwd", "fwd+bwd"], ["vitfast", "math"])
+    assert [(r["backend"], r["mode"]) for r in rows] == [
+        ("vitfast", "fwd"), ("vitfast", "fwd+bwd"), ("math", "fwd"), ("math", "fwd+bwd")]
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0
+        assert {"device", "torch", "triton", "vitfast", "date", "command"} <= set(r)
+    assert "vs_best_sdpa" in rows[0] and "TFLOP/s" in bench.format_table(rows)
+    assert bench.attention_flops(2, 3, 10, 8, "fwd+bwd") == 3.5 * 4 * 2 * 3 * 100 * 8
