@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The one script a GPU machine runs (see shared/GPU.md): card and versions, build the extension
+# with that machine's torch, the CUDA tests, `vitfast bench` defaults, `vitfast bench kernels`,
+# a short profile; JSON, CSV, a plot, a trace and the log go to ${OUT:-benchmarks/results/latest}.
+# The summary table is printed last (a remote run returns only the tail of the output).
+# Sized for < 7 minutes on one H100; each step has its own time limit and a failed step is
+# reported in the summary without stopping the steps after it (a failed build does stop).
+#
+#   bash benchmarks/gpu_check.sh                       # from the repository root
+#   SKIP_BUILD=1 SKIP_TESTS=1 bash benchmarks/gpu_check.sh
+#   BENCH_ARGS="--compile" bash benchmarks/gpu_check.sh
+#
+# Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
+# SKIP_TESTS, SKIP_KERNELS, SKIP_PROFILE, BENCH_ARGS, KERNEL_ARGS, and step limits in seconds
+# T_BUILD (240) T_TESTS (150) T_BENCH (210) T_KERNELS (150) T_PROFILE (60).
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+OUT=${OUT:-benchmarks/results/latest}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+LOG="$OUT/log"
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+# let tee write the last lines (the summary) before the script ends
+finish() { exec 1>&- 2>&-; wait "$TEE_PID" 2>/dev/null; }
+trap finish EXIT
+export PYTHONUNBUFFERED=1
+
+declare -a SUMMARY=()
+T0=$SECONDS
+
+note() { SUMMARY+=("$(printf '%-10s %-7s %4ss  %s' "$1" "$2" "$3" "$4")"); }
+banner() { printf '\n===== %s  (t=%ss)\n' "$1" "$((SECONDS - T0))"; }
+
+# run_step NAME LIMIT CMD...: runs CMD under `timeout`, records ok/FAILED/TIMEOUT and the time
+run_step() {
+    local name=$1 limit=$2 t=$SECONDS rc
+    shift 2
+    banner "$name: $*"
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    if [ "$rc" -eq 0 ]; then
+        note "$name" ok "$((SECONDS - t))" ""
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        note "$name" TIMEOUT "$((SECONDS - t))" "stopped after ${limit}s"
+    else
+        note "$name" FAILED "$((SECONDS - t))" "exit code $rc (see the log)"
+    fi
+    return "$rc"
+}
+
+print_summary() {
+    banner "summary"
+    "$PYTHON" - "$OUT" <<'PY' || echo "(no results summary: the Python step above failed)"
+import glob, json, sys
+out = sys.argv[1]
+for path in sorted(glob.glob(f"{out}/*_e2e.json")):
+    doc = json.load(open(path))
+    env = doc["env"]
+    print(f"e2e {env['device']} torch {env['torch']} triton {env['triton']} ({path})")
+    print(f"  {'model':<22} {'impl':<18} {'mode':<5} {'img/s':>9} {'ms':>8} {'vs ref':>7} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6}")
+    for r in doc["rows"]:
+        impl = r["impl"] + ("+compile" if r.get("compiled") else "")
+        if r["status"] != "ok":
+            print(f"  {r['model']:<22} {impl:<18} {r['mode']:<5} {r['status'][:60]}")
+            continue
+        sp = f"{r['speedup_vs_reference']:.2f}x" if r.get("speedup_vs_reference") else "-"
+        mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
+        print(f"  {r['model']:<22} {impl:<18} {r['mode']:<5} {r['img_per_s']:9.0f} {r['ms_median']:8.2f} {sp:>7} "
+              f"{r['tflops']:8.1f} {100 * r['mfu']:5.1f}% {mem:>6}")
+for path in sorted(glob.glob(f"{out}/*_kernels.json")):
+    doc = json.load(open(path))
+    print(f"kernels ({path}): {doc.get('benchmarks')}")
+    for r in doc["rows"]:
+        if r.get("backend", r.get("impl")) in ("vitfast",) and r.get("status", "ok") == "ok":
+            keys = [k for k in ("B", "H", "N", "D", "model", "batch", "input", "dtype", "mode") if k in r]
+            rate = r.get("tflops") or r.get("gbps")
+            extra = f" vs best SDPA {r['vs_best_sdpa']:.2f}x ({r.get('best_sdpa')})" if r.get("vs_best_sdpa") else ""
+            print("  " + " ".join(f"{k}={r[k]}" for k in keys) + f"  ms={r.get('ms')} rate={rate}{extra}")
+PY
+    printf '\n%-10s %-7s %5s  %s\n' step status time note
+    printf '%s\n' "${SUMMARY[@]}"
+    echo "results in $OUT (log: $LOG), total $((SECONDS - T0))s"
+}
+
+# ---- 1. the card, the versions, the build
+banner "device and versions"
+nvidia-smi -L || echo "nvidia-smi not found"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+"$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__, '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE VISIBLE')"
+"$PYTHON" -c "import timm; print('timm', timm.__version__)" || echo "timm not installed: the timm baseline will be missing"
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+    banner "build (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; output in $OUT/build.log)"
+    if ! run_step build "${T_BUILD:-240}" "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+        tail -n 40 "$OUT/build.log"
+        echo
+        echo "BUILD FAILED: the vitfast extension did not build with this machine's torch; nothing else was run."
+        echo "Full build output: $OUT/build.log"
+        SUMMARY+=("(build output: $OUT/build.log)")
+        print_summary
+        exit 1
+    fi
+    tail -n 3 "$OUT/build.log"
+fi
+run_step info 60 "$PYTHON" -m vitfast.info || true
+
+# ---- 2. the tests that need a GPU
+if [ -z "${SKIP_TESTS:-}" ]; then
+    run_step tests "${T_TESTS:-150}" "$PYTHON" -m pytest -m cuda -x -q -p no:cacheprovider tests || true
+fi
+
+# ---- 3. end-to-end benchmark (GPU defaults: ViT-S/B/L at 224, bf16, batch 256, infer + train)
+# BENCH_ARGS is split into words on purpose (extra options)
+# shellcheck disable=SC2086
+run_step bench "${T_BENCH:-210}" "$PYTHON" -m vitfast.bench --no-progress \
+    --json "$OUT/" --csv "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
+
+# ---- 4. kernel microbenchmarks
+if [ -z "${SKIP_KERNELS:-}" ]; then
+    # shellcheck disable=SC2086
+    run_step kernels "${T_KERNELS:-150}" "$PYTHON" -m vitfast.bench kernels --json "$OUT/" ${KERNEL_ARGS:-} || true
+fi
+
+# ---- 5. a short profile: the CUDA profiler path, a trace, the ncu command line
+if [ -z "${SKIP_PROFILE:-}" ]; then
+    run_step profile "${T_PROFILE:-60}" "$PYTHON" -m vitfast.profile --model vit_base_patch16_224 --batch-size 64 \
+        --steps 2 --top 10 --trace "$OUT/trace_vit_base_patch16_224.json.gz" --json "$OUT/" --ncu || true
+fi
+
+print_summary

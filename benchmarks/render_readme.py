@@ -1,0 +1,183 @@
+"""Render the README's benchmark section from ``benchmarks/results/*.json``.
+
+Writes only between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in README.md, plus the
+throughput plot (PNG). GPU runs are shown when there are any (the latest run per card); until
+then the latest CPU run, labelled CPU, under a line saying that no GPU run exists yet. Every
+table names its device, versions, date, command and source file: nothing is typed by hand.
+
+    python benchmarks/render_readme.py            # rewrite README.md and the plot
+    python benchmarks/render_readme.py --check    # exit 1 if README.md is not what the results give
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from vitfast.benchmark_report import e2e_display_rows, format_markdown_table, plot_e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+PLOT_NAME = "e2e_throughput.png"
+# columns of the kernel tables, in this order, where the rows have them
+KERNEL_COLUMNS = ("op", "backend", "impl", "provider", "B", "H", "N", "D", "shape", "model", "batch", "input", "dtype",
+                  "mode", "direction", "ms", "tflops", "gbps", "vs_best_sdpa", "speedup", "status")
+
+
+def load(results: Path) -> list[dict]:
+    """Every results file in ``results`` (not its subfolders), as {"path", "kind", "env", "rows"}."""
+    docs = []
+    for p in sorted(results.glob("*.json")):
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"render_readme: skipping {p}: {e}", file=sys.stderr)
+            continue
+        if isinstance(data, list):  # a microbenchmark's own list of rows
+            rows = [r for r in data if isinstance(r, dict)]
+            env = {k: rows[0].get(k) for k in ("device", "torch", "triton", "cuda", "vitfast", "date", "command")} if rows else {}
+            env["device_kind"] = "cpu" if str(env.get("device", "")).lower().startswith("cpu") else "cuda"
+            docs.append({"path": p, "kind": "kernels", "env": env, "rows": rows, "smoke": False})
+        elif isinstance(data, dict) and "rows" in data:
+            docs.append({"path": p, "kind": data.get("kind", "unknown"), "env": data.get("env", {}), "rows": data["rows"],
+                         "smoke": bool(data.get("smoke")), "peak": data.get("peak")})
+    return docs
+
+
+def _latest_per_device(docs: Sequence[dict]) -> list[dict]:
+    best: dict = {}
+    for d in docs:
+        key = d["env"].get("device")
+        if key not in best or str(d["env"].get("date", "")) >= str(best[key]["env"].get("date", "")):
+            best[key] = d
+    return sorted(best.values(), key=lambda d: str(d["env"].get("device")))
+
+
+def _rel(p: Path, readme: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(readme.resolve().parent))
+    except ValueError:
+        return str(p)
+
+
+def _caption(doc: dict, readme: Path) -> str:
+    env = doc["env"]
+    rows = doc["rows"]
+    r0 = rows[0] if rows else {}
+    label = "CPU" if env.get("device_kind") == "cpu" else env.get("device", "?")
+    bits = [f"**{label}**" + (f" ({env.get('device')}, {env.get('cpu_threads')} threads)" if env.get("device_kind") == "cpu" else "")]
+    if r0.get("batch_size"):
+        bits.append(f"batch {r0['batch_size']}, {r0.get('dtype')}, input {r0.get('input')}")
+    bits.append(f"torch {env.get('torch')}, triton {env.get('triton')}, vitfast {env.get('vitfast')}")
+    bits.append(str(env.get("date", "")))
+    text = "; ".join(bits) + "."
+    text += f" Command: `{env.get('command')}`; data: [`{_rel(doc['path'], readme)}`]({_rel(doc['path'], readme)})."
+    peak = doc.get("peak")
+    if peak:
+        text += f" MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']})."
+    return text
+
+
+def _kernel_table(rows: Sequence[dict]) -> str:
+    cols = [c for c in KERNEL_COLUMNS if any(c in r for r in rows)]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    return format_markdown_table(cols, cells, left=0)
+
+
+def render(docs: Sequence[dict], readme: Path, plot_path: Path, write_plot: bool = True) -> str:
+    """The markdown between the markers; the plot is written to ``plot_path`` if ``write_plot``."""
+    e2e = [d for d in docs if d["kind"] == "e2e" and d["rows"]]
+    gpu = [d for d in e2e if d["env"].get("device_kind") == "cuda"]
+    cpu = [d for d in e2e if d["env"].get("device_kind") == "cpu"]
+    out: list[str] = []
+    if gpu:
+        shown = _latest_per_device(gpu)
+    else:
+        shown = _latest_per_device(cpu)[-1:]
+        out.append("No GPU run has been recorded yet: the figures below were measured on a CPU and are labelled CPU. "
+                   "GPU figures come from `benchmarks/gpu_check.sh` on a GPU machine.")
+    if not shown:
+        out.append("No end-to-end results yet (`vitfast bench --json benchmarks/results/`).")
+    out.append("")
+    for doc in shown:
+        out.append("### End to end: `vitfast bench`" + (" (CPU)" if doc["env"].get("device_kind") == "cpu" else ""))
+        out.append("")
+        out.append(_caption(doc, readme))
+        out.append("")
+        headers, cells = e2e_display_rows(doc["rows"])
+        out.append(format_markdown_table(headers, cells))
+        out.append("")
+    if shown:
+        if write_plot:
+            plot_e2e([r for d in shown for r in d["rows"]], plot_path,
+                     title=" | ".join(f"{'CPU' if d['env'].get('device_kind') == 'cpu' else d['env'].get('device')} "
+                                      f"{d['env'].get('date', '')[:10]}" for d in shown))
+        out.append(f"![throughput]({_rel(plot_path, readme)})")
+        out.append("")
+    kernels = [d for d in docs if d["kind"] == "kernels" and d["rows"] and not d["smoke"]
+               and d["env"].get("device_kind") == "cuda"]
+    for doc in _latest_per_device(kernels):
+        by_bench: dict = {}
+        for r in doc["rows"]:
+            by_bench.setdefault(r.get("benchmark") or r.get("op") or "kernels", []).append(r)
+        for name, rows in by_bench.items():
+            out.append(f"### Kernels: {name}")
+            out.append("")
+            out.append(_caption(doc, readme))
+            out.append("")
+            out.append(_kernel_table(rows))
+            out.append("")
+    if not kernels:
+        out.append("Kernel microbenchmarks (`vitfast bench kernels`): no GPU run recorded yet.")
+        out.append("")
+    return "\n".join(out).strip() + "\n"
+
+
+def splice(text: str, body: str) -> str:
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"README has no {BEGIN} ... {END} section to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{body}{END}{tail}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--plot", type=Path, default=None, help=f"PNG to write (default: <results>/{PLOT_NAME})")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if README.md is out of date")
+    args = p.parse_args(argv)
+    plot = args.plot or args.results / PLOT_NAME
+    docs = load(args.results)
+    try:
+        old = args.readme.read_text()
+        new = splice(old, render(docs, args.readme, plot, write_plot=not args.check))
+    except (OSError, ValueError) as e:
+        print(f"render_readme: {args.readme}: {e}", file=sys.stderr)
+        return 1
+    if args.check:
+        if new != old:
+            print("render_readme: README.md is out of date: run python benchmarks/render_readme.py", file=sys.stderr)
+            return 1
+        print("render_readme: README.md is up to date")
+        return 0
+    if new != old:
+        args.readme.write_text(new)
+    print(f"render_readme: wrote {args.readme} from {len(docs)} results file(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

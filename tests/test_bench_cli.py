@@ -1,0 +1,252 @@
+"""`vitfast bench` on the CPU with a tiny config: exit codes, the table, JSON/CSV/PNG fields,
+the FLOP count, `bench kernels` reporting missing microbenchmarks, the README renderer.
+No timing thresholds: speed lives in the benchmarks themselves."""
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitfast import bench, benchmark_utils as bu, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+# a two-block ViT-Ti at 32x32: 4 patches + class token; one thread keeps it quick on a busy machine
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "2",
+        "--warmup", "1", "--iters", "2", "--threads", "1", "--no-progress"]
+E2E_FIELDS = {
+    "device", "device_kind", "label", "cpu_threads", "torch", "triton", "vitfast", "date", "command",
+    "model", "impl", "compiled", "mode", "dtype", "batch_size", "img_size", "input", "status", "precision",
+    "img_per_s", "ms_median", "ms_p20", "ms_p80", "speedup_vs_reference", "flops_per_image", "tflops",
+    "peak_tflops", "mfu", "peak_mem_gib",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run in both modes, writing every output (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = TINY + ["--mode", "both", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
+                   "--plot", str(out / "r.png")]
+    threads = torch.get_num_threads()
+    try:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return rc, buf.getvalue(), out, argv
+
+
+def test_exits_0_and_table_names_every_implementation(tiny_run):
+    rc, stdout, _, _ = tiny_run
+    assert rc == 0, stdout
+    table = stdout.split("\n")
+    for impl in ("reference", "fastvit", "timm"):
+        for mode in ("infer", "train"):
+            assert any(impl in line and mode in line and "vit_tiny_patch16_224" in line for line in table), (impl, mode)
+    for header in ("img/s", "ms/batch", "speedup vs reference", "TFLOP/s", "MFU", "peak mem GiB"):
+        assert header in stdout
+    assert "CPU" in stdout  # CPU figures are labelled CPU
+
+
+def test_json_rows_have_documented_fields(tiny_run):
+    _, _, out, argv = tiny_run
+    doc = json.loads((out / "r.json").read_text())
+    assert doc["schema"] == bu.SCHEMA and doc["kind"] == "e2e"
+    rows = doc["rows"]
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in bench.IMPLS for m in ("infer", "train")}
+    for r in rows:
+        assert E2E_FIELDS <= set(r), E2E_FIELDS - set(r)
+        assert r["status"] == "ok"
+        assert r["label"] == "CPU" and r["device_kind"] == "cpu" and r["peak_mem_gib"] is None
+        assert r["command"] == "vitfast bench " + " ".join(argv)
+        assert r["img_size"] == 32 and r["depth"] == 2 and r["batch_size"] == 2 and r["n_timed"] == 2
+        assert r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
+        assert r["img_per_s"] == pytest.approx(2 / (r["ms_median"] * 1e-3))
+        assert r["mfu"] == pytest.approx(r["tflops"] / r["peak_tflops"])
+    ref = [r for r in rows if r["impl"] == "reference"]
+    assert all(r["speedup_vs_reference"] == 1.0 for r in ref)
+    infer, train = ({r["flops_per_image"] for r in rows if r["mode"] == m} for m in ("infer", "train"))
+    assert len(infer) == len(train) == 1 and train.pop() < 3 * infer.pop()
+
+
+def test_same_weights_give_the_reference_outputs(tiny_run):
+    """The implementations are timed with one set of weights: in fp32 their outputs must agree."""
+    _, _, out, _ = tiny_run
+    rows = json.loads((out / "r.json").read_text())["rows"]
+    infer = {r["impl"]: r for r in rows if r["mode"] == "infer"}
+    assert infer["reference"]["max_rel_err_vs_reference"] == 0.0
+    assert infer["fastvit"]["max_rel_err_vs_reference"] < 1e-4
+    assert infer["timm"]["max_rel_err_vs_reference"] < 1e-4
+
+
+def test_csv_and_png(tiny_run):
+    _, _, out, _ = tiny_run
+    with open(out / "r.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and E2E_FIELDS <= set(rows[0])
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_uint8_input(tmp_path):
+    rc = bench.main(TINY + ["--uint8", "--impl", "reference", "fastvit", "timm", "--json", str(tmp_path / "u.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "u.json").read_text())["rows"]
+    assert {r["input"] for r in rows} == {"uint8"}
+    for r in rows:  # FastViT's fused normalisation and timm's separate pass agree with the reference
+        assert r["max_rel_err_vs_reference"] < 1e-4, r["impl"]
+
+
+def test_json_folder_gets_date_and_cpu_in_the_name(tmp_path):
+    env = {"device_kind": "cpu", "device": "Some CPU", "date": "2031-02-03T04:05:06+00:00"}
+    assert bu.results_path(str(tmp_path) + os.sep, env, "e2e").name == "2031-02-03_cpu_e2e.json"
+    (tmp_path / "2031-02-03_cpu_e2e.json").write_text("{}")
+    assert bu.results_path(tmp_path, env, "e2e").name == "2031-02-03_cpu_e2e_2.json"
+    gpu = {"device_kind": "cuda", "device": "NVIDIA H100 80GB HBM3", "date": "2031-02-03T04:05:06+00:00"}
+    assert bu.results_path(tmp_path, gpu, "e2e").name == "2031-02-03_nvidia-h100-80gb-hbm3_e2e.json"
+
+
+def test_analytic_flops_match_torch_flop_counter():
+    """vit_forward_flops is the matmul count torch's FlopCounterMode gives on timm's model
+    (attention included: 4·N²·D per block)."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for kw in (dict(img_size=32, depth=2), dict(img_size=48, depth=1, global_pool="avg", class_token=False)):
+        model = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+        for blk in model.blocks:  # explicit q@k^T and p@v: FlopCounterMode has no rule for the CPU SDPA op
+            blk.attn.fused_attn = False
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.randn(3, 3, kw["img_size"], kw["img_size"]))
+        assert bu.vit_forward_flops(model) * 3 == counter.get_total_flops(), kw
+
+
+def test_a_failed_implementation_is_reported_not_dropped(monkeypatch, capsys):
+    real = bench.build_model
+
+    def broken(name, impl, *a, **k):
+        if impl == "fastvit":
+            raise RuntimeError("kernel exploded")
+        return real(name, impl, *a, **k)
+
+    monkeypatch.setattr(bench, "build_model", broken)
+    rc = bench.main(TINY + ["--impl", "reference", "fastvit"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert "ERROR" in out.out and "fastvit" in out.out
+    assert "kernel exploded" in out.err and "failed" in out.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "vit_tinny_patch16_224"], "unknown model 'vit_tinny_patch16_224' (did you mean vit_tiny_patch16_224"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--dtype", "fp64"], "invalid choice: 'fp64'"),
+        (["--mode", "eval"], "invalid choice: 'eval'"),
+        (["--iters", "0"], "--iters must be >= 1"),
+        (["--img-size", "30"], "not divisible by vit_tiny_patch16_224's patch size 16"),
+        (["--impl", "flash"], "invalid choice: 'flash'"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):
+    rc = cli.main(["bench", "--model", "vit_tiny_patch16_224", *argv])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: vitfast bench" in err
+
+
+def test_python_dash_m_and_help(capsys):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "vitfast.bench", "--batch-size", "-3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--batch-size must be >= 1" in proc.stderr
+    assert bench.main(["--help"]) == 0
+    assert "--uint8" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ bench kernels
+def test_bench_kernels_runs_what_exists_and_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bench_attention.py").write_text(textwrap.dedent("""
+        import argparse, json
+        p = argparse.ArgumentParser(); p.add_argument("--json"); p.add_argument("--smoke", action="store_true")
+        a = p.parse_args()
+        json.dump([{"op": "attention", "backend": "vitfast", "N": 197, "ms": 1.5, "tflops": 9.0, "smoke": a.smoke}],
+                  open(a.json, "w"))
+    """))
+    monkeypatch.setenv("VITFAST_BENCHMARKS_DIR", str(tmp_path))
+    rc = bench.main(["kernels", "--json", str(tmp_path / "out") + os.sep])
+    out = capsys.readouterr().out
+    assert rc == 1  # a missing baseline is a failure, never silently dropped
+    assert "attention    ok (1 rows)" in out
+    assert "patch_embed  missing:" in out and "bench_patch_embed.py does not exist" in out
+    (written,) = (tmp_path / "out").glob("*_cpu_kernels.json")
+    doc = json.loads(written.read_text())
+    assert doc["kind"] == "kernels" and doc["benchmarks"]["patch_embed"].startswith("missing")
+    (row,) = doc["rows"]
+    assert row["benchmark"] == "attention" and row["smoke"] is True and row["tflops"] == 9.0
+    assert row["device_kind"] == "cpu" and row["command"].startswith("vitfast bench kernels")
+
+
+def test_bench_kernels_reports_a_crashing_benchmark(tmp_path, monkeypatch, capsys):
+    for name in ("attention", "patch_embed"):
+        (tmp_path / f"bench_{name}.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setenv("VITFAST_BENCHMARKS_DIR", str(tmp_path))
+    assert bench.main(["kernels", "--only", "patch_embed"]) == 1
+    assert "patch_embed  failed: exit code 3" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ README renderer
+def _renderer():
+    spec = importlib.util.spec_from_file_location("render_readme", ROOT / "benchmarks" / "render_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_render_readme_cpu_then_gpu(tiny_run, tmp_path):
+    rr = _renderer()
+    _, _, out, _ = tiny_run
+    results = tmp_path / "results"
+    results.mkdir()
+    cpu_doc = json.loads((out / "r.json").read_text())
+    (results / "2031-01-01_cpu_e2e.json").write_text(json.dumps(cpu_doc))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:begin -->\nold\n<!-- bench:end -->\noutro\n")
+    assert rr.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- bench:begin -->\n") and text.endswith("<!-- bench:end -->\noutro\n")
+    assert "No GPU run has been recorded yet" in text and "**CPU**" in text and "old" not in text
+    for impl in ("reference", "fastvit", "timm"):
+        assert f"| {impl} |" in text
+    assert (results / rr.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
+    assert rr.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+
+    gpu_doc = json.loads(json.dumps(cpu_doc))
+    for d in [gpu_doc["env"], *gpu_doc["rows"]]:
+        d.update(device="NVIDIA H100 80GB HBM3", device_kind="cuda", label="NVIDIA H100 80GB HBM3")
+    for r in gpu_doc["rows"]:
+        r["peak_mem_gib"] = 1.25
+    (results / "2031-01-02_nvidia-h100-80gb-hbm3_e2e.json").write_text(json.dumps(gpu_doc))
+    assert rr.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1  # out of date now
+    assert rr.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "No GPU run" not in text and "**NVIDIA H100 80GB HBM3**" in text and "| 1.25 |" in text
+
+
+def test_render_readme_without_markers_fails_clearly(tmp_path, capsys):
+    rr = _renderer()
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    assert rr.main(["--results", str(tmp_path), "--readme", str(readme)]) == 1
+    assert "<!-- bench:begin -->" in capsys.readouterr().err

@@ -1,0 +1,414 @@
+"""``vitfast bench`` / ``python -m vitfast.bench``: end-to-end ViT throughput, side by side.
+
+Every run times, in one process, on the same device and with the same weights:
+
+* ``fastvit``   -- FastViT on vitfast's kernels (``backend="auto"``),
+* ``reference`` -- the same model on plain PyTorch ops (``backend="reference"``), the baseline
+  every speedup is quoted against,
+* ``timm``      -- timm's VisionTransformer (eager, SDPA attention),
+
+and with ``--compile`` each of them again under ``torch.compile``. Modes: ``infer`` (no grad,
+weights in the chosen dtype) and ``train`` (forward, cross-entropy, backward, AdamW step; fp32
+weights under autocast for fp16/bf16).
+
+Timing: warm-up steps, then the median of ``--iters`` timed steps (CUDA events on the GPU,
+``time.perf_counter`` on the CPU), inputs rotating over three batches. FLOPs are analytic
+(:func:`vitfast.benchmark_utils.vit_step_flops`); MFU is against a matmul measured on the same
+device in the same dtype at the start of the run.
+
+``vitfast bench kernels`` runs the kernel microbenchmarks in ``benchmarks/`` instead
+(see :mod:`vitfast.bench_kernels`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import gc
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import benchmark_utils as bu
+from .benchmark_report import e2e_display_rows, format_text_table, impl_label, plot_e2e
+
+__all__ = ["main", "run", "build_model", "IMPLS", "CPU_DEFAULTS", "GPU_DEFAULTS"]
+
+IMPLS = ("reference", "fastvit", "timm")  # reference first: the others are compared with it
+CPU_DEFAULTS = dict(model=["vit_tiny_patch16_224"], batch_size=8, dtype="fp32", mode="infer", warmup=3, iters=10)
+GPU_DEFAULTS = dict(
+    model=["vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224"],
+    batch_size=256, dtype="bf16", mode="both", warmup=10, iters=30,
+)
+N_INPUT_BUFFERS = 3
+
+
+# ------------------------------------------------------------------------ options
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitfast bench",
+        description="Throughput of FastViT against the reference (plain PyTorch) and timm. "
+        "Defaults: on a GPU ViT-S/16, B/16, L/16 at 224, bf16, batch 256, infer and train; "
+        "on a CPU vit_tiny_patch16_224, batch 8, fp32, infer. "
+        "`vitfast bench kernels --help` for the kernel microbenchmarks.",
+    )
+    p.add_argument("--model", nargs="+", metavar="NAME", help="one or several model names (timm's; see vitfast.list_models())")
+    p.add_argument("--batch-size", type=int, help="images per step (CPU 8, GPU 256)")
+    p.add_argument("--img-size", type=int, help="override the model's image size (e.g. 32 for a quick run)")
+    p.add_argument("--depth", type=int, help="override the number of blocks (quick runs)")
+    p.add_argument("--dtype", choices=sorted(bu.DTYPES), help="compute dtype (CPU fp32, GPU bf16)")
+    p.add_argument("--mode", choices=("infer", "train", "both"), help="inference, training step, or both (CPU infer, GPU both)")
+    p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to time (default: all three)")
+    p.add_argument("--compile", action="store_true", help="also time each implementation under torch.compile")
+    p.add_argument("--uint8", action="store_true",
+                   help="feed raw uint8 images: FastViT normalises inside its patch embedding, timm gets a normalisation pass")
+    p.add_argument("--warmup", type=int, help="untimed steps before timing (CPU 3, GPU 10)")
+    p.add_argument("--iters", type=int, help="timed steps; the median is reported (CPU 10, GPU 30)")
+    p.add_argument("--device", default="auto", help="auto (GPU when visible), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); reported in every row")
+    p.add_argument("--peak-tflops", type=float, help="use this peak for MFU instead of measuring a matmul")
+    p.add_argument("--no-check", action="store_true", help="skip comparing each implementation's outputs with the reference")
+    p.add_argument("--json", metavar="PATH", help="write the rows as JSON (a folder: <date>_<device>_e2e.json in it)")
+    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV (a folder: <date>_<device>_e2e.csv in it)")
+    p.add_argument("--plot", metavar="PATH.png", help="bar chart of img/s per model and implementation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+@dataclass
+class Config:
+    models: list[str]
+    batch_size: int
+    img_size: Optional[int]
+    depth: Optional[int]
+    dtype: torch.dtype
+    dtype_name: str
+    modes: list[str]
+    impls: list[str]
+    compile: bool
+    uint8: bool
+    warmup: int
+    iters: int
+    device: torch.device
+    check: bool
+    peak_tflops: Optional[float]
+
+
+def _fail(parser: argparse.ArgumentParser, msg: str) -> None:
+    parser.error(msg)  # prints usage + "vitfast bench: error: msg", raises SystemExit(2)
+
+
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """Fill device-dependent defaults and check every option; a bad one exits with code 2."""
+    try:
+        device = bu.resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        _fail(parser, f"--device: {e}")
+    d = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    val = {k: getattr(args, k) if getattr(args, k) is not None else d[k] for k in d}
+    for opt, v, lo in (("--batch-size", val["batch_size"], 1), ("--iters", val["iters"], 1), ("--warmup", val["warmup"], 0)):
+        if v < lo:
+            _fail(parser, f"{opt} must be >= {lo}, got {v}")
+    for opt, v in (("--img-size", args.img_size), ("--depth", args.depth), ("--threads", args.threads)):
+        if v is not None and v < 1:
+            _fail(parser, f"{opt} must be >= 1, got {v}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        _fail(parser, f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    from .models import MODEL_CONFIGS
+
+    for name in val["model"]:
+        if name not in MODEL_CONFIGS:
+            close = difflib.get_close_matches(name, MODEL_CONFIGS, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            _fail(parser, f"--model: unknown model {name!r}{hint}; see vitfast.list_models()")
+        patch = MODEL_CONFIGS[name]["patch_size"]
+        if args.img_size is not None and args.img_size % patch:
+            _fail(parser, f"--img-size {args.img_size} is not divisible by {name}'s patch size {patch}")
+    impls = list(dict.fromkeys(args.impl))
+    if "timm" in impls:
+        try:
+            import timm
+        except ImportError:
+            _fail(parser, "--impl timm needs timm (pip install 'vitfast[bench]'), or leave timm out with --impl fastvit reference")
+        for name in val["model"]:
+            if not timm.is_model(name):
+                _fail(parser, f"--model {name!r} is not a timm model; leave timm out with --impl fastvit reference")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Config(
+        models=list(dict.fromkeys(val["model"])), batch_size=val["batch_size"], img_size=args.img_size, depth=args.depth,
+        dtype=bu.DTYPES[val["dtype"]], dtype_name=val["dtype"],
+        modes=["infer", "train"] if val["mode"] == "both" else [val["mode"]],
+        impls=impls, compile=args.compile, uint8=args.uint8, warmup=val["warmup"], iters=val["iters"],
+        device=device, check=not args.no_check, peak_tflops=args.peak_tflops,
+    )
+
+
+# ------------------------------------------------------------------------ models and steps
+class Normalize(nn.Module):
+    """uint8 images -> (x/255 - mean)/std: the data-loader pass FastViT's fused input removes."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+
+
+def model_overrides(cfg: Config) -> dict:
+    return {k: v for k, v in (("img_size", cfg.img_size), ("depth", cfg.depth)) if v is not None}
+
+
+def build_model(name: str, impl: str, overrides: dict, device: torch.device, uint8: bool = False) -> nn.Module:
+    """The model of one implementation, built on ``device``. With ``uint8``, timm's model is
+    preceded by a :class:`Normalize` pass (FastViT takes uint8 itself)."""
+    with torch.device(device):
+        if impl in ("fastvit", "reference"):
+            import vitfast
+
+            return vitfast.create_model(name, backend="auto" if impl == "fastvit" else "reference", **overrides)
+        if impl == "timm":
+            import timm
+
+            model = timm.create_model(name, pretrained=False, **overrides)
+            if uint8:
+                cfg = model.pretrained_cfg
+                return nn.Sequential(Normalize(cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)), model)
+            return model
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _vit_of(model: nn.Module) -> nn.Module:
+    return model[-1] if isinstance(model, nn.Sequential) else model
+
+
+def make_inputs(cfg: Config, model: nn.Module, mode: str, num_classes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    vit = _vit_of(model)
+    h, w = vit.patch_embed.img_size if hasattr(vit.patch_embed, "img_size") else (cfg.img_size,) * 2
+    shape = (cfg.batch_size, vit.patch_embed.proj.in_channels, h, w)
+    gen = torch.Generator(device=cfg.device).manual_seed(0)
+    in_dtype = cfg.dtype if mode == "infer" else torch.float32  # training: fp32 images into autocast
+    xs, ys = [], []
+    for _ in range(N_INPUT_BUFFERS):
+        if cfg.uint8:
+            xs.append(torch.randint(0, 256, shape, device=cfg.device, dtype=torch.uint8, generator=gen))
+        else:
+            xs.append(torch.randn(shape, device=cfg.device, dtype=in_dtype, generator=gen))
+        ys.append(torch.randint(0, max(1, num_classes), (cfg.batch_size,), device=cfg.device, generator=gen))
+    return xs, ys
+
+
+def _no_region(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def make_step(model: nn.Module, cfg: Config, mode: str, xs, ys, region=_no_region) -> tuple[Callable[[int], Any], str]:
+    """The step to time and a description of its precision. ``region(name)`` is entered
+    around a training step's forward, backward and optimizer parts (profiler ranges)."""
+    n = len(xs)
+    if mode == "infer":
+        model.eval()
+
+        def infer(i: int):
+            with torch.inference_mode():
+                return model(xs[i % n])
+
+        return infer, f"{cfg.dtype_name} weights and activations"
+    model.train()
+    fused = cfg.device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {"foreach": True}))
+    amp = cfg.dtype != torch.float32
+    ctx = (lambda: torch.autocast(cfg.device.type, dtype=cfg.dtype)) if amp else contextlib.nullcontext
+
+    def train(i: int):
+        with region("forward"), ctx():
+            out = model(xs[i % n])
+            loss = F.cross_entropy(out.float(), ys[i % n])
+        with region("backward"):
+            loss.backward()
+        with region("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    return train, (f"{cfg.dtype_name} autocast, fp32 weights, AdamW" if amp else "fp32, AdamW")
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free_device(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------ one measurement
+def bench_one(
+    cfg: Config, name: str, impl: str, compiled: bool, mode: str, weights: dict, ref_out: dict, peak: dict,
+    on_step: Callable[[], None],
+) -> dict:
+    row: dict = dict(model=name, impl=impl, compiled=compiled, mode=mode, dtype=cfg.dtype_name,
+                     batch_size=cfg.batch_size, input="uint8" if cfg.uint8 else ("fp32" if mode == "train" else cfg.dtype_name),
+                     warmup=cfg.warmup, iters=cfg.iters, status="ok")
+    model = step = xs = ys = None
+    try:
+        model = build_model(name, impl, model_overrides(cfg), cfg.device, cfg.uint8)
+        vit = _vit_of(model)
+        vit.load_state_dict(weights["state"])
+        row["img_size"] = int(vit.patch_embed.img_size[0]) if hasattr(vit.patch_embed, "img_size") else cfg.img_size
+        row["depth"] = len(vit.blocks)
+        row["depth_overridden"] = cfg.depth is not None
+        if mode == "infer":
+            model.to(cfg.dtype)
+        xs, ys = make_inputs(cfg, model, mode, getattr(vit, "num_classes", 1000))
+        runner = torch.compile(model) if compiled else model
+        step, row["precision"] = make_step(runner, cfg, mode, xs, ys)
+        if cfg.device.type == "cuda":
+            torch.cuda.synchronize(cfg.device)
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+        if compiled:  # the first call compiles: time it apart from the warm-up
+            t0 = time.perf_counter()
+            step(0)
+            if cfg.device.type == "cuda":
+                torch.cuda.synchronize(cfg.device)
+            row["compile_s"] = round(time.perf_counter() - t0, 2)
+        if cfg.check and mode == "infer":
+            out = step(0)
+            key = (name,)
+            if impl == "reference" and not compiled:
+                ref_out[key] = out.detach().float().clone()
+            if key in ref_out:
+                row["max_rel_err_vs_reference"] = _rel_err(out, ref_out[key])
+        times = bu.time_steps(step, warmup=cfg.warmup, iters=cfg.iters, device=cfg.device, on_step=on_step)
+        row.update(bu.summarize_ms(times))
+        if cfg.device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(cfg.device) / 2**30
+        else:
+            row["peak_mem_gib"] = None  # the CPU allocator keeps no peak statistics
+        flops = bu.vit_step_flops(vit, mode)
+        row["flops_per_image"] = flops
+        row["img_per_s"] = cfg.batch_size / (row["ms_median"] * 1e-3)
+        row["tflops"] = flops * row["img_per_s"] / 1e12
+        row["peak_tflops"] = peak["tflops"]
+        row["peak_source"] = peak["source"]
+        row["mfu"] = row["tflops"] / peak["tflops"]
+    except Exception as e:  # recorded in the row and the table, never dropped
+        row["status"] = "oom" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not _is_oom(e):
+            traceback.print_exc(file=sys.stderr)
+    finally:
+        del model, step, xs, ys
+        _free_device(cfg.device)
+    return row
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_reference = the eager reference's ms / this row's ms (same model and mode)."""
+    base = {(r["model"], r["mode"]): r["ms_median"] for r in rows
+            if r["impl"] == "reference" and not r["compiled"] and r["status"] == "ok"}
+    for r in rows:
+        b = base.get((r["model"], r["mode"]))
+        r["speedup_vs_reference"] = b / r["ms_median"] if b and r["status"] == "ok" else None
+
+
+def _peak(cfg: Config) -> dict:
+    if cfg.peak_tflops:
+        return {"tflops": cfg.peak_tflops, "source": "given with --peak-tflops"}
+    m = bu.measure_peak_tflops(cfg.device, cfg.dtype)
+    return {"tflops": m["tflops"], "source": f"measured {m['n']}^3 {m['dtype']} matmul, {m['ms']:.3f} ms"}
+
+
+def run(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
+    """Time every (model, mode, implementation[, compiled]); rows in that order, and the peak."""
+    from tqdm.auto import tqdm
+
+    plan = [(m, mode, impl, c) for m in cfg.models for mode in cfg.modes for c in ([False, True] if cfg.compile else [False])
+            for impl in cfg.impls]
+    # the reference goes first in each (model, mode) so its output is there to compare with
+    plan.sort(key=lambda p: (cfg.models.index(p[0]), cfg.modes.index(p[1]), p[3], p[2] != "reference"))
+    peak = _peak(cfg)
+    print(f"peak for MFU: {peak['tflops']:.3g} TFLOP/s ({peak['source']})", file=sys.stderr)
+    rows: list[dict] = []
+    bar = tqdm(total=len(plan) * (cfg.warmup + cfg.iters), unit="step", delay=3, file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
+    weights: dict = {}
+    ref_out: dict = {}
+    try:
+        for name in cfg.models:
+            torch.manual_seed(0)
+            with torch.device(cfg.device):
+                import vitfast
+
+                weights["state"] = vitfast.create_model(name, backend="reference", **model_overrides(cfg)).state_dict()
+            for (m, mode, impl, compiled) in [p for p in plan if p[0] == name]:
+                bar.set_description(f"{m} {impl}{'+compile' if compiled else ''} {mode}")
+                row = bench_one(cfg, m, impl, compiled, mode, weights, ref_out, peak, bar.update)
+                rows.append(row)
+                msg = f"{row['ms_median']:.2f} ms/batch" if row["status"] == "ok" else row["status"]
+                bar.write(f"  {m:<24} {impl_label(row):<18} {mode:<6} {msg}", file=sys.stderr)
+            weights.clear()
+            ref_out.clear()
+            _free_device(cfg.device)
+    finally:
+        bar.close()
+    add_speedups(rows)
+    return rows, peak
+
+
+def _title(env: dict, cfg: Config) -> str:
+    threads = f", {env['cpu_threads']} threads" if cfg.device.type == "cpu" else ""
+    return (f"{env['label']} ({env['device']}{threads}) | batch {cfg.batch_size}, {cfg.dtype_name}"
+            f"{', uint8 input' if cfg.uint8 else ''} | torch {env['torch']}, triton {env['triton']}, vitfast {env['vitfast']}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "kernels":
+        from .bench_kernels import main as kernels_main
+
+        return kernels_main(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        cfg = resolve_config(args, parser)
+    except SystemExit as e:  # argparse: 0 for --help, 2 for a bad option
+        return int(e.code or 0)
+    env = bu.env_info(cfg.device, argv)
+    rows, peak = run(cfg, progress=not args.no_progress)
+    print(_title(env, cfg))
+    headers, cells = e2e_display_rows(rows)
+    print(format_text_table(headers, cells))
+    if cfg.device.type == "cpu":
+        print("CPU figures (labelled CPU): peak memory is not tracked by the CPU allocator (n/a).")
+    print(f"MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']}); speedup against the eager reference.")
+    if args.json:
+        print(f"wrote {bu.write_json(args.json, 'e2e', env, rows, peak=peak)}")
+    if args.csv:
+        print(f"wrote {bu.write_csv(args.csv, env, rows)}")
+    if args.plot:
+        print(f"wrote {plot_e2e(rows, args.plot, title=_title(env, cfg))}")
+    failed = [r for r in rows if r["status"].startswith("error")]
+    if failed:
+        print(f"vitfast bench: {len(failed)} measurement(s) failed (see the table and the tracebacks above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""``vitfast bench kernels``: the kernel microbenchmarks in ``benchmarks/``, in one run, one file.
+
+Each microbenchmark (``benchmarks/bench_attention.py``, ``benchmarks/bench_patch_embed.py``)
+runs as its own process through its documented command line, ``--json FILE`` writing a list
+of rows; a crash in one (an illegal memory access, a compile error) is reported and cannot
+take the others down, and ``TRITON_INTERPRET=1`` can be set for the CPU before Triton loads.
+The rows of all of them are then written together, stamped like ``vitfast bench``'s rows
+(device, versions, date, command). A microbenchmark that is missing or fails is named in
+the summary and makes the exit code 1: a baseline never disappears silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import benchmark_utils as bu
+
+__all__ = ["KERNEL_BENCHMARKS", "benchmarks_dir", "main"]
+
+KERNEL_BENCHMARKS = ("attention", "patch_embed")
+
+
+def benchmarks_dir() -> Path:
+    """``$VITFAST_BENCHMARKS_DIR``, else ``benchmarks/`` of the source tree vitfast runs from."""
+    env = os.environ.get("VITFAST_BENCHMARKS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitfast bench kernels",
+        description="Run the attention and patch-embedding microbenchmarks (benchmarks/bench_*.py) and "
+        "collect their rows. Arguments after `--` go to every microbenchmark.",
+    )
+    p.add_argument("--only", nargs="+", choices=KERNEL_BENCHMARKS, default=list(KERNEL_BENCHMARKS))
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes, checks the scripts run (the default without a GPU; runs under TRITON_INTERPRET=1)")
+    p.add_argument("--json", metavar="PATH", help="write all rows as JSON (a folder: <date>_<device>_kernels.json in it)")
+    p.add_argument("--csv", metavar="PATH", help="write all rows as CSV")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (for the record; each script picks its device)")
+    return p
+
+
+def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool) -> tuple[str, list]:
+    """(status, rows) of one microbenchmark: status is 'ok', 'missing: ...' or 'failed: ...'."""
+    script = benchmarks_dir() / f"bench_{name}.py"
+    if not script.is_file():
+        return f"missing: {script} does not exist", []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{name}.json"
+        cmd = [sys.executable, str(script), *(["--smoke"] if smoke else []), *extra, "--json", str(out)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if cpu:
+            env.setdefault("TRITON_INTERPRET", "1")
+        print(f"$ {' '.join(cmd)}", flush=True)
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            return f"failed: exit code {proc.returncode}", []
+        if not out.is_file():
+            return f"failed: it exited 0 but wrote no {out.name} (does it take --json PATH?)", []
+        data = json.loads(out.read_text())
+    rows = data.get("rows", []) if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not rows:
+        return "failed: its JSON holds no rows", []
+    return "ok", rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(own)
+        device = bu.resolve_device(args.device)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except ValueError as e:
+        print(f"vitfast bench kernels: error: --device: {e}", file=sys.stderr)
+        return 2
+    cpu = device.type == "cpu"
+    smoke = args.smoke or cpu
+    env = bu.env_info(device, ["kernels", *argv])
+    results = {name: run_one(name, extra, smoke, cpu) for name in args.only}
+    rows = []
+    for name, (status, rs) in results.items():
+        rows += [{"benchmark": name, **r} for r in rs if isinstance(r, dict)]
+    print(f"\nkernel microbenchmarks on {env['label']} ({env['device']}){' [smoke: tiny shapes]' if smoke else ''}:")
+    for name, (status, rs) in results.items():
+        print(f"  {name:<12} {status}{f' ({len(rs)} rows)' if rs else ''}")
+    if args.json and rows:
+        print(f"wrote {bu.write_json(args.json, 'kernels', env, rows, smoke=smoke, benchmarks=dict((n, s) for n, (s, _) in results.items()))}")
+    if args.csv and rows:
+        print(f"wrote {bu.write_csv(args.csv, env, rows, kind='kernels')}")
+    bad = [n for n, (s, _) in results.items() if s != "ok"]
+    if bad:
+        print(f"vitfast bench kernels: not measured: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

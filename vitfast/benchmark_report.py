@@ -1,0 +1,125 @@
+"""Tables and plots from benchmark rows: the console table of ``vitfast bench``, the README's
+markdown tables (``benchmarks/render_readme.py``) and the throughput PNG. One formatter for all,
+so the README shows exactly what the command printed."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+__all__ = ["E2E_COLUMNS", "impl_label", "model_label", "e2e_display_rows", "format_text_table", "format_markdown_table", "plot_e2e"]
+
+
+def impl_label(row: Mapping[str, Any]) -> str:
+    return f"{row['impl']}+compile" if row.get("compiled") else str(row["impl"])
+
+
+def model_label(row: Mapping[str, Any], short: bool = False) -> str:
+    """The model name, with the image size and depth when a run overrode them."""
+    name = str(row["model"])
+    img, depth = row.get("img_size"), row.get("depth")
+    text = name.replace("vit_", "").replace("_patch", "/") if short else name
+    if img and not name.endswith(f"_{img}"):
+        text += f" @{img}px"
+    if depth and row.get("depth_overridden"):
+        text += f" depth {depth}"
+    return text
+
+
+def _num(fmt: str) -> Callable[[Any], str]:
+    return lambda v: "-" if v is None else format(v, fmt)
+
+
+def _speedup(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _mfu(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _mem(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+# (header, row key or callable, formatter)
+E2E_COLUMNS: Sequence[tuple[str, Any, Callable[[Any], str]]] = (
+    ("model", model_label, str),
+    ("implementation", impl_label, str),
+    ("mode", "mode", str),
+    ("img/s", "img_per_s", _num(",.1f")),
+    ("ms/batch", "ms_median", _num(".2f")),
+    ("speedup vs reference", "speedup_vs_reference", _speedup),
+    ("TFLOP/s", "tflops", _num(".3g")),
+    ("MFU", "mfu", _mfu),
+    ("peak mem GiB", "peak_mem_gib", _mem),
+)
+
+
+def e2e_display_rows(rows: Sequence[Mapping[str, Any]], columns=E2E_COLUMNS) -> tuple[list[str], list[list[str]]]:
+    headers = [c[0] for c in columns]
+    out = []
+    for r in rows:
+        status = r.get("status", "ok")
+        cells = []
+        for header, key, fmt in columns:
+            v = key(r) if callable(key) else r.get(key)
+            if status != "ok" and header not in ("model", "implementation", "mode"):
+                cells.append(status.split(":")[0].upper() if header == "img/s" else "")
+            else:
+                cells.append(fmt(v))
+        out.append(cells)
+    return headers, out
+
+
+def format_text_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    left = {0, 1, 2}
+
+    def line(vals):
+        return "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in cells)])
+
+
+def format_markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]], left: int = 3) -> str:
+    align = [":--" if i < left else "--:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def plot_e2e(rows: Sequence[Mapping[str, Any]], path: os.PathLike | str, title: Optional[str] = None) -> str:
+    """Grouped bars: img/s per model, one bar per implementation, one panel per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("img_per_s")]
+    modes = list(dict.fromkeys(r["mode"] for r in rows)) or ["infer"]
+    models = list(dict.fromkeys(model_label(r, short=True) for r in rows))
+    impls = list(dict.fromkeys(impl_label(r) for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(max(5.0, 1.6 + 1.9 * len(models)) * len(modes), 4.2), squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    for ax, mode in zip(axes[0], modes):
+        for j, impl in enumerate(impls):
+            xs, ys = [], []
+            for i, model in enumerate(models):
+                hit = [r for r in ok if r["mode"] == mode and model_label(r, short=True) == model and impl_label(r) == impl]
+                if hit:
+                    xs.append(i + (j - (len(impls) - 1) / 2) * width)
+                    ys.append(hit[0]["img_per_s"])
+            bars = ax.bar(xs, ys, width, label=impl)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, fontsize=8)
+        ax.set_ylabel("images / s (higher is better)")
+        ax.set_title(mode)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,318 @@
+"""What every vitfast benchmark shares: the environment record, timing, FLOPs, the measured peak.
+
+* :func:`env_info` -- the facts each JSON row carries: device name and kind, CPU threads,
+  torch/triton/timm/vitfast versions, date (UTC), the exact command line.
+* :func:`time_steps` -- warm-up, then one timing per step: CUDA events on the GPU,
+  ``time.perf_counter`` on the CPU; :func:`summarize_ms` gives the median and spread.
+* :func:`vit_forward_flops` / :func:`vit_step_flops` -- analytic matmul FLOPs of a ViT
+  (timm's or FastViT: the same module names), the convention MFU is quoted in.
+* :func:`measure_peak_tflops` -- a short square matmul on the same device and dtype: the
+  peak MFU is measured against.
+* :func:`results_path`, :func:`write_json`, :func:`write_csv` -- results as data.
+
+Kernel microbenchmarks use these too, so every results file has the same shape.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "DTYPES",
+    "SCHEMA",
+    "env_info",
+    "device_name",
+    "resolve_device",
+    "time_steps",
+    "summarize_ms",
+    "vit_forward_flops",
+    "vit_step_flops",
+    "measure_peak_tflops",
+    "results_path",
+    "write_json",
+    "write_csv",
+    "read_results",
+]
+
+SCHEMA = "vitfast-bench/1"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------ environment
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    return dev
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model_name()
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: the record says so
+        return None
+
+
+def env_info(device: torch.device, argv: Optional[Sequence[str]] = None, prog: str = "vitfast bench") -> dict:
+    """The facts every results row carries. ``argv`` is the command's own argument list."""
+    import vitfast
+
+    cmd = shlex.join([*prog.split(), *argv]) if argv is not None else shlex.join([sys.executable, *sys.argv])
+    info = {
+        "device": device_name(device),
+        "device_kind": device.type,  # "cuda" or "cpu": CPU figures are labelled CPU
+        "label": "CPU" if device.type == "cpu" else device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "vitfast": vitfast.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": cmd,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    elif hasattr(os, "getloadavg"):
+        # other processes on the machine skew CPU timings: keep the load next to the figures
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+# ------------------------------------------------------------------------ timing
+def time_steps(
+    step: Callable[[int], Any],
+    *,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    on_step: Optional[Callable[[], None]] = None,
+) -> list[float]:
+    """Run ``step(i)`` ``warmup`` times, then ``iters`` timed times; milliseconds per step.
+
+    On the GPU each step is bracketed by CUDA events (recorded on the current stream, read
+    after one synchronize at the end, so timing adds no sync between steps); on the CPU by
+    ``time.perf_counter``. ``step`` gets the iteration index so it can rotate its inputs.
+    ``on_step`` is called after every step (progress bars).
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    for i in range(warmup):
+        step(i)
+        if on_step:
+            on_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            step(warmup + i)
+            end.record()
+            if on_step:
+                on_step()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in events]
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        step(warmup + i)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if on_step:
+            on_step()
+    return times
+
+
+def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+    if len(sorted_xs) == 1:
+        return sorted_xs[0]
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def summarize_ms(times_ms: Sequence[float]) -> dict:
+    """Median (the figure we report), min and the 20/80 % quantiles (the spread)."""
+    xs = sorted(times_ms)
+    return {
+        "ms_median": statistics.median(xs),
+        "ms_min": xs[0],
+        "ms_p20": _quantile(xs, 0.2),
+        "ms_p80": _quantile(xs, 0.8),
+        "n_timed": len(xs),
+    }
+
+
+# ------------------------------------------------------------------------ FLOPs
+def vit_forward_flops(model: nn.Module) -> int:
+    """Matmul FLOPs of one image's forward pass through a ViT (timm or FastViT).
+
+    Counted: the patch-embedding GEMM, every Linear in the blocks (qkv, proj, fc1, fc2),
+    attention's two batched matmuls (4·N²·D per block: q·kᵀ and p·v over all heads) and
+    the head on the pooled features. Not counted: LayerNorm, softmax, GELU, adds (the
+    usual MFU convention). Equal to ``torch.utils.flop_counter.FlopCounterMode`` on
+    timm's model with SDPA.
+    """
+    pe = model.patch_embed
+    proj = pe.proj
+    k = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    num_patches = pe.num_patches
+    flops = 2 * num_patches * k * proj.out_channels
+    n = num_patches + int(getattr(model, "num_prefix_tokens", 1))
+    for blk in model.blocks:
+        for m in blk.modules():
+            if isinstance(m, nn.Linear):
+                flops += 2 * n * m.in_features * m.out_features
+        dim = blk.attn.qkv.out_features // 3
+        flops += 4 * n * n * dim
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        pool = getattr(model, "global_pool", "token")
+        rows = n if pool == "" else 1
+        flops += 2 * rows * head.in_features * head.out_features
+    return int(flops)
+
+
+def vit_patch_embed_flops(model: nn.Module) -> int:
+    proj = model.patch_embed.proj
+    return int(2 * model.patch_embed.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * proj.out_channels)
+
+
+def vit_step_flops(model: nn.Module, mode: str) -> int:
+    """FLOPs per image of an inference step or a training step.
+
+    Training = forward + backward, the backward being 2x the forward (input and weight
+    gradients), less the patch embedding's input gradient, which images do not need.
+    Attention recomputation in a fused backward is not counted (model FLOPs, not
+    hardware FLOPs).
+    """
+    fwd = vit_forward_flops(model)
+    if mode == "infer":
+        return fwd
+    if mode == "train":
+        return 3 * fwd - vit_patch_embed_flops(model)
+    raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+
+
+# ------------------------------------------------------------------------ measured peak
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, iters: int = 10) -> dict:
+    """TFLOP/s of an n×n×n matmul in ``dtype`` on ``device``, median of ``iters`` after warm-up.
+
+    Defaults: n = 8192 on the GPU (about 1 TFLOP a call), 1024 on the CPU (fp32) or 512
+    (other dtypes, which CPUs mostly emulate). This is the peak MFU is quoted against: a
+    measured figure on the same device, clocks and settings, not a datasheet number.
+    """
+    if n is None:
+        n = 8192 if device.type == "cuda" else (1024 if dtype == torch.float32 else 512)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    times = time_steps(lambda i: torch.mm(a, b, out=out), warmup=3, iters=iters, device=device)
+    ms = statistics.median(times)
+    return {"tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms}
+
+
+# ------------------------------------------------------------------------ results files
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def results_path(path: os.PathLike | str, env: Mapping[str, Any], kind: str, ext: str = "json") -> Path:
+    """``path`` itself, or, when it is a folder (exists, or ends with '/'), a file in it named
+    ``<date>_<device>_<kind>.<ext>``: date and card (or 'cpu') in the name, never overwriting."""
+    p = Path(path)
+    if not (str(path).endswith(os.sep) or p.is_dir()):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+    p.mkdir(parents=True, exist_ok=True)
+    dev = "cpu" if env.get("device_kind") == "cpu" else _slug(str(env.get("device", "gpu")))
+    stamp = str(env.get("date", ""))[:10] or _dt.date.today().isoformat()
+    base = f"{stamp}_{dev}_{kind}"
+    cand = p / f"{base}.{ext}"
+    i = 2
+    while cand.exists():
+        cand = p / f"{base}_{i}.{ext}"
+        i += 1
+    return cand
+
+
+def write_json(path: os.PathLike | str, kind: str, env: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], **extra: Any) -> Path:
+    """One file per run: ``{"schema", "kind", "env", ..., "rows"}``; each row repeats the env
+    facts so a row read on its own still names the device, versions, date and command."""
+    out = results_path(path, env, kind, "json")
+    doc = {"schema": SCHEMA, "kind": kind, "env": dict(env), **extra, "rows": [{**env, **r} for r in rows]}
+    out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return out
+
+
+def write_csv(path: os.PathLike | str, env: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], kind: str = "e2e") -> Path:
+    out = results_path(path, env, kind, "csv")
+    full = [{**env, **r} for r in rows]
+    fields: list[str] = []
+    for r in full:
+        fields += [k for k in r if k not in fields]
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in full:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return out
+
+
+def read_results(paths: Iterable[os.PathLike | str]) -> list[dict]:
+    """Load results files: each a dict with ``path`` and, for files that could not be read,
+    ``error`` instead of ``rows``."""
+    docs = []
+    for p in sorted(map(Path, paths)):
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            docs.append({"path": str(p), "error": f"{type(e).__name__}: {e}"})
+            continue
+        if isinstance(doc, dict):
+            doc["path"] = str(p)
+            docs.append(doc)
+        else:
+            docs.append({"path": str(p), "rows": doc if isinstance(doc, list) else [], "kind": "unknown"})
+    return docs
