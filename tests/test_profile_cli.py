@@ -1,0 +1,90 @@
+"""`vitfast profile` on the CPU with a tiny config: the trace loads and holds the named ranges,
+the tables, the ncu command line, bad options exit 2."""
+
+import json
+
+import pytest
+import torch
+
+from vitfast import cli, profile
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "2",
+        "--warmup", "1", "--steps", "1"]
+RANGES = ("patch_embed", "block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "head")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_infer_writes_a_loadable_trace_with_the_ranges(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    rc = profile.main(TINY + ["--trace", str(trace), "--json", str(tmp_path / "p.json"), "--ncu"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    events = json.load(open(trace))["traceEvents"]
+    names = {e.get("name") for e in events}
+    for r in RANGES + (profile.STEP_RANGE,):
+        assert r in names, r
+    assert "time per region" in out and "top" in out and "self CPU time" in out
+    for region in ("patch_embed", "attention", "mlp", "head"):
+        assert f"  {region} " in out
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["kind"] == "profile" and doc["env"]["label"] == "CPU"
+    assert [r["region"] for r in doc["regions"]] == ["patch_embed", "attention", "mlp", "head"]
+    assert doc["regions"][1]["calls"] == 2  # two blocks, one step
+    shares = [k["share"] for k in doc["kernels"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0
+    assert any(k["name"].startswith("aten::") for k in doc["kernels"])
+    # the ncu line re-runs this command under --nvtx-only, without the profiler outputs
+    ncu = next(line.strip() for line in out.splitlines() if line.strip().startswith("ncu "))
+    assert "--nvtx-include 'block0.attn/'" in ncu and "regex:_attn_fwd" in ncu and "-c 1" in ncu
+    assert "vitfast profile --model vit_tiny_patch16_224" in ncu and "--nvtx-only --steps 1" in ncu
+    assert "--trace" not in ncu and "--json" not in ncu and " --ncu" not in ncu
+
+
+def test_train_has_forward_backward_optimizer(tmp_path, capsys):
+    rc = profile.main(TINY + ["--mode", "train", "--impl", "timm", "--uint8", "--json", str(tmp_path / "p.json")])
+    assert rc == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert [r["region"] for r in doc["regions"]] == ["patch_embed", "attention", "mlp", "head", "forward", "backward",
+                                                     "optimizer"]
+    assert "AdamW" in doc["precision"]
+
+
+def test_nvtx_only_runs_without_the_profiler(capsys):
+    assert profile.main(TINY + ["--nvtx-only"]) == 0
+    assert "with NVTX ranges" in capsys.readouterr().out
+
+
+def test_annotate_vit_removes_its_hooks():
+    import vitfast
+
+    model = vitfast.create_model("vit_tiny_patch16_224", img_size=32, depth=1, backend="reference")
+    with profile.annotate_vit(model) as ranges:
+        model(torch.randn(1, 3, 32, 32))
+        assert ranges.stack == []  # every range opened in the forward was closed
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="no .blocks"):
+        with profile.annotate_vit(torch.nn.Linear(2, 2)):
+            pass
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "vit_nope"], "unknown model 'vit_nope'"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--dtype", "int8"], "invalid choice: 'int8'"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--mode", "both"], "invalid choice: 'both'"),
+    ],
+)
+def test_bad_options_exit_2(argv, message, capsys):
+    assert cli.main(["profile", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: vitfast profile" in err

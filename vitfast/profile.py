@@ -1,0 +1,316 @@
+"""``vitfast profile`` / ``python -m vitfast.profile``: where a ViT step's time goes.
+
+A ``torch.profiler`` run over a few steps of FastViT (or the reference, or timm) with named
+ranges -- ``patch_embed``, ``block{i}.attn``, ``block{i}.mlp``, ``head`` and, in training,
+``backward`` and ``optimizer`` -- put in with forward hooks, so no model code changes; on CUDA
+the same ranges are NVTX ranges for Nsight Systems / Nsight Compute. Prints the time per
+region and the top kernels by self device time (self CPU time on the CPU) with their share
+of the step; ``--trace`` writes a Chrome trace (chrome://tracing, Perfetto), ``--ncu`` prints
+a ready ``ncu`` command line for the attention kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shlex
+import sys
+import time
+from collections import defaultdict
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import benchmark_utils as bu
+from .bench import IMPLS, build_model, make_inputs, make_step, resolve_config
+
+__all__ = ["annotate_vit", "main", "kernel_table", "region_table"]
+
+STEP_RANGE = "vitfast.step"
+ATTENTION_KERNEL_RE = r"attn|attention|flash|fmha|sdpa|softmax"
+
+
+# ------------------------------------------------------------------------ ranges
+class _Ranges:
+    """A stack of ranges opened and closed from hooks: record_function (+ NVTX on CUDA)."""
+
+    def __init__(self, nvtx: bool, profiler: bool = True):
+        self.nvtx, self.profiler = nvtx, profiler
+        self.stack: list = []
+
+    def push(self, name: str) -> None:
+        rf = torch.autograd.profiler.record_function(name) if self.profiler else None
+        if rf is not None:
+            rf.__enter__()
+        if self.nvtx:
+            torch.cuda.nvtx.range_push(name)
+        self.stack.append((name, rf))
+
+    def pop(self, name: str) -> None:
+        if not self.stack or self.stack[-1][0] != name:  # a forward that raised part-way: unwind
+            while self.stack and self.stack[-1][0] != name:
+                self._pop_one()
+        if self.stack:
+            self._pop_one()
+
+    def _pop_one(self) -> None:
+        _, rf = self.stack.pop()
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+        if rf is not None:
+            rf.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def range(self, name: str) -> Iterator[None]:
+        self.push(name)
+        try:
+            yield
+        finally:
+            self.pop(name)
+
+
+@contextlib.contextmanager
+def annotate_vit(model: nn.Module, nvtx: bool = False, profiler: bool = True) -> Iterator[_Ranges]:
+    """Named ranges over a ViT's forward, from hooks (timm's and FastViT's module names):
+    ``patch_embed`` (images to tokens: from the model's entry to the first block),
+    ``block{i}.attn``, ``block{i}.mlp``, ``head`` (after the last block to the output).
+    The hooks are removed on exit."""
+    vit = model[-1] if isinstance(model, nn.Sequential) else model
+    if not hasattr(vit, "blocks") or len(vit.blocks) == 0:
+        raise ValueError("annotate_vit: the model has no .blocks (expected a timm-style VisionTransformer)")
+    r = _Ranges(nvtx, profiler)
+    first, last = vit.blocks[0], vit.blocks[-1]
+    handles = [
+        vit.register_forward_pre_hook(lambda m, a: r.push("patch_embed")),
+        first.register_forward_pre_hook(lambda m, a: r.pop("patch_embed")),
+        last.register_forward_hook(lambda m, a, o: r.push("head")),
+        vit.register_forward_hook(lambda m, a, o: r.pop("head")),
+    ]
+    for i, blk in enumerate(vit.blocks):
+        for part in ("attn", "mlp"):
+            mod, name = getattr(blk, part), f"block{i}.{part}"
+            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: r.push(n)))
+            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: r.pop(n)))
+    try:
+        yield r
+    finally:
+        for h in handles:
+            h.remove()
+        while r.stack:
+            r._pop_one()
+
+
+# ------------------------------------------------------------------------ tables
+def _self_device_us(e) -> float:
+    return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+
+def _device_us(e) -> float:
+    return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) or 0.0)
+
+
+def _is_range(name: str) -> bool:
+    return name in ("patch_embed", "head", "forward", "backward", "optimizer", STEP_RANGE) or bool(
+        re.fullmatch(r"block\d+\.(attn|mlp)", name)) or name.startswith("ProfilerStep")
+
+
+def kernel_table(events, cuda: bool, step_us: float, top: int) -> list[dict]:
+    """Top ops by self time: GPU kernels by self device time on CUDA, CPU ops by self CPU
+    time on the CPU; ``share`` is of the step's wall time."""
+    rows = []
+    for e in events:
+        if _is_range(e.key):
+            continue
+        t = _self_device_us(e) if cuda else float(e.self_cpu_time_total)
+        if t <= 0:
+            continue
+        if cuda and getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+            continue
+        rows.append({"name": e.key, "calls": int(e.count), "self_us": t, "share": t / step_us if step_us else None})
+    rows.sort(key=lambda r: -r["self_us"])
+    return rows[:top]
+
+
+def region_table(events, cuda: bool, step_us: float, n_steps: int) -> list[dict]:
+    """Time per region, summed over the blocks: patch_embed, attention, mlp, head (and in
+    training forward -- the four before plus the loss --, backward, optimizer). CPU time on the CPU; on CUDA the device time of the kernels each launched."""
+    groups: dict = defaultdict(lambda: {"calls": 0, "us": 0.0})
+    for e in events:
+        m = re.fullmatch(r"block\d+\.(attn|mlp)", e.key)
+        name = ("attention" if m.group(1) == "attn" else "mlp") if m else e.key
+        if name not in ("patch_embed", "attention", "mlp", "head", "forward", "backward", "optimizer"):
+            continue
+        groups[name]["calls"] += int(e.count)
+        groups[name]["us"] += _device_us(e) if cuda else float(e.cpu_time_total)
+    order = ["patch_embed", "attention", "mlp", "head", "forward", "backward", "optimizer"]
+    return [{"region": k, "calls": groups[k]["calls"], "us_per_step": groups[k]["us"] / n_steps,
+             "share": groups[k]["us"] / n_steps / step_us if step_us else None} for k in order if k in groups]
+
+
+def _fmt_share(v) -> str:
+    return "-" if v is None else f"{100 * v:5.1f}%"
+
+
+# ------------------------------------------------------------------------ ncu
+def ncu_command(args: argparse.Namespace, argv: Sequence[str], kernel: Optional[str], model: str) -> str:
+    """An ``ncu`` command that profiles one attention kernel of block 0 in a steady-state step.
+
+    The profiled program is this command with ``--nvtx-only``: no torch.profiler (which
+    would contend with ncu for CUPTI), NVTX ranges only around the one step after warm-up,
+    so the kernel ncu picks is past autotuning."""
+    keep, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--trace", "--json", "--steps", "--top"):
+            skip = True
+            continue
+        if a in ("--ncu", "--nvtx-only") or a.startswith(("--trace=", "--json=", "--steps=", "--top=")):
+            continue
+        keep.append(a)
+    regex = re.escape(kernel) if kernel else (r"_attn_fwd" if args.impl == "fastvit" else ATTENTION_KERNEL_RE)
+    target = shlex.join(["vitfast", "profile", *keep, "--nvtx-only", "--steps", "1"])
+    return (f"ncu --nvtx --nvtx-include 'block0.attn/' -k 'regex:{regex}' -c 1 --set full "
+            f"-o vitfast_attention_{model} {target}")
+
+
+# ------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitfast profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model name (CPU default vit_tiny_patch16_224, GPU vit_base_patch16_224)")
+    p.add_argument("--batch-size", type=int, help="images per step (CPU 8, GPU 256)")
+    p.add_argument("--img-size", type=int, help="override the model's image size")
+    p.add_argument("--depth", type=int, help="override the number of blocks")
+    p.add_argument("--dtype", choices=sorted(bu.DTYPES), help="compute dtype (CPU fp32, GPU bf16)")
+    p.add_argument("--mode", choices=("infer", "train"), default="infer")
+    p.add_argument("--impl", choices=IMPLS, default="fastvit", help="which implementation to profile (default fastvit)")
+    p.add_argument("--uint8", action="store_true", help="feed raw uint8 images")
+    p.add_argument("--device", default="auto", help="auto (GPU when visible), cpu or cuda[:N]")
+    p.add_argument("--warmup", type=int, help="steps before profiling (CPU 2, GPU 5)")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps (default 2); the tables are per step")
+    p.add_argument("--top", type=int, default=15, help="how many kernels to list (default 15)")
+    p.add_argument("--trace", metavar="PATH", help="write a Chrome trace (.json, or .json.gz)")
+    p.add_argument("--json", metavar="PATH", help="write the tables as JSON")
+    p.add_argument("--ncu", action="store_true", help="print an ncu command line for the attention kernel")
+    p.add_argument("--nvtx-only", action="store_true",
+                   help="no torch.profiler: NVTX ranges around the steps after warm-up (what ncu/nsys run)")
+    return p
+
+
+def _bench_namespace(args: argparse.Namespace) -> argparse.Namespace:
+    ns = argparse.Namespace(
+        model=[args.model] if args.model else None, batch_size=args.batch_size, img_size=args.img_size, depth=args.depth,
+        dtype=args.dtype, mode=args.mode, impl=[args.impl], compile=False, uint8=args.uint8, warmup=args.warmup,
+        iters=args.steps, device=args.device, threads=None, peak_tflops=None, no_check=True,
+    )
+    return ns
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.steps < 1:
+            parser.error(f"--steps must be >= 1, got {args.steps}")
+        if args.top < 1:
+            parser.error(f"--top must be >= 1, got {args.top}")
+        ns = _bench_namespace(args)
+        cfg = resolve_config(ns, parser)
+    except SystemExit as e:
+        return int(e.code or 0)
+    cuda = cfg.device.type == "cuda"
+    if args.model is None:
+        cfg.models = ["vit_base_patch16_224"] if cuda else ["vit_tiny_patch16_224"]
+    if args.warmup is None:
+        cfg.warmup = 5 if cuda else 2
+    name, mode = cfg.models[0], args.mode
+    torch.manual_seed(0)
+    overrides = {k: v for k, v in (("img_size", cfg.img_size), ("depth", cfg.depth)) if v is not None}
+    model = build_model(name, args.impl, overrides, cfg.device, cfg.uint8)
+    vit = model[-1] if isinstance(model, nn.Sequential) else model
+    if mode == "infer":
+        model.to(cfg.dtype)
+    xs, ys = make_inputs(cfg, model, mode, getattr(vit, "num_classes", 1000))
+    ranges = _Ranges(nvtx=False, profiler=False)  # switched on after the warm-up
+    # under ncu (--nvtx-only) the forward gets no enclosing range, so that 'block0.attn/' and
+    # 'backward/' are whole NVTX stacks: the filter then matches however ncu anchors it
+    region = (lambda n: contextlib.nullcontext() if args.nvtx_only and n == "forward" else ranges.range(n))
+    step, precision = make_step(model, cfg, mode, xs, ys, region=region)
+
+    def annotated_step(i: int) -> None:
+        with contextlib.nullcontext() if args.nvtx_only else ranges.range(STEP_RANGE):
+            step(i)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(cfg.device)
+
+    for i in range(cfg.warmup):  # autotuning, cuDNN/cuBLAS heuristics, allocator warm-up
+        step(i)
+    sync()
+    ranges.nvtx, ranges.profiler = cuda, not args.nvtx_only
+    if args.nvtx_only:  # under ncu / nsys: ranges only around the steps after warm-up
+        with annotate_vit(model, nvtx=cuda, profiler=False):
+            for i in range(args.steps):
+                annotated_step(cfg.warmup + i)
+        sync()
+        print(f"ran {args.steps} step(s) of {name} ({args.impl}, {mode}) with NVTX ranges")
+        return 0
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with annotate_vit(model, nvtx=cuda):
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                annotated_step(cfg.warmup + i)
+            sync()
+            wall_us = (time.perf_counter() - t0) * 1e6
+    events = prof.key_averages()
+    step_us = wall_us / args.steps
+    kernels = kernel_table(events, cuda, step_us * args.steps, args.top)
+    regions = region_table(events, cuda, step_us, args.steps)
+    env = bu.env_info(cfg.device, argv, prog="vitfast profile")
+    what = "kernels by self device time" if cuda else "ops by self CPU time (CPU: no device kernels)"
+    print(f"{env['label']} ({env['device']}) | {name} {args.impl} {mode} | batch {cfg.batch_size}, {precision} | "
+          f"{args.steps} profiled step(s), {step_us / 1e3:.2f} ms/step (wall, under the profiler)")
+    print(f"\ntime per region ({'device time of its kernels' if cuda else 'CPU time'}), per step:")
+    for r in regions:
+        print(f"  {r['region']:<12} {r['us_per_step'] / 1e3:10.3f} ms  {_fmt_share(r['share'])}  ({r['calls']} calls)")
+    if mode == "train":
+        print("  (backward is not split by block: autograd runs it outside the forward hooks)")
+    print(f"\ntop {len(kernels)} {what}, share of the step:")
+    width = min(90, max([len(k["name"]) for k in kernels] + [4]))
+    for k in kernels:
+        print(f"  {_fmt_share(k['share'])}  {k['self_us'] / 1e3 / args.steps:9.3f} ms  {k['calls'] // args.steps:5d}x  "
+              f"{k['name'][:width]}")
+    if cuda:
+        busy = sum(_self_device_us(e) for e in events if not _is_range(e.key)) / (step_us * args.steps)
+        print(f"  device busy {100 * busy:.1f}% of the step's wall time")
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+        print(f"\nwrote {args.trace} (open in chrome://tracing or https://ui.perfetto.dev)")
+    if args.json:
+        doc = {"schema": bu.SCHEMA, "kind": "profile", "env": env, "model": name, "impl": args.impl, "mode": mode,
+               "batch_size": cfg.batch_size, "precision": precision, "steps": args.steps, "ms_per_step": step_us / 1e3,
+               "regions": regions, "kernels": kernels}
+        out = bu.results_path(args.json, env, "profile")
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {out}")
+    if args.ncu:
+        attn = [k["name"] for k in kernels if re.search(ATTENTION_KERNEL_RE, k["name"], re.I)] if cuda else []
+        print("\nNsight Compute, the attention kernel of block 0 in one steady-state step:")
+        print("  " + ncu_command(args, argv, attn[0] if attn else None, name))
+        if mode == "train":
+            print("  (backward kernels: --nvtx-include 'backward/' -k 'regex:_attn_bwd' instead)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
