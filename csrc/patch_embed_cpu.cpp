@@ -1,8 +1,16 @@
-// CPU implementation of vitfast::patch_embed.
+// CPU implementation of vitfast::patch_embed and vitfast::patch_embed_backward.
 //
-// Normalisation is folded into the weights and bias (conv is linear in its input), the
-// image is read once into the patch matrix, one GEMM (with the folded bias) produces the
-// patch tokens, and class token / positional embedding are written into the token buffer.
+// Forward: one pass over the image (any layout, uint8 or float) builds the patch matrix
+// [B*N, K] with the normalisation applied on load, one GEMM (at::mm, MKL/oneDNN) makes the
+// patch tokens, and one epilogue pass writes the token buffer: bias, class token and
+// positional embedding added, cast to the weight's dtype. Compute in float32 (float64 for
+// float64 weights).
+//
+// Backward: with G = grad_out [B*T, D] and X the normalised patch matrix with a zero row
+// where each class token sits, grad_weight = G^T X, grad_images = unpatchify(G W) * scale,
+// grad_bias/cls/pos are sums of grad_out over the batch.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "patch_embed.h"
@@ -10,41 +18,213 @@
 namespace vitfast {
 namespace {
 
+// The rows of the patch matrix one (b, hp, c, i) image-row segment maps to.
+struct PatchGeom {
+  int64_t C, p, Hp, Wp, K;
+  int64_t R, off;  // rows per image in the patch matrix and the row of patch 0
+};
+
+struct ImageStrides {
+  int64_t b, c, h, w;
+};
+
+ImageStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+template <typename acc_t>
+void scale_shift(const double* mean, const double* std, double base, int64_t c, acc_t& scale, acc_t& shift) {
+  if (mean != nullptr) {
+    scale = static_cast<acc_t>(base / std[c]);
+    shift = static_cast<acc_t>(-mean[c] / std[c]);
+  } else {
+    scale = static_cast<acc_t>(base);
+    shift = acc_t(0);
+  }
+}
+
+// patches[b*R + off + hp*Wp + wp, c*p*p + i*p + j] = images[b, c, hp*p + i, wp*p + j] * scale[c] + shift[c]
+template <typename in_t, typename acc_t>
+void patchify_cpu(const in_t* img, ImageStrides st, int64_t B, const PatchGeom& g, const double* mean,
+                  const double* std, double base, acc_t* patches) {
+  const int64_t p = g.p, pp = p * p, Wp = g.Wp;
+  const int64_t segments = B * g.Hp * g.C * p;  // one (b, hp, c, i) image row segment each
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Wp * p));
+  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t i = s % p, c = (s / p) % g.C, hp = (s / (p * g.C)) % g.Hp, b = s / (p * g.C * g.Hp);
+      acc_t scale, shift;
+      scale_shift(mean, std, base, c, scale, shift);
+      const in_t* src = img + b * st.b + c * st.c + (hp * p + i) * st.h;
+      acc_t* dst = patches + (b * g.R + g.off + hp * Wp) * g.K + c * pp + i * p;
+      for (int64_t wp = 0; wp < Wp; ++wp) {
+        const in_t* srow = src + wp * p * st.w;
+        acc_t* drow = dst + wp * g.K;
+        if (st.w == 1) {
+          for (int64_t j = 0; j < p; ++j) drow[j] = static_cast<acc_t>(srow[j]) * scale + shift;
+        } else {
+          for (int64_t j = 0; j < p; ++j) drow[j] = static_cast<acc_t>(srow[j * st.w]) * scale + shift;
+        }
+      }
+    }
+  });
+  if (g.off > 0) {  // the class-token rows: zero, so that G^T X skips them
+    for (int64_t b = 0; b < B; ++b) std::fill_n(patches + b * g.R * g.K, g.K, acc_t(0));
+  }
+}
+
+// grad_images[b, c, h, w] = dpatches[b*R + off + patch(h, w), col(c, h, w)] * scale[c]
+template <typename out_t, typename acc_t>
+void unpatchify_cpu(const acc_t* dpatches, int64_t B, const PatchGeom& g, const double* std, double base,
+                    out_t* gimg, ImageStrides st) {
+  const int64_t p = g.p, pp = p * p, Wp = g.Wp;
+  const int64_t segments = B * g.Hp * g.C * p;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Wp * p));
+  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t i = s % p, c = (s / p) % g.C, hp = (s / (p * g.C)) % g.Hp, b = s / (p * g.C * g.Hp);
+      const acc_t scale = static_cast<acc_t>(std != nullptr ? base / std[c] : base);
+      out_t* dst = gimg + b * st.b + c * st.c + (hp * p + i) * st.h;
+      const acc_t* src = dpatches + (b * g.R + g.off + hp * Wp) * g.K + c * pp + i * p;
+      for (int64_t wp = 0; wp < Wp; ++wp) {
+        out_t* drow = dst + wp * p * st.w;
+        const acc_t* srow = src + wp * g.K;
+        for (int64_t j = 0; j < p; ++j) drow[j * st.w] = static_cast<out_t>(srow[j] * scale);
+      }
+    }
+  });
+}
+
+// out[b, t, :] = (t is the class token) ? cls + pos[0] : tokens[b*N + t - off] + bias + pos[t - pos_off]
+template <typename out_t, typename acc_t>
+void epilogue_cpu(const acc_t* tokens, const acc_t* bias, const acc_t* cls, const acc_t* pos, int64_t pos_off,
+                  const PatchEmbedShape& s, out_t* out) {
+  const int64_t D = s.D, off = s.off();
+  at::parallel_for(0, s.B * s.T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / s.T, t = r % s.T;
+      out_t* o = out + r * D;
+      const acc_t* pe = (pos != nullptr && t >= pos_off) ? pos + (t - pos_off) * D : nullptr;
+      if (t < off) {
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(cls[d] + (pe ? pe[d] : acc_t(0)));
+        continue;
+      }
+      const acc_t* x = tokens + (b * s.N + t - off) * D;
+      if (bias && pe) {
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d] + bias[d] + pe[d]);
+      } else if (bias) {
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d] + bias[d]);
+      } else if (pe) {
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d] + pe[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d]);
+      }
+    }
+  });
+}
+
+at::ScalarType compute_type(const at::Tensor& weight) {
+  return weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+// Normalised patch matrix [B*R, K] in the compute type (R = N, or T with zero class rows).
+at::Tensor patches_cpu(const at::Tensor& images, const PatchEmbedShape& s, at::ScalarType ct, const at::Tensor& mean,
+                       const at::Tensor& std, bool class_rows) {
+  const int64_t R = class_rows ? s.T : s.N;
+  at::Tensor P = at::empty({s.B * R, s.K}, images.options().dtype(ct));
+  if (P.numel() == 0) return P;
+  const PatchGeom g{s.C, s.p, s.Hp, s.Wp, s.K, R, class_rows ? s.off() : 0};
+  const double base = image_base_scale(images.scalar_type() == at::kByte);
+  const double* m = mean.defined() ? mean.const_data_ptr<double>() : nullptr;
+  const double* sd = std.defined() ? std.const_data_ptr<double>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(ct, "vitfast_patchify_acc", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "vitfast_patchify", [&] {
+      patchify_cpu<scalar_t, acc_t>(images.const_data_ptr<scalar_t>(), strides_of(images), s.B, g, m, sd, base,
+                                    P.mutable_data_ptr<acc_t>());
+    });
+  });
+  return P;
+}
+
 at::Tensor patch_embed_cpu(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
                            const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
   const PatchEmbedShape s = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std);
-  const auto wt = weight.scalar_type();
-  // half/bfloat16 compute in float32 on the CPU; float32 and float64 in their own precision
-  const auto ct = (wt == at::kDouble) ? at::kDouble : at::kFloat;
-  const int64_t K = s.C * s.p * s.p;
-  const bool is_uint8 = images.scalar_type() == at::kByte;
-  const bool affine = is_uint8 || mean.has_value();
+  const auto ct = compute_type(weight);
+  const at::Tensor P = patches_cpu(images, s, ct, channel_stat(mean), channel_stat(std), /*class_rows=*/false);
+  const at::Tensor w = weight.to(ct).contiguous().view({s.D, s.K});
+  const at::Tensor tokens = at::mm(P, w.t()).contiguous();  // [B*N, D]
+  const auto as_ct = [&](const std::optional<at::Tensor>& t) {
+    return t ? t->to(ct).contiguous() : at::Tensor();
+  };
+  const at::Tensor b = as_ct(bias), cls = as_ct(cls_token), pos = as_ct(pos_embed);
+  const int64_t pos_off = (pos.defined() && pos.size(1) != s.T) ? s.off() : 0;
+  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(ct, "vitfast_patch_embed_epilogue_acc", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "vitfast_patch_embed_epilogue", [&] {
+      epilogue_cpu<scalar_t, acc_t>(tokens.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(b), ptr_or_null<acc_t>(cls),
+                                    ptr_or_null<acc_t>(pos), pos_off, s, out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
 
-  // Fold x * scale[c] + shift[c] into the GEMM: W' = W * scale, b' = b + sum(W * shift).
-  at::Tensor w = weight.to(ct);
-  at::Tensor b = bias ? bias->to(ct) : at::zeros({s.D}, weight.options().dtype(ct));
-  if (affine) {
-    auto [scale, shift] = channel_affine(s.C, is_uint8, mean, std, images.device());
-    auto w64 = weight.to(at::kDouble);
-    b = (b.to(at::kDouble) + (w64 * shift.view({1, s.C, 1, 1})).sum({1, 2, 3})).to(ct);
-    w = (w64 * scale.view({1, s.C, 1, 1})).to(ct);
+using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                         std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+Grads patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
+                               bool has_cls, int64_t pos_tokens, std::array<bool, 5> output_mask) {
+  const PatchEmbedShape s =
+      check_patch_embed_backward_args(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask);
+  const auto ct = compute_type(weight);
+  const at::Tensor go = grad_out.to(ct).contiguous();  // [B, T, D]
+  const at::Tensor G = go.view({s.B * s.T, s.D});
+  const at::Tensor mean64 = channel_stat(mean), std64 = channel_stat(std);
+  std::optional<at::Tensor> g_images, g_weight, g_bias, g_cls, g_pos;
+
+  if (output_mask[1]) {
+    const at::Tensor X = patches_cpu(images, s, ct, mean64, std64, /*class_rows=*/true);  // [B*T, K]
+    g_weight = at::mm(G.t(), X).view({s.D, s.C, s.p, s.p}).to(weight.scalar_type());
   }
-  // Patch matrix [B*N, K], rows in (b, hp, wp) order, columns in (c, i, j) order, read once
-  // from the image in whatever layout it has (NCHW or channels_last) and dtype.
-  at::Tensor patches = at::empty({s.B, s.Hp, s.Wp, s.C, s.p, s.p}, images.options().dtype(ct));
-  patches.copy_(images.view({s.B, s.C, s.Hp, s.p, s.Wp, s.p}).permute({0, 2, 4, 1, 3, 5}));
-
-  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options().dtype(ct));
-  const int64_t off = s.has_cls ? 1 : 0;
-  at::Tensor tokens = at::addmm(b, patches.view({s.B * s.N, K}), w.view({s.D, K}).t());
-  out.narrow(1, off, s.N).copy_(tokens.view({s.B, s.N, s.D}));
-  apply_cls_pos(out, s, cls_token, pos_embed);
-  return out.to(wt);
+  if (output_mask[0]) {
+    const at::Tensor w = weight.to(ct).contiguous().view({s.D, s.K});
+    const at::Tensor dX = at::mm(G, w);  // [B*T, K]
+    at::Tensor gi = at::empty_like(images);
+    if (gi.numel() > 0) {
+      const PatchGeom g{s.C, s.p, s.Hp, s.Wp, s.K, s.T, s.off()};
+      const double base = image_base_scale(false);
+      const double* sd = std64.defined() ? std64.const_data_ptr<double>() : nullptr;
+      AT_DISPATCH_FLOATING_TYPES(ct, "vitfast_unpatchify_acc", [&] {
+        using acc_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "vitfast_unpatchify", [&] {
+          unpatchify_cpu<scalar_t, acc_t>(dX.const_data_ptr<acc_t>(), s.B, g, sd, base,
+                                          gi.mutable_data_ptr<scalar_t>(), strides_of(gi));
+        });
+      });
+    }
+    g_images = gi;
+  }
+  if (output_mask[2] || output_mask[3] || output_mask[4]) {
+    const at::Tensor S = go.sum(0);  // [T, D]
+    if (output_mask[2]) g_bias = S.narrow(0, s.off(), s.N).sum(0);
+    if (output_mask[3]) g_cls = S.select(0, 0).clone();
+    if (output_mask[4]) g_pos = S.narrow(0, s.T - pos_tokens, pos_tokens).unsqueeze(0).clone();
+  }
+  return {g_images, g_weight, g_bias, g_cls, g_pos};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vitfast, CPU, m) { m.impl("patch_embed", &patch_embed_cpu); }
+TORCH_LIBRARY_IMPL(vitfast, CPU, m) {
+  m.impl("patch_embed", &patch_embed_cpu);
+  m.impl("patch_embed_backward", &patch_embed_backward_cpu);
+}
 
 }  // namespace vitfast

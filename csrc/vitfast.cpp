@@ -33,4 +33,12 @@ TORCH_LIBRARY(vitfast, m) {
   m.def(
       "patch_embed(Tensor images, Tensor weight, Tensor? bias=None, Tensor? cls_token=None, "
       "Tensor? pos_embed=None, Tensor? mean=None, Tensor? std=None) -> Tensor");
+  // Gradients of patch_embed for (images, weight, bias, cls_token, pos_embed), each computed
+  // when its output_mask entry is set (None otherwise). has_cls: a class token was given;
+  // pos_tokens: pos_embed.shape[1] (T or N), 0 without pos_embed. mean/std get no gradient.
+  // grad_images/grad_weight come in the images'/weight's dtype, grad_bias [D], grad_cls [D]
+  // and grad_pos [1, pos_tokens, D] in float32 (float64 for float64 weights).
+  m.def(
+      "patch_embed_backward(Tensor grad_out, Tensor images, Tensor weight, Tensor? mean, Tensor? std, "
+      "bool has_cls, int pos_tokens, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }

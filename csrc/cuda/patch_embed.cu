@@ -1,70 +1,525 @@
-// CUDA implementation of vitfast::patch_embed (first version): a patchify kernel that reads
-// the image once, normalises on load and writes the patch matrix in the weight's dtype, then
-// one cuBLAS GEMM with the bias, then class token and positional embedding.
-#include <ATen/cuda/CUDAContext.h>
+// CUDA implementation of vitfast::patch_embed and vitfast::patch_embed_backward.
+//
+// Forward, three launches on the current stream:
+//   1. prefill: the token buffer out [B, T, D] gets cls + pos[0] in each class row and
+//      bias + pos in each patch row (skipped when there is neither bias nor pos);
+//   2. patchify: the image is read once (16-byte loads where the layout allows, NCHW or
+//      channels_last or any strides), normalised on load (x * scale[c] + shift[c], i.e.
+//      (x/255 - mean)/std for uint8) and written as the patch matrix X [B*T, K] in the
+//      weight's dtype, K = C*p*p in (c, i, j) order, with a zero row at each class position;
+//   3. GEMM: out.view(B*T, D) += X @ W^T, one cuBLAS call (at::addmm_, beta = 1, tensor
+//      cores, fp32 accumulation) writing the finished tokens in place. The zero rows make
+//      the class rows pass through unchanged (0 * W + cls), so the GEMM writes the whole
+//      contiguous buffer and no transpose, cat or add pass follows.
+//
+// Why cuBLAS and not a hand-written mma/WMMA implicit GEMM reading the image in its
+// prologue: on sm_90 cuBLAS runs wgmma/TMA kernels near the tensor-core peak, which an
+// mma.sync kernel cannot reach, and a ViT patch embedding is a large, well-shaped GEMM
+// (ViT-B/16, B 256: M = 50k, N = K = 768). The price is the patch matrix round trip
+// (2 * B*T*K elements) and the prefill read back by the GEMM (B*T*D elements); both are
+// plain streaming passes. (The strided-batched variant, writing C with a per-image stride
+// so no zero rows are needed, would need at::cuda::blas::bgemm, which libtorch_cuda does
+// not export, or linking cuBLAS ourselves; the zero rows cost 1/T of the GEMM.)
+//
+// Backward (same patch matrix, G = grad_out [B*T, D]): grad_weight = G^T X (the zero rows
+// drop the class rows out of the sum), grad_images = unpatchify(G W) * scale[c],
+// grad_bias / grad_cls / grad_pos = sums of grad_out over the batch (float32 accumulation).
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <climits>
+#include <cstdint>
 
 #include "../patch_embed.h"
 
 namespace vitfast {
 namespace {
 
-// One thread per element of the patch matrix [B*N, K]; K = C*p*p in (c, i, j) order.
-template <typename in_t, typename out_t>
-__global__ void patchify_kernel(const in_t* __restrict__ images, out_t* __restrict__ patches,
-                                const float* __restrict__ scale, const float* __restrict__ shift, int64_t total,
-                                int64_t C, int64_t p, int64_t Hp, int64_t Wp, int64_t sB, int64_t sC, int64_t sH,
-                                int64_t sW) {
-  const int64_t K = C * p * p;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t row = idx / K, col = idx % K;
-    const int64_t c = col / (p * p), ij = col % (p * p), i = ij / p, j = ij % p;
-    const int64_t b = row / (Hp * Wp), hw = row % (Hp * Wp), hp = hw / Wp, wp = hw % Wp;
-    const float x = static_cast<float>(images[b * sB + c * sC + (hp * p + i) * sH + (wp * p + j) * sW]);
-    patches[idx] = static_cast<out_t>(x * scale[c] + shift[c]);
+constexpr int kThreads = 256;
+constexpr int64_t kTileBytes = 24 * 1024;     // patch-matrix rows staged per block
+constexpr int64_t kMaxSmemBytes = 46 * 1024;  // under the 48 KiB a block gets without opt-in
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+template <typename T>
+constexpr int vec16() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+// 16 bytes of T, for one vector load or store.
+template <typename T>
+struct alignas(16) Vec16 {
+  T v[16 / sizeof(T)];
+};
+
+enum Layout : int {
+  kAnyStrides = 0,  // any strides: scalar accesses
+  kRowsW = 1,       // stride(W) == 1 (NCHW): each (c, row) segment is contiguous
+  kRowsCW = 2,      // stride(C) == 1, stride(W) == C (channels_last): each row segment is contiguous over (w, c)
+};
+
+// One block handles a tile: image rows hp*p .. hp*p+p-1, patches wp0 .. wp0+nw-1, i.e. nw
+// consecutive rows of the patch matrix, staged in shared memory in the matrix's layout.
+struct Tile {
+  int64_t B, Hp, Wp;
+  int C, p, K;             // K = C*p*p (checked to fit an int on the host)
+  int64_t R, off;          // patch-matrix rows per image (T) and the row of patch 0 (1 with a class token)
+  int64_t sB, sC, sH, sW;  // image strides in elements
+  int nw, tiles_w;         // patches per tile, tiles per row of patches
+  int layout;
+  bool vec_img, vec_mat;  // 16-byte accesses to the image / the patch matrix are aligned
+  int stats_offset;       // byte offset of scale/shift in shared memory
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void load_channel_affine(const Tile& g, const double* __restrict__ mean,
+                                                    const double* __restrict__ stdv, double base, acc_t* scale,
+                                                    acc_t* shift) {
+  for (int c = threadIdx.x; c < g.C; c += blockDim.x) {
+    scale[c] = static_cast<acc_t>(stdv != nullptr ? base / stdv[c] : base);
+    shift[c] = static_cast<acc_t>(mean != nullptr ? -mean[c] / stdv[c] : 0.0);
   }
+}
+
+// Position in the tile (rows of K) of pixel (c, i, w) of the tile's image rows, w < nw*p.
+__device__ __forceinline__ int tile_index(const Tile& g, int c, int i, int w) {
+  return (w / g.p) * g.K + c * g.p * g.p + i * g.p + (w % g.p);
+}
+
+template <typename in_t, typename mat_t>
+__global__ void __launch_bounds__(kThreads)
+    patchify_tile_kernel(const in_t* __restrict__ img, mat_t* __restrict__ mat, const Tile g,
+                         const double* __restrict__ mean, const double* __restrict__ stdv, const double base) {
+  using acc_t = typename Acc<mat_t>::type;
+  extern __shared__ __align__(16) unsigned char vitfast_smem[];
+  mat_t* tile = reinterpret_cast<mat_t*>(vitfast_smem);
+  acc_t* scale = reinterpret_cast<acc_t*>(vitfast_smem + g.stats_offset);
+  acc_t* shift = scale + g.C;
+  load_channel_affine(g, mean, stdv, base, scale, shift);
+  __syncthreads();
+
+  const int p = g.p, C = g.C, K = g.K;
+  const int64_t tasks = g.B * g.Hp * g.tiles_w;
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int tw = static_cast<int>(task % g.tiles_w);
+    const int64_t bh = task / g.tiles_w, hp = bh % g.Hp, b = bh / g.Hp;
+    const int wp0 = tw * g.nw;
+    const int nw = min(g.nw, static_cast<int>(g.Wp - wp0));
+    const int L = nw * p;  // pixels per image row in this tile
+    const in_t* src = img + b * g.sB + hp * p * g.sH + static_cast<int64_t>(wp0) * p * g.sW;
+
+    if (g.layout == kRowsW) {
+      if (g.vec_img) {
+        constexpr int V = vec16<in_t>();
+        const int chunks = L / V;  // p % V == 0 (host), so a chunk stays inside one patch
+        for (int e = threadIdx.x; e < C * p * chunks; e += blockDim.x) {
+          const int ch = e % chunks, ci = e / chunks, i = ci % p, c = ci / p, w = ch * V;
+          const Vec16<in_t> v = *reinterpret_cast<const Vec16<in_t>*>(src + c * g.sC + i * g.sH + w);
+          mat_t* t = tile + tile_index(g, c, i, w);
+#pragma unroll
+          for (int k = 0; k < V; ++k) t[k] = static_cast<mat_t>(static_cast<acc_t>(v.v[k]) * scale[c] + shift[c]);
+        }
+      } else {
+        for (int e = threadIdx.x; e < C * p * L; e += blockDim.x) {
+          const int w = e % L, ci = e / L, i = ci % p, c = ci / p;
+          const acc_t x = static_cast<acc_t>(src[c * g.sC + i * g.sH + w]);
+          tile[tile_index(g, c, i, w)] = static_cast<mat_t>(x * scale[c] + shift[c]);
+        }
+      }
+    } else if (g.layout == kRowsCW) {
+      const int LC = L * C;
+      if (g.vec_img) {
+        constexpr int V = vec16<in_t>();
+        const int chunks = LC / V;  // (p*C) % V == 0 (host)
+        for (int e = threadIdx.x; e < p * chunks; e += blockDim.x) {
+          const int ch = e % chunks, i = e / chunks, q0 = ch * V;
+          const Vec16<in_t> v = *reinterpret_cast<const Vec16<in_t>*>(src + i * g.sH + q0);
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            const int q = q0 + k, w = q / C, c = q % C;
+            tile[tile_index(g, c, i, w)] = static_cast<mat_t>(static_cast<acc_t>(v.v[k]) * scale[c] + shift[c]);
+          }
+        }
+      } else {
+        for (int e = threadIdx.x; e < p * LC; e += blockDim.x) {
+          const int q = e % LC, i = e / LC, w = q / C, c = q % C;
+          const acc_t x = static_cast<acc_t>(src[i * g.sH + q]);
+          tile[tile_index(g, c, i, w)] = static_cast<mat_t>(x * scale[c] + shift[c]);
+        }
+      }
+    } else {
+      for (int e = threadIdx.x; e < C * p * L; e += blockDim.x) {
+        const int w = e % L, ci = e / L, i = ci % p, c = ci / p;
+        const acc_t x = static_cast<acc_t>(src[c * g.sC + i * g.sH + w * g.sW]);
+        tile[tile_index(g, c, i, w)] = static_cast<mat_t>(x * scale[c] + shift[c]);
+      }
+    }
+    __syncthreads();
+
+    // The tile is nw consecutive, contiguous rows of the patch matrix.
+    mat_t* dst = mat + (b * g.R + g.off + hp * g.Wp + wp0) * K;
+    const int n = nw * K;
+    if (g.vec_mat) {  // K % V == 0 and mat 16-byte aligned (host)
+      constexpr int V = vec16<mat_t>();
+      for (int e = threadIdx.x; e < n / V; e += blockDim.x) {
+        reinterpret_cast<Vec16<mat_t>*>(dst)[e] = reinterpret_cast<const Vec16<mat_t>*>(tile)[e];
+      }
+    } else {
+      for (int e = threadIdx.x; e < n; e += blockDim.x) dst[e] = tile[e];
+    }
+    if (g.off > 0 && hp == 0 && tw == 0) {  // this image's class row: zero
+      mat_t* zrow = mat + b * g.R * K;
+      for (int e = threadIdx.x; e < K; e += blockDim.x) zrow[e] = static_cast<mat_t>(acc_t(0));
+    }
+    __syncthreads();  // the tile is reused by the next task
+  }
+}
+
+template <typename mat_t, typename img_t>
+__global__ void __launch_bounds__(kThreads)
+    unpatchify_tile_kernel(const mat_t* __restrict__ dmat, img_t* __restrict__ gimg, const Tile g,
+                           const double* __restrict__ stdv, const double base) {
+  using acc_t = typename Acc<mat_t>::type;
+  extern __shared__ __align__(16) unsigned char vitfast_smem[];
+  mat_t* tile = reinterpret_cast<mat_t*>(vitfast_smem);
+  acc_t* scale = reinterpret_cast<acc_t*>(vitfast_smem + g.stats_offset);
+  acc_t* shift = scale + g.C;
+  load_channel_affine(g, nullptr, stdv, base, scale, shift);
+  __syncthreads();
+
+  const int p = g.p, C = g.C, K = g.K;
+  const int64_t tasks = g.B * g.Hp * g.tiles_w;
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int tw = static_cast<int>(task % g.tiles_w);
+    const int64_t bh = task / g.tiles_w, hp = bh % g.Hp, b = bh / g.Hp;
+    const int wp0 = tw * g.nw;
+    const int nw = min(g.nw, static_cast<int>(g.Wp - wp0));
+    const int L = nw * p;
+
+    const mat_t* srcm = dmat + (b * g.R + g.off + hp * g.Wp + wp0) * K;
+    const int n = nw * K;
+    if (g.vec_mat) {
+      constexpr int V = vec16<mat_t>();
+      for (int e = threadIdx.x; e < n / V; e += blockDim.x) {
+        reinterpret_cast<Vec16<mat_t>*>(tile)[e] = reinterpret_cast<const Vec16<mat_t>*>(srcm)[e];
+      }
+    } else {
+      for (int e = threadIdx.x; e < n; e += blockDim.x) tile[e] = srcm[e];
+    }
+    __syncthreads();
+
+    img_t* dst = gimg + b * g.sB + hp * p * g.sH + static_cast<int64_t>(wp0) * p * g.sW;
+    if (g.layout == kRowsW) {
+      if (g.vec_img) {
+        constexpr int V = vec16<img_t>();
+        const int chunks = L / V;
+        for (int e = threadIdx.x; e < C * p * chunks; e += blockDim.x) {
+          const int ch = e % chunks, ci = e / chunks, i = ci % p, c = ci / p, w = ch * V;
+          const mat_t* t = tile + tile_index(g, c, i, w);
+          Vec16<img_t> v;
+#pragma unroll
+          for (int k = 0; k < V; ++k) v.v[k] = static_cast<img_t>(static_cast<acc_t>(t[k]) * scale[c]);
+          *reinterpret_cast<Vec16<img_t>*>(dst + c * g.sC + i * g.sH + w) = v;
+        }
+      } else {
+        for (int e = threadIdx.x; e < C * p * L; e += blockDim.x) {
+          const int w = e % L, ci = e / L, i = ci % p, c = ci / p;
+          dst[c * g.sC + i * g.sH + w] = static_cast<img_t>(static_cast<acc_t>(tile[tile_index(g, c, i, w)]) * scale[c]);
+        }
+      }
+    } else if (g.layout == kRowsCW) {
+      const int LC = L * C;
+      if (g.vec_img) {
+        constexpr int V = vec16<img_t>();
+        const int chunks = LC / V;
+        for (int e = threadIdx.x; e < p * chunks; e += blockDim.x) {
+          const int ch = e % chunks, i = e / chunks, q0 = ch * V;
+          Vec16<img_t> v;
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            const int q = q0 + k, w = q / C, c = q % C;
+            v.v[k] = static_cast<img_t>(static_cast<acc_t>(tile[tile_index(g, c, i, w)]) * scale[c]);
+          }
+          *reinterpret_cast<Vec16<img_t>*>(dst + i * g.sH + q0) = v;
+        }
+      } else {
+        for (int e = threadIdx.x; e < p * LC; e += blockDim.x) {
+          const int q = e % LC, i = e / LC, w = q / C, c = q % C;
+          dst[i * g.sH + q] = static_cast<img_t>(static_cast<acc_t>(tile[tile_index(g, c, i, w)]) * scale[c]);
+        }
+      }
+    } else {
+      for (int e = threadIdx.x; e < C * p * L; e += blockDim.x) {
+        const int w = e % L, ci = e / L, i = ci % p, c = ci / p;
+        dst[c * g.sC + i * g.sH + w * g.sW] =
+            static_cast<img_t>(static_cast<acc_t>(tile[tile_index(g, c, i, w)]) * scale[c]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Fallbacks for patches too large to stage in shared memory: one thread per element.
+template <typename in_t, typename mat_t>
+__global__ void patchify_elementwise_kernel(const in_t* __restrict__ img, mat_t* __restrict__ mat, const Tile g,
+                                            const double* __restrict__ mean, const double* __restrict__ stdv,
+                                            const double base) {
+  using acc_t = typename Acc<mat_t>::type;
+  const int64_t K = g.K, p = g.p, total = g.B * g.R * K;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t col = idx % K, row = idx / K, b = row / g.R, r = row % g.R;
+    if (r < g.off) {
+      mat[idx] = static_cast<mat_t>(acc_t(0));
+      continue;
+    }
+    const int64_t n = r - g.off, hp = n / g.Wp, wp = n % g.Wp;
+    const int64_t c = col / (p * p), i = (col / p) % p, j = col % p;
+    const double x = static_cast<double>(img[b * g.sB + c * g.sC + (hp * p + i) * g.sH + (wp * p + j) * g.sW]);
+    const double y = stdv != nullptr ? (x * base - mean[c]) / stdv[c] : x * base;
+    mat[idx] = static_cast<mat_t>(static_cast<acc_t>(y));
+  }
+}
+
+template <typename mat_t, typename img_t>
+__global__ void unpatchify_elementwise_kernel(const mat_t* __restrict__ dmat, img_t* __restrict__ gimg, const Tile g,
+                                              int64_t H, int64_t W, const double* __restrict__ stdv,
+                                              const double base) {
+  using acc_t = typename Acc<mat_t>::type;
+  const int64_t K = g.K, p = g.p, C = g.C, total = g.B * C * H * W;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = idx % W, h = (idx / W) % H, c = (idx / (W * H)) % C, b = idx / (W * H * C);
+    const int64_t row = b * g.R + g.off + (h / p) * g.Wp + w / p, col = c * p * p + (h % p) * p + (w % p);
+    const acc_t scale = static_cast<acc_t>(stdv != nullptr ? base / stdv[c] : base);
+    gimg[b * g.sB + c * g.sC + h * g.sH + w * g.sW] = static_cast<img_t>(static_cast<acc_t>(dmat[row * K + col]) * scale);
+  }
+}
+
+// out[b, t, :] for t < rows: cls + pos[0] in the class row, bias + pos[t - pos_off] in patch rows.
+template <typename out_t>
+__global__ void prefill_kernel(out_t* __restrict__ out, const out_t* __restrict__ bias, const out_t* __restrict__ cls,
+                               const out_t* __restrict__ pos, int64_t pos_off, int64_t B, int64_t T, int64_t D,
+                               int64_t off, int64_t rows, bool vec) {
+  using acc_t = typename Acc<out_t>::type;
+  constexpr int V = vec16<out_t>();
+  const int64_t per = vec ? V : 1;  // vec: D % V == 0 and out 16-byte aligned (host)
+  const int64_t total = B * rows * D / per;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = e * per, r = i0 / D, d0 = i0 % D, t = r % rows, b = r / rows;
+    const out_t* first = t < off ? cls + d0 : (bias != nullptr ? bias + d0 : nullptr);
+    const out_t* pe = (pos != nullptr && t >= pos_off) ? pos + (t - pos_off) * D + d0 : nullptr;
+    out_t* o = out + (b * T + t) * D + d0;
+    if (vec) {
+      Vec16<out_t> v;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t x = (first ? static_cast<acc_t>(first[k]) : acc_t(0)) + (pe ? static_cast<acc_t>(pe[k]) : acc_t(0));
+        v.v[k] = static_cast<out_t>(x);
+      }
+      *reinterpret_cast<Vec16<out_t>*>(o) = v;
+    } else {
+      const acc_t x = (first ? static_cast<acc_t>(first[0]) : acc_t(0)) + (pe ? static_cast<acc_t>(pe[0]) : acc_t(0));
+      o[0] = static_cast<out_t>(x);
+    }
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+
+int64_t grid_for(int64_t work_items, int64_t per_sm) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>(work_items, sms * per_sm));
+}
+
+// Tiling and vectorisation for an image (or its gradient) `img` and the patch matrix `mat`.
+// Returns false when one patch-matrix row does not fit in shared memory (use the fallback).
+bool make_tile(const PatchEmbedShape& s, const at::Tensor& img, const at::Tensor& mat, Tile& g, int64_t& smem) {
+  g.B = s.B;
+  g.Hp = s.Hp;
+  g.Wp = s.Wp;
+  g.C = static_cast<int>(s.C);
+  g.p = static_cast<int>(s.p);
+  g.K = static_cast<int>(s.K);
+  g.R = s.T;
+  g.off = s.off();
+  g.sB = img.stride(0);
+  g.sC = img.stride(1);
+  g.sH = img.stride(2);
+  g.sW = img.stride(3);
+  g.layout = g.sW == 1 ? kRowsW : (g.sC == 1 && g.sW == s.C ? kRowsCW : kAnyStrides);
+  const int64_t vi = 16 / img.element_size(), vm = 16 / mat.element_size();
+  const bool strides_ok = g.sB % vi == 0 && g.sH % vi == 0 && aligned16(img.const_data_ptr());
+  g.vec_img = (g.layout == kRowsW && strides_ok && g.sC % vi == 0 && s.p % vi == 0) ||
+              (g.layout == kRowsCW && strides_ok && (s.p * s.C) % vi == 0);
+  g.vec_mat = s.K % vm == 0 && aligned16(mat.const_data_ptr());
+  const int64_t row_bytes = s.K * mat.element_size();
+  const int64_t acc_bytes = mat.scalar_type() == at::kDouble ? 8 : 4;
+  if (s.Wp == 0 || row_bytes + 16 + 2 * s.C * acc_bytes > kMaxSmemBytes) return false;
+  const int64_t nw_max = std::max<int64_t>(1, std::min<int64_t>(s.Wp, kTileBytes / row_bytes));
+  g.tiles_w = static_cast<int>((s.Wp + nw_max - 1) / nw_max);
+  g.nw = static_cast<int>((s.Wp + g.tiles_w - 1) / g.tiles_w);  // balanced tiles
+  g.stats_offset = static_cast<int>((g.nw * row_bytes + 15) / 16 * 16);
+  smem = g.stats_offset + 2 * s.C * acc_bytes;
+  return smem <= kMaxSmemBytes;
+}
+
+// Writes the normalised patch matrix mat [B*T, K] (zero class rows) from images.
+void launch_patchify(const at::Tensor& images, at::Tensor& mat, const PatchEmbedShape& s, const at::Tensor& mean,
+                     const at::Tensor& stdv) {
+  if (mat.numel() == 0) return;
+  Tile g;
+  int64_t smem = 0;
+  const bool tiled = make_tile(s, images, mat, g, smem);
+  const double base = image_base_scale(images.scalar_type() == at::kByte);
+  const double* m = mean.defined() ? mean.const_data_ptr<double>() : nullptr;
+  const double* sd = stdv.defined() ? stdv.const_data_ptr<double>() : nullptr;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "vitfast_patchify_in", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mat.scalar_type(), "vitfast_patchify_out", [&] {
+      const in_t* src = images.const_data_ptr<in_t>();
+      scalar_t* dst = mat.mutable_data_ptr<scalar_t>();
+      if (tiled) {
+        const int64_t tasks = s.B * s.Hp * g.tiles_w;
+        patchify_tile_kernel<in_t, scalar_t><<<grid_for(tasks, 8), kThreads, smem, stream>>>(src, dst, g, m, sd, base);
+      } else {
+        const int64_t blocks = (mat.numel() + kThreads - 1) / kThreads;
+        patchify_elementwise_kernel<in_t, scalar_t>
+            <<<grid_for(blocks, 32), kThreads, 0, stream>>>(src, dst, g, m, sd, base);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+// grad_images = unpatchify(dmat) * scale[c], written with grad_images' own strides.
+void launch_unpatchify(const at::Tensor& dmat, at::Tensor& grad_images, const PatchEmbedShape& s,
+                       const at::Tensor& stdv) {
+  if (grad_images.numel() == 0) return;
+  Tile g;
+  int64_t smem = 0;
+  const bool tiled = make_tile(s, grad_images, dmat, g, smem);
+  const double* sd = stdv.defined() ? stdv.const_data_ptr<double>() : nullptr;
+  const double base = image_base_scale(false);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dmat.scalar_type(), "vitfast_unpatchify_in", [&] {
+    using mat_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_images.scalar_type(), "vitfast_unpatchify_out", [&] {
+      const mat_t* src = dmat.const_data_ptr<mat_t>();
+      scalar_t* dst = grad_images.mutable_data_ptr<scalar_t>();
+      if (tiled) {
+        const int64_t tasks = s.B * s.Hp * g.tiles_w;
+        unpatchify_tile_kernel<mat_t, scalar_t><<<grid_for(tasks, 8), kThreads, smem, stream>>>(src, dst, g, sd, base);
+      } else {
+        const int64_t blocks = (grad_images.numel() + kThreads - 1) / kThreads;
+        unpatchify_elementwise_kernel<mat_t, scalar_t>
+            <<<grid_for(blocks, 32), kThreads, 0, stream>>>(src, dst, g, s.H, s.W, sd, base);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+// Fills the first `rows` tokens of every image of out [B, T, D] (see prefill_kernel).
+void launch_prefill(at::Tensor& out, const at::Tensor& bias, const at::Tensor& cls, const at::Tensor& pos,
+                    const PatchEmbedShape& s, int64_t rows) {
+  if (rows == 0 || out.numel() == 0) return;
+  const int64_t pos_off = (pos.defined() && pos.size(1) != s.T) ? s.off() : 0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "vitfast_prefill", [&] {
+    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    const bool vec = s.D % vec16<scalar_t>() == 0 && aligned16(out.const_data_ptr());
+    const int64_t work = s.B * rows * s.D / (vec ? vec16<scalar_t>() : 1);
+    prefill_kernel<scalar_t><<<grid_for((work + kThreads - 1) / kThreads, 32), kThreads, 0, stream>>>(
+        out.mutable_data_ptr<scalar_t>(), ptr(bias), ptr(cls), ptr(pos), pos_off, s.B, s.T, s.D, s.off(), rows, vec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void check_cuda_inputs(const PatchEmbedShape& s, const at::Tensor& images, const char* op) {
+  TORCH_CHECK_VALUE(images.is_cuda(), op, ": images must be a CUDA tensor here, got ", images.device());
+  TORCH_CHECK_VALUE(s.K <= INT_MAX / 16, op, ": patch too large (C*p*p = ", s.K, ")");
+  TORCH_CHECK_VALUE(s.W <= INT_MAX / 16 && s.C * s.p <= INT_MAX / 16, op, ": image too wide (W = ", s.W, ")");
 }
 
 at::Tensor patch_embed_cuda(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
                             const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
   const PatchEmbedShape s = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std);
+  check_cuda_inputs(s, images, "vitfast.patch_embed");
   const c10::cuda::CUDAGuard guard(images.device());
-  const int64_t K = s.C * s.p * s.p;
-  const bool is_uint8 = images.scalar_type() == at::kByte;
-  auto [scale64, shift64] = channel_affine(s.C, is_uint8, mean, std, images.device());
-  const at::Tensor scale = scale64.to(at::kFloat), shift = shift64.to(at::kFloat);
-
-  at::Tensor patches = at::empty({s.B * s.N, K}, weight.options());
-  const int64_t total = patches.numel();
-  if (total > 0) {
-    const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535LL * 8);
-    auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "patchify_in", [&] {
-      using in_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "patchify_out", [&] {
-        patchify_kernel<in_t, scalar_t><<<blocks, threads, 0, stream>>>(
-            images.data_ptr<in_t>(), patches.data_ptr<scalar_t>(), scale.data_ptr<float>(), shift.data_ptr<float>(),
-            total, s.C, s.p, s.Hp, s.Wp, images.stride(0), images.stride(1), images.stride(2), images.stride(3));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
+  const auto wt = weight.scalar_type();
   at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
-  const int64_t off = s.has_cls ? 1 : 0;
-  at::Tensor w = weight.reshape({s.D, K});
-  at::Tensor tokens = bias ? at::addmm(bias->to(weight.scalar_type()), patches, w.t()) : at::mm(patches, w.t());
-  out.narrow(1, off, s.N).copy_(tokens.view({s.B, s.N, s.D}));
-  apply_cls_pos(out, s, cls_token, pos_embed);
+  if (out.numel() == 0) return out;
+  const auto as_w = [&](const std::optional<at::Tensor>& t) { return t ? t->to(wt).contiguous() : at::Tensor(); };
+  const at::Tensor b = as_w(bias), cls = as_w(cls_token), pos = as_w(pos_embed);
+
+  at::Tensor mat = at::empty({s.B * s.T, s.K}, weight.options());
+  launch_patchify(images, mat, s, channel_stat(mean), channel_stat(std));
+  const at::Tensor w = weight.contiguous().view({s.D, s.K});
+  at::Tensor out2d = out.view({s.B * s.T, s.D});
+  if (b.defined() || pos.defined()) {
+    launch_prefill(out, b, cls, pos, s, s.T);
+    out2d.addmm_(mat, w.t());  // beta = 1: onto bias + pos, class rows pass through
+  } else {
+    at::mm_out(out2d, mat, w.t());
+    launch_prefill(out, b, cls, pos, s, s.off());  // class rows (the GEMM wrote zeros there)
+  }
   return out;
+}
+
+using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                         std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+Grads patch_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
+                                bool has_cls, int64_t pos_tokens, std::array<bool, 5> output_mask) {
+  const PatchEmbedShape s =
+      check_patch_embed_backward_args(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask);
+  check_cuda_inputs(s, images, "vitfast.patch_embed_backward");
+  const c10::cuda::CUDAGuard guard(images.device());
+  const auto wt = weight.scalar_type();
+  const auto acc = wt == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor G = grad_out.to(wt).contiguous().view({s.B * s.T, s.D});
+  std::optional<at::Tensor> g_images, g_weight, g_bias, g_cls, g_pos;
+
+  if (output_mask[1]) {
+    at::Tensor X = at::empty({s.B * s.T, s.K}, weight.options());
+    launch_patchify(images, X, s, channel_stat(mean), channel_stat(std));
+    g_weight = at::mm(G.t(), X).view({s.D, s.C, s.p, s.p});
+  }
+  if (output_mask[0]) {
+    const at::Tensor dX = at::mm(G, weight.contiguous().view({s.D, s.K}));  // [B*T, K]
+    at::Tensor gi = at::empty_like(images);
+    launch_unpatchify(dX, gi, s, channel_stat(std));
+    g_images = gi;
+  }
+  if (output_mask[2] || output_mask[3] || output_mask[4]) {
+    const at::Tensor S = at::sum(grad_out, {0}, /*keepdim=*/false, acc);  // [T, D]
+    if (output_mask[2]) g_bias = S.narrow(0, s.off(), s.N).sum(0);
+    if (output_mask[3]) g_cls = S.select(0, 0).clone();
+    if (output_mask[4]) g_pos = S.narrow(0, s.T - pos_tokens, pos_tokens).unsqueeze(0).clone();
+  }
+  return {g_images, g_weight, g_bias, g_cls, g_pos};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vitfast, CUDA, m) { m.impl("patch_embed", &patch_embed_cuda); }
+TORCH_LIBRARY_IMPL(vitfast, CUDA, m) {
+  m.impl("patch_embed", &patch_embed_cuda);
+  m.impl("patch_embed_backward", &patch_embed_backward_cuda);
+}
 
 }  // namespace vitfast

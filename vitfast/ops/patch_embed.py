@@ -1,7 +1,8 @@
 """Patch embedding: raw or float images to ViT tokens in one op (``torch.ops.vitfast.patch_embed``).
 
-The schema and the CPU/CUDA kernels live in ``csrc/``; this module holds the typed wrapper,
-argument checks shared with the fake (meta) implementation, and the registrations.
+The schemas and the CPU/CUDA kernels live in ``csrc/`` (forward ``vitfast::patch_embed``,
+backward ``vitfast::patch_embed_backward``); this module holds the typed wrapper, the argument
+checks shared with the fake (meta) implementations, and the registrations (fake, autograd).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = ["patch_embed", "check_patch_embed_args"]
 
 ChannelStats = Optional[Union[torch.Tensor, Sequence[float]]]
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -39,6 +41,10 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
         raise TypeError(f"vitfast.patch_embed: weight must be floating point, got {weight.dtype}")
     B, C, H, W = images.shape
     D, Cw, p, q = weight.shape
+    if p < 1:
+        raise ValueError(f"vitfast.patch_embed: weight must be [D, C, p, p] with p >= 1, got {_shape(weight)}")
+    if C < 1:
+        raise ValueError(f"vitfast.patch_embed: images must have at least one channel, got {_shape(images)}")
     if p != q:
         raise ValueError(f"vitfast.patch_embed: weight must have a square kernel [D, C, p, p], got {_shape(weight)}")
     if Cw != C:
@@ -69,12 +75,31 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
                 f"{H // p}x{W // p} patches of {H}x{W} images, got {_shape(pos_embed)}"
             )
     if (mean is None) != (std is None):
-        raise ValueError("vitfast.patch_embed: mean and std must be given together")
+        missing = "std" if std is None else "mean"
+        raise ValueError(
+            f"vitfast.patch_embed: mean and std must be given together ({missing} is missing); without both, "
+            "uint8 images are only divided by 255 and float images are used as they are"
+        )
     for name, t in (("mean", mean), ("std", std)):
-        if t is not None and torch.as_tensor(t).numel() != C:
+        if t is None:
+            continue
+        if isinstance(t, torch.Tensor):
+            if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT):
+                raise TypeError(f"vitfast.patch_embed: {name} must be a real tensor, got {t.dtype}")
+            numel = t.numel()
+        else:
+            try:
+                numel = len(t)
+            except TypeError:
+                raise TypeError(
+                    f"vitfast.patch_embed: {name} must be a tensor or a sequence of {C} floats, got {type(t).__name__}"
+                ) from None
+        if numel != C:
             raise ValueError(
-                f"vitfast.patch_embed: {name} must have one value per channel ({C}), got {list(torch.as_tensor(t).shape)}"
+                f"vitfast.patch_embed: {name} must have one value per channel ({C}), got {numel} value(s)"
             )
+        if name == "std" and not isinstance(t, torch.Tensor) and any(float(v) == 0.0 for v in t):
+            raise ValueError(f"vitfast.patch_embed: std must be non-zero, got {list(t)}")
     return B, N, T, D
 
 
@@ -117,6 +142,14 @@ def patch_embed(
     Returns:
         ``[B, T, D]`` in the weight's dtype, T = N (+1 with cls_token), N = (H/p)(W/p):
         ``cat(cls, conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)) + pos_embed``.
+
+    Differentiable in images (float only), weight, bias, cls_token and pos_embed (through the
+    registered ``vitfast::patch_embed_backward``). mean and std are constants of the data
+    pipeline and get no gradient. No double backward.
+
+    Raises:
+        ValueError / TypeError naming the argument for any shape, dtype or device it cannot
+        take, before any kernel runs.
     """
     check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
     return torch.ops.vitfast.patch_embed(
@@ -128,3 +161,61 @@ def patch_embed(
 def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
     B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
     return images.new_empty((B, T, D), dtype=weight.dtype)
+
+
+def _grad_acc_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("vitfast::patch_embed_backward")
+def _patch_embed_backward_fake(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask):
+    cls_stub = weight.new_empty((1, 1, weight.shape[0])) if has_cls else None
+    B, N, T, D = check_patch_embed_args(images, weight, None, cls_stub, None, mean, std)
+    torch._check(list(grad_out.shape) == [B, T, D], lambda: f"grad_out must be [{B}, {T}, {D}]")
+    torch._check(pos_tokens in (0, N, T), lambda: f"pos_tokens must be 0, {N} or {T}")
+    acc = _grad_acc_dtype(weight)
+    g_images = torch.empty_like(images) if output_mask[0] else None
+    g_weight = weight.new_empty(weight.shape) if output_mask[1] else None
+    g_bias = weight.new_empty((D,), dtype=acc) if output_mask[2] else None
+    g_cls = weight.new_empty((D,), dtype=acc) if output_mask[3] else None
+    g_pos = weight.new_empty((1, pos_tokens, D), dtype=acc) if output_mask[4] else None
+    return g_images, g_weight, g_bias, g_cls, g_pos
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, cls_token, pos_embed, mean, std = inputs
+    ctx.save_for_backward(images, weight, mean, std)
+    ctx.has_cls = cls_token is not None
+    ctx.pos_tokens = 0 if pos_embed is None else pos_embed.shape[1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.cls_meta = None if cls_token is None else (cls_token.shape, cls_token.dtype)
+    ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
+
+
+def _backward(ctx, grad_out):
+    images, weight, mean, std = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [
+        bool(need[0]) and images.is_floating_point(),
+        bool(need[1]),
+        bool(need[2]) and ctx.bias_dtype is not None,
+        bool(need[3]) and ctx.has_cls,
+        bool(need[4]) and ctx.pos_tokens > 0,
+    ]
+    if not any(mask):
+        return None, None, None, None, None, None, None
+    g_images, g_weight, g_bias, g_cls, g_pos = torch.ops.vitfast.patch_embed_backward(
+        grad_out, images, weight, mean, std, ctx.has_cls, ctx.pos_tokens, mask
+    )
+    if g_bias is not None:
+        g_bias = g_bias.to(ctx.bias_dtype)
+    if g_cls is not None:
+        shape, dtype = ctx.cls_meta
+        g_cls = g_cls.reshape(shape).to(dtype)
+    if g_pos is not None:
+        g_pos = g_pos.to(ctx.pos_dtype)
+    # mean and std: constants of the data pipeline, no gradient
+    return g_images, g_weight, g_bias, g_cls, g_pos, None, None
+
+
+torch.library.register_autograd("vitfast::patch_embed", _backward, setup_context=_setup_context)

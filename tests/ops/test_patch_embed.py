@@ -1,0 +1,470 @@
+"""vitfast.ops.patch_embed (torch.ops.vitfast.patch_embed / patch_embed_backward).
+
+CPU: the C++ op against the eager reference chain (``patch_embed_ref``) in float64, lower
+precisions by the 2x rule, gradients (gradcheck and against autograd through the reference),
+opcheck, torch.compile, bad input. GPU (``cuda`` mark): the CUDA op against the CPU op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import pytest
+import torch
+
+from vitfast.ops import patch_embed
+from vitfast.ops.patch_embed import check_patch_embed_args
+from vitfast.ops.reference import patch_embed_ref
+
+MEAN3, STD3 = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN1, STD1 = (0.5,), (0.25,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int = 2
+    C: int = 3
+    H: int = 32
+    W: int = 48
+    p: int = 16
+    D: int = 20
+    uint8: bool = False
+    bias: bool = True
+    cls: bool = True
+    pos: Optional[str] = "full"  # "full" (T tokens), "patches" (N tokens) or None
+    norm: bool = True  # mean/std
+    channels_last: bool = False
+
+    def __str__(self):
+        f = dataclasses.fields(self)
+        return "-".join(f"{x.name}={getattr(self, x.name)}" for x in f if getattr(self, x.name) != x.default) or "default"
+
+
+CASES = [
+    Case(),
+    Case(H=48, W=32, channels_last=True),
+    Case(p=8, H=24, W=40, D=12, uint8=True),
+    Case(p=8, C=1, H=16, W=16, D=7, uint8=True, channels_last=True),
+    Case(p=14, H=28, W=42, D=19, pos="patches"),
+    Case(p=14, C=1, H=42, W=28, B=1, cls=False, norm=False),
+    Case(p=16, B=1, D=13, uint8=True, pos="patches", channels_last=True),
+    Case(p=16, H=64, W=32, uint8=True, norm=False, bias=False),
+    Case(p=16, cls=False, pos="full", bias=False, channels_last=True),
+    Case(p=32, H=64, W=96, D=24, cls=False, pos=None, uint8=True),
+    Case(p=32, C=1, H=32, W=64, D=9, pos=None, norm=False),
+    Case(p=32, B=1, H=64, W=64, D=33, channels_last=True, uint8=True, pos="patches"),
+    Case(p=8, bias=False, cls=True, pos=None, norm=False, H=8, W=8, B=3),
+]
+
+
+def make_inputs(c: Case, dtype=torch.float64, img_dtype=None, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Hp, Wp = c.H // c.p, c.W // c.p
+    N = Hp * Wp
+    T = N + c.cls
+    if c.uint8:
+        images = torch.randint(0, 256, (c.B, c.C, c.H, c.W), generator=g, dtype=torch.uint8)
+    else:
+        images = torch.randn(c.B, c.C, c.H, c.W, generator=g, dtype=torch.float64).to(img_dtype or dtype)
+    if c.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    scale = (c.C * c.p * c.p) ** -0.5
+    weight = (torch.randn(c.D, c.C, c.p, c.p, generator=g, dtype=torch.float64) * scale).to(dtype)
+    bias = torch.randn(c.D, generator=g, dtype=torch.float64).to(dtype) if c.bias else None
+    cls = torch.randn(1, 1, c.D, generator=g, dtype=torch.float64).to(dtype) if c.cls else None
+    pos = None
+    if c.pos is not None:
+        pos = torch.randn(1, T if c.pos == "full" else N, c.D, generator=g, dtype=torch.float64).to(dtype)
+    mean, std = (MEAN3, STD3) if c.C == 3 else (MEAN1, STD1)
+    if not c.norm:
+        mean = std = None
+    move = lambda t: t if t is None else t.to(device)  # noqa: E731
+    return dict(
+        images=move(images), weight=move(weight), bias=move(bias), cls_token=move(cls), pos_embed=move(pos),
+        mean=mean, std=std,
+    )
+
+
+def call(fn, a):
+    return fn(a["images"], a["weight"], a["bias"], cls_token=a["cls_token"], pos_embed=a["pos_embed"],
+              mean=a["mean"], std=a["std"])
+
+
+def max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_matches_reference_float64(case):
+    a = make_inputs(case)
+    out = call(patch_embed, a)
+    ref = call(patch_embed_ref, a)
+    N = (case.H // case.p) * (case.W // case.p)
+    assert out.shape == (case.B, N + case.cls, case.D)
+    assert out.dtype == torch.float64 and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-10)
+
+
+def test_forward_any_strides():
+    """Images that are neither NCHW nor channels_last (a transposed view), and an offset view."""
+    a = make_inputs(Case(H=48, W=48))
+    base = a["images"]
+    for images in (base.transpose(2, 3), torch.randn(2, 3, 48, 49, dtype=torch.float64)[..., 1:]):
+        a["images"] = images
+        torch.testing.assert_close(call(patch_embed, a), call(patch_embed_ref, a), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [Case(), Case(uint8=True, channels_last=True, pos="patches"), Case(p=14, H=42, W=28)],
+                         ids=str)
+def test_forward_low_precision_2x_rule(case, dtype):
+    """Error against float64 at most 2x what the eager chain makes in the same dtype."""
+    a = make_inputs(case, dtype=dtype)
+    ref64 = call(patch_embed_ref, {**a, **{k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                                              else v) for k, v in a.items()}})
+    out = call(patch_embed, a)
+    assert out.dtype == dtype
+    torch_err = max_err(call(patch_embed_ref, a), ref64)
+    eps = torch.finfo(dtype).eps
+    assert max_err(out, ref64) <= 2 * torch_err + 4 * eps * ref64.abs().max().item()
+
+
+def test_mixed_dtypes():
+    """float32 images with bfloat16 weights; float32 bias/pos with half weights."""
+    case = Case()
+    a = make_inputs(case, dtype=torch.bfloat16, img_dtype=torch.float32)
+    out = call(patch_embed, a)
+    assert out.dtype == torch.bfloat16
+    ref = call(patch_embed_ref, {**a, "weight": a["weight"].float(), "bias": a["bias"].float(),
+                                 "cls_token": a["cls_token"].float(), "pos_embed": a["pos_embed"].float()})
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    a = make_inputs(case, dtype=torch.float32)
+    a["weight"] = a["weight"].half()
+    out = call(patch_embed, a)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), call(patch_embed_ref, {**a, "weight": a["weight"].float()}),
+                               rtol=2e-3, atol=2e-3)
+
+
+def test_mean_std_as_tensors_and_batch_zero():
+    a = make_inputs(Case())
+    ref = call(patch_embed_ref, a)
+    out = patch_embed(a["images"], a["weight"], a["bias"], cls_token=a["cls_token"], pos_embed=a["pos_embed"],
+                      mean=torch.tensor(MEAN3), std=torch.tensor(STD3))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    a["images"] = a["images"][:0]
+    assert call(patch_embed, a).shape == (0, 7, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+
+GRAD_CASES = [
+    Case(B=2, H=8, W=12, p=4, D=5),
+    Case(B=1, H=12, W=8, p=4, D=3, pos="patches", channels_last=True),
+    Case(B=2, C=1, H=8, W=8, p=4, D=6, cls=False, norm=False),
+    Case(B=2, H=8, W=8, p=8, D=4, bias=False, pos=None),
+    Case(B=2, H=8, W=12, p=4, D=5, uint8=True),
+]
+
+
+def _leaves(a, case):
+    names = ["images", "weight", "bias", "cls_token", "pos_embed"]
+    if case.uint8:
+        names = names[1:]
+    return [n for n in names if a[n] is not None]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+def test_gradcheck_float64(case):
+    a = make_inputs(case)
+    names = _leaves(a, case)
+
+    def fn(*xs):
+        return call(patch_embed, {**a, **dict(zip(names, xs))})
+
+    xs = [a[n].detach().clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [Case(p=16, D=24), Case(p=14, H=42, W=28, pos="patches", channels_last=True),
+                                  Case(p=8, uint8=True, H=24, W=16, cls=False), Case(p=16, B=1, D=13, norm=False)],
+                         ids=str)
+def test_gradients_match_reference(case, dtype):
+    a = make_inputs(case, dtype=dtype)
+    names = _leaves(a, case)
+    grads = []
+    for fn in (patch_embed, patch_embed_ref):
+        xs = {n: a[n].detach().clone().requires_grad_() for n in names}
+        out = call(fn, {**a, **xs})
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        out.backward(gout)
+        grads.append({n: xs[n].grad for n in names})
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for n in names:
+        assert grads[0][n].dtype == a[n].dtype and grads[0][n].shape == a[n].shape, n
+        torch.testing.assert_close(grads[0][n], grads[1][n], **tol, msg=lambda m: f"{n}: {m}")
+
+
+def test_partial_requires_grad():
+    """Only the inputs that require grad get one, and the backward op is asked only for those."""
+    a = make_inputs(Case())
+    w = a["weight"].clone().requires_grad_()
+    out = call(patch_embed, {**a, "weight": w})
+    out.sum().backward()
+    assert w.grad is not None
+    x = a["images"].clone().requires_grad_()
+    out = call(patch_embed, {**a, "images": x})
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    xr = a["images"].clone().requires_grad_()
+    (gr,) = torch.autograd.grad(call(patch_embed_ref, {**a, "images": xr}).sum(), xr)
+    torch.testing.assert_close(gx, gr)
+    assert gx.is_contiguous()
+    cl = a["images"].contiguous(memory_format=torch.channels_last).requires_grad_()
+    (gcl,) = torch.autograd.grad(call(patch_embed, {**a, "images": cl}).sum(), cl)
+    assert gcl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gcl, gr)
+
+
+def test_backward_op_output_mask():
+    a = make_inputs(Case())
+    mean, std = torch.tensor(MEAN3, dtype=torch.float64), torch.tensor(STD3, dtype=torch.float64)
+    g = torch.randn(2, 7, 20, dtype=torch.float64)
+    outs = torch.ops.vitfast.patch_embed_backward(g, a["images"], a["weight"], mean, std, True, 7,
+                                                  [False, True, False, True, False])
+    assert [o is not None for o in outs] == [False, True, False, True, False]
+    torch.testing.assert_close(outs[3], g[:, 0].sum(0))
+    _, _, gb, gcls, gpos = torch.ops.vitfast.patch_embed_backward(g, a["images"], a["weight"], mean, std, True, 6,
+                                                                  [False, False, True, False, True])
+    assert gcls is None
+    torch.testing.assert_close(gb, g[:, 1:].sum((0, 1)))
+    torch.testing.assert_close(gpos, g[:, 1:].sum(0, keepdim=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _op_args(a):
+    stat = lambda x: None if x is None else torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    return (a["images"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"], stat(a["mean"]), stat(a["std"]))
+
+
+@pytest.mark.parametrize("case", [Case(p=4, H=8, W=12, D=5), Case(p=4, H=8, W=8, D=3, uint8=True, pos="patches",
+                                                                 channels_last=True),
+                                  Case(p=4, H=8, W=8, D=3, cls=False, bias=False, norm=False)], ids=str)
+def test_opcheck_forward(case):
+    a = make_inputs(case, dtype=torch.float32)
+    args = list(_op_args(a))
+    if not case.uint8:
+        args[0] = args[0].requires_grad_()
+    args[1] = args[1].requires_grad_()
+    torch.library.opcheck(torch.ops.vitfast.patch_embed, tuple(args))
+
+
+@pytest.mark.parametrize("mask", [[True, True, True, True, True], [False, True, False, False, True],
+                                  [True, False, False, False, False]])
+def test_opcheck_backward(mask):
+    a = make_inputs(Case(p=4, H=8, W=12, D=5, channels_last=True), dtype=torch.float32)
+    images, weight, _, _, _, mean, std = _op_args(a)
+    g = torch.randn(2, 7, 5)
+    torch.library.opcheck(torch.ops.vitfast.patch_embed_backward, (g, images, weight, mean, std, True, 7, mask))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    a = make_inputs(Case(p=8, H=16, W=24, D=12), dtype=torch.float32)
+    names = ["images", "weight", "bias", "cls_token", "pos_embed"]
+
+    def fn(images, weight, bias, cls_token, pos_embed):
+        x = patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=MEAN3, std=STD3)
+        return (x * x).sum(-1).tanh()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        xs = [a[n].detach().clone().requires_grad_() for n in names]
+        out = f(*xs)
+        out.sum().backward()
+        results.append([out] + [x.grad for x in xs])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a ValueError/TypeError naming the argument, from Python before any kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    a = make_inputs(Case(), dtype=torch.float32)
+    x, w, b, cls, pos = a["images"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"]
+    ok = dict(images=x, weight=w, bias=b, cls_token=cls, pos_embed=pos, mean=MEAN3, std=STD3)
+    return [
+        ("images 3d", dict(ok, images=x[0]), ValueError, r"images must be a \[B, C, H, W\]"),
+        ("weight 2d", dict(ok, weight=w.flatten(1)), ValueError, r"weight must be a \[D, C, p, p\]"),
+        ("H not divisible", dict(ok, images=x[:, :, :30]), ValueError, r"image size 30x48 is not divisible by the patch size 16"),
+        ("W not divisible", dict(ok, images=x[..., :40]), ValueError, r"image size 32x40"),
+        ("channels", dict(ok, images=x[:, :2], mean=MEAN3[:2], std=STD3[:2]), ValueError, r"images have 2 channels but weight expects 3"),
+        ("non-square kernel", dict(ok, weight=w[..., :8]), ValueError, r"square kernel"),
+        ("pos length", dict(ok, pos_embed=pos[:, :5]), ValueError, r"pos_embed must be \[1, 7, 20\] \(or \[1, 6, 20\]"),
+        ("pos dim", dict(ok, pos_embed=pos[..., :19]), ValueError, r"pos_embed must be"),
+        ("mean length", dict(ok, mean=MEAN3[:2]), ValueError, r"mean must have one value per channel \(3\)"),
+        ("std length", dict(ok, std=STD3 + (0.2,)), ValueError, r"std must have one value per channel \(3\)"),
+        ("std missing", dict(ok, std=None), ValueError, r"std is missing"),
+        ("mean missing", dict(ok, mean=None), ValueError, r"mean is missing"),
+        ("std zero", dict(ok, std=(0.2, 0.0, 0.2)), ValueError, r"std must be non-zero"),
+        ("mean not a sequence", dict(ok, mean=0.5), TypeError, r"mean must be a tensor or a sequence of 3 floats"),
+        ("int32 images", dict(ok, images=x.to(torch.int32)), TypeError, r"images must be uint8 or floating point"),
+        ("int8 images", dict(ok, images=x.to(torch.int8)), TypeError, r"images must be uint8 or floating point"),
+        ("int weight", dict(ok, weight=w.to(torch.int64)), TypeError, r"weight must be floating point"),
+        ("bias shape", dict(ok, bias=b[:19]), ValueError, r"bias must be \[20\]"),
+        ("bias dtype", dict(ok, bias=b.to(torch.int32)), TypeError, r"bias must be floating point"),
+        ("cls shape", dict(ok, cls_token=cls[..., :3]), ValueError, r"cls_token must be \[1, 1, 20\]"),
+        ("weight device", dict(ok, weight=w.to("meta")), ValueError, r"weight is on meta but images are on cpu"),
+        ("pos device", dict(ok, pos_embed=pos.to("meta")), ValueError, r"pos_embed is on meta"),
+        ("mean device", dict(ok, mean=torch.tensor(MEAN3, device="meta")), ValueError, r"mean is on meta"),
+        ("zero patch", dict(ok, weight=w[..., :0, :0]), ValueError, r"p >= 1"),
+    ]
+
+
+BAD = _bad_inputs()
+
+
+@pytest.mark.parametrize("kw,exc,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_raises_in_python(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        check_patch_embed_args(kw["images"], kw["weight"], kw["bias"], kw["cls_token"], kw["pos_embed"],
+                               kw["mean"], kw["std"])
+    with pytest.raises(exc, match=match):
+        patch_embed(kw["images"], kw["weight"], kw["bias"], cls_token=kw["cls_token"], pos_embed=kw["pos_embed"],
+                    mean=kw["mean"], std=kw["std"])
+
+
+def test_bad_input_second_line_in_cpp():
+    """The C++ op checks too (called directly, without the Python wrapper)."""
+    a = make_inputs(Case(), dtype=torch.float32)
+    x, w, b, cls, pos, mean, std = _op_args(a)
+    op = torch.ops.vitfast.patch_embed
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        op(x[:, :, :30], w, b, cls, pos, mean, std)
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        op(x, w, b, cls, pos[:, :5], mean, std)
+    with pytest.raises(ValueError, match="std is missing"):
+        op(x, w, b, cls, pos, mean, None)
+    with pytest.raises(TypeError, match="images must be uint8 or floating point"):
+        op(x.to(torch.int16), w, b, cls, pos, mean, std)
+    with pytest.raises(ValueError, match="mean must have one value per channel"):
+        op(x, w, b, cls, pos, mean[:2], std)
+    with pytest.raises(ValueError, match="grad_out must be"):
+        torch.ops.vitfast.patch_embed_backward(torch.randn(2, 6, 20), x, w, mean, std, True, 7, [True] * 5)
+    with pytest.raises(ValueError, match="no gradient for uint8 images"):
+        torch.ops.vitfast.patch_embed_backward(torch.randn(2, 7, 20), x.to(torch.uint8), w, mean, std, True, 7,
+                                               [True] * 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the CUDA op against the CPU op on the same inputs
+# ---------------------------------------------------------------------------------------------
+
+GPU_CASES = CASES + [
+    Case(B=256, H=224, W=224, p=16, D=768),  # ViT-B/16
+    Case(B=64, H=224, W=224, p=16, D=768, uint8=True, channels_last=True),
+    Case(B=8, H=224, W=224, p=14, D=1024, uint8=True),  # ViT-L/14
+    Case(B=3, H=384, W=128, p=16, D=384, pos="patches"),
+    Case(B=2, H=64, W=4096 + 64, p=32, D=40),  # too wide for one tile per patch row
+    Case(B=2, C=3, H=128, W=128, p=64, D=10),  # one patch row exceeds the shared-memory tile: fallback
+]
+
+
+def _cpu64(a):
+    return {k: (v.detach().cpu().double() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else (v.cpu() if isinstance(v, torch.Tensor) else v)) for k, v in a.items()}
+
+
+def _cpu_op_args(a):
+    out = _cpu64(a)
+    out["images"] = a["images"].cpu()  # the image itself at its own dtype (float64 math in the op)
+    if out["images"].is_floating_point():
+        out["images"] = out["images"].double()
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_cuda_forward_matches_cpu(case, dtype):
+    a = make_inputs(case, dtype=dtype, device="cuda")
+    out = call(patch_embed, a)
+    torch.cuda.synchronize()
+    ref64 = call(patch_embed, _cpu_op_args(a))
+    torch_err = max_err(call(patch_embed_ref, a).cpu(), ref64)
+    eps = torch.finfo(dtype).eps
+    assert out.dtype == dtype and out.shape == ref64.shape
+    assert max_err(out.cpu(), ref64) <= 2 * torch_err + 4 * eps * ref64.abs().max().item()
+
+
+@pytest.mark.cuda
+def test_cuda_unaligned_and_strided_images():
+    """Storage offsets that break 16-byte alignment and non-standard strides take the scalar paths."""
+    case = Case(B=2, H=48, W=64, p=16, D=24)
+    a = make_inputs(case, dtype=torch.float32, device="cuda")
+    big = torch.randn(2 * 3 * 48 * 64 + 1, device="cuda")[1:].view(2, 3, 48, 64)
+    raw = torch.randint(0, 256, (2, 3, 48, 65), dtype=torch.uint8, device="cuda")[..., 1:]
+    for images in (big, a["images"].transpose(2, 3).contiguous().transpose(2, 3), raw,
+                   a["images"][:, :, :, :].permute(0, 1, 3, 2)[:, :, :48, :].contiguous().permute(0, 1, 3, 2)):
+        b = {**a, "images": images, "mean": MEAN3, "std": STD3}
+        ref = call(patch_embed, {**_cpu64(b), "images": images.cpu()})
+        torch.testing.assert_close(call(patch_embed, b).cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [Case(), Case(p=14, H=42, W=28, pos="patches", channels_last=True),
+                                  Case(uint8=True, cls=False, D=13), Case(B=64, H=224, W=224, p=16, D=768)], ids=str)
+def test_cuda_gradients_match_cpu(case, dtype):
+    a = make_inputs(case, dtype=dtype, device="cuda")
+    names = _leaves(a, case)
+    g = torch.Generator().manual_seed(1)
+
+    def grads(inputs, gout):
+        xs = {n: inputs[n].detach().clone().requires_grad_() for n in names}
+        out = call(patch_embed, {**inputs, **xs})
+        out.backward(gout.to(out.device, out.dtype))
+        return {n: xs[n].grad for n in names}
+
+    N = (case.H // case.p) * (case.W // case.p)
+    gout = torch.randn(case.B, N + case.cls, case.D, generator=g, dtype=torch.float64)
+    got = grads(a, gout.to(dtype))
+    want = grads(_cpu_op_args(a), gout.to(dtype).double())
+    # PyTorch's own error in this dtype: autograd through the reference on the GPU
+    xs = {n: a[n].detach().clone().requires_grad_() for n in names}
+    call(patch_embed_ref, {**a, **xs}).backward(gout.to("cuda", dtype))
+    for n in names:
+        assert got[n].dtype == a[n].dtype and got[n].shape == a[n].shape, n
+        torch_err = max_err(xs[n].grad.cpu(), want[n])
+        scale = want[n].abs().max().item()
+        assert max_err(got[n].cpu(), want[n]) <= 2 * torch_err + 8 * torch.finfo(dtype).eps * scale, n
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile():
+    a = make_inputs(Case(p=8, H=16, W=24, D=12), dtype=torch.float32, device="cuda")
+    args = list(_op_args(a))
+    args[5], args[6] = args[5].cuda(), args[6].cuda()
+    args[1] = args[1].requires_grad_()
+    torch.library.opcheck(torch.ops.vitfast.patch_embed, tuple(args))
+    g = torch.randn(2, 7, 12, device="cuda")
+    torch.library.opcheck(torch.ops.vitfast.patch_embed_backward,
+                          (g, args[0], args[1].detach(), args[5], args[6], True, 7, [True] * 5))
+    fn = lambda x, w: patch_embed(x, w, cls_token=a["cls_token"], pos_embed=a["pos_embed"])  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(a["images"], a["weight"]), fn(a["images"], a["weight"]))
