@@ -1,0 +1,62 @@
+"""pytest-benchmark suite: ``pytest benchmarks --benchmark-only``.
+
+Small sizes on the CPU (a check that every benchmark runs, figures labelled CPU), full sizes on
+a GPU (ViT-B/16 at 224, batch 256, bf16). Each benchmark records its device, versions and rates
+in ``extra_info``, so ``--benchmark-json`` output is self-describing like ``vitfast bench``'s.
+GPU timings synchronise inside the timed function; warm-up rounds run before measuring.
+"""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # Triton kernels run interpreted without a GPU; must be set before vitfast loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked cuda)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def env():
+    from vitfast.benchmark_utils import env_info
+
+    info = env_info(DEVICE, None)
+    info.pop("command", None)
+    return info
+
+
+@pytest.fixture
+def run(benchmark, env):
+    """``run(fn, flops=None, nbytes=None, rounds=None)``: time ``fn`` (synchronised on the GPU)
+    after warm-up and record TFLOP/s and GB/s from the median in ``extra_info``."""
+
+    def _run(fn, flops=None, nbytes=None, rounds=None, warmup=None):
+        if CUDA:
+            def timed():
+                fn()
+                torch.cuda.synchronize()
+        else:
+            timed = fn
+        rounds = rounds or (20 if CUDA else 3)
+        warmup = warmup if warmup is not None else (5 if CUDA else 1)
+        benchmark.extra_info.update({k: env[k] for k in ("label", "device", "torch", "triton", "vitfast", "cpu_threads")})
+        result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+        median = benchmark.stats.stats.median
+        if flops:
+            benchmark.extra_info["tflops"] = flops / median / 1e12
+        if nbytes:
+            benchmark.extra_info["gbps"] = nbytes / median / 1e9
+        return result
+
+    return _run
