@@ -1,61 +1,145 @@
-"""Configurations of the standard ViT names (timm's), and ``create_model``."""
+"""The standard ViT names (timm's), one table, and ``create_model``.
+
+Each entry is the constructor arguments of timm's model of that name plus the defaults of its
+default pretrained weights (``num_classes``, ``mean``/``std``) and where those weights live on the
+Hugging Face Hub (``hf_hub_id``), so a checkpoint of that name loads without overrides.
+``tests/models/test_registry.py`` checks every entry against timm.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Dict
+import os
+from typing import Any, Dict, Optional
 
 from .vit import FastViT
 
-__all__ = ["MODEL_CONFIGS", "create_model", "list_models"]
+__all__ = ["MODEL_CONFIGS", "PRETRAINED", "create_model", "list_models"]
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _SIZES = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),  # head dim 80
 }
-# (size, patch, img) that timm defines for the plain ImageNet ViTs
-_PLAIN = [
-    ("tiny", 16, 224), ("tiny", 16, 384),
-    ("small", 32, 224), ("small", 32, 384), ("small", 16, 224), ("small", 16, 384), ("small", 8, 224),
-    ("base", 32, 224), ("base", 32, 384), ("base", 16, 224), ("base", 16, 384), ("base", 8, 224),
-    ("large", 32, 224), ("large", 32, 384), ("large", 16, 224), ("large", 16, 384),
-    ("huge", 14, 224),
+_FAMILIES = {
+    "": dict(),
+    "clip": dict(pre_norm=True, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD),
+    "clip_quickgelu": dict(pre_norm=True, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD, act_layer="quick_gelu"),
+    "reg4_gap": dict(class_token=False, no_embed_class=True, global_pool="avg", reg_tokens=4),
+    "reg4_dinov2": dict(reg_tokens=4, no_embed_class=True, init_values=1e-5, num_classes=0,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+_INET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+# (size, patch, family, img_size, default pretrained tag or None, overrides from that tag's config)
+_TABLE = [
+    ("tiny", 16, "", 224, "augreg_in21k_ft_in1k", {}),
+    ("tiny", 16, "", 384, "augreg_in21k_ft_in1k", {}),
+    ("small", 32, "", 224, "augreg_in21k_ft_in1k", {}),
+    ("small", 32, "", 384, "augreg_in21k_ft_in1k", {}),
+    ("small", 16, "", 224, "augreg_in21k_ft_in1k", {}),
+    ("small", 16, "", 384, "augreg_in21k_ft_in1k", {}),
+    ("small", 8, "", 224, "dino", dict(num_classes=0, **_INET)),
+    ("base", 32, "", 224, "augreg_in21k_ft_in1k", {}),
+    ("base", 32, "", 384, "augreg_in21k_ft_in1k", {}),
+    ("base", 16, "", 224, "augreg2_in21k_ft_in1k", {}),
+    ("base", 16, "", 384, "augreg_in21k_ft_in1k", {}),
+    ("base", 8, "", 224, "augreg2_in21k_ft_in1k", {}),
+    ("large", 32, "", 224, "orig_in21k", dict(num_classes=0)),
+    ("large", 32, "", 384, "orig_in21k_ft_in1k", {}),
+    ("large", 16, "", 224, "augreg_in21k_ft_in1k", {}),
+    ("large", 16, "", 384, "augreg_in21k_ft_in1k", {}),
+    ("large", 14, "", 224, None, {}),
+    ("huge", 14, "", 224, "orig_in21k", dict(num_classes=0)),
+    ("base", 16, "reg4_gap", 256, None, {}),
+    ("small", 14, "reg4_dinov2", 518, "lvd142m", {}),
+    ("base", 14, "reg4_dinov2", 518, "lvd142m", {}),
+    ("large", 14, "reg4_dinov2", 518, "lvd142m", {}),
+    ("base", 32, "clip", 224, "laion2b_ft_in12k_in1k", {}),
+    ("base", 32, "clip", 256, "datacompxl", dict(num_classes=512)),
+    ("base", 32, "clip", 384, "laion2b_ft_in12k_in1k", {}),
+    ("base", 32, "clip", 448, "laion2b_ft_in12k_in1k", {}),
+    ("base", 16, "clip", 224, "laion2b_ft_in12k_in1k", {}),
+    ("base", 16, "clip", 384, "laion2b_ft_in12k_in1k", {}),
+    ("large", 14, "clip", 224, "laion2b_ft_in12k_in1k", _HALF),
+    ("large", 14, "clip", 336, "laion2b_ft_in12k_in1k", _HALF),
+    ("huge", 14, "clip", 224, "laion2b_ft_in12k_in1k", {}),
+    ("huge", 14, "clip", 336, "laion2b_ft_in12k_in1k", {}),
+    ("huge", 14, "clip", 378, "dfn5b", dict(num_classes=1024)),
+    ("base", 32, "clip_quickgelu", 224, "laion400m_e32", dict(num_classes=512)),
+    ("base", 16, "clip_quickgelu", 224, "metaclip_2pt5b", dict(num_classes=512)),
+    ("large", 14, "clip_quickgelu", 224, "dfn2b", dict(num_classes=768)),
+    ("large", 14, "clip_quickgelu", 336, "openai", dict(num_classes=768)),
+    ("huge", 14, "clip_quickgelu", 224, "dfn5b", dict(num_classes=1024)),
+    ("huge", 14, "clip_quickgelu", 378, "dfn5b", dict(num_classes=1024)),
 ]
 
 MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {}
-for _size, _patch, _img in _PLAIN:
-    MODEL_CONFIGS[f"vit_{_size}_patch{_patch}_{_img}"] = dict(img_size=_img, patch_size=_patch, **_SIZES[_size])
-# register-token variants (Darcet et al.): no class token, average pooling
-for _size in ("small", "base"):
-    MODEL_CONFIGS[f"vit_{_size}_patch16_reg4_gap_256"] = dict(
-        img_size=256, patch_size=16, class_token=False, no_embed_class=True, global_pool="avg", reg_tokens=4,
-        **_SIZES[_size],
-    )
-# CLIP image towers: pre-norm, torch LayerNorm eps, CLIP statistics
-for _size, _patch in (("base", 32), ("base", 16), ("large", 14), ("huge", 14)):
-    MODEL_CONFIGS[f"vit_{_size}_patch{_patch}_clip_224"] = dict(
-        img_size=224, patch_size=_patch, pre_norm=True, norm_eps=1e-5, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-        **_SIZES[_size],
-    )
-    MODEL_CONFIGS[f"vit_{_size}_patch{_patch}_clip_quickgelu_224"] = dict(
-        MODEL_CONFIGS[f"vit_{_size}_patch{_patch}_clip_224"], act_layer="quick_gelu"
-    )
+PRETRAINED: Dict[str, Optional[str]] = {}  # name -> Hugging Face Hub repo of timm's default weights
+for _size, _patch, _family, _img, _tag, _over in _TABLE:
+    _name = f"vit_{_size}_patch{_patch}_{_family + '_' if _family else ''}{_img}"
+    if _family == "reg4_dinov2":
+        _name = f"vit_{_size}_patch{_patch}_reg4_dinov2"
+    # a pretrained tag whose files carry another model's name (e.g. the quickgelu CLIP weights)
+    _file = _name.replace("_quickgelu", "") if "quickgelu" in _family else _name
+    MODEL_CONFIGS[_name] = dict(img_size=_img, patch_size=_patch, **_SIZES[_size], **{**_FAMILIES[_family], **_over})
+    PRETRAINED[_name] = f"timm/{_file}.{_tag}" if _tag else None
 
 
-def list_models() -> list[str]:
-    return sorted(MODEL_CONFIGS)
+def list_models(pattern: str = "*") -> list[str]:
+    """The known names, sorted (``pattern``: an fnmatch filter like timm's, e.g. ``"*clip*"``)."""
+    import fnmatch
+
+    return sorted(n for n in MODEL_CONFIGS if fnmatch.fnmatch(n, pattern))
 
 
-def create_model(name: str, **overrides: Any) -> FastViT:
-    """Build a FastViT by timm's model name, with constructor arguments overridden."""
+def _download(name: str) -> str:
+    repo = PRETRAINED.get(name)
+    hint = (f"pass checkpoint_path= a local .safetensors/.pth/.bin file (timm's weights for {name} are at "
+            f"https://huggingface.co/{repo})" if repo else f"timm publishes no default weights for {name}; pass "
+            "checkpoint_path= a local .safetensors/.pth/.bin file")
+    if repo is None:
+        raise ValueError(f"vitfast.create_model({name!r}, pretrained=True): {hint}.")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo, "model.safetensors")
+    except Exception as e:  # offline, no huggingface_hub, gated repo, ...
+        raise RuntimeError(
+            f"vitfast.create_model({name!r}, pretrained=True): could not fetch {repo} from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}."
+        ) from e
+
+
+def create_model(
+    name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **overrides: Any
+) -> FastViT:
+    """Build a FastViT by timm's model name, with constructor arguments overridden.
+
+    ``checkpoint_path`` loads a ``.safetensors``/``.pth``/``.bin`` file in timm, torchvision or
+    Hugging Face key layout (detected). ``pretrained=True`` without it fetches timm's default
+    weights from the Hugging Face Hub; without network it raises and says to pass
+    ``checkpoint_path``. Overriding ``num_classes`` keeps the checkpoint's body and leaves the new
+    head freshly initialised (as timm does).
+    """
     if name not in MODEL_CONFIGS:
         close = difflib.get_close_matches(name, MODEL_CONFIGS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"vitfast.create_model: unknown model {name!r}.{hint} See vitfast.list_models().")
-    return FastViT(**{**MODEL_CONFIGS[name], **overrides})
+    model = FastViT(**{**MODEL_CONFIGS[name], **overrides})
+    if checkpoint_path is None and pretrained:
+        checkpoint_path = _download(name)
+    if checkpoint_path is not None:
+        from ..checkpoint import load_checkpoint
+
+        if not os.path.exists(checkpoint_path):
+            raise FileNotFoundError(f"vitfast.create_model: checkpoint_path {checkpoint_path!r} does not exist")
+        load_checkpoint(model, checkpoint_path, new_head="num_classes" in overrides)
+    return model

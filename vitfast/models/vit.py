@@ -2,40 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..modules.attention import MODULE_BACKENDS, check_backend
 from ..modules.block import Block
 from ..modules.layers import init_linear, trunc_normal_
-from ..modules.patch_embed import PatchEmbed
-from ..ops.patch_embed import patch_embed
-from ..ops.reference import normalize_images_ref
+from ..modules.patch_embed import PatchEmbed, check_images, embed_images, grid_of
 
-__all__ = ["FastViT", "BACKENDS"]
+__all__ = ["FastViT", "BACKENDS", "INCEPTION_MEAN", "INCEPTION_STD"]
 
-BACKENDS = ("auto", "reference")
+BACKENDS = MODULE_BACKENDS
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
+POOLS = ("", "token", "avg", "max", "avgmax")
+
+
+def _take_indices(depth: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
+    """timm's feature_take_indices: None = all blocks, int n = the last n, a list = those (negatives ok)."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices} must be in 1..{depth} (the model has {depth} blocks)")
+        take = list(range(depth - indices, depth))
+    else:
+        take = [i + depth if i < 0 else i for i in indices]
+        bad = [i for i, t in zip(indices, take) if not 0 <= t < depth]
+        if bad:
+            raise ValueError(f"indices {bad} are out of range for {depth} blocks")
+    return take, max(take)
 
 
 class FastViT(nn.Module):
-    """A Vision Transformer with timm's constructor arguments and state_dict names.
+    """A Vision Transformer with timm's constructor arguments, state_dict keys and forward API.
 
-    ``backend="auto"`` runs vitfast's kernels where they can serve the input and falls back to
-    plain PyTorch with a one-time warning otherwise; ``backend="reference"`` is plain PyTorch
-    everywhere (what the benchmarks compare against).
+    ``backend="auto"`` runs vitfast's kernels where they can serve the input and otherwise plain
+    PyTorch, with a one-time warning naming why; ``"kernels"`` forces the kernels (raising
+    :class:`vitfast._dispatch.KernelNotSupported` with every reason); ``"reference"`` is plain
+    PyTorch everywhere (what the benchmarks compare against).
 
     Float images are taken as already normalised (as timm does); uint8 images are normalised
-    inside the patch-embedding op with ``mean``/``std`` (default: the pretrained configs' 0.5).
+    inside the patch-embedding op with ``mean``/``std`` (default: the pretrained config's, 0.5).
+    ``FastViT(**model.config)`` rebuilds the architecture.
     """
 
     def __init__(
         self,
-        img_size=224,
+        img_size: Union[int, Tuple[int, int]] = 224,
         patch_size: int = 16,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -68,18 +85,27 @@ class FastViT(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if global_pool not in ("", "token", "avg", "max", "avgmax"):
-            raise ValueError(f"global_pool must be one of '', 'token', 'avg', 'max', 'avgmax'; got {global_pool!r}")
+        if global_pool not in POOLS:
+            raise ValueError(f"global_pool must be one of {list(POOLS)}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.config["mean"] = tuple(mean) if mean is not None else None
-        self.config["std"] = tuple(std) if std is not None else None
+        for name, v in (("depth", depth), ("num_heads", num_heads), ("embed_dim", embed_dim)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+        for name, v in (("mean", mean), ("std", std)):
+            if v is not None and len(v) != in_chans:
+                raise ValueError(f"{name} must have one value per channel (in_chans={in_chans}), got {tuple(v)}")
+        check_backend(backend)
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "name", "v")}
+        self.config["img_size"] = img_size if isinstance(img_size, int) else tuple(img_size)
+        self.config["mean"] = tuple(float(m) for m in mean) if mean is not None else None
+        self.config["std"] = tuple(float(s) for s in std) if std is not None else None
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.num_reg_tokens = reg_tokens
         self.has_class_token = class_token
@@ -95,10 +121,10 @@ class FastViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
-        self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
             *[
                 Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_bias, proj_drop_rate, attn_drop_rate,
@@ -110,8 +136,14 @@ class FastViT(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.register_buffer("pixel_mean", torch.tensor(mean if mean is not None else INCEPTION_MEAN), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std if std is not None else INCEPTION_STD), persistent=False)
+        # default: the pretrained configs' (Inception) statistics, 0.5 for every channel
+        mean = self.config["mean"] or (INCEPTION_MEAN[0],) * in_chans
+        std = self.config["std"] or (INCEPTION_STD[0],) * in_chans
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        self.pretrained_cfg = dict(
+            input_size=(in_chans, *self.patch_embed.img_size), mean=mean, std=std, num_classes=num_classes
+        )
         self._init_weights()
 
     # -- construction helpers ---------------------------------------------------------------
@@ -128,71 +160,96 @@ class FastViT(nn.Module):
         return {"pos_embed", "cls_token", "reg_token"}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def set_backend(self, backend: str) -> "FastViT":
+        """Switch every module between "auto", "kernels" and "reference"."""
+        self.backend = self.config["backend"] = check_backend(backend)
+        for blk in self.blocks:
+            blk.attn.backend = backend
+        return self
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.config["num_classes"] = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
-            self.config["global_pool"] = global_pool
-        dev = self.pos_embed.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+            if global_pool not in POOLS:
+                raise ValueError(f"global_pool must be one of {list(POOLS)}, got {global_pool!r}")
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs a class token; this model has none")
+            self.global_pool = self.config["global_pool"] = global_pool
+            self.config["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)  # keep the norm placement
+        self.num_classes = self.config["num_classes"] = num_classes
+        ref = self.pos_embed
+        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 \
+            else nn.Identity()
+        self.head.train(self.training)
 
     # -- forward ------------------------------------------------------------------------------
-    def _check_images(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"FastViT: images must be [B, C, H, W], got shape {list(x.shape)}")
-        C = self.patch_embed.proj.in_channels
-        if x.shape[1] != C:
-            raise ValueError(f"FastViT: images have {x.shape[1]} channels, the model expects {C}")
-        if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.patch_embed.img_size:
-            raise ValueError(
-                f"FastViT: image size {tuple(x.shape[-2:])} does not match the model's img_size "
-                f"{self.patch_embed.img_size} (build with dynamic_img_size=True to accept other sizes)"
-            )
-
-    def _fused_embed_ok(self, x: torch.Tensor) -> bool:
-        # The fused op has no backward yet (the patch-embedding issue adds it): use it for
-        # inference only, and only where it computes the whole embedding (no register tokens).
-        if self.backend == "reference" or self.reg_token is not None:
-            return False
-        params = (self.patch_embed.proj.weight, self.pos_embed, self.cls_token)
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)))
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> tokens with class/register tokens and positional embedding."""
-        self._check_images(x)
-        mean = std = None
-        if x.dtype == torch.uint8:
-            mean, std = self.pixel_mean, self.pixel_std
-        w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
-        if self._fused_embed_ok(x):
-            cls = self.cls_token
-            pos = self.pos_embed
-            return self.pos_drop(patch_embed(x, w, b, cls_token=cls, pos_embed=pos, mean=mean, std=std))
-        x = normalize_images_ref(x, mean, std, dtype=w.dtype) if x.dtype == torch.uint8 else x.to(w.dtype)
-        x = F.conv2d(x, w, b, stride=self.patch_embed.patch_size).flatten(2).transpose(1, 2)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        if self.no_embed_class:
-            x = torch.cat(prefix + [x + self.pos_embed], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1) + self.pos_embed
-        return self.pos_drop(x)
+        """Images -> tokens with class/register tokens and positional embedding (and pos dropout)."""
+        pe = self.patch_embed
+        check_images(x, self.in_chans, pe.patch_size[0], pe.img_size, self.dynamic_img_size, "FastViT")
+        x = embed_images(
+            x, pe.proj, cls_token=self.cls_token, reg_token=self.reg_token, pos_embed=self.pos_embed,
+            no_embed_class=self.no_embed_class, grid_size=pe.grid_size, mean=self.pixel_mean, std=self.pixel_std,
+            backend=self.backend,
+        )
+        return self.norm_pre(self.pos_drop(x))
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        x = self.norm_pre(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for blk in self.blocks:
-                x = checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = self.blocks(x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x)
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's forward_intermediates: ``(final features, [block outputs])`` for the blocks in
+        ``indices`` (None: all; n: the last n), as ``NCHW`` maps or ``NLC`` tokens, prefix tokens
+        split off (returned as ``(spatial, prefix)`` pairs with ``return_prefix_tokens``)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = _take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        H, W = grid_of(x, self.patch_embed.patch_size[0])
+        x = self._embed(x)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        inter = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x)
+            if i in take:
+                inter.append(self.norm(x) if norm else x)
+        n = self.num_prefix_tokens
+        prefix = [y[:, :n] for y in inter] if n else None
+        inter = [y[:, n:] for y in inter]
+        if output_fmt == "NCHW":
+            inter = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        if return_prefix_tokens and prefix is not None:
+            inter = list(zip(inter, prefix))
+        if intermediates_only:
+            return inter
+        return self.norm(x), inter
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type

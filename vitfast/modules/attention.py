@@ -1,14 +1,100 @@
-"""Multi-head self-attention with timm's parameter names (qkv, q_norm, k_norm, proj)."""
+"""Multi-head self-attention with timm's parameter names (qkv, q_norm, k_norm, proj).
+
+The computation between the qkv Linear and the proj Linear runs through
+``vitfast.ops.attention_packed`` (no permute or contiguous copy in or out) or, with
+qk_norm, ``vitfast.ops.attention`` on strided views. :func:`attention_forward` is shared
+with the timm modules that :func:`vitfast.patch_timm` patches.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Attention"]
+from .._dispatch import KernelNotSupported, warn_fallback_once
+from ..ops.attention import attention, attention_not_supported_reasons, attention_packed
+
+__all__ = ["Attention", "attention_forward", "attention_fallback_reasons", "MODULE_BACKENDS"]
+
+# "auto": kernels where they serve the input, else the reference path with a one-time warning.
+# "kernels": kernels forced (KernelNotSupported lists every reason). "reference": plain PyTorch.
+MODULE_BACKENDS = ("auto", "kernels", "reference")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in MODULE_BACKENDS:
+        raise ValueError(f"backend must be one of {list(MODULE_BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int, head_dim: int):
+    """[B, N, 3*H*D] -> q, k, v ``[B, H, N, D]`` views (timm's (3, H, D) split)."""
+    return qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def attention_fallback_reasons(
+    mod: nn.Module, qkv: torch.Tensor, backend: str, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+) -> List[str]:
+    """Why the attention kernel cannot serve this call of ``mod`` (empty: it can)."""
+    reasons = []
+    if attn_mask is not None:
+        reasons.append("an attn_mask was given; the attention kernel takes no mask")
+    if is_causal:
+        reasons.append("is_causal=True; the attention kernel is bidirectional only")
+    if mod.training and mod.attn_drop.p > 0:
+        reasons.append(f"attention dropout p={mod.attn_drop.p} in training; the attention kernel has no dropout")
+    if backend == "auto" and qkv.device.type != "cuda":
+        # backend="kernels" may still run the kernel on the CPU under TRITON_INTERPRET=1.
+        reasons.append(f"input is on {qkv.device.type}; the Triton attention kernel runs on CUDA")
+        return reasons
+    q, k, v = _split_heads(qkv, mod.num_heads, mod.head_dim)
+    return reasons + attention_not_supported_reasons(q, k, v)
+
+
+def _reference(mod, qkv, attn_mask, is_causal):
+    q, k, v = _split_heads(qkv, mod.num_heads, mod.head_dim)
+    q, k = mod.q_norm(q), mod.k_norm(k)
+    p = mod.attn_drop.p if mod.training else 0.0
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+    return o.transpose(1, 2).flatten(2)
+
+
+def _kernel(mod, qkv):
+    if isinstance(mod.q_norm, nn.Identity) and isinstance(mod.k_norm, nn.Identity):
+        return attention_packed(qkv, num_heads=mod.num_heads, scale=mod.scale, backend="triton")
+    # qk_norm: normalise [B, N, H, D] views (same rows as timm's [B, H, N, D]), then view as [B, H, N, D]
+    q, k, v = qkv.unflatten(-1, (3, mod.num_heads, mod.head_dim)).unbind(2)
+    q, k = mod.q_norm(q), mod.k_norm(k)
+    o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=mod.scale, backend="triton")
+    return o.transpose(1, 2).flatten(2)  # o is laid out [B, N, H, D]: free
+
+
+def attention_forward(
+    mod: nn.Module,
+    x: torch.Tensor,
+    backend: str = "auto",
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """qkv Linear -> attention -> (scale norm) -> proj Linear for ``mod`` (timm's attribute names)."""
+    qkv = mod.qkv(x)
+    use_kernel = False
+    if backend != "reference":
+        reasons = attention_fallback_reasons(mod, qkv, backend, attn_mask, is_causal)
+        if not reasons:
+            use_kernel = True
+        elif backend == "kernels":
+            raise KernelNotSupported("FastViT.attention", backend, reasons)
+        elif not torch.compiler.is_compiling():
+            warn_fallback_once("FastViT.attention", reasons)
+    o = _kernel(mod, qkv) if use_kernel else _reference(mod, qkv, attn_mask, is_causal)
+    norm = getattr(mod, "norm", None)  # timm's scale_norm (Identity unless enabled)
+    if norm is not None:
+        o = norm(o)
+    return mod.proj_drop(mod.proj(o))
 
 
 class Attention(nn.Module):
@@ -30,7 +116,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
@@ -38,12 +124,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x)
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        p = self.attn_drop.p if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        o = o.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(o))
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        return attention_forward(self, x, self.backend, attn_mask, is_causal)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"

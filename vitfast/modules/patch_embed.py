@@ -1,16 +1,24 @@
-"""Patch embedding with timm's names (``proj`` is a stride-p Conv2d)."""
+"""Patch embedding with timm's names (``proj`` is a stride-p Conv2d), and :func:`embed_images`:
+images -> tokens (normalisation, projection, class/register tokens, positional embedding) through
+the fused ``vitfast.ops.patch_embed`` op, shared with the timm models that ``patch_timm`` patches."""
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["PatchEmbed", "to_2tuple"]
+from .._dispatch import KernelNotSupported, warn_fallback_once
+from ..ops.patch_embed import patch_embed
+from ..ops.reference import normalize_images_ref
+
+__all__ = ["PatchEmbed", "to_2tuple", "embed_images", "resample_abs_pos_embed", "patch_embed_has_autograd"]
 
 
-def to_2tuple(x: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    return (x, x) if isinstance(x, int) else tuple(x)
+def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, int) else tuple(int(v) for v in x)
 
 
 class PatchEmbed(nn.Module):
@@ -27,4 +35,133 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+
+def resample_abs_pos_embed(
+    pos_embed: torch.Tensor,
+    new_size: Sequence[int],
+    old_size: Sequence[int],
+    num_prefix_tokens: int = 0,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resize a ``[1, prefix + H*W, D]`` positional embedding to a new grid (timm's semantics:
+    prefix entries are kept, the grid is interpolated in float32)."""
+    new_size, old_size = tuple(new_size), tuple(old_size)
+    if new_size == old_size:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if grid.shape[1] != old_size[0] * old_size[1]:
+        raise ValueError(
+            f"pos_embed has {grid.shape[1]} grid positions, expected {old_size[0]}x{old_size[1]} "
+            f"(after {num_prefix_tokens} prefix tokens)"
+        )
+    D = pos_embed.shape[-1]
+    g = grid.float().reshape(1, old_size[0], old_size[1], D).permute(0, 3, 1, 2)
+    g = F.interpolate(g, size=new_size, mode=interpolation, antialias=antialias)
+    g = g.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
+    return torch.cat([prefix, g], dim=1) if num_prefix_tokens else g
+
+
+def patch_embed_has_autograd() -> bool:
+    """Whether ``vitfast::patch_embed`` has a backward (so the fused op can be used in training)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("vitfast::patch_embed", "Autograd")
+
+
+_PATCH_EMBED_AUTOGRAD: Optional[bool] = None
+
+
+def _has_autograd() -> bool:
+    # Looked up once per process outside torch.compile (the op's registrations happen at import).
+    global _PATCH_EMBED_AUTOGRAD
+    if _PATCH_EMBED_AUTOGRAD is None:
+        _PATCH_EMBED_AUTOGRAD = patch_embed_has_autograd()
+    return _PATCH_EMBED_AUTOGRAD
+
+
+def embed_fallback_reasons(images: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
+    """Why the fused op cannot serve this embedding (empty: it can)."""
+    reasons = []
+    if images.device.type not in ("cpu", "cuda"):
+        reasons.append(f"images are on {images.device.type}; vitfast.patch_embed has CPU and CUDA kernels only")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (images, *tensors))
+    if needs_grad and not _has_autograd():
+        reasons.append("gradients are needed and vitfast::patch_embed has no backward registered yet")
+    return reasons
+
+
+def embed_images(
+    images: torch.Tensor,
+    proj: nn.Conv2d,
+    *,
+    cls_token: Optional[torch.Tensor],
+    reg_token: Optional[torch.Tensor],
+    pos_embed: Optional[torch.Tensor],
+    no_embed_class: bool,
+    grid_size: Tuple[int, int],
+    mean: Optional[torch.Tensor] = None,
+    std: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` (uint8, normalised with mean/std; or float, used as is) -> tokens
+    ``[B, prefix + N, D]`` with timm's VisionTransformer semantics (``patch_embed`` + ``_pos_embed``
+    without its dropout). A grid other than ``grid_size`` resamples ``pos_embed`` bicubically."""
+    p = proj.stride[0]
+    gh, gw = images.shape[-2] // p, images.shape[-1] // p
+    prefix = [t for t in (cls_token, reg_token) if t is not None]
+    n_prefix = sum(t.shape[1] for t in prefix)
+    if pos_embed is not None and (gh, gw) != tuple(grid_size):
+        pos_embed = resample_abs_pos_embed(pos_embed, (gh, gw), grid_size, 0 if no_embed_class else n_prefix)
+    if images.dtype != torch.uint8:
+        mean = std = None  # float images are taken as already normalised (timm's contract)
+    w, b = proj.weight, proj.bias
+    use_fused = False
+    if backend != "reference":
+        reasons = embed_fallback_reasons(images, (w, b, cls_token, reg_token, pos_embed))
+        if not reasons:
+            use_fused = True
+        elif backend == "kernels":
+            raise KernelNotSupported("FastViT.patch_embed", backend, reasons)
+        elif not torch.compiler.is_compiling():
+            warn_fallback_once("FastViT.patch_embed", reasons)
+    if use_fused:
+        if reg_token is None:  # the op adds the class token and every position itself
+            return patch_embed(images, w, b, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+        x = patch_embed(images, w, b, pos_embed=pos_embed if no_embed_class else None, mean=mean, std=std)
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
+        return x if no_embed_class or pos_embed is None else x + pos_embed
+    x = normalize_images_ref(images, mean, std, dtype=w.dtype) if images.dtype == torch.uint8 else images.to(w.dtype)
+    x = F.conv2d(x, w, b, stride=p).flatten(2).transpose(1, 2)
+    expanded = [t.expand(x.shape[0], -1, -1) for t in prefix]
+    if pos_embed is None:
+        return torch.cat(expanded + [x], dim=1)
+    if no_embed_class:
+        return torch.cat(expanded + [x + pos_embed], dim=1)
+    return torch.cat(expanded + [x], dim=1) + pos_embed
+
+
+def check_images(images, in_chans: int, patch: int, img_size: Tuple[int, int], dynamic: bool, who: str) -> None:
+    """Clear errors for inputs no path can take (wrong rank, dtype, channels, size)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{who}: images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{who}: images must be [B, C, H, W], got shape {list(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"{who}: images must be uint8 (raw pixels) or floating point, got {images.dtype}")
+    if images.shape[1] != in_chans:
+        raise ValueError(f"{who}: images have {images.shape[1]} channels, the model expects in_chans={in_chans}")
+    H, W = images.shape[-2:]
+    if dynamic:
+        if H % patch or W % patch or H < patch or W < patch:
+            raise ValueError(f"{who}: image size {H}x{W} is not a positive multiple of the patch size {patch}")
+    elif (H, W) != tuple(img_size):
+        raise ValueError(
+            f"{who}: image size {H}x{W} does not match the model's img_size {img_size[0]}x{img_size[1]} "
+            "(build it with dynamic_img_size=True to accept other sizes)"
+        )
+
+
+def grid_of(images: torch.Tensor, patch: int) -> Tuple[int, int]:
+    return images.shape[-2] // patch, images.shape[-1] // patch
+

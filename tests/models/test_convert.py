@@ -1,0 +1,212 @@
+"""Conversions (timm, torchvision, Hugging Face) and checkpoint files reproduce the source model."""
+
+import re
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from vitfast.checkpoint import CheckpointMismatch, load_checkpoint, read_state_dict  # noqa: E402
+from vitfast.convert import detect_layout, from_hf, from_timm, from_torchvision  # noqa: E402
+from vitfast.models.registry import create_model  # noqa: E402
+
+RTOL = 1e-4
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_weight = p.dim() == 1 and re.search(r"(norm|ln_\d|\.ln|layernorm\w*)\.weight$", name)
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() == 1 else 0.05) + (1.0 if is_norm_weight else 0.0))
+
+
+# ----------------------------------------------------------------------------- timm
+def test_from_timm_keeps_config_and_weights():
+    t = timm.create_model("vit_base_patch16_clip_quickgelu_224", depth=2, img_size=64, drop_path_rate=0.1).eval()
+    f = from_timm(t)
+    assert f.config["act_layer"] == "quick_gelu" and f.config["norm_eps"] == 1e-5 and f.config["pre_norm"]
+    assert f.config["mean"] == pytest.approx(t.pretrained_cfg["mean"]) and f.config["drop_path_rate"] == 0.1
+    assert not f.training
+    for (kt, vt), (kf, vf) in zip(t.state_dict().items(), f.state_dict().items()):
+        assert kt == kf and torch.equal(vt, vf)
+    assert f.pos_embed is not t.pos_embed  # a copy: training one does not move the other
+
+
+def test_from_timm_lists_unsupported_features():
+    t = timm.create_model("vit_small_patch16_224", depth=1, img_size=32, global_pool="map", patch_drop_rate=0.1)
+    with pytest.raises(ValueError, match=r"(?s)global_pool='map'.*patch_drop_rate"):
+        from_timm(t)
+    with pytest.raises(TypeError, match="expected a timm VisionTransformer"):
+        from_timm(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------- torchvision
+torchvision = pytest.importorskip("torchvision")
+
+
+def _torchvision_vit(depth=2, num_classes=10):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=64, patch_size=16, num_layers=depth, num_heads=12, hidden_dim=768,
+                          mlp_dim=3072, num_classes=num_classes).eval()
+    _randomize(m)  # torchvision zero-initialises the head: give every weight a value
+    return m
+
+
+def test_from_torchvision_reproduces_outputs():
+    tv = _torchvision_vit()
+    f = from_torchvision(tv)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(f(x), tv(x)) <= RTOL
+    # vit_b_16 itself builds and converts (random weights: nothing is downloaded)
+    big = torchvision.models.vit_b_16()
+    assert from_torchvision(big).config["depth"] == 12
+
+
+def test_from_torchvision_state_dict_and_checkpoint_file(tmp_path):
+    tv = _torchvision_vit()
+    f = from_torchvision(tv.state_dict())  # num_heads: 768 / 64
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path / "tv.pth"
+    torch.save({"model": tv.state_dict(), "epoch": 3}, path)
+    assert detect_layout(read_state_dict(path)) == "torchvision"
+    g = create_model("vit_base_patch16_224", img_size=64, depth=2, num_classes=10, checkpoint_path=str(path))
+    with torch.no_grad():
+        ref = tv(x)
+        assert rel_err(f(x), ref) <= RTOL
+        g.pixel_mean.zero_()
+        assert rel_err(g(x), ref) <= RTOL
+
+
+# ----------------------------------------------------------------------- Hugging Face
+def _hf():
+    return pytest.importorskip("transformers", reason="transformers is a test-only dependency (pip install transformers)")
+
+
+def _hf_config(tr, **kw):
+    return tr.ViTConfig(hidden_size=160, num_hidden_layers=2, num_attention_heads=2, intermediate_size=320,
+                        image_size=64, patch_size=16, **kw)
+
+
+def _to_v4_keys(sd):
+    """transformers v5 key names -> the v4 names found in most Hub checkpoints."""
+    rules = [(r"layers\.(\d+)\.attention\.(q|k|v)_proj\.",
+              lambda m: f"encoder.layer.{m[1]}.attention.attention.{dict(q='query', k='key', v='value')[m[2]]}."),
+             (r"layers\.(\d+)\.attention\.o_proj\.", lambda m: f"encoder.layer.{m[1]}.attention.output.dense."),
+             (r"layers\.(\d+)\.mlp\.fc1\.", lambda m: f"encoder.layer.{m[1]}.intermediate.dense."),
+             (r"layers\.(\d+)\.mlp\.fc2\.", lambda m: f"encoder.layer.{m[1]}.output.dense."),
+             (r"layers\.(\d+)\.", lambda m: f"encoder.layer.{m[1]}.")]
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in rules:
+            k2 = re.sub(pat, rep, k, count=1)
+            if k2 != k:
+                k = k2
+                break
+        out[k] = v
+    return out
+
+
+def test_from_hf_classification_reproduces_logits():
+    tr = _hf()
+    torch.manual_seed(0)
+    h = tr.ViTForImageClassification(_hf_config(tr, num_labels=7)).eval()
+    _randomize(h)
+    f = from_hf(h)
+    assert f.config["norm_eps"] == 1e-12 and f.config["num_heads"] == 2 and f.head.out_features == 7
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(f(x), h(pixel_values=x).logits) <= RTOL
+
+
+def test_from_hf_model_features_and_v4_state_dict(tmp_path):
+    tr = _hf()
+    torch.manual_seed(0)
+    cfg = _hf_config(tr, hidden_act="gelu_new")
+    h = tr.ViTModel(cfg).eval()
+    _randomize(h)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = h(pixel_values=x).last_hidden_state
+        f = from_hf(h)
+        assert f.num_classes == 0 and f.config["act_layer"] == "gelu_tanh"
+        assert rel_err(f.forward_features(x), ref) <= RTOL
+        v4 = _to_v4_keys(h.state_dict())
+        assert any(".attention.attention.query." in k for k in v4)
+        g = from_hf(v4, config=cfg)
+        assert rel_err(g.forward_features(x), ref) <= RTOL
+    from safetensors.torch import save_file
+
+    path = tmp_path / "hf.safetensors"
+    save_file({k: v.contiguous() for k, v in v4.items()}, str(path))
+    m = create_model("vit_base_patch16_224", img_size=64, embed_dim=160, num_heads=2, depth=2, mlp_ratio=2.0,
+                     num_classes=0, norm_eps=1e-12, act_layer="gelu_tanh", checkpoint_path=str(path))
+    with torch.no_grad():
+        assert rel_err(m.forward_features(x), ref) <= RTOL
+
+
+# --------------------------------------------------------------------- checkpoint files
+def test_timm_checkpoint_files_load(tmp_path):
+    from safetensors.torch import save_file
+
+    t = timm.create_model("vit_small_patch16_224", depth=1, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for name, save in (("m.safetensors", lambda p: save_file(t.state_dict(), p)),
+                       ("m.bin", lambda p: torch.save({f"module.{k}": v for k, v in t.state_dict().items()}, p))):
+        path = str(tmp_path / name)
+        save(path)
+        f = create_model("vit_small_patch16_224", depth=1, img_size=64, checkpoint_path=path).eval()
+        with torch.no_grad():
+            assert rel_err(f(x), t(x)) <= RTOL
+
+
+def test_checkpoint_from_another_resolution_resamples_pos_embed(tmp_path):
+    t = timm.create_model("vit_small_patch16_224", depth=1, img_size=32)
+    path = str(tmp_path / "m.pth")
+    torch.save(t.state_dict(), path)
+    f = create_model("vit_small_patch16_224", depth=1, img_size=64, checkpoint_path=path)
+    assert f.pos_embed.shape == (1, 17, 384)
+    assert torch.equal(f.pos_embed[:, :1], t.pos_embed[:, :1])  # the class token's entry is kept
+
+
+def test_num_classes_override_keeps_body_drops_head(tmp_path):
+    t = timm.create_model("vit_small_patch16_224", depth=1, img_size=32)
+    path = str(tmp_path / "m.pth")
+    torch.save(t.state_dict(), path)
+    f = create_model("vit_small_patch16_224", depth=1, img_size=32, num_classes=5, checkpoint_path=path)
+    assert f.head.out_features == 5 and torch.equal(f.blocks[0].attn.qkv.weight, t.blocks[0].attn.qkv.weight)
+
+
+def test_bad_checkpoints_list_every_key(tmp_path):
+    t = timm.create_model("vit_small_patch16_224", depth=2, img_size=32)
+    sd = t.state_dict()
+    del sd["blocks.1.norm2.bias"]
+    sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"][:-1]
+    sd["extra.weight"] = torch.zeros(1)
+    f = create_model("vit_small_patch16_224", depth=2, img_size=32)
+    with pytest.raises(CheckpointMismatch) as e:
+        load_checkpoint(f, sd)
+    msg = str(e.value)
+    assert "missing keys (1): blocks.1.norm2.bias" in msg
+    assert "unexpected keys (1): extra.weight" in msg
+    assert "blocks.0.attn.qkv.weight (checkpoint [1151, 384], model [1152, 384])" in msg
+    with pytest.raises(ValueError, match="cannot tell the layout"):
+        load_checkpoint(f, {"foo": torch.zeros(1)})
+    bad = tmp_path / "m.npz"
+    bad.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"must end in \.safetensors"):
+        load_checkpoint(f, str(bad))
+    with pytest.raises(FileNotFoundError):
+        create_model("vit_small_patch16_224", checkpoint_path=str(tmp_path / "nope.pth"))
+    pickled = tmp_path / "code.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": object()}, pickled)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        read_state_dict(pickled)

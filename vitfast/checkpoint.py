@@ -1,0 +1,128 @@
+"""Reading ViT checkpoints into FastViT.
+
+``.safetensors`` files are read with safetensors; ``.pth``/``.pt``/``.bin``/``.ckpt`` with
+``torch.load(weights_only=True)`` (no code in a checkpoint is ever run). Wrappers such as
+``{"state_dict": ...}``, ``{"model": ...}`` and the ``module.`` (DDP) / ``_orig_mod.``
+(torch.compile) prefixes are removed, the key layout (timm, torchvision, Hugging Face) is
+detected and converted, and anything that does not fit raises one error listing every missing,
+unexpected and mis-shaped key.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Union
+
+import torch
+import torch.nn as nn
+
+from .convert import detect_layout, to_timm_state_dict
+from .modules.patch_embed import resample_abs_pos_embed
+
+__all__ = ["read_state_dict", "load_checkpoint", "load_state_dict", "CheckpointMismatch"]
+
+PathLike = Union[str, os.PathLike]
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_WRAPPERS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict does not fit the model: lists missing, unexpected and mis-shaped keys."""
+
+    def __init__(self, who: str, missing, unexpected, mismatched):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        parts = []
+        if self.missing:
+            parts.append(f"missing keys ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected keys ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+        if self.mismatched:
+            parts.append("mis-shaped keys ({}): {}".format(
+                len(self.mismatched), ", ".join(f"{k} (checkpoint {c}, model {m})" for k, c, m in self.mismatched)))
+        super().__init__(f"{who}: the state dict does not fit the model:\n  " + "\n  ".join(parts))
+
+
+def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` dict (on the CPU) from a checkpoint file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"vitfast: checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path, device="cpu")
+    elif path.endswith(_TORCH_SUFFIXES):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"vitfast: could not read {path!r} with torch.load(weights_only=True): {e}") from e
+    else:
+        raise ValueError(f"vitfast: checkpoint {path!r} must end in .safetensors or one of {', '.join(_TORCH_SUFFIXES)}")
+    return unwrap_state_dict(sd, path)
+
+
+def unwrap_state_dict(sd, where: str = "state dict") -> Dict[str, torch.Tensor]:
+    """Remove ``{"state_dict": ...}``-style wrappers and ``module.``/``_orig_mod.`` prefixes."""
+    while isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = next((sd[k] for k in _WRAPPERS if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            raise ValueError(f"vitfast: {where} holds no tensors (top-level keys: {', '.join(map(str, list(sd)[:10]))})")
+        sd = inner
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"vitfast: {where} must be a mapping of parameter names to tensors, got {type(sd).__name__}")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue  # e.g. an epoch counter next to the weights
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def _fit_pos_embed(model: nn.Module, sd: Dict[str, torch.Tensor]) -> None:
+    """Resample a checkpoint's pos_embed to the model's grid (timm does the same on load)."""
+    pe = sd.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pe is None or target is None or pe.shape == target.shape or pe.dim() != 3 or pe.shape[-1] != target.shape[-1]:
+        return
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    side = int(round((pe.shape[1] - prefix) ** 0.5))
+    if side * side != pe.shape[1] - prefix:
+        return  # not a square grid: reported as mis-shaped
+    sd["pos_embed"] = resample_abs_pos_embed(pe, model.patch_embed.grid_size, (side, side), prefix)
+
+
+def load_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, new_head: bool = False,
+                    who: str = "vitfast.load_state_dict") -> nn.Module:
+    """Load a timm/torchvision/HF state dict into a FastViT, raising :class:`CheckpointMismatch`
+    listing every missing, unexpected and mis-shaped key. With ``new_head``, a classifier that does
+    not fit (another ``num_classes``) is skipped and the model keeps its freshly initialised head, as
+    timm does when ``num_classes`` is overridden."""
+    sd = to_timm_state_dict(unwrap_state_dict(sd))
+    expected = model.state_dict()
+    head_fits = all(k in sd and sd[k].shape == v.shape for k, v in expected.items() if k.startswith("head.")) and \
+        not any(k.startswith("head.") and k not in expected for k in sd)
+    if new_head and not head_fits:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+    _fit_pos_embed(model, sd)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [(k, list(sd[k].shape), list(expected[k].shape)) for k in expected
+                  if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatch(who, missing, unexpected, mismatched)
+    model.load_state_dict(sd, strict=not (new_head and not head_fits))
+    return model
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict, *, new_head: bool = False) -> nn.Module:
+    """Load a checkpoint file (or an in-memory state dict) in any supported layout into ``model``."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        sd, who = read_state_dict(path_or_state_dict), f"vitfast.load_checkpoint({os.fspath(path_or_state_dict)!r})"
+    else:
+        sd, who = path_or_state_dict, "vitfast.load_checkpoint"
+    return load_state_dict(model, sd, new_head=new_head, who=who)

@@ -1,0 +1,313 @@
+"""Conversions into FastViT: from a live timm / torchvision / Hugging Face ViT, or from their state dicts.
+
+* :func:`from_timm` -- a timm ``VisionTransformer`` -> FastViT with the same config and weights.
+* :func:`from_torchvision` -- torchvision's ``VisionTransformer`` (``vit_b_16``, ``vit_l_16``, ...).
+* :func:`from_hf` -- Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (transformers v4 and
+  v5 key names; LayerNorm eps 1e-12; q, k, v concatenated into timm's ``qkv``).
+* :func:`detect_layout`, :func:`to_timm_state_dict`, :func:`config_from_state_dict` -- the
+  state-dict plumbing used by these and by :mod:`vitfast.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .models.vit import FastViT
+
+__all__ = ["from_timm", "from_torchvision", "from_hf", "detect_layout", "to_timm_state_dict",
+           "config_from_state_dict", "default_num_heads"]
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+StateDict = Dict[str, torch.Tensor]
+
+# ------------------------------------------------------------------------ key layouts
+# (regex on the source key, timm key template); a None template drops the key.
+_TORCHVISION_KEYS = [
+    (r"class_token", "cls_token"),
+    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(0|linear_1)\.", r"blocks.\1.mlp.fc1."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(3|linear_2)\.", r"blocks.\1.mlp.fc2."),
+    (r"encoder\.ln\.", "norm."),
+    (r"heads\.head\.", "head."),
+]
+_HF_KEYS = [  # prefixes "vit." (ViTForImageClassification) are stripped first
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"embeddings\.mask_token", None),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.", r"blocks.\1.attn.\2."),
+    (r"layers\.(\d+)\.attention\.(q|k|v)_proj\.", r"blocks.\1.attn.\2."),
+    (r"(?:encoder\.layer\.(\d+)\.attention\.output\.dense|layers\.(\d+)\.attention\.o_proj)\.", r"blocks.\1\2.attn.proj."),
+    (r"(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.", r"blocks.\1\2.mlp.fc1."),
+    (r"(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.", r"blocks.\1\2.mlp.fc2."),
+    (r"layernorm\.", "norm."),
+    (r"pooler\.", None),  # ViTModel's tanh pooler is not part of timm's ViT: dropped
+    (r"classifier\.", "head."),
+]
+
+
+def detect_layout(sd: Mapping[str, Any]) -> str:
+    """``"timm"``, ``"torchvision"`` or ``"hf"`` from a state dict's keys (ValueError otherwise)."""
+    keys = set(sd)
+    if "patch_embed.proj.weight" in keys:
+        return "timm"
+    if "conv_proj.weight" in keys or "encoder.pos_embedding" in keys:
+        return "torchvision"
+    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
+        return "hf"
+    sample = ", ".join(sorted(keys)[:8])
+    raise ValueError(
+        "vitfast: cannot tell the layout of this state dict: expected timm ('patch_embed.proj.weight'), "
+        "torchvision ('conv_proj.weight') or Hugging Face ('embeddings.patch_embeddings.projection.weight') "
+        f"keys; it has {len(keys)} keys, e.g. {sample}"
+    )
+
+
+def _rename(sd: Mapping[str, torch.Tensor], table) -> StateDict:
+    out: StateDict = {}
+    for key, value in sd.items():
+        for pattern, template in table:
+            m = re.fullmatch(pattern + r"(.*)", key)
+            if m:
+                if template is not None:
+                    out[m.expand(template) + m.groups()[-1]] = value
+                break
+        else:
+            out[key] = value  # kept: reported as unexpected when loaded
+    return out
+
+
+def _merge_qkv(sd: StateDict) -> StateDict:
+    """blocks.i.attn.{q,query}.* + k + v -> blocks.i.attn.qkv.* (q, k, v stacked: timm's order)."""
+    out = dict(sd)
+    for key in [k for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.(q|query)\.(weight|bias)", k)]:
+        base, _, suffix = key.rsplit(".", 2)
+        parts = []
+        for names in (("q", "query"), ("k", "key"), ("v", "value")):
+            part = next((f"{base}.{n}.{suffix}" for n in names if f"{base}.{n}.{suffix}" in sd), None)
+            if part is None:
+                raise ValueError(f"vitfast.from_hf: {key} has no matching {names[0]}/{names[1]} {suffix} in the state dict")
+            parts.append(out.pop(part))
+        out[f"{base}.qkv.{suffix}"] = torch.cat(parts, dim=0)
+    return out
+
+
+def to_timm_state_dict(sd: Mapping[str, torch.Tensor], layout: Optional[str] = None) -> StateDict:
+    """A timm/torchvision/Hugging Face ViT state dict in timm's key layout."""
+    layout = layout or detect_layout(sd)
+    if layout == "timm":
+        return dict(sd)
+    if layout == "torchvision":
+        if any(k.startswith("heads.pre_logits") for k in sd):
+            raise ValueError("vitfast: torchvision ViTs with representation_size (heads.pre_logits) are not supported")
+        if any(k.startswith("conv_proj.conv_") for k in sd):
+            raise ValueError("vitfast: torchvision ViTs with a convolutional stem (conv_stem_configs) are not supported")
+        return _rename(sd, _TORCHVISION_KEYS)
+    if layout == "hf":
+        stripped = {k[4:] if k.startswith("vit.") else k: v for k, v in sd.items()}
+        return _merge_qkv(_rename(stripped, _HF_KEYS))
+    raise ValueError(f"vitfast: layout must be 'timm', 'torchvision' or 'hf', got {layout!r}")
+
+
+def default_num_heads(embed_dim: int) -> int:
+    """The head count of the standard ViT sizes (head dim 64, except huge's 1280/16 = 80)."""
+    if embed_dim == 1280:
+        return 16
+    if embed_dim % 64:
+        raise ValueError(f"vitfast: cannot guess num_heads for embed_dim={embed_dim}; pass num_heads=")
+    return embed_dim // 64
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: Optional[int] = None, **overrides) -> dict:
+    """FastViT constructor arguments read off a timm-layout state dict's keys and shapes.
+
+    What the weights cannot say (num_heads, norm eps, activation, pooling, normalisation
+    statistics) comes from ``num_heads``/``overrides`` or the standard ViT's defaults.
+    """
+    for key in ("patch_embed.proj.weight", "pos_embed"):
+        if key not in sd:
+            raise ValueError(f"vitfast: the state dict has no {key!r}; cannot infer the architecture")
+    D, C, p, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    class_token = "cls_token" in sd
+    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    prefix = int(class_token) + reg_tokens
+    n_pos = sd["pos_embed"].shape[1]
+    side = int(round(n_pos**0.5))
+    no_embed_class = prefix > 0 and side * side == n_pos
+    if not no_embed_class:
+        side = int(round((n_pos - prefix) ** 0.5))
+        if side * side != n_pos - prefix:
+            raise ValueError(f"vitfast: pos_embed has {n_pos} positions: not a square grid (with or without "
+                             f"{prefix} prefix tokens); pass img_size=")
+    cfg = dict(
+        img_size=side * p, patch_size=p, in_chans=C, embed_dim=D, depth=depth,
+        num_heads=num_heads or default_num_heads(D),
+        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        proj_bias="blocks.0.attn.proj.bias" in sd,
+        init_values=1e-5 if "blocks.0.ls1.gamma" in sd else None,
+        class_token=class_token, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
+        pre_norm="norm_pre.weight" in sd, final_norm="norm.weight" in sd or "fc_norm.weight" in sd,
+        fc_norm="fc_norm.weight" in sd,
+    )
+    if not class_token:
+        cfg["global_pool"] = "avg"
+    cfg.update(overrides)
+    return cfg
+
+
+def _build(cfg: dict, sd: StateDict, like: Optional[torch.Tensor], who: str) -> FastViT:
+    from .checkpoint import load_state_dict
+
+    model = FastViT(**cfg)
+    if like is not None:
+        model = model.to(device=like.device, dtype=like.dtype)
+    load_state_dict(model, sd, who=who)
+    return model
+
+
+# ------------------------------------------------------------------------------- timm
+def _timm_problems(model: nn.Module) -> List[str]:
+    from timm.layers import Attention as TimmAttention, Mlp as TimmMlp, PatchEmbed as TimmPatchEmbed
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    problems = []
+    if getattr(model, "attn_pool", None) is not None:
+        problems.append(f"global_pool={model.global_pool!r} (attention pooling)")
+    if getattr(model, "pos_embed", None) is None:
+        problems.append("no learned pos_embed (pos_embed='none')")
+    if not isinstance(model.patch_drop, nn.Identity):
+        problems.append("patch_drop_rate > 0")
+    pe = model.patch_embed
+    if type(pe) is not TimmPatchEmbed or not isinstance(pe.norm, nn.Identity) or pe.dynamic_img_pad:
+        problems.append("a patch embedding other than timm's plain PatchEmbed (embed_norm_layer, dynamic_img_pad, ...)")
+    elif (pe.proj.bias is not None) == (not isinstance(model.norm_pre, nn.Identity)):
+        problems.append("patch_embed.proj bias does not follow timm's default (bias = not pre_norm)")
+    norms = [model.norm_pre, model.norm, model.fc_norm]
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not TimmBlock:
+            problems.append(f"blocks.{i} is {type(blk).__name__}, not timm's Block")
+            continue
+        a, m = blk.attn, blk.mlp
+        if type(a) is not TimmAttention or a.gate is not None or not isinstance(a.norm, nn.Identity):
+            problems.append(f"blocks.{i}.attn is not timm's plain Attention (gated, scale_attn_norm or another class)")
+        elif a.num_heads * a.head_dim != a.proj.in_features:
+            problems.append(f"blocks.{i}.attn has attn_head_dim {a.head_dim} != embed_dim / num_heads")
+        if type(m) is not TimmMlp or not isinstance(m.norm, nn.Identity) or type(m.act).__name__ not in _ACTS:
+            problems.append(f"blocks.{i}.mlp is not timm's Mlp with GELU/QuickGELU and no scale_mlp_norm")
+        norms += [blk.norm1, blk.norm2, a.q_norm, a.k_norm]
+    for n in norms:
+        if not isinstance(n, nn.Identity) and not (isinstance(n, nn.LayerNorm) and n.elementwise_affine):
+            problems.append(f"norm layer {type(n).__name__} (FastViT uses LayerNorm)")
+            break
+    return problems
+
+
+_ACTS = {"GELU": None, "QuickGELU": "quick_gelu", "GELUTanh": "gelu_tanh"}
+
+
+def _act_name(act: nn.Module) -> str:
+    if type(act).__name__ == "GELU":
+        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+    return _ACTS[type(act).__name__]
+
+
+def from_timm(model: nn.Module, backend: str = "auto") -> FastViT:
+    """A FastViT with the config and (copied) weights of a timm ``VisionTransformer``."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("vitfast.from_timm needs timm installed") from e
+    if type(model) is not VisionTransformer:
+        raise TypeError(f"vitfast.from_timm: expected a timm VisionTransformer, got {type(model).__name__}")
+    problems = _timm_problems(model)
+    if problems:
+        raise ValueError("vitfast.from_timm: this timm model uses features FastViT does not have:\n  - "
+                         + "\n  - ".join(problems))
+    blk = model.blocks[0]
+    a, pe = blk.attn, model.patch_embed
+    cfg = dict(
+        img_size=tuple(pe.img_size), patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
+        num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
+        depth=len(model.blocks), num_heads=a.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=a.qkv.bias is not None, qk_norm=not isinstance(a.q_norm, nn.Identity),
+        proj_bias=a.proj.bias is not None,
+        init_values=1e-5 if not isinstance(blk.ls1, nn.Identity) else None,
+        class_token=model.has_class_token, no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        fc_norm=not isinstance(model.fc_norm, nn.Identity), pool_include_prefix=model.pool_include_prefix,
+        dynamic_img_size=model.dynamic_img_size, drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p,
+        proj_drop_rate=a.proj_drop.p, attn_drop_rate=a.attn_drop.p,
+        drop_path_rate=float(f"{getattr(model.blocks[-1].drop_path1, 'drop_prob', 0.0):.6g}"),  # float32 linspace
+        norm_eps=blk.norm1.eps, act_layer=_act_name(blk.mlp.act), backend=backend,
+    )
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    if pcfg.get("mean") is not None and len(pcfg["mean"]) == cfg["in_chans"]:
+        cfg["mean"], cfg["std"] = tuple(pcfg["mean"]), tuple(pcfg["std"])
+    out = _build(cfg, model.state_dict(), model.pos_embed, "vitfast.from_timm")
+    return out.train(model.training)
+
+
+# ------------------------------------------------------------------------ torchvision
+def from_torchvision(model_or_state_dict, num_heads: Optional[int] = None, backend: str = "auto") -> FastViT:
+    """A FastViT from torchvision's ``VisionTransformer`` (or its state dict; then ``num_heads``
+    defaults to the standard size's). torchvision's LayerNorm eps is 1e-6 and its weights expect
+    ImageNet mean/std, which become the uint8 path's defaults."""
+    if isinstance(model_or_state_dict, nn.Module):
+        m = model_or_state_dict
+        if getattr(m, "representation_size", None):
+            raise ValueError("vitfast.from_torchvision: models with representation_size are not supported")
+        sd, num_heads, like = m.state_dict(), m.encoder.layers[0].self_attention.num_heads, m.class_token
+        training = m.training
+    else:
+        sd, like, training = dict(model_or_state_dict), None, False
+    sd = to_timm_state_dict(sd, "torchvision")
+    cfg = config_from_state_dict(sd, num_heads, norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD, backend=backend)
+    return _build(cfg, sd, like, "vitfast.from_torchvision").train(training)
+
+
+# ------------------------------------------------------------------------- Hugging Face
+_HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+
+
+def from_hf(model_or_state_dict, config=None, backend: str = "auto") -> FastViT:
+    """A FastViT from Hugging Face's ``ViTModel`` / ``ViTForImageClassification`` (or a state dict
+    with its ``ViTConfig``; without one the standard ViT sizes and HF's defaults are assumed).
+
+    FastViT's ``forward_features`` equals ``ViTModel``'s ``last_hidden_state``; ViTModel's tanh
+    pooler has no counterpart in timm's ViT and is dropped (``num_classes=0`` then).
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        config = config or model_or_state_dict.config
+        sd, like = model_or_state_dict.state_dict(), next(model_or_state_dict.parameters())
+        training = model_or_state_dict.training
+    else:
+        sd, like, training = dict(model_or_state_dict), None, False
+    sd = to_timm_state_dict(sd, "hf")
+    over: Dict[str, Any] = dict(norm_eps=1e-12, backend=backend)
+    num_heads = None
+    if config is not None:
+        act = getattr(config, "hidden_act", "gelu")
+        if act not in _HF_ACTS:
+            raise ValueError(f"vitfast.from_hf: hidden_act={act!r} is not supported (use one of {list(_HF_ACTS)})")
+        num_heads = config.num_attention_heads
+        over.update(norm_eps=config.layer_norm_eps, act_layer=_HF_ACTS[act])
+        mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+        if mean is not None and std is not None:
+            over.update(mean=tuple(mean), std=tuple(std))
+    cfg = config_from_state_dict(sd, num_heads, **over)
+    return _build(cfg, sd, like, "vitfast.from_hf").train(training)
