@@ -113,6 +113,7 @@ def env_info(device: torch.device, argv: Optional[Sequence[str]] = None, prog: s
         info["compute_capability"] = f"{props.major}.{props.minor}"
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     elif hasattr(os, "getloadavg"):
         # other processes on the machine skew CPU timings: keep the load next to the figures
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)

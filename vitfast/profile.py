@@ -104,12 +104,16 @@ def annotate_vit(model: nn.Module, nvtx: bool = False, profiler: bool = True) ->
 
 
 # ------------------------------------------------------------------------ tables
-def _self_device_us(e) -> float:
-    return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+REGIONS = ("patch_embed", "attention", "mlp", "head", "forward", "backward", "optimizer")
 
 
-def _device_us(e) -> float:
-    return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) or 0.0)
+def _on_device(e) -> bool:
+    """A device-side event (kernel, memcpy, or a range's span on the GPU timeline)."""
+    return not str(getattr(e, "device_type", "CPU")).endswith("CPU")
+
+
+def _span_us(e) -> float:
+    return float(e.time_range.elapsed_us())
 
 
 def _is_range(name: str) -> bool:
@@ -117,37 +121,60 @@ def _is_range(name: str) -> bool:
         re.fullmatch(r"block\d+\.(attn|mlp)", name)) or name.startswith("ProfilerStep")
 
 
-def kernel_table(events, cuda: bool, step_us: float, top: int) -> list[dict]:
-    """Top ops by self time: GPU kernels by self device time on CUDA, CPU ops by self CPU
-    time on the CPU; ``share`` is of the step's wall time."""
-    rows = []
+def _region_of(name: str) -> Optional[str]:
+    m = re.fullmatch(r"block\d+\.(attn|mlp)", name)
+    if m:
+        return "attention" if m.group(1) == "attn" else "mlp"
+    return name if name in REGIONS else None
+
+
+def kernel_table(events, cuda: bool, total_us: float, top: int) -> list[dict]:
+    """Top entries by self time over the profiled steps, from the profiler's raw events: GPU
+    kernels (and copies) by device time on CUDA, CPU ops by self CPU time on the CPU.
+    ``share`` is of ``total_us``, the steps' wall time."""
+    agg: dict = defaultdict(lambda: [0, 0.0])
     for e in events:
-        if _is_range(e.key):
+        if _is_range(e.name) or getattr(e, "is_user_annotation", False):
             continue
-        t = _self_device_us(e) if cuda else float(e.self_cpu_time_total)
-        if t <= 0:
+        if cuda != _on_device(e):
             continue
-        if cuda and getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
-            continue
-        rows.append({"name": e.key, "calls": int(e.count), "self_us": t, "share": t / step_us if step_us else None})
+        t = _span_us(e) if cuda else float(e.self_cpu_time_total)
+        if t > 0:
+            agg[e.name][0] += 1
+            agg[e.name][1] += t
+    rows = [{"name": k, "calls": n, "self_us": t, "share": t / total_us if total_us else None} for k, (n, t) in agg.items()]
     rows.sort(key=lambda r: -r["self_us"])
     return rows[:top]
 
 
 def region_table(events, cuda: bool, step_us: float, n_steps: int) -> list[dict]:
     """Time per region, summed over the blocks: patch_embed, attention, mlp, head (and in
-    training forward -- the four before plus the loss --, backward, optimizer). CPU time on the CPU; on CUDA the device time of the kernels each launched."""
+    training forward -- the four before plus the loss --, backward, optimizer). On the CPU the
+    ranges' CPU time; on CUDA their spans on the GPU timeline (first kernel start to last
+    kernel end), or, where the profiler records no GPU-side spans, the device time of the
+    kernels launched inside them."""
     groups: dict = defaultdict(lambda: {"calls": 0, "us": 0.0})
+    device_spans = cuda and any(_on_device(e) and _region_of(e.name) for e in events)
     for e in events:
-        m = re.fullmatch(r"block\d+\.(attn|mlp)", e.key)
-        name = ("attention" if m.group(1) == "attn" else "mlp") if m else e.key
-        if name not in ("patch_embed", "attention", "mlp", "head", "forward", "backward", "optimizer"):
+        name = _region_of(e.name)
+        if name is None:
             continue
-        groups[name]["calls"] += int(e.count)
-        groups[name]["us"] += _device_us(e) if cuda else float(e.cpu_time_total)
-    order = ["patch_embed", "attention", "mlp", "head", "forward", "backward", "optimizer"]
+        if cuda and device_spans:
+            if not _on_device(e):
+                continue
+            t = _span_us(e)
+        elif cuda:
+            if _on_device(e):
+                continue
+            t = float(getattr(e, "device_time_total", 0.0) or 0.0)
+        else:
+            if _on_device(e):
+                continue
+            t = _span_us(e)
+        groups[name]["calls"] += 1
+        groups[name]["us"] += t
     return [{"region": k, "calls": groups[k]["calls"], "us_per_step": groups[k]["us"] / n_steps,
-             "share": groups[k]["us"] / n_steps / step_us if step_us else None} for k in order if k in groups]
+             "share": groups[k]["us"] / n_steps / step_us if step_us else None} for k in REGIONS if k in groups]
 
 
 def _fmt_share(v) -> str:
@@ -272,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 annotated_step(cfg.warmup + i)
             sync()
             wall_us = (time.perf_counter() - t0) * 1e6
-    events = prof.key_averages()
+    events = list(prof.events())
     step_us = wall_us / args.steps
     kernels = kernel_table(events, cuda, step_us * args.steps, args.top)
     regions = region_table(events, cuda, step_us, args.steps)
@@ -291,7 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {_fmt_share(k['share'])}  {k['self_us'] / 1e3 / args.steps:9.3f} ms  {k['calls'] // args.steps:5d}x  "
               f"{k['name'][:width]}")
     if cuda:
-        busy = sum(_self_device_us(e) for e in events if not _is_range(e.key)) / (step_us * args.steps)
+        busy = sum(_span_us(e) for e in events if _on_device(e) and not _is_range(e.name)
+                   and not getattr(e, "is_user_annotation", False)) / (step_us * args.steps)
         print(f"  device busy {100 * busy:.1f}% of the step's wall time")
     if args.trace:
         prof.export_chrome_trace(args.trace)
