@@ -64,20 +64,10 @@ def resample_abs_pos_embed(
     return torch.cat([prefix, g], dim=1) if num_prefix_tokens else g
 
 
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break
 def patch_embed_has_autograd() -> bool:
     """Whether ``vitfast::patch_embed`` has a backward (so the fused op can be used in training)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("vitfast::patch_embed", "Autograd")
-
-
-_PATCH_EMBED_AUTOGRAD: Optional[bool] = None
-
-
-def _has_autograd() -> bool:
-    # Looked up once per process outside torch.compile (the op's registrations happen at import).
-    global _PATCH_EMBED_AUTOGRAD
-    if _PATCH_EMBED_AUTOGRAD is None:
-        _PATCH_EMBED_AUTOGRAD = patch_embed_has_autograd()
-    return _PATCH_EMBED_AUTOGRAD
 
 
 def embed_fallback_reasons(images: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
@@ -86,7 +76,7 @@ def embed_fallback_reasons(images: torch.Tensor, tensors: Sequence[Optional[torc
     if images.device.type not in ("cpu", "cuda"):
         reasons.append(f"images are on {images.device.type}; vitfast.patch_embed has CPU and CUDA kernels only")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (images, *tensors))
-    if needs_grad and not _has_autograd():
+    if needs_grad and not patch_embed_has_autograd():
         reasons.append("gradients are needed and vitfast::patch_embed has no backward registered yet")
     return reasons
 
