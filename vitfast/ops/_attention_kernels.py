@@ -76,7 +76,7 @@ def _program_tile(N, H, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale, offs_d,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+               HEAD_DIM, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
                MASK_D: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -102,10 +102,9 @@ def _attn_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     H, N, N_BUCKET, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
 ):
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -137,10 +136,9 @@ def _attn_fwd_kernel(
 @triton.jit
 def _bwd_preprocess_kernel(
     O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-    H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    H, N, HEAD_DIM, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Delta = rowsum(dO * O) in fp32, ``[B, H, N]``."""
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -156,7 +154,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, lo, hi, N,
-                    qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    qk_scale, offs_d, HEAD_DIM, BLOCK_M: tl.constexpr,
                     MASK_M: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -186,11 +184,10 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, N, N_BUCKET, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
 ):
     """One program owns BLOCK_N keys and loops over every query (BLOCK_M, then TAIL)."""
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     b, h, bh, start_n = _program_tile(N, H, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -221,7 +218,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
-                  offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+                  offs_d, HEAD_DIM, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
                   MASK_D: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -246,11 +243,10 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     H, N, N_BUCKET, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
 ):
     """One program owns BLOCK_M queries and loops over every key (BLOCK_N, then TAIL)."""
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -300,32 +296,53 @@ def _cfg(bm: int, bn: int, tail: int, warps: int, stages: int) -> triton.Config:
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, TAIL=tail), num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, TAIL, warps, stages); first survivor is the untuned default. Uneven
-# tiles and 16-wide tails are here for ViT lengths (197, 257, 577): a 128x128 tile does
-# 1.69x the useful work at N = 197, 64x32 with a 16-wide tail does 1.21x.
+# (BLOCK_M, BLOCK_N, TAIL, warps, stages); the first survivor of pruning is the untuned
+# default. Uneven tiles and 16-wide tails are here for ViT lengths (197, 257, 577): a
+# 128x128 tile does 1.69x the useful work at N = 197, 64x32 with a 16-wide tail 1.21x.
+# The lists and the pruning limits below come from compiling every candidate for sm_90
+# (bf16, D = 64 and 128) and reading ptxas's register, spill and shared-memory report.
 _FWD_CONFIGS = [
-    _cfg(128, 64, 64, 8, 3), _cfg(128, 64, 16, 8, 3), _cfg(128, 128, 128, 8, 3),
-    _cfg(128, 128, 16, 8, 3), _cfg(128, 32, 16, 4, 3), _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(64, 32, 16, 4, 4),
-    _cfg(64, 128, 128, 4, 3), _cfg(64, 128, 32, 4, 3), _cfg(32, 32, 16, 4, 3),
+    _cfg(128, 64, 64, 8, 3), _cfg(128, 64, 16, 8, 3), _cfg(128, 128, 128, 8, 2),
+    _cfg(128, 128, 16, 8, 2), _cfg(128, 32, 16, 8, 3), _cfg(128, 64, 64, 4, 3),
+    _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(64, 64, 64, 4, 4),
+    _cfg(64, 64, 64, 8, 2), _cfg(64, 32, 16, 4, 4), _cfg(64, 32, 32, 8, 3),
+    _cfg(64, 128, 128, 8, 3), _cfg(64, 128, 32, 8, 2), _cfg(32, 32, 16, 4, 3),
     _cfg(16, 16, 16, 2, 2),
 ]
 # dK/dV: BLOCK_N keys owned, loop over queries in BLOCK_M (then TAIL).
 _DKDV_CONFIGS = [
-    _cfg(32, 128, 32, 8, 3), _cfg(32, 128, 16, 8, 3), _cfg(64, 128, 64, 8, 2),
-    _cfg(64, 128, 16, 8, 2), _cfg(32, 64, 32, 4, 3), _cfg(32, 64, 16, 4, 3),
-    _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(16, 32, 16, 4, 3),
-    _cfg(16, 16, 16, 2, 2),
+    _cfg(32, 128, 32, 8, 3), _cfg(32, 128, 16, 8, 3), _cfg(16, 128, 16, 8, 3),
+    _cfg(64, 128, 64, 8, 2), _cfg(32, 64, 32, 4, 3), _cfg(32, 64, 16, 4, 3),
+    _cfg(32, 64, 32, 8, 3), _cfg(64, 64, 64, 8, 2), _cfg(16, 64, 16, 4, 3),
+    _cfg(16, 32, 16, 4, 3), _cfg(16, 16, 16, 2, 2),
 ]
 # dQ: BLOCK_M queries owned, loop over keys in BLOCK_N (then TAIL).
 _DQ_CONFIGS = [
     _cfg(128, 32, 32, 8, 3), _cfg(128, 32, 16, 8, 3), _cfg(128, 64, 64, 8, 2),
-    _cfg(128, 64, 16, 8, 2), _cfg(64, 32, 32, 4, 3), _cfg(64, 32, 16, 4, 3),
-    _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(32, 16, 16, 4, 3),
-    _cfg(16, 16, 16, 2, 2),
+    _cfg(128, 16, 16, 8, 3), _cfg(64, 32, 32, 4, 3), _cfg(64, 32, 16, 4, 3),
+    _cfg(64, 64, 64, 4, 2), _cfg(64, 64, 16, 8, 3), _cfg(64, 32, 32, 8, 2), _cfg(32, 32, 16, 4, 3),
+    _cfg(32, 16, 16, 4, 3), _cfg(16, 16, 16, 2, 2),
 ]
 MIN_TILE = 16  # smallest owned tile in any config (bounds the grid size)
-_SMEM_BYTES = 227 * 1024  # H100; configs over this fail to compile and are skipped anyway
+_SMEM_BYTES = 227 * 1024  # H100's per-block limit; configs over it would fail to compile
+
+
+def _fits(kind: str, own: int, loop: int, block_d: int, warps: int, stages: int, el: int) -> bool:
+    """Shared memory and register estimates that match ptxas on sm_90 to ~1%.
+
+    Shared: the owned tiles (q; k and v for dK/dV; q and dO for dQ) plus ``stages`` copies
+    of the two streamed tiles. Registers: fp32 elements per thread of the accumulators
+    (one [own, D] tile, two for dK/dV) plus one [own, loop] score tile. ptxas spilled above
+    144 per thread for dK/dV, and at 128 per thread with 4 warps for the other two.
+    """
+    owned = (1 if kind == "fwd" else 2) * own * block_d
+    smem = (owned + stages * 2 * loop * block_d) * el + 1024
+    per_thread = ((2 if kind == "dkdv" else 1) * own * block_d + own * loop) / (32 * warps)
+    if kind == "dkdv":
+        regs_ok = per_thread <= 144
+    else:
+        regs_ok = per_thread < 128 or (warps == 8 and per_thread <= 128)
+    return smem <= _SMEM_BYTES and regs_ok
 
 
 def _make_prune(kind: str):
@@ -340,12 +357,8 @@ def _make_prune(kind: str):
             own, loop = (bn, bm) if kind == "dkdv" else (bm, bn)
             if own > n_cap or loop > n_cap or tail > loop:
                 continue
-            # operands streamed through shared memory, and fp32 accumulators per thread
-            smem = (c.num_stages * 2 * loop * block_d + (2 if kind != "fwd" else 1) * own * block_d) * el
-            acc_regs = (2 if kind == "dkdv" else 1) * own * block_d // (32 * c.num_warps)
-            if smem > _SMEM_BYTES or acc_regs > 128:
-                continue
-            kept.append(c)
+            if _fits(kind, own, loop, block_d, c.num_warps, c.num_stages, el):
+                kept.append(c)
         if not kept:
             kept = [configs[-1]]
         return kept if _AUTOTUNE else kept[:1]
@@ -427,7 +440,7 @@ def launch_fwd(q, k, v, out, lse, scale: float, config: Optional[dict] = None) -
     kernel, meta = _pick(_attn_fwd_kernel, _attn_fwd_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
         q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), H, N, n_bucket(N), scale,
-        HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), **meta,
+        HEAD_DIM=D, BLOCK_D=block_d(D), MASK_D=block_d(D) != D, PRECISION=dot_precision(q.dtype), **meta,
     )
 
 
@@ -439,15 +452,15 @@ def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     pre_block = 64 if not INTERPRET else 32
     _wrap(_bwd_preprocess_kernel)[grid_size(B * H, N, pre_block)](
-        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_block,
+        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D, BLOCK_D=bd, MASK_D=bd != D, BLOCK_M=pre_block,
     )
     kernel, meta = _pick(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_N"])](
         q, k, v, dout, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
-        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, PRECISION=precision, **meta,
+        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, MASK_D=bd != D, PRECISION=precision, **meta,
     )
     kernel, meta = _pick(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, dq_config or config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
         q, k, v, dout, lse, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
-        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, PRECISION=precision, **meta,
+        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, MASK_D=bd != D, PRECISION=precision, **meta,
     )
