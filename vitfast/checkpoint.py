@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Union
 import torch
 import torch.nn as nn
 
-from .convert import detect_layout, to_timm_state_dict
+from .convert import to_timm_state_dict
 from .modules.patch_embed import resample_abs_pos_embed
 
 __all__ = ["read_state_dict", "load_checkpoint", "load_state_dict", "CheckpointMismatch"]

@@ -141,9 +141,13 @@ def test_uint8_equals_normalised_float():
             f.set_backend(backend)
             with torch.no_grad():
                 assert rel_err(f(u), f(xf)) <= RTOL
-    # default statistics come from the pretrained config (CLIP's for a CLIP tower)
-    clip = create_model("vit_base_patch16_clip_224", depth=1)
+    # default statistics come from the pretrained config (CLIP's for a CLIP tower) and stay
+    # float32 when the model is cast
+    clip = create_model("vit_base_patch16_clip_224", depth=1).to(torch.bfloat16)
     assert clip.pretrained_cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert clip.pixel_mean.dtype == torch.float32
+    assert clip.pixel_mean.tolist() == pytest.approx([0.48145466, 0.4578275, 0.40821073], rel=1e-7)
+    assert clip.pos_embed.dtype == torch.bfloat16
 
 
 def test_config_round_trip_and_reset_classifier():

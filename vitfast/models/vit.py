@@ -147,6 +147,15 @@ class FastViT(nn.Module):
         self._init_weights()
 
     # -- construction helpers ---------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        # The uint8 path's statistics are constants: rebuilt in float32 on the new device, so that
+        # model.to(bf16) does not round them and to_empty() (meta-device init) does not blank them.
+        super()._apply(fn, *args, **kwargs)
+        for name in ("mean", "std"):
+            dev = getattr(self, f"pixel_{name}").device
+            setattr(self, f"pixel_{name}", torch.tensor(self.pretrained_cfg[name], dtype=torch.float32, device=dev))
+        return self
+
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
