@@ -22,9 +22,9 @@ from vitfast.benchmark_report import e2e_display_rows, format_markdown_table, pl
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 PLOT_NAME = "e2e_throughput.png"
-# columns of the kernel tables, in this order, where the rows have them
-KERNEL_COLUMNS = ("op", "backend", "impl", "provider", "B", "H", "N", "D", "shape", "model", "batch", "input", "dtype",
-                  "mode", "direction", "ms", "tflops", "gbps", "vs_best_sdpa", "speedup", "status")
+# generic kernel tables: these columns, in this order, where the rows have them
+KERNEL_COLUMNS = ("op", "backend", "impl", "B", "H", "N", "D", "model", "batch", "input", "dtype", "mode", "ms",
+                  "tflops", "gbps", "status")
 
 
 def load(results: Path) -> list[dict]:
@@ -73,6 +73,8 @@ def _caption(doc: dict, readme: Path) -> str:
         bits.append(f"batch {r0['batch_size']}, {r0.get('dtype')}, input {r0.get('input')}")
     bits.append(f"torch {env.get('torch')}, triton {env.get('triton')}, vitfast {env.get('vitfast')}")
     bits.append(str(env.get("date", "")))
+    if env.get("device_kind") == "cpu" and env.get("loadavg_1m") is not None:
+        bits.append(f"machine load average {env['loadavg_1m']} (shared machine: CPU timings are noisy)")
     text = "; ".join(bits) + "."
     text += f" Command: `{env.get('command')}`; data: [`{_rel(doc['path'], readme)}`]({_rel(doc['path'], readme)})."
     peak = doc.get("peak")
@@ -81,18 +83,54 @@ def _caption(doc: dict, readme: Path) -> str:
     return text
 
 
-def _kernel_table(rows: Sequence[dict]) -> str:
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _attention_table(rows: Sequence[dict]) -> str:
+    """One line per (shape, dtype, mode): vitfast against the fastest SDPA backend that ran."""
+    key = lambda r: (r.get("B"), r.get("H"), r.get("N"), r.get("D"), r.get("dtype"), r.get("mode"))  # noqa: E731
+    best: dict = {}
+    for r in rows:
+        if r.get("backend") != "vitfast" and r.get("tflops") and r.get("tflops") > best.get(key(r), {}).get("tflops", 0):
+            best[key(r)] = r
+    headers = ["B", "H", "N", "D", "dtype", "mode", "vitfast ms", "vitfast TFLOP/s", "best SDPA", "its TFLOP/s",
+               "vitfast / best"]
+    cells = []
+    for r in rows:
+        if r.get("backend") != "vitfast":
+            continue
+        b = best.get(key(r), {})
+        ok = r.get("status") == "ok"
+        ratio = f"{r['tflops'] / b['tflops']:.2f}x" if ok and b else "-"
+        cells.append([_cell(r.get(k)) for k in ("B", "H", "N", "D", "dtype", "mode")] +
+                     [_cell(r.get("ms")) if ok else r.get("status", "?"), _cell(r.get("tflops")),
+                      b.get("backend", "-"), _cell(b.get("tflops")), ratio])
+    return format_markdown_table(headers, cells, left=6)
+
+
+def _patch_embed_table(rows: Sequence[dict]) -> str:
+    """vitfast's rows: time, rates, speed-ups over the three chains, distance to the roofline."""
+    cols = [("model", "model"), ("batch", "batch"), ("input", "input"), ("dtype", "dtype"), ("mode", "mode"),
+            ("ms", "ms"), ("GB/s", "gbps"), ("TFLOP/s", "tflops"), ("vs eager", "speedup_vs_eager"),
+            ("vs compile", "speedup_vs_compile"), ("vs unfold+linear", "speedup_vs_unfold_linear"),
+            ("x roofline floor", "x_roofline_floor")]
+    cells = [[_cell(r.get(k)) if r.get("status", "ok") == "ok" or k in ("model", "batch", "input", "dtype", "mode")
+              else r.get("status", "?") for _, k in cols] for r in rows if r.get("impl", r.get("backend")) == "vitfast"]
+    return format_markdown_table([h for h, _ in cols], cells, left=5)
+
+
+def _kernel_table(name: str, rows: Sequence[dict]) -> str:
+    if name == "attention" and any(r.get("backend") == "vitfast" for r in rows):
+        return _attention_table(rows)
+    if name == "patch_embed" and any(r.get("impl") == "vitfast" for r in rows):
+        return _patch_embed_table(rows)
     cols = [c for c in KERNEL_COLUMNS if any(c in r for r in rows)]
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(v)
-
-    cells = [[cell(r.get(c)) for c in cols] for r in rows]
-    return format_markdown_table(cols, cells, left=0)
+    return format_markdown_table(cols, [[_cell(r.get(c)) for c in cols] for r in rows], left=0)
 
 
 def render(docs: Sequence[dict], readme: Path, plot_path: Path, write_plot: bool = True) -> str:
@@ -125,22 +163,34 @@ def render(docs: Sequence[dict], readme: Path, plot_path: Path, write_plot: bool
                                       f"{d['env'].get('date', '')[:10]}" for d in shown))
         out.append(f"![throughput]({_rel(plot_path, readme)})")
         out.append("")
-    kernels = [d for d in docs if d["kind"] == "kernels" and d["rows"] and not d["smoke"]
-               and d["env"].get("device_kind") == "cuda"]
-    for doc in _latest_per_device(kernels):
+    # kernel results: `vitfast bench kernels` files, or a microbenchmark's own JSON; GPU runs only
+    # (on the CPU they are smoke checks of the scripts), the latest per (benchmark, card)
+    latest: dict = {}
+    for d in docs:
+        if d["kind"] in ("e2e", "profile") or d["smoke"] or d["env"].get("device_kind") != "cuda":
+            continue
         by_bench: dict = {}
-        for r in doc["rows"]:
-            by_bench.setdefault(r.get("benchmark") or r.get("op") or "kernels", []).append(r)
+        for r in d["rows"]:
+            if r.get("smoke"):
+                continue
+            by_bench.setdefault(r.get("op") or r.get("benchmark") or d["kind"], []).append(r)
         for name, rows in by_bench.items():
-            out.append(f"### Kernels: {name}")
-            out.append("")
-            out.append(_caption(doc, readme))
-            out.append("")
-            out.append(_kernel_table(rows))
-            out.append("")
+            k = (name, d["env"].get("device"))
+            if k not in latest or str(d["env"].get("date", "")) >= str(latest[k][0]["env"].get("date", "")):
+                latest[k] = (d, rows)
+    kernels = sorted(latest.items())
+    for (name, _), (doc, rows) in kernels:
+        out.append(f"### Kernels: {name}")
+        out.append("")
+        out.append(_caption(doc, readme))
+        out.append("")
+        out.append(_kernel_table(name, rows))
+        out.append("")
     if not kernels:
         out.append("Kernel microbenchmarks (`vitfast bench kernels`): no GPU run recorded yet.")
         out.append("")
+    out.append("Regenerate: `vitfast bench --json benchmarks/results/` (or `bash benchmarks/gpu_check.sh` on a GPU, "
+               "then copy its JSON from `benchmarks/results/latest/`), then `python benchmarks/render_readme.py`.")
     return "\n".join(out).strip() + "\n"
 
 

@@ -242,6 +242,25 @@ def test_render_readme_cpu_then_gpu(tiny_run, tmp_path):
     assert rr.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "No GPU run" not in text and "**NVIDIA H100 80GB HBM3**" in text and "| 1.25 |" in text
+    assert "Kernel microbenchmarks (`vitfast bench kernels`): no GPU run recorded yet." in text
+
+    # kernel results: attention as vitfast against the fastest SDPA backend, patch embedding's speed-ups
+    env = dict(gpu_doc["env"], command="vitfast bench kernels --json x/")
+    att = dict(op="attention", B=256, H=12, N=197, D=64, dtype="bfloat16", mode="fwd", status="ok")
+    rows = [dict(att, backend="vitfast", ms=1.0, tflops=400.0), dict(att, backend="flash", ms=1.25, tflops=320.0),
+            dict(att, backend="math", ms=9.0, tflops=40.0),
+            dict(op="patch_embed", impl="vitfast", model="vit_base_patch16_224", batch=256, input="uint8",
+                 dtype="bf16", mode="fwd", status="ok", ms=0.5, gbps=900.0, tflops=200.0, speedup_vs_eager=2.5,
+                 speedup_vs_compile=1.3, speedup_vs_unfold_linear=1.1, x_roofline_floor=1.2),
+            dict(op="patch_embed", impl="eager", model="vit_base_patch16_224", batch=256, input="uint8",
+                 dtype="bf16", mode="fwd", status="ok", ms=1.25)]
+    (results / "2031-01-02_nvidia-h100-80gb-hbm3_kernels.json").write_text(
+        json.dumps({"kind": "kernels", "env": env, "smoke": False, "rows": rows}))
+    assert rr.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "### Kernels: attention" in text and "### Kernels: patch_embed" in text
+    assert "| 256 | 12 | 197 | 64 | bfloat16 | fwd | 1 | 400 | flash | 320 | 1.25x |" in text
+    assert "| vit_base_patch16_224 | 256 | uint8 | bf16 | fwd | 0.5 | 900 | 200 | 2.5 | 1.3 | 1.1 | 1.2 |" in text
 
 
 def test_render_readme_without_markers_fails_clearly(tmp_path, capsys):
@@ -250,3 +269,12 @@ def test_render_readme_without_markers_fails_clearly(tmp_path, capsys):
     readme.write_text("no markers here\n")
     assert rr.main(["--results", str(tmp_path), "--readme", str(readme)]) == 1
     assert "<!-- bench:begin -->" in capsys.readouterr().err
+
+
+def test_compile_adds_compiled_rows(tmp_path):
+    rc = bench.main(TINY[:] + ["--depth", "1", "--impl", "fastvit", "--compile", "--json", str(tmp_path / "c.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [(r["impl"], r["compiled"]) for r in rows] == [("fastvit", False), ("fastvit", True)]
+    assert rows[1]["compile_s"] > 0 and rows[1]["status"] == "ok"
+    assert all(r["speedup_vs_reference"] is None for r in rows)  # no reference in this run: no speedup claimed

@@ -140,6 +140,11 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         for name in val["model"]:
             if not timm.is_model(name):
                 _fail(parser, f"--model {name!r} is not a timm model; leave timm out with --impl fastvit reference")
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail(parser, "--plot needs matplotlib (pip install 'vitfast[bench]')")
     if args.threads:
         torch.set_num_threads(args.threads)
     return Config(
