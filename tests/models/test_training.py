@@ -99,6 +99,14 @@ def test_attention_dropout_falls_back_with_warning():
     f.set_backend("kernels")
     with pytest.raises(ValueError, match="attention dropout p=0.1 in training"):
         f(torch.randn(1, 3, 32, 32))
+    # a head dim the kernel does not take (10): forced -> every reason listed; auto -> reference
+    g = FastViT(img_size=32, patch_size=16, embed_dim=20, depth=1, num_heads=2, num_classes=3, backend="kernels")
+    with pytest.raises(ValueError, match=r"head dim D\) is 10"):
+        g(torch.randn(1, 3, 32, 32))
+    g.set_backend("auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert g(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
 def test_compile_fullgraph_matches_eager(assert_grads_close):
