@@ -8,6 +8,7 @@ cannot run a shape are reported with their reason, never dropped.
     python benchmarks/bench_attention.py                      # the ViT shapes, bf16 + fp16
     python benchmarks/bench_attention.py --json benchmarks/results/attention_h100.json
     python benchmarks/bench_attention.py --shapes 8,12,197,64 --dtypes bf16 --modes fwd
+    python benchmarks/bench_attention.py --tiles --shapes 256,12,197,64 --dtypes bf16   # tile choices
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --smoke   # CPU check of the script
 
 ``collect_rows(...)`` returns the JSON-able rows (used by ``vitfast bench kernels``);
@@ -148,10 +149,54 @@ def bench_one(backend: str, shape: tuple, dtype: torch.dtype, modes: Iterable[st
                 fn(q, k, v).backward(dout)
         ms = _median_ms(run, (q, k, v), device)
         tflops = attention_flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12
-        rows.append(dict(base, mode=mode, status="ok", ms=round(ms, 4), tflops=round(tflops, 2) if tflops >= 1 else round(tflops, 6)))
+        row = dict(base, mode=mode, status="ok", ms=round(ms, 4), tflops=round(tflops, 2) if tflops >= 1 else round(tflops, 6))
+        if backend == "vitfast":
+            row["configs"] = _chosen_configs()
+        rows.append(row)
     del out
     if device == "cuda":
         torch.cuda.empty_cache()
+    return rows
+
+
+def _config_str(c) -> Optional[str]:
+    if c is None:
+        return None
+    kw = c.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} tail {kw['TAIL']}, {c.num_warps} warps, {c.num_stages} stages"
+
+
+def _chosen_configs() -> dict:
+    """The tiles the autotuner picked last (the interpreter uses a fixed config)."""
+    from vitfast.ops import _attention_kernels as K
+
+    if K.INTERPRET:
+        return {"all": str(K.INTERPRET_CONFIG)}
+    return {name: _config_str(getattr(t, "best_config", None)) for name, t in
+            (("fwd", K._attn_fwd_tuned), ("dkdv", K._attn_bwd_dkdv_tuned), ("dq", K._attn_bwd_dq_tuned))}
+
+
+def tile_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:
+    """Forward TFLOP/s of every forward tile config that fits, at one shape: how much the
+    tile choice matters at short N. ``work`` is computed scores over useful scores (N^2)."""
+    from vitfast.ops import _attention_kernels as K
+
+    B, H, N, D = shape
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
+    out, lse = torch.empty_like(q), torch.empty(B, H, N, device=device)
+    rows = []
+    for c in K._FWD_CONFIGS:
+        bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TAIL"]
+        if not K._fits("fwd", bm, bn, K.block_d(D), c.num_warps, c.num_stages, q.element_size()):
+            continue
+        rows_done = -(-N // bm) * bm
+        cols_done = N // bn * bn + -(-(N % bn) // tail) * tail
+        config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        ms = _median_ms(lambda: K.launch_fwd(q, k, v, out, lse, D**-0.5, config=config), (), device)
+        rows.append(dict(op="attention_fwd_tile", backend="vitfast", B=B, H=H, N=N, D=D,
+                         dtype=str(dtype).replace("torch.", ""), mode="fwd", status="ok", config=_config_str(c),
+                         work=round(rows_done * cols_done / (N * N), 3), ms=round(ms, 4),
+                         tflops=round(attention_flops(B, H, N, D, "fwd") / (ms * 1e-3) / 1e12, 2)))
     return rows
 
 
@@ -203,6 +248,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_tiles(rows: list[dict]) -> str:
+    header = f"{'B':>4} {'H':>3} {'N':>5} {'D':>4} {'dtype':>8} {'tile':>36} {'work':>6} {'ms':>9} {'TFLOP/s':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['B']:>4} {r['H']:>3} {r['N']:>5} {r['D']:>4} {r['dtype']:>8} {r['config']:>36} "
+                     f"{r['work']:>6.3f} {r['ms']:>9.3f} {r['tflops']:>8.1f}")
+    return "\n".join(lines)
+
+
 def _shape(text: str) -> tuple:
     parts = tuple(int(x) for x in text.split(","))
     if len(parts) != 4:
@@ -217,6 +271,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--backends", nargs="+", choices=("vitfast",) + SDPA_BACKENDS,
                    default=["vitfast", *SDPA_BACKENDS])
+    p.add_argument("--tiles", action="store_true",
+                   help="also time every forward tile config at each shape (table of tile choices)")
     p.add_argument("--json", default=None, help="append the rows to this JSON file (a list of rows)")
     p.add_argument("--smoke", action="store_true",
                    help="one tiny shape in fp32 on vitfast and math (runs on the CPU under TRITON_INTERPRET=1)")
@@ -229,6 +285,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             p.error("needs a CUDA GPU (use --smoke for a CPU check of the script)")
     rows = collect_rows(shapes, dtypes, args.modes, backends)
     print(format_table(rows))
+    if args.tiles:
+        env = environment()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tiles = [{**r, **env} for shape in shapes for d in dtypes for r in tile_rows(tuple(shape), DTYPES[d], device)]
+        print(format_tiles(tiles))
+        rows += tiles
     if args.json:
         existing = []
         if os.path.exists(args.json):

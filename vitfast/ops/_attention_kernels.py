@@ -76,7 +76,7 @@ def _program_tile(N, H, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale, offs_d,
-               HEAD_DIM, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
                MASK_D: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -102,9 +102,10 @@ def _attn_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     H, N, N_BUCKET, scale,
-    HEAD_DIM, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
 ):
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM  # pad a non-power-of-two D with masked loads
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -136,9 +137,10 @@ def _attn_fwd_kernel(
 @triton.jit
 def _bwd_preprocess_kernel(
     O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-    H, N, HEAD_DIM, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Delta = rowsum(dO * O) in fp32, ``[B, H, N]``."""
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM  # pad a non-power-of-two D with masked loads
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -154,7 +156,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, lo, hi, N,
-                    qk_scale, offs_d, HEAD_DIM, BLOCK_M: tl.constexpr,
+                    qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASK_M: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -184,10 +186,11 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, N, N_BUCKET, scale,
-    HEAD_DIM, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
 ):
     """One program owns BLOCK_N keys and loops over every query (BLOCK_M, then TAIL)."""
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM  # pad a non-power-of-two D with masked loads
     b, h, bh, start_n = _program_tile(N, H, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -218,7 +221,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
-                  offs_d, HEAD_DIM, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+                  offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
                   MASK_D: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -243,10 +246,11 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     H, N, N_BUCKET, scale,
-    HEAD_DIM, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
 ):
     """One program owns BLOCK_M queries and loops over every key (BLOCK_N, then TAIL)."""
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM  # pad a non-power-of-two D with masked loads
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -440,7 +444,7 @@ def launch_fwd(q, k, v, out, lse, scale: float, config: Optional[dict] = None) -
     kernel, meta = _pick(_attn_fwd_kernel, _attn_fwd_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
         q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), H, N, n_bucket(N), scale,
-        HEAD_DIM=D, BLOCK_D=block_d(D), MASK_D=block_d(D) != D, PRECISION=dot_precision(q.dtype), **meta,
+        HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), **meta,
     )
 
 
@@ -452,15 +456,15 @@ def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     pre_block = 64 if not INTERPRET else 32
     _wrap(_bwd_preprocess_kernel)[grid_size(B * H, N, pre_block)](
-        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D, BLOCK_D=bd, MASK_D=bd != D, BLOCK_M=pre_block,
+        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_block,
     )
     kernel, meta = _pick(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_N"])](
         q, k, v, dout, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
-        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, MASK_D=bd != D, PRECISION=precision, **meta,
+        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, PRECISION=precision, **meta,
     )
     kernel, meta = _pick(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, dq_config or config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
         q, k, v, dout, lse, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
-        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, MASK_D=bd != D, PRECISION=precision, **meta,
+        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, PRECISION=precision, **meta,
     )
