@@ -11,9 +11,11 @@
 #   BENCH_ARGS="--compile" bash benchmarks/gpu_check.sh
 #
 # Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
-# SKIP_TESTS, SKIP_KERNELS, SKIP_PROFILE, BENCH_ARGS, KERNEL_ARGS, and step limits in seconds
-# T_BUILD (200) T_TESTS (150) T_BENCH (210) T_KERNELS (180) T_PROFILE (60). The plan (an
-# estimate, not yet measured on an H100): build 1.5 min, tests 1, bench 2, kernels 2, profile 0.3.
+# SKIP_TESTS, SKIP_KERNELS, SKIP_PROFILE, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
+# "--models vit_base_patch16_224"), step limits in seconds T_BUILD (180) T_TESTS (120)
+# T_BENCH (180) T_KERNELS (170) T_PROFILE (45), and DEADLINE (390): no step runs past it, so
+# the summary prints by about 6.5 min. The plan (an estimate, not yet measured on an H100):
+# build 1.5 min, tests 1, bench 2, kernels 2, profile 0.3.
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -31,15 +33,23 @@ export PYTHONUNBUFFERED=1
 
 declare -a SUMMARY=()
 T0=$SECONDS
+DEADLINE=${DEADLINE:-390}
 
 note() { SUMMARY+=("$(printf '%-10s %-7s %4ss  %s' "$1" "$2" "$3" "$4")"); }
 banner() { printf '\n===== %s  (t=%ss)\n' "$1" "$((SECONDS - T0))"; }
 
-# run_step NAME LIMIT CMD...: runs CMD under `timeout`, records ok/FAILED/TIMEOUT and the time
+# run_step NAME LIMIT CMD...: runs CMD under `timeout`, records ok/FAILED/TIMEOUT and the time.
+# No step runs past DEADLINE seconds from the start, so the summary always gets printed.
 run_step() {
-    local name=$1 limit=$2 t=$SECONDS rc
+    local name=$1 limit=$2 t=$SECONDS rc left
     shift 2
-    banner "$name: $*"
+    left=$((DEADLINE - (SECONDS - T0)))
+    if [ "$left" -lt 15 ]; then
+        note "$name" SKIPPED 0 "no time left before DEADLINE=${DEADLINE}s"
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    banner "$name (limit ${limit}s): $*"
     timeout --kill-after=10 "$limit" "$@"
     rc=$?
     if [ "$rc" -eq 0 ]; then
@@ -96,7 +106,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 if [ -z "${SKIP_BUILD:-}" ]; then
     export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     banner "build (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; output in $OUT/build.log)"
-    if ! run_step build "${T_BUILD:-200}" "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    if ! run_step build "${T_BUILD:-180}" "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
         tail -n 40 "$OUT/build.log"
         echo
         echo "BUILD FAILED: the vitfast extension did not build with this machine's torch; nothing else was run."
@@ -111,24 +121,26 @@ run_step info 60 "$PYTHON" -m vitfast.info || true
 
 # ---- 2. the tests that need a GPU
 if [ -z "${SKIP_TESTS:-}" ]; then
-    run_step tests "${T_TESTS:-150}" "$PYTHON" -m pytest -m cuda -x -q -p no:cacheprovider tests || true
+    run_step tests "${T_TESTS:-120}" "$PYTHON" -m pytest -m cuda -x -q -p no:cacheprovider tests || true
 fi
 
 # ---- 3. end-to-end benchmark (GPU defaults: ViT-S/B/L at 224, bf16, batch 256, infer + train)
 # BENCH_ARGS is split into words on purpose (extra options)
 # shellcheck disable=SC2086
-run_step bench "${T_BENCH:-210}" "$PYTHON" -m vitfast.bench --no-progress \
+run_step bench "${T_BENCH:-180}" "$PYTHON" -m vitfast.bench --no-progress \
     --json "$OUT/" --csv "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
 
 # ---- 4. kernel microbenchmarks
 if [ -z "${SKIP_KERNELS:-}" ]; then
     # shellcheck disable=SC2086
-    run_step kernels "${T_KERNELS:-180}" "$PYTHON" -m vitfast.bench kernels --json "$OUT/" ${KERNEL_ARGS:-} || true
+    # each microbenchmark gets its own limit, and the rows are saved after each one
+    run_step kernels "${T_KERNELS:-170}" "$PYTHON" -m vitfast.bench kernels --json "$OUT/" --timeout 80 \
+        --patch-embed-args "${PATCH_EMBED_ARGS---models vit_base_patch16_224}" ${KERNEL_ARGS:-} || true
 fi
 
 # ---- 5. a short profile: the CUDA profiler path, a trace, the ncu command line
 if [ -z "${SKIP_PROFILE:-}" ]; then
-    run_step profile "${T_PROFILE:-60}" "$PYTHON" -m vitfast.profile --model vit_base_patch16_224 --batch-size 64 \
+    run_step profile "${T_PROFILE:-45}" "$PYTHON" -m vitfast.profile --model vit_base_patch16_224 --batch-size 64 \
         --steps 2 --top 10 --trace "$OUT/trace_vit_base_patch16_224.json.gz" --json "$OUT/" --ncu || true
 fi
 

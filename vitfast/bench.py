@@ -339,8 +339,10 @@ def _peak(cfg: Config) -> dict:
     return {"tflops": m["tflops"], "source": f"measured {m['n']}^3 {m['dtype']} matmul, {m['ms']:.3f} ms"}
 
 
-def run(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
-    """Time every (model, mode, implementation[, compiled]); rows in that order, and the peak."""
+def run(cfg: Config, progress: bool = True, on_row: Optional[Callable[[list[dict], dict], None]] = None
+        ) -> tuple[list[dict], dict]:
+    """Time every (model, mode, implementation[, compiled]); rows in that order, and the peak.
+    ``on_row(rows, peak)`` is called after each measurement (to save partial results)."""
     from tqdm.auto import tqdm
 
     plan = [(m, mode, impl, c) for m in cfg.models for mode in cfg.modes for c in ([False, True] if cfg.compile else [False])
@@ -370,6 +372,9 @@ def run(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
                 rows.append(row)
                 msg = f"{row['ms_median']:.2f} ms/batch" if row["status"] == "ok" else row["status"]
                 bar.write(f"  {m:<24} {impl_label(row):<18} {mode:<6} {msg}", file=sys.stderr)
+                if on_row:
+                    add_speedups(rows)
+                    on_row(rows, peak)
             weights.clear()
             ref_out.clear()
             _free_device(cfg.device)
@@ -401,15 +406,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # the baselines' patch-embedding convolution gets cuDNN's measured best algorithm
         torch.backends.cudnn.benchmark = True
     env = bu.env_info(cfg.device, argv)
-    rows, peak = run(cfg, progress=not args.no_progress)
+    json_path = bu.results_path(args.json, env, "e2e") if args.json else None
+
+    def save(rows: list[dict], peak: dict) -> None:  # after every row: a killed run keeps what it measured
+        if json_path:
+            bu.write_json(json_path, "e2e", env, rows, peak=peak)
+
+    rows, peak = run(cfg, progress=not args.no_progress, on_row=save)
     print(_title(env, cfg))
     headers, cells = e2e_display_rows(rows)
     print(format_text_table(headers, cells))
     if cfg.device.type == "cpu":
         print("CPU figures (labelled CPU): peak memory is not tracked by the CPU allocator (n/a).")
     print(f"MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']}); speedup against the eager reference.")
-    if args.json:
-        print(f"wrote {bu.write_json(args.json, 'e2e', env, rows, peak=peak)}")
+    if json_path:
+        print(f"wrote {bu.write_json(json_path, 'e2e', env, rows, peak=peak)}")
     if args.csv:
         print(f"wrote {bu.write_csv(args.csv, env, rows)}")
     if args.plot:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -45,10 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (a folder: <date>_<device>_kernels.json in it)")
     p.add_argument("--csv", metavar="PATH", help="write all rows as CSV")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (for the record; each script picks its device)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="stop a microbenchmark after S seconds (reported as failed; the others still run)")
+    for name in KERNEL_BENCHMARKS:
+        p.add_argument(f"--{name.replace('_', '-')}-args", default="", metavar="ARGS",
+                       help=f"extra arguments for bench_{name}.py only, as one string")
     return p
 
 
-def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool) -> tuple[str, list]:
+def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool, timeout: Optional[float] = None) -> tuple[str, list]:
     """(status, rows) of one microbenchmark: status is 'ok', 'missing: ...' or 'failed: ...'."""
     script = benchmarks_dir() / f"bench_{name}.py"
     if not script.is_file():
@@ -60,7 +66,10 @@ def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool) -> tuple[st
         if cpu:
             env.setdefault("TRITON_INTERPRET", "1")
         print(f"$ {' '.join(cmd)}", flush=True)
-        proc = subprocess.run(cmd, env=env)
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"failed: timed out after {timeout:g} s (--timeout)", []
         if proc.returncode != 0:
             return f"failed: exit code {proc.returncode}", []
         if not out.is_file():
@@ -84,18 +93,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"vitfast bench kernels: error: --device: {e}", file=sys.stderr)
         return 2
+    if args.timeout is not None and args.timeout <= 0:
+        print(f"vitfast bench kernels: error: --timeout must be > 0, got {args.timeout:g}", file=sys.stderr)
+        return 2
     cpu = device.type == "cpu"
     smoke = args.smoke or cpu
     env = bu.env_info(device, ["kernels", *argv])
-    results = {name: run_one(name, extra, smoke, cpu) for name in args.only}
-    rows = []
-    for name, (status, rs) in results.items():
-        rows += [{"benchmark": name, **r} for r in rs if isinstance(r, dict)]
+    json_path = bu.results_path(args.json, env, "kernels") if args.json else None
+    results: dict = {}
+    rows: list = []
+    for name in args.only:
+        own_args = shlex.split(getattr(args, f"{name}_args"))
+        results[name] = run_one(name, [*own_args, *extra], smoke, cpu, args.timeout)
+        rows += [{"benchmark": name, **r} for r in results[name][1] if isinstance(r, dict)]
+        if json_path and rows:  # rewritten after each microbenchmark: a later crash or kill loses nothing
+            bu.write_json(json_path, "kernels", env, rows, smoke=smoke, benchmarks={n: s for n, (s, _) in results.items()})
     print(f"\nkernel microbenchmarks on {env['label']} ({env['device']}){' [smoke: tiny shapes]' if smoke else ''}:")
     for name, (status, rs) in results.items():
         print(f"  {name:<12} {status}{f' ({len(rs)} rows)' if rs else ''}")
-    if args.json and rows:
-        print(f"wrote {bu.write_json(args.json, 'kernels', env, rows, smoke=smoke, benchmarks=dict((n, s) for n, (s, _) in results.items()))}")
+    if json_path and rows:
+        print(f"wrote {json_path}")
     if args.csv and rows:
         print(f"wrote {bu.write_csv(args.csv, env, rows, kind='kernels')}")
     bad = [n for n, (s, _) in results.items() if s != "ok"]
