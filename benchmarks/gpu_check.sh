@@ -85,11 +85,15 @@ for path in sorted(glob.glob(f"{out}/*_kernels.json")):
     doc = json.load(open(path))
     print(f"kernels ({path}): {doc.get('benchmarks')}")
     for r in doc["rows"]:
-        if r.get("backend", r.get("impl")) in ("vitfast",) and r.get("status", "ok") == "ok":
-            keys = [k for k in ("B", "H", "N", "D", "model", "batch", "input", "dtype", "mode") if k in r]
-            rate = r.get("tflops") or r.get("gbps")
-            extra = f" vs best SDPA {r['vs_best_sdpa']:.2f}x ({r.get('best_sdpa')})" if r.get("vs_best_sdpa") else ""
-            print("  " + " ".join(f"{k}={r[k]}" for k in keys) + f"  ms={r.get('ms')} rate={rate}{extra}")
+        if r.get("backend", r.get("impl")) != "vitfast":
+            continue
+        keys = [k for k in ("benchmark", "B", "H", "N", "D", "model", "batch", "input", "dtype", "mode") if k in r]
+        if r.get("status", "ok") != "ok":
+            print("  " + " ".join(str(r[k]) for k in keys) + f"  {r['status'][:70]}")
+            continue
+        figs = [f"{k}={r[k]}" for k in ("ms", "tflops", "gbps", "vs_best_sdpa", "best_sdpa", "speedup_vs_eager",
+                                         "speedup_vs_compile", "x_roofline_floor") if r.get(k) is not None]
+        print("  " + " ".join(str(r[k]) for k in keys) + "  " + " ".join(figs))
 PY
     printf '\n%-10s %-7s %5s  %s\n' step status time note
     printf '%s\n' "${SUMMARY[@]}"

@@ -88,3 +88,17 @@ def test_bad_options_exit_2(argv, message, capsys):
     assert cli.main(["profile", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "usage: vitfast profile" in err
+
+
+@pytest.mark.parametrize(
+    "name, base",
+    [
+        ("_attn_fwd_kernel", "_attn_fwd_kernel"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, "
+         "cutlass::bfloat16_t>, false>(pytorch_flash::Flash_fwd_params)", "flash_fwd_kernel"),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t>::Params)",
+         "fmha_cutlassF_bf16_aligned_64x64_rf_sm80"),
+    ],
+)
+def test_kernel_base_name_for_ncu(name, base):
+    assert profile.kernel_base_name(name) == base

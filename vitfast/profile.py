@@ -182,6 +182,13 @@ def _fmt_share(v) -> str:
 
 
 # ------------------------------------------------------------------------ ncu
+def kernel_base_name(name: str) -> str:
+    """``void ns::flash_fwd_kernel<Traits>(Params)`` -> ``flash_fwd_kernel``: the part ncu's
+    ``-k regex:`` sees by default (the function name without namespace, templates, arguments)."""
+    base = re.split(r"[<(]", name.removeprefix("void ").strip(), maxsplit=1)[0]
+    return base.rsplit("::", 1)[-1].strip() or name
+
+
 def ncu_command(args: argparse.Namespace, argv: Sequence[str], kernel: Optional[str], model: str) -> str:
     """An ``ncu`` command that profiles one attention kernel of block 0 in a steady-state step.
 
@@ -199,7 +206,7 @@ def ncu_command(args: argparse.Namespace, argv: Sequence[str], kernel: Optional[
         if a in ("--ncu", "--nvtx-only") or a.startswith(("--trace=", "--json=", "--steps=", "--top=")):
             continue
         keep.append(a)
-    regex = re.escape(kernel) if kernel else (r"_attn_fwd" if args.impl == "fastvit" else ATTENTION_KERNEL_RE)
+    regex = re.escape(kernel_base_name(kernel)) if kernel else (r"_attn_fwd" if args.impl == "fastvit" else ATTENTION_KERNEL_RE)
     target = shlex.join(["vitfast", "profile", *keep, "--nvtx-only", "--steps", "1"])
     return (f"ncu --nvtx --nvtx-include 'block0.attn/' -k 'regex:{regex}' -c 1 --set full "
             f"-o vitfast_attention_{model} {target}")
