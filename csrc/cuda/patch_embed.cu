@@ -366,7 +366,7 @@ bool make_tile(const PatchEmbedShape& s, const at::Tensor& img, const at::Tensor
   g.vec_mat = s.K % vm == 0 && aligned16(mat.const_data_ptr());
   const int64_t row_bytes = s.K * mat.element_size();
   const int64_t acc_bytes = mat.scalar_type() == at::kDouble ? 8 : 4;
-  if (s.Wp == 0 || row_bytes + 16 + 2 * s.C * acc_bytes > kMaxSmemBytes) return false;
+  if (s.N == 0 || row_bytes + 16 + 2 * s.C * acc_bytes > kMaxSmemBytes) return false;
   const int64_t nw_max = std::max<int64_t>(1, std::min<int64_t>(s.Wp, kTileBytes / row_bytes));
   g.tiles_w = static_cast<int>((s.Wp + nw_max - 1) / nw_max);
   g.nw = static_cast<int>((s.Wp + g.tiles_w - 1) / g.tiles_w);  // balanced tiles

@@ -162,6 +162,16 @@ def test_mean_std_as_tensors_and_batch_zero():
     assert call(patch_embed, a).shape == (0, 7, 20)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_no_patches_gives_class_rows_only(device):
+    a = make_inputs(Case(), device=device)
+    a["images"] = a["images"][:, :, :0]
+    a["pos_embed"] = a["pos_embed"][:, :1]
+    out = call(patch_embed, a)
+    assert out.shape == (2, 1, 20)
+    torch.testing.assert_close(out, (a["cls_token"] + a["pos_embed"]).expand(2, 1, 20))
+
+
 # ---------------------------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------------------------

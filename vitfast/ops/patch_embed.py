@@ -109,10 +109,25 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
+_STATS_CACHE: dict = {}
+
+
 def _stats(x: ChannelStats, device: torch.device) -> Optional[torch.Tensor]:
+    """mean/std as the float64 [C] tensor the op takes. Python sequences are converted once
+    per device and cached: building them anew would be a blocking host-to-device copy on
+    every call with CUDA images."""
     if x is None:
         return None
-    return torch.as_tensor(x, dtype=torch.float64, device=device).reshape(-1)
+    if isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+        return torch.as_tensor(x, dtype=torch.float64, device=device).reshape(-1)
+    key = (tuple(float(v) for v in x), str(device))
+    t = _STATS_CACHE.get(key)
+    if t is None:
+        if len(_STATS_CACHE) > 64:
+            _STATS_CACHE.clear()
+        with torch.inference_mode(False):  # a normal tensor, usable later with autograd
+            t = _STATS_CACHE[key] = torch.tensor(key[0], dtype=torch.float64, device=device)
+    return t
 
 
 def patch_embed(
