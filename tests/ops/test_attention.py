@@ -412,6 +412,16 @@ def test_every_head_dim_cuda(D, dtype, fixed_config):
 
 
 @pytest.mark.cuda
+def test_fp32_with_tf32_allowed_cuda(fixed_config, monkeypatch):
+    """allow_tf32 switches fp32 dots to TF32 (10-bit mantissa): close, not 2x-SDPA close."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert kernels.dot_precision(torch.float32) == "tf32"
+    q, k, v = _qkv(2, 3, 197, 80, torch.float32)
+    ref = attention_ref(q.double(), k.double(), v.double())
+    assert _err(attention(q, k, v, backend="triton"), ref) < 1e-2 * ref.abs().max().item()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("N", [1, 50, 145, 197, 257, 577, 785, 1025, 4097])
 def test_every_length_cuda(N, fixed_config):
     _check_fwd_bwd(1, 4, N, 80, torch.bfloat16)

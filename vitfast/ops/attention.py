@@ -17,7 +17,8 @@ kernel (on the CPU only under ``TRITON_INTERPRET=1``) and raises
 
 Precision: fp16 and bf16 inputs are multiplied on tensor cores with fp32 accumulation and
 an fp32 softmax. fp32 inputs use TF32 dots when ``torch.backends.cuda.matmul.allow_tf32``
-is True (PyTorch's default is False, which gives full-fp32 "ieee" dots).
+is True; otherwise (PyTorch's default) 3xTF32 dots, which keep close to fp32 accuracy on
+the tensor cores. (The Triton interpreter always multiplies in fp32.)
 
 Registration: four ops in the ``vitfast`` namespace -- ``attention_fwd``/``attention_bwd``
 and ``attention_packed_fwd``/``attention_packed_bwd`` -- each with a fake (meta)
