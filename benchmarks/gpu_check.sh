@@ -139,7 +139,7 @@ if [ -z "${SKIP_KERNELS:-}" ]; then
     # shellcheck disable=SC2086
     # each microbenchmark gets its own limit, and the rows are saved after each one
     run_step kernels "${T_KERNELS:-170}" "$PYTHON" -m vitfast.bench kernels --json "$OUT/" --timeout 80 \
-        --patch-embed-args "${PATCH_EMBED_ARGS---models vit_base_patch16_224}" ${KERNEL_ARGS:-} || true
+        "--patch-embed-args=${PATCH_EMBED_ARGS---models vit_base_patch16_224}" ${KERNEL_ARGS:-} || true
 fi
 
 # ---- 5. a short profile: the CUDA profiler path, a trace, the ncu command line

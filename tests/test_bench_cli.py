@@ -180,12 +180,13 @@ def test_bench_kernels_runs_what_exists_and_names_what_is_missing(tmp_path, monk
     (tmp_path / "bench_attention.py").write_text(textwrap.dedent("""
         import argparse, json
         p = argparse.ArgumentParser(); p.add_argument("--json"); p.add_argument("--smoke", action="store_true")
+        p.add_argument("--marker", type=int)
         a = p.parse_args()
-        json.dump([{"op": "attention", "backend": "vitfast", "N": 197, "ms": 1.5, "tflops": 9.0, "smoke": a.smoke}],
-                  open(a.json, "w"))
+        json.dump([{"op": "attention", "backend": "vitfast", "N": 197, "ms": 1.5, "tflops": 9.0, "smoke": a.smoke,
+                    "marker": a.marker}], open(a.json, "w"))
     """))
     monkeypatch.setenv("VITFAST_BENCHMARKS_DIR", str(tmp_path))
-    rc = bench.main(["kernels", "--json", str(tmp_path / "out") + os.sep])
+    rc = bench.main(["kernels", "--json", str(tmp_path / "out") + os.sep, "--attention-args=--marker 7"])
     out = capsys.readouterr().out
     assert rc == 1  # a missing baseline is a failure, never silently dropped
     assert "attention    ok (1 rows)" in out
@@ -194,7 +195,7 @@ def test_bench_kernels_runs_what_exists_and_names_what_is_missing(tmp_path, monk
     doc = json.loads(written.read_text())
     assert doc["kind"] == "kernels" and doc["benchmarks"]["patch_embed"].startswith("missing")
     (row,) = doc["rows"]
-    assert row["benchmark"] == "attention" and row["smoke"] is True and row["tflops"] == 9.0
+    assert row["benchmark"] == "attention" and row["smoke"] is True and row["tflops"] == 9.0 and row["marker"] == 7
     assert row["device_kind"] == "cpu" and row["command"].startswith("vitfast bench kernels")
 
 

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a microbenchmark after S seconds (reported as failed; the others still run)")
     for name in KERNEL_BENCHMARKS:
         p.add_argument(f"--{name.replace('_', '-')}-args", default="", metavar="ARGS",
-                       help=f"extra arguments for bench_{name}.py only, as one string")
+                       help=f"extra arguments for bench_{name}.py only, as one string "
+                       f"(write --{name.replace('_', '-')}-args='--opt value')")
     return p
 
 
