@@ -1,0 +1,442 @@
+"""Triton kernels behind :mod:`vitfast.ops.layer_norm`, :mod:`vitfast.ops.bias_act` and
+:mod:`vitfast.ops.residual`: the memory-bound steps around a ViT block's matmuls.
+
+Every tensor is seen as rows ``[M, C]`` (all leading dims flattened) with the last
+dimension contiguous; row offsets are 64-bit, so M * C may exceed 2**31.
+
+* ``_ln_fwd_kernel``: ``x_out = x + gamma * (y + y_bias)`` (each term optional) and
+  ``h = LayerNorm(x_out) * weight + bias`` in one pass. A program owns ``BLOCK_M`` whole
+  rows (``BLOCK_C >= C``, padded to a power of two and masked). The statistics are taken
+  from ``x_out`` *as stored* (rounded to its dtype), exactly like eager PyTorch, so the
+  backward, which re-reads ``x_out``, sees the same normalised values as the forward.
+* ``_ln_bwd_kernel``: the LayerNorm backward plus the residual branch's gradients. Each
+  program walks a contiguous chunk of rows and keeps the column sums (dweight, dbias,
+  dgamma, dy_bias) in registers, then writes one row of a ``[P, C]`` partial buffer; the
+  launcher sums the P rows. No atomics: results are bit-identical run to run.
+* ``_bias_act_*``: ``act(x + bias)`` (exact or tanh GELU) and its backward with dbias;
+  ``_scale_res_*``: ``residual + gamma * (y + bias)`` and its backward. These tile the
+  columns too (``BLOCK_C`` < C is fine), on a 2-D grid (row blocks, column blocks).
+
+Arithmetic is fp32 (fp64 for fp64 inputs, so ``gradcheck`` can run on the real kernels);
+fp16/bf16 are only the storage formats. Block sizes come from size heuristics (these
+kernels are bandwidth-bound, nothing to autotune but the tile shape); under
+``TRITON_INTERPRET=1`` small fixed tiles keep the CPU tests fast and exercise the masks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# LayerNorm rows must fit one program's registers: BLOCK_C = next_power_of_2(C) <= this.
+MAX_LN_HIDDEN = 16384
+ACT_CODES = {"none": 0, "tanh": 1}  # GELU approximations, as in torch.nn.functional.gelu
+
+_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _up(x, FP64: tl.constexpr):
+    """Storage dtype -> arithmetic dtype."""
+    if FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _vec(ptr, cols, mask_c, HAS: tl.constexpr, default: tl.constexpr, FP64: tl.constexpr):
+    """A per-channel parameter as a [1, BLOCK_C] row (``default`` when absent)."""
+    if HAS:
+        v = _up(tl.load(ptr + cols, mask=mask_c, other=default), FP64)
+    else:
+        v = _up(tl.full(cols.shape, default, tl.float32), FP64)
+    return v[None, :]
+
+
+@triton.jit
+def _gelu(x, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+    else:  # tanh approximation: 0.5 x (1 + tanh(u)) = x * sigmoid(2u)
+        u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        return x * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
+def _gelu_grad(x, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+    else:
+        u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        s = tl.sigmoid(2.0 * u)  # = (1 + tanh(u)) / 2
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+        return s + 2.0 * x * s * (1.0 - s) * du
+
+
+@triton.jit
+def _tile(pid_m, pid_c, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_m, mask_c = rows < M, cols < C
+    return rows.to(tl.int64)[:, None], cols, mask_m, mask_c, mask_m[:, None] & mask_c[None, :]
+
+
+# ------------------------------------------------------------ residual + LayerNorm
+@triton.jit
+def _ln_fwd_kernel(
+    X, Y, YB, G, W, B, XO, H, MEAN, RSTD,
+    M, C, stride_x, stride_y, stride_xo, stride_h, eps,
+    HAS_Y: tl.constexpr, HAS_YB: tl.constexpr, HAS_G: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r, cols, mask_m, mask_c, mask = _tile(tl.program_id(0), 0, M, C, BLOCK_M, BLOCK_C)
+    x = _up(tl.load(X + r * stride_x + cols[None, :], mask=mask, other=0.0), FP64)
+    if HAS_Y:
+        y = _up(tl.load(Y + r * stride_y + cols[None, :], mask=mask, other=0.0), FP64)
+        if HAS_YB:
+            y += _vec(YB, cols, mask_c, True, 0.0, FP64)
+        if HAS_G:
+            y *= _vec(G, cols, mask_c, True, 0.0, FP64)
+        xo = (x + y).to(XO.dtype.element_ty)
+        tl.store(XO + r * stride_xo + cols[None, :], xo, mask=mask)
+        x = _up(xo, FP64)  # normalise what was stored, as eager does
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    h = xc * rstd[:, None] * _vec(W, cols, mask_c, HAS_W, 1.0, FP64) + _vec(B, cols, mask_c, HAS_B, 0.0, FP64)
+    tl.store(H + r * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(MEAN + rows, mean, mask=mask_m)
+    tl.store(RSTD + rows, rstd, mask=mask_m)
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    DH, DXO, XO, Y, YB, G, W, MEAN, RSTD, DX, DY,
+    DW_P, DB_P, DG_P, DYB_P,
+    M, C, rows_per_prog, stride_dh, stride_dxo, stride_xo, stride_y, stride_dx, stride_dy,
+    HAS_DXO: tl.constexpr, HAS_Y: tl.constexpr, NEED_DY: tl.constexpr, HAS_YB: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    w = _vec(W, cols, mask_c, HAS_W, 1.0, FP64)
+    g = _vec(G, cols, mask_c, HAS_G, 1.0, FP64)
+    yb = _vec(YB, cols, mask_c, HAS_YB, 0.0, FP64)
+    zero = _up(tl.zeros([BLOCK_C], tl.float32), FP64)
+    acc_dw, acc_db, acc_dg, acc_dyb = zero, zero, zero, zero
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask_m = rows < row_end
+        mask = mask_m[:, None] & mask_c[None, :]
+        r = rows.to(tl.int64)[:, None]
+        xo = _up(tl.load(XO + r * stride_xo + cols[None, :], mask=mask, other=0.0), FP64)
+        mean = tl.load(MEAN + rows, mask=mask_m, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=mask_m, other=0.0)
+        xhat = tl.where(mask, (xo - mean[:, None]) * rstd[:, None], 0.0)
+        dh = _up(tl.load(DH + r * stride_dh + cols[None, :], mask=mask, other=0.0), FP64)
+        wdh = dh * w
+        c1 = tl.sum(xhat * wdh, axis=1) / C
+        c2 = tl.sum(wdh, axis=1) / C
+        dx = tl.where(mask, (wdh - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None], 0.0)
+        if HAS_DXO:
+            dx += _up(tl.load(DXO + r * stride_dxo + cols[None, :], mask=mask, other=0.0), FP64)
+        tl.store(DX + r * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_Y:
+            if NEED_DY:
+                tl.store(DY + r * stride_dy + cols[None, :], (dx * g).to(DY.dtype.element_ty), mask=mask)
+            if HAS_G:
+                y = _up(tl.load(Y + r * stride_y + cols[None, :], mask=mask, other=0.0), FP64)
+                acc_dg += tl.sum(dx * (y + yb), axis=0)
+            if HAS_YB:
+                acc_dyb += tl.sum(dx * g, axis=0)
+        if HAS_W:
+            acc_dw += tl.sum(dh * xhat, axis=0)
+        if HAS_B:
+            acc_db += tl.sum(dh, axis=0)
+    out = pid.to(tl.int64) * C + cols
+    if HAS_W:
+        tl.store(DW_P + out, acc_dw, mask=mask_c)
+    if HAS_B:
+        tl.store(DB_P + out, acc_db, mask=mask_c)
+    if HAS_G:
+        tl.store(DG_P + out, acc_dg, mask=mask_c)
+    if HAS_YB:
+        tl.store(DYB_P + out, acc_dyb, mask=mask_c)
+
+
+# ----------------------------------------------------------------------- bias + GELU
+@triton.jit
+def _bias_act_fwd_kernel(
+    X, BIAS, OUT, M, C, stride_x, stride_o,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r, cols, mask_m, mask_c, mask = _tile(tl.program_id(0), tl.program_id(1), M, C, BLOCK_M, BLOCK_C)
+    x = _up(tl.load(X + r * stride_x + cols[None, :], mask=mask, other=0.0), FP64)
+    x += _vec(BIAS, cols, mask_c, HAS_BIAS, 0.0, FP64)
+    tl.store(OUT + r * stride_o + cols[None, :], _gelu(x, ACT).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_act_bwd_kernel(
+    DOUT, X, BIAS, DX, DB_P, M, C, rows_per_prog, stride_do, stride_x, stride_dx,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid, pid_c = tl.program_id(0), tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    b = _vec(BIAS, cols, mask_c, HAS_BIAS, 0.0, FP64)
+    acc = _up(tl.zeros([BLOCK_C], tl.float32), FP64)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & mask_c[None, :]
+        r = rows.to(tl.int64)[:, None]
+        x = _up(tl.load(X + r * stride_x + cols[None, :], mask=mask, other=0.0), FP64) + b
+        do = _up(tl.load(DOUT + r * stride_do + cols[None, :], mask=mask, other=0.0), FP64)
+        dx = tl.where(mask, do * _gelu_grad(x, ACT), 0.0)
+        tl.store(DX + r * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            acc += tl.sum(dx, axis=0)
+    if HAS_BIAS:
+        tl.store(DB_P + pid.to(tl.int64) * C + cols, acc, mask=mask_c)
+
+
+# ------------------------------------------------------- bias + LayerScale + residual
+@triton.jit
+def _scale_res_fwd_kernel(
+    Y, BIAS, G, R, OUT, M, C, stride_y, stride_r, stride_o,
+    HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r, cols, mask_m, mask_c, mask = _tile(tl.program_id(0), tl.program_id(1), M, C, BLOCK_M, BLOCK_C)
+    y = _up(tl.load(Y + r * stride_y + cols[None, :], mask=mask, other=0.0), FP64)
+    y = (y + _vec(BIAS, cols, mask_c, HAS_BIAS, 0.0, FP64)) * _vec(G, cols, mask_c, HAS_G, 1.0, FP64)
+    res = _up(tl.load(R + r * stride_r + cols[None, :], mask=mask, other=0.0), FP64)
+    tl.store(OUT + r * stride_o + cols[None, :], (res + y).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_res_bwd_kernel(
+    DOUT, Y, BIAS, G, DY, DB_P, DG_P, M, C, rows_per_prog, stride_do, stride_y, stride_dy,
+    HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, HAS_G: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid, pid_c = tl.program_id(0), tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    b = _vec(BIAS, cols, mask_c, HAS_BIAS, 0.0, FP64)
+    g = _vec(G, cols, mask_c, HAS_G, 1.0, FP64)
+    zero = _up(tl.zeros([BLOCK_C], tl.float32), FP64)
+    acc_db, acc_dg = zero, zero
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & mask_c[None, :]
+        r = rows.to(tl.int64)[:, None]
+        do = _up(tl.load(DOUT + r * stride_do + cols[None, :], mask=mask, other=0.0), FP64)
+        dy = do * g
+        tl.store(DY + r * stride_dy + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
+        if NEED_DB:
+            acc_db += tl.sum(dy, axis=0)
+        if HAS_G:
+            y = _up(tl.load(Y + r * stride_y + cols[None, :], mask=mask, other=0.0), FP64)
+            acc_dg += tl.sum(tl.where(mask, do * (y + b), 0.0), axis=0)
+    out = pid.to(tl.int64) * C + cols
+    if NEED_DB:
+        tl.store(DB_P + out, acc_db, mask=mask_c)
+    if HAS_G:
+        tl.store(DG_P + out, acc_dg, mask=mask_c)
+
+
+# ------------------------------------------------------------------------ launchers
+def _is_interpreted(fn: Any) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+INTERPRET = _is_interpreted(_ln_fwd_kernel)
+# Fixed tiles under the interpreter, where each program costs milliseconds of Python
+# whatever its size: few programs, yet small enough that the test shapes cross several
+# row blocks, column blocks and row chunks (and hit every mask).
+INTERPRET_ROWS, INTERPRET_COLS, INTERPRET_CHUNKS = 16, 256, 3
+
+
+def _wrap(kernel):
+    if INTERPRET:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def _warps(tile: int) -> dict:
+    if INTERPRET:  # the interpreter takes no launch options
+        return {}
+    return {"num_warps": min(16, max(4, tile // 512))}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs_target(device: torch.device) -> int:
+    """How many programs a reduction grid aims for (a few per SM on the GPU)."""
+    if INTERPRET or device.type != "cuda":
+        return INTERPRET_CHUNKS
+    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _row_chunks(M: int, block_m: int, target: int) -> tuple[int, int]:
+    """(programs, rows per program) splitting M rows into contiguous chunks of whole
+    ``block_m`` tiles, about ``target`` chunks."""
+    per = triton.cdiv(triton.cdiv(max(M, 1), max(target, 1)), block_m) * block_m
+    return triton.cdiv(max(M, 1), per), per
+
+
+def ln_block(C: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) for the row kernels: whole rows, ~4K elements per tile."""
+    block_c = triton.next_power_of_2(C)
+    if INTERPRET:
+        return max(2, min(INTERPRET_ROWS, 16384 // block_c)), block_c
+    return max(1, min(16, 4096 // block_c)), block_c
+
+
+def ew_block(C: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) for the column-tiled kernels: the column tile (256, 128 or 64)
+    that wastes least on C, then rows up to ~4K elements."""
+    if INTERPRET:
+        return INTERPRET_ROWS, min(INTERPRET_COLS, triton.next_power_of_2(C))
+    if C <= 256:
+        block_c = triton.next_power_of_2(C)
+    else:
+        block_c = min((256, 128, 64), key=lambda b: (triton.cdiv(C, b) * b - C, -b))
+    return max(1, 4096 // block_c), block_c
+
+
+def acc_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def launch_ln_fwd(x, y, y_bias, gamma, weight, bias, x_out, h, mean, rstd, eps: float) -> None:
+    """All tensors as rows [M, C] (x, y, x_out, h) or [C] / [M] vectors. y may be None."""
+    M, C = x.shape
+    block_m, block_c = ln_block(C)
+    has_y = y is not None
+    _wrap(_ln_fwd_kernel)[(triton.cdiv(M, block_m),)](
+        x, y if has_y else x, y_bias if y_bias is not None else x, gamma if gamma is not None else x,
+        weight if weight is not None else x, bias if bias is not None else x,
+        x_out if has_y else x, h, mean, rstd,
+        M, C, x.stride(0), y.stride(0) if has_y else 0, x_out.stride(0) if has_y else 0, h.stride(0), eps,
+        HAS_Y=has_y, HAS_YB=y_bias is not None, HAS_G=gamma is not None,
+        HAS_W=weight is not None, HAS_B=bias is not None, FP64=mean.dtype == torch.float64,
+        BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
+    )
+
+
+def launch_ln_bwd(dh, dx_out, x_out, y, y_bias, gamma, weight, has_bias: bool, mean, rstd, dx, dy,
+                  has_y: bool) -> dict:
+    """LayerNorm (+ residual branch) backward. Rows: dh, dx_out, x_out, y, dx, dy. Returns
+    the column sums as {"dweight", "dbias", "dgamma", "dy_bias"} in the arithmetic dtype
+    (only the ones that exist)."""
+    M, C = x_out.shape
+    block_m, block_c = ln_block(C)
+    block_m = max(1, block_m // 2) if not INTERPRET else block_m  # more live tiles than the forward
+    P, per = _row_chunks(M, block_m, _programs_target(x_out.device))
+    adt = mean.dtype
+    want = {"dweight": weight is not None, "dbias": has_bias,
+            "dgamma": has_y and gamma is not None, "dy_bias": has_y and y_bias is not None}
+    part = {k: torch.empty((P, C), dtype=adt, device=x_out.device) if v else mean for k, v in want.items()}
+    need_dy = dy is not None
+    _wrap(_ln_bwd_kernel)[(P,)](
+        dh, dx_out if dx_out is not None else dh, x_out, y if y is not None else dh,
+        y_bias if y_bias is not None else mean, gamma if gamma is not None else mean,
+        weight if weight is not None else mean, mean, rstd, dx, dy if need_dy else dx,
+        part["dweight"], part["dbias"], part["dgamma"], part["dy_bias"],
+        M, C, per, dh.stride(0), dx_out.stride(0) if dx_out is not None else 0, x_out.stride(0),
+        y.stride(0) if y is not None else 0, dx.stride(0), dy.stride(0) if need_dy else 0,
+        HAS_DXO=dx_out is not None, HAS_Y=has_y, NEED_DY=need_dy, HAS_YB=y_bias is not None,
+        HAS_G=gamma is not None, HAS_W=weight is not None, HAS_B=has_bias, FP64=adt == torch.float64,
+        BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
+    )
+    return {k: part[k].sum(0) for k, v in want.items() if v}
+
+
+def launch_bias_act_fwd(x, bias, out, act: str) -> None:
+    M, C = x.shape
+    block_m, block_c = ew_block(C)
+    _wrap(_bias_act_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
+        x, bias if bias is not None else x, out, M, C, x.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[act], FP64=acc_dtype(x, bias) == torch.float64,
+        BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
+    )
+
+
+def launch_bias_act_bwd(dout, x, bias, dx, act: str) -> Optional[torch.Tensor]:
+    """dx = dout * act'(x + bias) into ``dx``; returns dbias (arithmetic dtype) or None."""
+    M, C = x.shape
+    block_m, block_c = ew_block(C)
+    col_blocks = triton.cdiv(C, block_c)
+    P, per = _row_chunks(M, block_m, max(1, _programs_target(x.device) // col_blocks))
+    adt = acc_dtype(x, bias)
+    part = torch.empty((P, C), dtype=adt, device=x.device) if bias is not None else dx
+    _wrap(_bias_act_bwd_kernel)[(P, col_blocks)](
+        dout, x, bias if bias is not None else x, dx, part, M, C, per,
+        dout.stride(0), x.stride(0), dx.stride(0),
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[act], FP64=adt == torch.float64,
+        BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
+    )
+    return part.sum(0) if bias is not None else None
+
+
+def launch_scale_res_fwd(y, bias, gamma, residual, out) -> None:
+    M, C = y.shape
+    block_m, block_c = ew_block(C)
+    _wrap(_scale_res_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
+        y, bias if bias is not None else y, gamma if gamma is not None else y, residual, out,
+        M, C, y.stride(0), residual.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, HAS_G=gamma is not None,
+        FP64=acc_dtype(y, bias, gamma, residual) == torch.float64,
+        BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
+    )
+
+
+def launch_scale_res_bwd(dout, y, bias, gamma, dy, need_dbias: bool) -> dict:
+    """dy = gamma * dout into ``dy``; returns {"dbias", "dgamma"} (those requested/existing)."""
+    M, C = dout.shape
+    block_m, block_c = ew_block(C)
+    col_blocks = triton.cdiv(C, block_c)
+    P, per = _row_chunks(M, block_m, max(1, _programs_target(dout.device) // col_blocks))
+    adt = acc_dtype(dout, y, bias, gamma)
+    has_g = gamma is not None
+    part_b = torch.empty((P, C), dtype=adt, device=dout.device) if need_dbias else dy
+    part_g = torch.empty((P, C), dtype=adt, device=dout.device) if has_g else dy
+    _wrap(_scale_res_bwd_kernel)[(P, col_blocks)](
+        dout, y if has_g else dout, bias if bias is not None else dout, gamma if has_g else dout, dy,
+        part_b, part_g, M, C, per, dout.stride(0), y.stride(0) if has_g else 0, dy.stride(0),
+        HAS_BIAS=bias is not None, NEED_DB=need_dbias, HAS_G=has_g, FP64=adt == torch.float64,
+        BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
+    )
+    out = {}
+    if need_dbias:
+        out["dbias"] = part_b.sum(0)
+    if has_g:
+        out["dgamma"] = part_g.sum(0)
+    return out
