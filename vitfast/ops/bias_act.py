@@ -1,0 +1,125 @@
+"""Bias + GELU in one pass: the epilogue of a ViT MLP's fc1.
+
+Public API:
+
+* :func:`bias_gelu` -- ``gelu(x + bias)`` with ``approximate="none"`` (exact, erf) or
+  ``"tanh"``, like :func:`torch.nn.functional.gelu`. Use it on ``F.linear(h, fc1.weight)``
+  (the matmul without its bias) with ``bias=fc1.bias``: one read and one write of the
+  ``[..., hidden]`` activation; the backward computes dx and dbias in one pass too.
+* :func:`bias_gelu_ref` -- the plain-PyTorch chain.
+* :func:`bias_gelu_not_supported_reasons` -- why the kernel cannot serve an input.
+
+Shapes: x ``[..., C]`` (any leading dims, any C >= 1), bias ``[C]`` or None. The result has
+x's dtype (float16/bfloat16/float32, and float64); bias may be in another float dtype (an
+fp32 parameter under autocast). Arithmetic is fp32.
+
+A fused matmul + GELU epilogue (the issue's other option) is not here: on the GPU, cuBLAS
+plus this one elementwise pass is the baseline a Triton GEMM would have to beat, and that
+is to be measured on an H100 first (see benchmarks/bench_fused.py).
+
+Backends, registration: as :mod:`vitfast.ops.layer_norm` (``"auto"``, ``"triton"``,
+``"reference"``; ``vitfast::bias_gelu_fwd``/``_bwd`` with fake and autograd).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _fused_kernels as _k
+from ._fused_common import as_rows, choose_backend, empty0, input_problems, kernel_reasons, raise_first, register
+
+__all__ = ["bias_gelu", "bias_gelu_ref", "bias_gelu_not_supported_reasons", "APPROXIMATIONS"]
+
+APPROXIMATIONS = tuple(_k.ACT_CODES)  # ("none", "tanh")
+
+
+def bias_gelu_ref(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none", *,
+                  upcast: bool = False) -> Tensor:
+    """``F.gelu(x + bias)`` in x's dtype (bias cast to it); with ``upcast`` in fp32 (fp64
+    stays fp64), rounded to x's dtype at the end."""
+    ct = x.dtype
+    if upcast:
+        ct = torch.float64 if x.dtype == torch.float64 or (bias is not None and bias.dtype == torch.float64) \
+            else torch.float32
+    z = x.to(ct)
+    if bias is not None:
+        z = z + bias.to(ct)
+    return F.gelu(z, approximate=approximate).to(x.dtype)
+
+
+def _problems(x, bias):
+    return input_problems("bias_gelu", {"x": x}, {"bias": bias})
+
+
+def bias_gelu_not_supported_reasons(x: Tensor, bias: Optional[Tensor] = None) -> list[str]:
+    """Why the Triton kernel cannot serve these inputs (empty: it can). Never raises."""
+    return kernel_reasons(_problems(x, bias), {"x": x, "bias": bias})
+
+
+def _check_approximate(approximate) -> None:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"vitfast.bias_gelu: approximate must be one of {list(APPROXIMATIONS)}, got {approximate!r}")
+
+
+# --------------------------------------------------------------------------- the ops
+@register("vitfast::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    """gelu(x + bias), [..., C] in x's dtype (contiguous)."""
+    C = x.shape[-1]
+    out = x.new_empty(x.shape)
+    if x.numel():
+        _k.launch_bias_act_fwd(as_rows(x, C), bias, out.view(-1, C), approximate)
+    return out
+
+
+@_bias_gelu_fwd.register_fake
+def _(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@register("vitfast::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd(dout: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
+    """(dx [..., C] in x's dtype, dbias [C] in bias's dtype, or empty without bias)."""
+    C = x.shape[-1]
+    dx = x.new_empty(x.shape)
+    if not x.numel():
+        return dx, bias.new_zeros((C,)) if bias is not None else empty0(x)
+    dbias = _k.launch_bias_act_bwd(as_rows(dout, C), as_rows(x, C), bias, dx.view(-1, C), approximate)
+    return dx, dbias.to(bias.dtype) if bias is not None else empty0(x)
+
+
+@_bias_gelu_bwd.register_fake
+def _(dout, x, bias, approximate):
+    return x.new_empty(x.shape), bias.new_empty((x.shape[-1],)) if bias is not None else empty0(x)
+
+
+def _setup(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, dout):
+    x, bias = ctx.saved_tensors
+    dx, dbias = _bias_gelu_bwd(dout, x, bias, ctx.approximate)
+    return dx, dbias if bias is not None else None, None
+
+
+_bias_gelu_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------- public API
+def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none", *,
+              backend: str = "auto") -> Tensor:
+    """``gelu(x + bias)`` for x ``[..., C]`` and bias ``[C]`` (or None); ``approximate`` is
+    ``"none"`` (exact erf GELU) or ``"tanh"``. Returns x's dtype; differentiable in x and
+    bias."""
+    raise_first(_problems(x, bias))
+    _check_approximate(approximate)
+    if choose_backend("bias_gelu", backend, x.device, lambda: bias_gelu_not_supported_reasons(x, bias)) == "reference":
+        return bias_gelu_ref(x, bias, approximate)
+    return _bias_gelu_fwd(x, bias, approximate)
