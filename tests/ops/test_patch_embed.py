@@ -392,7 +392,7 @@ GPU_CASES = CASES + [
     Case(B=8, H=224, W=224, p=14, D=1024, uint8=True),  # ViT-L/14
     Case(B=3, H=384, W=128, p=16, D=384, pos="patches"),
     Case(B=2, H=64, W=4096 + 64, p=32, D=40),  # too wide for one tile per patch row
-    Case(B=2, C=3, H=128, W=128, p=64, D=10),  # one patch row exceeds the shared-memory tile: fallback
+    Case(B=2, C=3, H=128, W=256, p=128, D=10),  # one patch row exceeds the shared-memory tile: fallback
 ]
 
 
@@ -430,11 +430,11 @@ def test_cuda_unaligned_and_strided_images():
     a = make_inputs(case, dtype=torch.float32, device="cuda")
     big = torch.randn(2 * 3 * 48 * 64 + 1, device="cuda")[1:].view(2, 3, 48, 64)
     raw = torch.randint(0, 256, (2, 3, 48, 65), dtype=torch.uint8, device="cuda")[..., 1:]
-    for images in (big, a["images"].transpose(2, 3).contiguous().transpose(2, 3), raw,
-                   a["images"][:, :, :, :].permute(0, 1, 3, 2)[:, :, :48, :].contiguous().permute(0, 1, 3, 2)):
+    raw_cl = torch.randint(0, 256, (2, 48, 65, 3), dtype=torch.uint8, device="cuda")[:, :, 1:].permute(0, 3, 1, 2)
+    for images in (big, a["images"].transpose(2, 3).contiguous().transpose(2, 3), raw, raw_cl):
         b = {**a, "images": images, "mean": MEAN3, "std": STD3}
         ref = call(patch_embed, {**_cpu64(b), "images": images.cpu()})
-        torch.testing.assert_close(call(patch_embed, b).cpu(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(call(patch_embed, b).cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda
