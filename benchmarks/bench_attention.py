@@ -293,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         rows += tiles
     if args.json:
         existing = []
-        if os.path.exists(args.json):
+        if os.path.exists(args.json) and os.path.getsize(args.json):
             with open(args.json) as f:
                 existing = json.load(f)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
