@@ -372,3 +372,27 @@ def test_cuda_graph_replay_cuda():
         graph.replay()
         for got, want in zip(outs, fn(nx, ny)):
             assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------- benchmark
+def test_benchmark_rows_smoke():
+    """benchmarks/bench_fused.py runs and its rows carry what the results files need."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fused.py"
+    spec = importlib.util.spec_from_file_location("bench_fused", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.collect_rows(ops=["add_layer_norm", "bias_scale_residual"], impls=["vitfast", "eager"],
+                              modes=["fwd", "fwd+bwd"], device=DEV, warmup=0, iters=1, smoke=True)
+    assert [(r["op"], r["mode"], r["impl"]) for r in rows[:4]] == [
+        ("add_layer_norm", "fwd", "vitfast"), ("add_layer_norm", "fwd", "eager"),
+        ("add_layer_norm", "fwd+bwd", "vitfast"), ("add_layer_norm", "fwd+bwd", "eager")]
+    C, H, N, B, _ = bench.SMOKE_MODELS["smoke"]
+    es = 4 if DEV == "cpu" else 2
+    assert rows[0]["bytes"] == 4 * B * N * C * es and rows[2]["bytes"] == 10 * B * N * C * es
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["gbps"] >= 0
+        assert {"device", "torch", "triton", "vitfast", "date", "command", "copy_gbps_measured"} <= set(r)
+    assert "speedup_vs_eager" in rows[0] and "GB/s" in bench.format_table(rows)
