@@ -1,0 +1,171 @@
+"""Checkpoints that let a run continue exactly where it stopped.
+
+Layout of ``<dir>/step_<N>/`` (written to ``step_<N>.tmp`` and renamed once every rank is done,
+so a directory named ``step_<N>`` is always complete):
+
+* ``state.pt`` (DDP): the model's plain ``state_dict`` and the optimizer's, written by rank 0;
+* ``dcp/`` (FSDP): ``torch.distributed.checkpoint`` of the sharded model and optimizer
+  (``get_state_dict``/``set_state_dict``), each rank writing its own shards;
+* ``meta.pt``: step, LR scheduler, grad scaler, the run's arguments, the distributed mode and
+  world size;
+* ``rng/rank<R>.pt``: each rank's torch (CPU and CUDA) and Python RNG states.
+
+Data order needs no state: batches are a function of ``(seed, step)`` (see
+``vitfast.training.data.StepBatchSampler``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .dist import DistEnv, unwrap
+
+__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "CheckpointError"]
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or from an incompatible run."""
+
+
+def _rng_state(env: DistEnv) -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], env: DistEnv) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if env.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], env.device)
+
+
+def save_checkpoint(
+    root: str,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Optional[Any],
+    env: DistEnv,
+    mode: str,
+    args: Dict[str, Any],
+    keep: int = 0,
+) -> str:
+    """Save after ``step`` optimizer steps; returns the checkpoint directory. Collective: every
+    rank must call it. ``keep > 0`` deletes all but the newest ``keep`` checkpoints."""
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    dist.barrier()
+    if mode == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "dcp"))
+    elif env.is_main:
+        torch.save({"model": unwrap(model).state_dict(), "optim": optimizer.state_dict()},
+                   os.path.join(tmp, "state.pt"))
+    torch.save(_rng_state(env), os.path.join(tmp, "rng", f"rank{env.rank}.pt"))
+    dist.barrier()
+    if env.is_main:
+        meta = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "mode": mode,
+            "world_size": env.world_size,
+            "args": args,
+            "format": 1,
+        }
+        torch.save(meta, os.path.join(tmp, "meta.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in _list_checkpoints(root)[:-keep]:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _list_checkpoints(root: str) -> list:
+    if not os.path.isdir(root):
+        return []
+    found = [d for d in os.listdir(root) if _STEP_DIR.match(d) and os.path.isfile(os.path.join(root, d, "meta.pt"))]
+    return sorted(found, key=lambda d: int(_STEP_DIR.match(d).group(1)))
+
+
+def find_latest(root: str) -> Optional[str]:
+    """The newest complete ``step_<N>`` directory under ``root`` (None when there is none)."""
+    found = _list_checkpoints(root)
+    return os.path.join(root, found[-1]) if found else None
+
+
+def read_meta(path: str) -> Dict[str, Any]:
+    meta_path = os.path.join(path, "meta.pt")
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"--resume {path!r} is not a complete checkpoint (no meta.pt in it)")
+    return torch.load(meta_path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(
+    path: str,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Optional[Any],
+    env: DistEnv,
+    mode: str,
+) -> int:
+    """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from."""
+    meta = read_meta(path)
+    if meta["mode"] != mode:
+        raise CheckpointError(
+            f"checkpoint {path!r} was saved with --dist {meta['mode']}; resume it with --dist {meta['mode']}"
+        )
+    if mode == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        state = torch.load(os.path.join(path, "state.pt"), map_location=env.device, weights_only=True)
+        try:
+            unwrap(model).load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path!r} does not fit this model: {e}") from e
+        optimizer.load_state_dict(state["optim"])
+    scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta["scaler"] is not None:
+        scaler.load_state_dict(meta["scaler"])
+    rng_path = os.path.join(path, "rng", f"rank{env.rank}.pt")
+    if meta["world_size"] == env.world_size and os.path.isfile(rng_path):
+        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False), env)
+    elif env.is_main:
+        warnings.warn(
+            f"checkpoint {path!r} was saved by {meta['world_size']} process(es), resuming with {env.world_size}: "
+            "model, optimizer and schedule are restored, the random number streams are not (dropout and "
+            "drop-path draws will differ from an uninterrupted run)",
+            RuntimeWarning,
+        )
+    return int(meta["step"])
