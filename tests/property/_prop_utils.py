@@ -25,8 +25,8 @@ VALUE_KINDS = ("normal", "huge", "tiny", "nan", "inf", "neg_inf")
 SCALE = {"normal": 1.0, "huge": 1e4, "tiny": 1e-4}
 
 # Deterministic in CI (derandomize), no per-example deadline (the interpreter is slow).
-FAST = settings(max_examples=20, deadline=None, derandomize=True, print_blob=True)
-SLOW = settings(max_examples=8, deadline=None, derandomize=True, print_blob=True)
+FAST = settings(max_examples=40, deadline=None, derandomize=True, print_blob=True)
+SLOW = settings(max_examples=15, deadline=None, derandomize=True, print_blob=True)
 
 
 def randn(shape, dtype, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
