@@ -97,7 +97,7 @@ def test_auto_and_sdpa_match_reference(shape, D, dtype, layout, kind, which, see
     """backend="auto" on the CPU (SDPA by definition) takes every D >= 1, any strides,
     float64, and gives the reference's answer."""
     B, H, N = shape
-    which = max(which, 1)  # a non-finite q row: see test_cpu_sdpa_path_propagates_non_finite_q
+    which = 2  # non-finite q or k on the CPU SDPA path: see test_cpu_sdpa_path_propagates_non_finite_qk
     q, k, v = _make(B, H, N, D, dtype, layout, seed, SCALE.get(kind, 1.0), kind, which)
     with torch.no_grad():
         got = attention(q, k, v)
@@ -142,8 +142,8 @@ def test_packed_matches_reference(B, N, H, D, dtype, layout, kind, backend, seed
     C = 3 * H * D
     s = SCALE.get(kind, 1.0)
     base = randn((B, N, C), torch.float64, seed, scale=s)
-    if kind == "nan":  # a NaN q on the CPU SDPA path: see test_cpu_sdpa_path_propagates_non_finite_q
-        lo = 0 if backend == "triton" else H * D
+    if kind == "nan":  # NaN q or k on the CPU SDPA path: SDPA_NAN_QK
+        lo = 0 if backend == "triton" else 2 * H * D
         base[..., lo:] = poison(base[..., lo:].contiguous(), "nan", seed)
     if layout == "contiguous":
         qkv = base.to(dtype)
@@ -208,21 +208,22 @@ def test_packed_invalid_raises_naming_the_argument(B, N, H, D, extra, heads_bad)
     assert ("num_heads" if heads_bad else "qkv") in str(info.value)
 
 
-SDPA_NAN_Q = ("the CPU path (backend='auto'/'sdpa' -> torch SDPA's CPU flash kernel) returns a finite row "
-              "for a query row holding NaN/Inf (the reference, and the Triton kernel, give NaN): a silent wrong "
-              "answer; fix: in vitfast/ops/attention.py, on the SDPA branch of attention() and attention_packed() "
-              "when q.device.type == 'cpu', `out = torch.where(q.isfinite().all(-1, keepdim=True), out, "
-              "out.new_tensor(float('nan')))` (for attention_packed apply it before the transpose/reshape)")
+SDPA_NAN_QK = ("the CPU path (backend='auto'/'sdpa' -> torch SDPA's CPU flash kernel) can return finite values "
+               "where q or k hold NaN (the reference and the Triton kernel give NaN): a silent wrong answer; fix: "
+               "in vitfast/ops/attention.py, on the SDPA branch of attention() and attention_packed() when "
+               "q.device.type == 'cpu' and not (torch.isfinite(q).all() and torch.isfinite(k).all()), run SDPA "
+               "under `torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)` (softmax(q k^T) v, "
+               "which propagates NaN/Inf exactly as attention_ref)")
 
 
-@pytest.mark.xfail(strict=True, reason=SDPA_NAN_Q)
-@pytest.mark.parametrize("N, value", [(1, float("nan")), (5, float("nan"))])
-def test_cpu_sdpa_path_propagates_non_finite_q(N, value):
-    q, k, v = (randn((1, 2, N, 8), torch.float32, i) for i in range(3))
-    q[0, 1, 0, 3] = value
-    ref = attention_ref(q.double(), k.double(), v.double())
-    assert ref[0, 1, 0].isnan().all()
-    assert_matches("out", attention(q, k, v, backend="sdpa"), None, ref, torch.float32)
+@pytest.mark.xfail(strict=True, reason=SDPA_NAN_QK)
+@pytest.mark.parametrize("which, N, D", [(0, 1, 8), (0, 5, 8), (1, 1, 1)])
+def test_cpu_sdpa_path_propagates_non_finite_qk(which, N, D):
+    t = [randn((1, 2, N, D), torch.float32, i) for i in range(3)]
+    t[which][0, 1, 0, 0] = float("nan")
+    ref = attention_ref(*(x.double() for x in t))
+    assert ref[0, 1].isnan().any()
+    assert_matches("out", attention(*t, backend="sdpa"), None, ref, torch.float32)
 
 
 def test_triton_propagates_non_finite_q():
