@@ -11,6 +11,8 @@ unexpected and mis-shaped key.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from typing import Dict, Mapping, Union
 
 import torch
@@ -51,15 +53,38 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        sd = load_file(path, device="cpu")
+        try:
+            sd = load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError (not a ValueError) for a corrupt or truncated file
+            raise ValueError(f"vitfast: could not read {path!r} as safetensors ({type(e).__name__}: {e})") from e
     elif path.endswith(_TORCH_SUFFIXES):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(_refused_pickle_message(path, e)) from e
         except Exception as e:
-            raise ValueError(f"vitfast: could not read {path!r} with torch.load(weights_only=True): {e}") from e
+            raise ValueError(f"vitfast: could not read {path!r} with torch.load(weights_only=True) "
+                             f"({type(e).__name__}: {_first_line(e)})") from e
     else:
         raise ValueError(f"vitfast: checkpoint {path!r} must end in .safetensors or one of {', '.join(_TORCH_SUFFIXES)}")
     return unwrap_state_dict(sd, path)
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
+def _refused_pickle_message(path: str, e: BaseException) -> str:
+    """torch.load(weights_only=True) refused the file: it would have run or built arbitrary
+    Python objects. Say so plainly (torch's own text suggests weights_only=False)."""
+    detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln or "Unsupported operand" in ln
+                   or "WeightsUnpickler error" in ln), _first_line(e))
+    detail = re.sub(r"\x1b\[[0-9;]*m", "", detail).split(". ")[0].rstrip(".")
+    return (f"vitfast: refused to load {path!r}: it holds pickled Python objects other than tensors and plain "
+            f"containers ({detail}). vitfast reads checkpoints with torch.load(weights_only=True) and never runs "
+            "code stored in a checkpoint. Save the weights alone (torch.save(model.state_dict(), path)) or as "
+            ".safetensors; only if you trust the file's source, load it yourself and pass the state dict to "
+            "load_checkpoint.")
 
 
 def unwrap_state_dict(sd, where: str = "state dict") -> Dict[str, torch.Tensor]:
