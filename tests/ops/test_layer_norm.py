@@ -310,12 +310,13 @@ def test_torch_compile_fullgraph(compile_backend):
 # -------------------------------------------------------------------------- GPU
 # ViT widths at 224 px (197 tokens): Ti 192, S 384, B 768, L 1024, H 1280, g 1408,
 # G 1664, plus odd ones.
+# Every width in bf16, two in fp16 and fp32 (each width/dtype compiles its own kernels).
 GPU_WIDTHS = [192, 384, 768, 1024, 1280, 1408, 1664, 100, 1000, 4100, 8192]
+GPU_CASES = [(C, torch.bfloat16) for C in GPU_WIDTHS] + [(C, dt) for dt in GPU_DTYPES[1:] for C in (768, 1408)]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("C", GPU_WIDTHS)
+@pytest.mark.parametrize("C,dtype", GPU_CASES, ids=str)
 def test_vit_widths_cuda(C, dtype):
     _check_add_ln((8, 197), C, dtype)
     x, _, _, _, w, b = _inputs((8, 197), C, dtype)
