@@ -9,6 +9,7 @@ _load_extension()  # registers torch.ops.vitfast.*; raises a clear ImportError w
 from . import checkpoint, convert, ops  # noqa: E402
 from .convert import from_timm  # noqa: E402
 from .models import FastViT, create_model, list_models  # noqa: E402
+from .inference import optimize_for_inference  # noqa: E402
 from .patch import patch_timm, unpatch_timm  # noqa: E402
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "from_timm",
     "patch_timm",
     "unpatch_timm",
+    "optimize_for_inference",
     "convert",
     "checkpoint",
     "ops",

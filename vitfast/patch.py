@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ._dispatch import warn_fallback_once
 from .modules.attention import attention_forward, check_backend
+from .modules.block import block_forward, block_structure_problems
 from .modules.patch_embed import check_images, embed_images
 
 __all__ = ["patch_timm", "unpatch_timm", "is_patched", "RULES", "PatchRule"]
@@ -44,6 +45,12 @@ def _timm_vit():
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer
+
+
+def _timm_block():
+    from timm.models.vision_transformer import Block
+
+    return Block
 
 
 def _attention_problems(mod: nn.Module) -> List[str]:
@@ -74,6 +81,14 @@ def _attention_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] 
     return attention_forward(self, x, getattr(self, _MARK)["forward"], attn_mask, is_causal)
 
 
+def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    """vitfast's fused block for a timm ``Block`` (see :func:`vitfast.modules.block.block_forward`);
+    the attention runs on vitfast's kernel only if the attention rule patched it too."""
+    attn_marks = self.attn.__dict__.get(_MARK, {})
+    return block_forward(self, x, getattr(self, _MARK)["forward"], attn_mask, is_causal,
+                         attn_backend=attn_marks.get("forward", "reference"))
+
+
 def _vit_forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
     """timm's ``VisionTransformer.forward_features`` with the fused patch embedding; takes uint8
     images too (normalised with the model's ``pretrained_cfg`` mean/std)."""
@@ -102,20 +117,24 @@ def _vit_forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tenso
 RULES = (
     PatchRule("attention", _timm_attention, "forward", _attention_forward, _attention_problems),
     PatchRule("patch_embed", _timm_vit, "forward_features", _vit_forward_features, _vit_problems),
+    PatchRule("fused", _timm_block, "forward", _block_forward, block_structure_problems),
 )
 
 
-def patch_timm(model: nn.Module, attention: bool = True, patch_embed: bool = True, backend: str = "auto") -> nn.Module:
+def patch_timm(model: nn.Module, attention: bool = True, patch_embed: bool = True, fused: bool = True,
+               backend: str = "auto") -> nn.Module:
     """Run a live timm ViT (``model`` or any module holding one) on vitfast's kernels, in place.
 
     ``attention``: every timm ``Attention`` computes through ``vitfast.ops.attention_packed``.
     ``patch_embed``: ``VisionTransformer.forward_features`` embeds through the fused
-    ``vitfast.ops.patch_embed`` (and accepts uint8 images). ``backend`` as for FastViT: "auto"
+    ``vitfast.ops.patch_embed`` (and accepts uint8 images). ``fused``: every timm ``Block`` runs
+    its LayerNorms, residual adds, LayerScales and MLP/projection bias epilogues on vitfast's fused
+    ops (:func:`vitfast.modules.block.block_forward`). ``backend`` as for FastViT: "auto"
     falls back per call with a one-time warning, "kernels" raises where a kernel cannot serve.
     Returns ``model``; every Parameter object is kept. Undo with :func:`unpatch_timm`.
     """
     check_backend(backend)
-    flags = {"attention": attention, "patch_embed": patch_embed}
+    flags = {"attention": attention, "patch_embed": patch_embed, "fused": fused}
     rules = [(r, r.target()) for r in RULES if flags[r.feature]]
     matched, skipped = 0, []
     for name, mod in model.named_modules():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .._dispatch import KernelNotSupported, warn_fallback_once
 from ..ops.attention import attention, attention_not_supported_reasons, attention_packed
 
-__all__ = ["Attention", "attention_forward", "attention_fallback_reasons", "MODULE_BACKENDS"]
+__all__ = ["Attention", "attention_forward", "attention_core", "attention_fallback_reasons", "MODULE_BACKENDS"]
 
 # "auto": kernels where they serve the input, else the reference path with a one-time warning.
 # "kernels": kernels forced (KernelNotSupported lists every reason). "reference": plain PyTorch.
@@ -80,6 +80,18 @@ def attention_forward(
     is_causal: bool = False,
 ) -> torch.Tensor:
     """qkv Linear -> attention -> (scale norm) -> proj Linear for ``mod`` (timm's attribute names)."""
+    return mod.proj_drop(mod.proj(attention_core(mod, x, backend, attn_mask, is_causal)))
+
+
+def attention_core(
+    mod: nn.Module,
+    x: torch.Tensor,
+    backend: str = "auto",
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """qkv Linear -> attention -> (scale norm): everything before the output projection, which
+    a fused block applies itself (its bias folded into the residual + LayerNorm op)."""
     qkv = mod.qkv(x)
     use_kernel = False
     if backend != "reference":
@@ -92,9 +104,7 @@ def attention_forward(
             warn_fallback_once("FastViT.attention", reasons)
     o = _kernel(mod, qkv) if use_kernel else _reference(mod, qkv, attn_mask, is_causal)
     norm = getattr(mod, "norm", None)  # timm's scale_norm (Identity unless enabled)
-    if norm is not None:
-        o = norm(o)
-    return mod.proj_drop(mod.proj(o))
+    return norm(o) if norm is not None else o
 
 
 class Attention(nn.Module):

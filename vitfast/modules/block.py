@@ -1,16 +1,133 @@
-"""Transformer block with timm's names: norm1, attn, ls1, norm2, mlp, ls2."""
+"""Transformer block with timm's names: norm1, attn, ls1, norm2, mlp, ls2.
+
+:func:`block_forward` (shared with the timm ``Block``s that :func:`vitfast.patch_timm`
+patches) runs the block on vitfast's fused epilogue ops, keeping every Parameter:
+
+    h      = layer_norm(x)                                       norm1
+    o      = attention before its output projection
+    x, h   = add_layer_norm(x, o @ proj.W^T, ls1.gamma, norm2,   residual 1 + LayerScale
+                            y_bias=proj.b)                       + proj bias + norm2, one pass
+    a      = bias_gelu(h @ fc1.W^T, fc1.b)                       fc1 epilogue
+    x      = bias_scale_residual(x, a @ fc2.W^T, fc2.b, ls2.gamma)  fc2 epilogue + residual 2
+
+Under autocast, h comes out in the autocast dtype (no extra cast pass) while the residual
+stream keeps its dtype. Active dropout or drop-path (training with p > 0) runs the affected
+step eagerly. A block whose structure the ops do not cover (not LayerNorm, not GELU) or an
+input the kernels cannot serve runs eagerly: silently for ``"auto"`` on the CPU (the
+documented reference path), with a one-time warning for ``"auto"`` on CUDA, and
+``"kernels"`` raises with every reason.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .attention import Attention
+from .._dispatch import KernelNotSupported, warn_fallback_once
+from ..ops.bias_act import bias_gelu
+from ..ops.layer_norm import add_layer_norm, add_layer_norm_not_supported_reasons, layer_norm
+from ..ops.residual import bias_scale_residual
+from .attention import Attention, attention_core
 from .layers import DropPath, LayerScale, Mlp
 
-__all__ = ["Block"]
+__all__ = ["Block", "block_forward", "block_fallback_reasons", "block_structure_problems"]
+
+_GELUS = {"GELU": "none", "GELUTanh": "tanh"}  # timm's activation classes -> approximate
+
+
+def _gelu_approximate(act: nn.Module) -> Optional[str]:
+    """``approximate`` of a GELU activation module; None for any other activation."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    return _GELUS.get(type(act).__name__)
+
+
+def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
+    return getattr(ls, "gamma", None)
+
+
+def _active(m: nn.Module) -> bool:
+    """A dropout / drop-path module that changes its input now."""
+    return m.training and float(getattr(m, "p", getattr(m, "drop_prob", 0.0)) or 0.0) > 0.0
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def block_structure_problems(mod: nn.Module) -> List[str]:
+    """What in ``mod`` (a vitfast or timm ViT block) the fused ops do not cover (empty: nothing)."""
+    problems = []
+    for name in ("norm1", "norm2"):
+        n = getattr(mod, name, None)
+        if not isinstance(n, nn.LayerNorm) or len(n.normalized_shape) != 1:
+            problems.append(f"{name} is {type(n).__name__}, not a LayerNorm over the last dim")
+    for name in ("ls1", "ls2"):
+        ls = getattr(mod, name, None)
+        if not isinstance(ls, nn.Identity) and not isinstance(_gamma(ls), torch.Tensor):
+            problems.append(f"{name} is {type(ls).__name__}, neither Identity nor a LayerScale with gamma")
+    mlp = getattr(mod, "mlp", None)
+    if not (isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)):
+        problems.append(f"mlp is {type(mlp).__name__}, not an fc1/act/fc2 Mlp")
+    elif _gelu_approximate(mlp.act) is None:
+        problems.append(f"mlp.act is {type(mlp.act).__name__}; the fused epilogue is GELU (exact or tanh)")
+    if not isinstance(getattr(getattr(mod, "attn", None), "proj", None), nn.Linear):
+        problems.append(f"attn is {type(getattr(mod, 'attn', None)).__name__} without a Linear proj")
+    return problems
+
+
+def block_fallback_reasons(mod: nn.Module, x: torch.Tensor) -> List[str]:
+    """Why ``mod`` cannot run fused on ``x`` (empty: it can): its structure, then the kernels'
+    limits (device, dtype, hidden size)."""
+    problems = block_structure_problems(mod)
+    if problems:
+        return problems
+    n2 = mod.norm2
+    return add_layer_norm_not_supported_reasons(x, x, _gamma(mod.ls1), n2.weight, n2.bias)
+
+
+def _eager(mod, x, attn_mask, is_causal):
+    x = x + mod.drop_path1(mod.ls1(mod.attn(mod.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    return x + mod.drop_path2(mod.ls2(mod.mlp(mod.norm2(x))))
+
+
+def _fused(mod, x, attn_backend, attn_mask, is_causal):
+    n1, n2, attn, mlp = mod.norm1, mod.norm2, mod.attn, mod.mlp
+    od = _autocast_dtype(x)
+    h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend="triton")
+    o = attention_core(attn, h, attn_backend, attn_mask, is_causal)
+    if _active(mod.drop_path1) or _active(attn.proj_drop):
+        x = x + mod.drop_path1(mod.ls1(attn.proj_drop(attn.proj(o))))
+        h = layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=od, backend="triton")
+    else:
+        x, h = add_layer_norm(x, F.linear(o, attn.proj.weight), _gamma(mod.ls1), n2.weight, n2.bias, n2.eps,
+                              y_bias=attn.proj.bias, out_dtype=od, backend="triton")
+    a = bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias, _gelu_approximate(mlp.act), backend="triton")
+    a = getattr(mlp, "norm", nn.Identity())(mlp.drop1(a))
+    if _active(mod.drop_path2) or _active(mlp.drop2):
+        return x + mod.drop_path2(mod.ls2(mlp.drop2(mlp.fc2(a))))
+    return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2), backend="triton")
+
+
+def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_mask: Optional[torch.Tensor] = None,
+                  is_causal: bool = False, attn_backend: Optional[str] = None) -> torch.Tensor:
+    """``mod``'s forward (vitfast or timm block) on the fused ops where they apply (see the
+    module docstring). ``attn_backend`` (default ``backend``) is passed to the attention."""
+    attn_backend = backend if attn_backend is None else attn_backend
+    if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
+        return _eager(mod, x, attn_mask, is_causal)
+    reasons = block_fallback_reasons(mod, x)
+    if not reasons:
+        return _fused(mod, x, attn_backend, attn_mask, is_causal)
+    if backend == "kernels":
+        raise KernelNotSupported("FastViT.block", backend, reasons)
+    if not torch.compiler.is_compiling():
+        warn_fallback_once("FastViT.block", reasons)
+    return _eager(mod, x, attn_mask, is_causal)
 
 
 class Block(nn.Module):
@@ -43,6 +160,5 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
     ) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        # the block follows its attention's backend, which FastViT.set_backend switches
+        return block_forward(self, x, self.attn.backend, attn_mask, is_causal)
