@@ -93,7 +93,13 @@ def wrap_model(model: nn.Module, mode: str, env: DistEnv, param_dtype: Optional[
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        # A ViT's buffers are constants (pixel mean/std, no batch norm): broadcasting them every
+        # forward would only cost a collective and a torch.compile graph break.
+        import inspect
+
+        params = inspect.signature(DDP.__init__).parameters
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        return DDP(model, device_ids=ids, **sync)
     if mode == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
         kw = {"mp_policy": mp} if mp is not None else {}
