@@ -142,3 +142,13 @@ def test_mixed_precision_tracks_float32(mode, backend, amp):
     low = _losses(run_inprocess(args + ["--amp", amp]))
     assert low == pytest.approx(ref, rel=2e-3)
     assert low != ref  # it really ran in low precision
+
+
+def test_timm_model_patched_by_vitfast_trains_like_timm():
+    pytest.importorskip("timm")
+    patch = pytest.importorskip("vitfast.patch")
+    args = SHORT + ["--model", "timm:vit_tiny_patch16_224", "--steps", "3"]
+    fast = run_inprocess(args + ["--backend", "vitfast"])
+    ref = run_inprocess(args + ["--backend", "reference"])
+    assert patch.is_patched(unwrap(fast.model)) and not patch.is_patched(unwrap(ref.model))
+    assert _losses(fast) == pytest.approx(_losses(ref), rel=1e-4)
