@@ -119,9 +119,20 @@ def _patch_embed_table(rows: Sequence[dict]) -> str:
             ("ms", "ms"), ("GB/s", "gbps"), ("TFLOP/s", "tflops"), ("vs eager", "speedup_vs_eager"),
             ("vs compile", "speedup_vs_compile"), ("vs unfold+linear", "speedup_vs_unfold_linear"),
             ("x roofline floor", "x_roofline_floor")]
-    cells = [[_cell(r.get(k)) if r.get("status", "ok") == "ok" or k in ("model", "batch", "input", "dtype", "mode")
-              else r.get("status", "?") for _, k in cols] for r in rows if r.get("impl", r.get("backend")) == "vitfast"]
+    def fmt(r: dict, k: str) -> str:
+        if r.get("status", "ok") != "ok" and k not in ("model", "batch", "input", "dtype", "mode"):
+            return r.get("status", "?") if k == "ms" else ""
+        v = r.get(k)
+        return f"{v:.2f}x" if k.startswith(("speedup", "x_")) and isinstance(v, (int, float)) else _cell(v)
+
+    cells = [[fmt(r, k) for _, k in cols] for r in rows if r.get("impl", r.get("backend")) == "vitfast"]
     return format_markdown_table([h for h, _ in cols], cells, left=5)
+
+
+def _plot_title(doc: dict) -> str:
+    env, r0 = doc["env"], (doc["rows"] or [{}])[0]
+    where = f"CPU, {env.get('cpu_threads')} thread(s)" if env.get("device_kind") == "cpu" else str(env.get("device"))
+    return f"{where}, batch {r0.get('batch_size')}, {r0.get('dtype')}, {str(env.get('date', ''))[:10]}"
 
 
 def _kernel_table(name: str, rows: Sequence[dict]) -> str:
@@ -159,34 +170,41 @@ def render(docs: Sequence[dict], readme: Path, plot_path: Path, write_plot: bool
     if shown:
         if write_plot:
             plot_e2e([r for d in shown for r in d["rows"]], plot_path,
-                     title=" | ".join(f"{'CPU' if d['env'].get('device_kind') == 'cpu' else d['env'].get('device')} "
-                                      f"{d['env'].get('date', '')[:10]}" for d in shown))
+                     title=" | ".join(_plot_title(d) for d in shown))
         out.append(f"![throughput]({_rel(plot_path, readme)})")
         out.append("")
-    # kernel results: `vitfast bench kernels` files, or a microbenchmark's own JSON; GPU runs only
-    # (on the CPU they are smoke checks of the scripts), the latest per (benchmark, card)
+    # kernel results: `vitfast bench kernels` files, or a microbenchmark's own JSON. GPU runs, the
+    # latest per (benchmark, card); a benchmark with no GPU run shows its latest CPU run, labelled
+    # CPU. Smoke runs (tiny shapes that only check a script) are never shown.
     latest: dict = {}
     for d in docs:
-        if d["kind"] in ("e2e", "profile") or d["smoke"] or d["env"].get("device_kind") != "cuda":
+        if d["kind"] in ("e2e", "profile") or d["smoke"]:
             continue
         by_bench: dict = {}
         for r in d["rows"]:
-            if r.get("smoke"):
-                continue
-            by_bench.setdefault(r.get("op") or r.get("benchmark") or d["kind"], []).append(r)
+            if not r.get("smoke"):
+                by_bench.setdefault(r.get("op") or r.get("benchmark") or d["kind"], []).append(r)
         for name, rows in by_bench.items():
-            k = (name, d["env"].get("device"))
+            k = (name, d["env"].get("device_kind") == "cuda", d["env"].get("device"))
             if k not in latest or str(d["env"].get("date", "")) >= str(latest[k][0]["env"].get("date", "")):
                 latest[k] = (d, rows)
-    kernels = sorted(latest.items())
-    for (name, _), (doc, rows) in kernels:
-        out.append(f"### Kernels: {name}")
+    gpu_benches = {name for (name, on_gpu, _) in latest if on_gpu}
+    cpu_latest: dict = {}
+    for (name, on_gpu, _), (d, rows) in latest.items():
+        if not on_gpu and name not in gpu_benches:
+            if name not in cpu_latest or str(d["env"].get("date", "")) >= str(cpu_latest[name][0]["env"].get("date", "")):
+                cpu_latest[name] = (d, rows)
+    shown_kernels = sorted([(k[0], k[2] or "", v) for k, v in latest.items() if k[1]] +
+                           [(name, "", v) for name, v in cpu_latest.items()], key=lambda t: (t[0], t[1]))
+    for name, _, (doc, rows) in shown_kernels:
+        cpu_label = " (CPU)" if doc["env"].get("device_kind") != "cuda" else ""
+        out.append(f"### Kernels: {name}{cpu_label}")
         out.append("")
         out.append(_caption(doc, readme))
         out.append("")
         out.append(_kernel_table(name, rows))
         out.append("")
-    if not kernels:
+    if not gpu_benches:
         out.append("Kernel microbenchmarks (`vitfast bench kernels`): no GPU run recorded yet.")
         out.append("")
     out.append("Regenerate: `vitfast bench --json benchmarks/results/` (or `bash benchmarks/gpu_check.sh` on a GPU, "

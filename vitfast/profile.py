@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=IMPLS, default="fastvit", help="which implementation to profile (default fastvit)")
     p.add_argument("--uint8", action="store_true", help="feed raw uint8 images")
     p.add_argument("--device", default="auto", help="auto (GPU when visible), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--warmup", type=int, help="steps before profiling (CPU 2, GPU 5)")
     p.add_argument("--steps", type=int, default=2, help="profiled steps (default 2); the tables are per step")
     p.add_argument("--top", type=int, default=15, help="how many kernels to list (default 15)")
@@ -239,7 +240,7 @@ def _bench_namespace(args: argparse.Namespace) -> argparse.Namespace:
     ns = argparse.Namespace(
         model=[args.model] if args.model else None, batch_size=args.batch_size, img_size=args.img_size, depth=args.depth,
         dtype=args.dtype, mode=args.mode, impl=[args.impl], compile=False, uint8=args.uint8, warmup=args.warmup,
-        iters=args.steps, device=args.device, threads=None, peak_tflops=None, no_check=True,
+        iters=args.steps, device=args.device, threads=args.threads, peak_tflops=None, no_check=True,
     )
     return ns
 
