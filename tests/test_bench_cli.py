@@ -2,8 +2,10 @@
 the FLOP count, `bench kernels` reporting missing microbenchmarks, the README renderer.
 No timing thresholds: speed lives in the benchmarks themselves."""
 
+import contextlib
 import csv
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -27,6 +29,14 @@ E2E_FIELDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """--threads sets torch's thread count for the process: give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One run in both modes, writing every output (shared by the tests below)."""
@@ -34,11 +44,8 @@ def tiny_run(tmp_path_factory):
     argv = TINY + ["--mode", "both", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
                    "--plot", str(out / "r.png")]
     threads = torch.get_num_threads()
+    buf = io.StringIO()
     try:
-        import contextlib
-        import io
-
-        buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             rc = bench.main(argv)
     finally:
