@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,11 +41,11 @@ __all__ = [
     "summarize_ms",
     "vit_forward_flops",
     "vit_step_flops",
+    "vit_patch_embed_flops",
     "measure_peak_tflops",
     "results_path",
     "write_json",
     "write_csv",
-    "read_results",
 ]
 
 SCHEMA = "vitfast-bench/1"
@@ -299,21 +299,3 @@ def write_csv(path: os.PathLike | str, env: Mapping[str, Any], rows: Sequence[Ma
         for r in full:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     return out
-
-
-def read_results(paths: Iterable[os.PathLike | str]) -> list[dict]:
-    """Load results files: each a dict with ``path`` and, for files that could not be read,
-    ``error`` instead of ``rows``."""
-    docs = []
-    for p in sorted(map(Path, paths)):
-        try:
-            doc = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            docs.append({"path": str(p), "error": f"{type(e).__name__}: {e}"})
-            continue
-        if isinstance(doc, dict):
-            doc["path"] = str(p)
-            docs.append(doc)
-        else:
-            docs.append({"path": str(p), "rows": doc if isinstance(doc, list) else [], "kind": "unknown"})
-    return docs
