@@ -478,3 +478,34 @@ def test_cuda_opcheck_and_compile():
                           (g, args[0], args[1].detach(), args[5], args[6], True, 7, [True] * 5))
     fn = lambda x, w: patch_embed(x, w, cls_token=a["cls_token"], pos_embed=a["pos_embed"])  # noqa: E731
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(a["images"], a["weight"]), fn(a["images"], a["weight"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("uint8", [False, True])
+def test_autocast_runs_in_the_autocast_dtype(dtype, uint8):
+    """Under torch.autocast the op behaves like a conv: parameters cast to the autocast dtype,
+    output in it, gradients back in the parameters' dtype; the result matches the reference
+    computed from the same cast parameters (error within 2x the reference's own in that dtype)."""
+    g = torch.Generator().manual_seed(0)
+    if uint8:
+        images = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8, generator=g)
+        stats = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    else:
+        images = torch.randn(2, 3, 32, 48, generator=g)
+        stats = {}
+    w = (torch.randn(24, 3, 16, 16, generator=g) * 0.05).requires_grad_()
+    b = torch.randn(24, generator=g).requires_grad_()
+    cls = torch.randn(1, 1, 24, generator=g).requires_grad_()
+    pos = torch.randn(1, 7, 24, generator=g).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        out = patch_embed(images, w, b, cls_token=cls, pos_embed=pos, **stats)
+    assert out.dtype == dtype
+    cast = [t.detach().to(dtype) for t in (w, b, cls, pos)]
+    exact = patch_embed_ref(images, *[t.double() for t in cast[:2]], cls_token=cast[2].double(),
+                            pos_embed=cast[3].double(), **stats)
+    eager = patch_embed_ref(images, cast[0], cast[1], cls_token=cast[2], pos_embed=cast[3], **stats)
+    err, ref_err = (out.double() - exact).abs().max(), (eager.double() - exact).abs().max()
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    assert torch.isfinite(w.grad).all() and b.grad.dtype == torch.float32

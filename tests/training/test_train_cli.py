@@ -121,16 +121,9 @@ def test_grad_checkpointing_gives_the_same_losses():
     assert ckpt == pytest.approx(plain, rel=1e-6)
 
 
-_AUTOCAST_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="vitfast::patch_embed has no Autocast kernel: under torch.autocast its CPU kernel's inner ops are "
-    "autocast and it fails with 'expected scalar type Float but found BFloat16' (ops owner to fix)",
-)
-
-
 @pytest.mark.parametrize("mode,backend", [
     ("ddp", "reference"),
-    pytest.param("ddp", "vitfast", marks=_AUTOCAST_BUG),
+    ("ddp", "vitfast"),
     ("fsdp", "vitfast"),
 ])
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -1,0 +1,40 @@
+// Autocast kernels for vitfast::patch_embed (CPU and CUDA).
+//
+// Without them, an op called under torch.autocast reaches the backend kernel with autocast
+// still on, so the ATen ops inside the kernel get autocast and mix dtypes. Like a conv under
+// autocast, the op runs in the autocast dtype: the floating parameters (weight, bias,
+// cls_token, pos_embed) are cast to it, then the op is redispatched below autocast. Images
+// are left as they are (the kernels read any float dtype or uint8 and convert on load),
+// and mean/std keep their precision.
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace vitfast {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+template <c10::DeviceType device_type>
+at::Tensor patch_embed_autocast(const at::Tensor& images, const at::Tensor& weight, const OptTensor& bias,
+                                const OptTensor& cls_token, const OptTensor& pos_embed, const OptTensor& mean,
+                                const OptTensor& std) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto dtype = at::autocast::get_autocast_dtype(device_type);
+  auto cast = [dtype](const at::Tensor& t) { return t.is_floating_point() ? t.to(dtype) : t; };
+  auto cast_opt = [&cast](const OptTensor& t) -> OptTensor { return t ? OptTensor(cast(*t)) : t; };
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("vitfast::patch_embed", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                         const OptTensor&, const OptTensor&, const OptTensor&)>();
+  return op.call(images, cast(weight), cast_opt(bias), cast_opt(cls_token), cast_opt(pos_embed), mean, std);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vitfast, AutocastCPU, m) { m.impl("patch_embed", &patch_embed_autocast<c10::DeviceType::CPU>); }
+TORCH_LIBRARY_IMPL(vitfast, AutocastCUDA, m) { m.impl("patch_embed", &patch_embed_autocast<c10::DeviceType::CUDA>); }
+
+}  // namespace vitfast
