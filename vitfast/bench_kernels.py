@@ -25,7 +25,11 @@ from . import benchmark_utils as bu
 
 __all__ = ["KERNEL_BENCHMARKS", "benchmarks_dir", "main"]
 
-KERNEL_BENCHMARKS = ("attention", "patch_embed")
+KERNEL_BENCHMARKS = ("attention", "patch_embed", "fused", "memory")
+# benchmarks that only measure on a GPU (peak device memory): left out of the default set on the CPU
+GPU_ONLY = ("memory",)
+# benchmarks with a --smoke mode (tiny shapes)
+HAS_SMOKE = ("attention", "patch_embed", "fused")
 
 
 def benchmarks_dir() -> Path:
@@ -37,10 +41,11 @@ def benchmarks_dir() -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vitfast bench kernels",
-        description="Run the attention and patch-embedding microbenchmarks (benchmarks/bench_*.py) and "
+        description="Run the attention, patch-embedding, fused-epilogue and memory microbenchmarks (benchmarks/bench_*.py) and "
         "collect their rows. Arguments after `--` go to every microbenchmark.",
     )
-    p.add_argument("--only", nargs="+", choices=KERNEL_BENCHMARKS, default=list(KERNEL_BENCHMARKS))
+    p.add_argument("--only", nargs="+", choices=KERNEL_BENCHMARKS, default=None,
+                   help=f"which microbenchmarks (default: all; {', '.join(GPU_ONLY)} only on a GPU)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes, checks the scripts run (the default without a GPU; runs under TRITON_INTERPRET=1)")
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (a folder: <date>_<device>_kernels.json in it)")
@@ -62,7 +67,8 @@ def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool, timeout: Op
         return f"missing: {script} does not exist", []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.json"
-        cmd = [sys.executable, str(script), *(["--smoke"] if smoke else []), *extra, "--json", str(out)]
+        smoke_flag = ["--smoke"] if smoke and name in HAS_SMOKE else []
+        cmd = [sys.executable, str(script), *smoke_flag, *extra, "--json", str(out)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if cpu:
             env.setdefault("TRITON_INTERPRET", "1")
@@ -103,7 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     json_path = bu.results_path(args.json, env, "kernels") if args.json else None
     results: dict = {}
     rows: list = []
-    for name in args.only:
+    names = args.only or [n for n in KERNEL_BENCHMARKS if not (cpu and n in GPU_ONLY)]
+    for name in names:
         own_args = shlex.split(getattr(args, f"{name}_args"))
         results[name] = run_one(name, [*own_args, *extra], smoke, cpu, args.timeout)
         rows += [{"benchmark": name, **r} for r in results[name][1] if isinstance(r, dict)]
