@@ -198,7 +198,8 @@ def _patch_embed_backward_fake(grad_out, images, weight, mean, std, has_cls, pos
 
 
 def _setup_context(ctx, inputs, output):
-    images, weight, bias, cls_token, pos_embed, mean, std = inputs
+    # (padded like needs_input_grad in _backward, in case trailing Nones are dropped here too)
+    images, weight, bias, cls_token, pos_embed, mean, std = tuple(inputs) + (None,) * (7 - len(inputs))
     ctx.save_for_backward(images, weight, mean, std)
     ctx.has_cls = cls_token is not None
     ctx.pos_tokens = 0 if pos_embed is None else pos_embed.shape[1]
@@ -209,7 +210,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     images, weight, mean, std = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    # The dispatcher drops trailing None arguments from the call it records, so
+    # needs_input_grad has one entry per argument actually passed (2 when only images and
+    # weight are given); the missing optionals need no gradient.
+    need = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
     mask = [
         bool(need[0]) and images.is_floating_point(),
         bool(need[1]),
