@@ -55,6 +55,9 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
         raise ValueError(f"vitfast.patch_embed: image size {H}x{W} is not divisible by the patch size {p}")
     N = (H // p) * (W // p)
     T = N + (cls_token is not None)
+    for name, t in (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"vitfast.patch_embed: {name} must be a tensor or None, got {type(t).__name__}")
     for name, t in (("weight", weight), ("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed),
                     ("mean", mean), ("std", std)):
         if isinstance(t, torch.Tensor) and t.device != images.device:
@@ -88,12 +91,15 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
                 raise TypeError(f"vitfast.patch_embed: {name} must be a real tensor, got {t.dtype}")
             numel = t.numel()
         else:
+            bad_type = TypeError(f"vitfast.patch_embed: {name} must be a tensor or a sequence of {C} floats, "
+                                 f"got {_describe_stats(t)}")
+            if isinstance(t, (str, bytes)):
+                raise bad_type
             try:
                 numel = len(t)
-            except TypeError:
-                raise TypeError(
-                    f"vitfast.patch_embed: {name} must be a tensor or a sequence of {C} floats, got {type(t).__name__}"
-                ) from None
+                [float(v) for v in t]  # nested sequences, strings, None, ... are not floats
+            except (TypeError, ValueError):
+                raise bad_type from None
         if numel != C:
             raise ValueError(
                 f"vitfast.patch_embed: {name} must have one value per channel ({C}), got {numel} value(s)"
@@ -101,6 +107,11 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
         if name == "std" and not isinstance(t, torch.Tensor) and any(float(v) == 0.0 for v in t):
             raise ValueError(f"vitfast.patch_embed: std must be non-zero, got {list(t)}")
     return B, N, T, D
+
+
+def _describe_stats(x) -> str:
+    text = repr(x)
+    return f"{type(x).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def _describe(x) -> str:
