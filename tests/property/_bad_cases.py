@@ -30,17 +30,7 @@ VE, TE = (ValueError,), (TypeError,)
 EITHER = (ValueError, TypeError)
 
 # id -> "defect; fix: exact fix"
-KNOWN_DEFECTS = {
-    "attention/head_dim_0": "attention with D = 0 raises ZeroDivisionError from D ** -0.5; fix: in "
-    "vitfast/ops/attention.py _input_problems, after the rank check add `if t.shape[-1] == 0: "
-    "problems.append((ValueError, f'vitfast.{op}: {name}.shape[-1] (head dim D) must be >= 1, got shape ...'))`",
-    "attention_packed/C_0": "attention_packed with qkv.shape[-1] == 0 raises ZeroDivisionError; fix: in "
-    "vitfast/ops/attention.py attention_packed, reject `qkv.shape[-1] == 0` in the [B, N, 3*H*D] check "
-    "(ValueError naming qkv)",
-    "attention/scale_str": "scale='a' raises float()'s bare ValueError (no argument named); fix: in "
-    "vitfast/ops/attention.py _default_scale, `if isinstance(scale, bool) or not isinstance(scale, (int, float, "
-    "torch.Tensor)): raise TypeError(f'vitfast.attention: scale must be None or a float, got {scale!r}')`",
-}
+KNOWN_DEFECTS: dict = {}
 
 
 def _t(*shape, dtype=torch.float32):
@@ -63,7 +53,11 @@ def _attention_cases():
         Case("attention/complex", A(*[q.to(torch.complex64)] * 3), TE, ("q",)),
         Case("attention/backend", A(q, q, q, backend="cuda"), VE, ("backend",)),
         Case("attention/head_dim_0", A(*[_t(1, 1, 3, 0)] * 3, backend="sdpa"), VE, ("q", "D")),
-        Case("attention/scale_str", A(q, q, q, scale="a", backend="sdpa"), EITHER, ("scale",)),
+        Case("attention/scale_str", A(q, q, q, scale="a", backend="sdpa"), TE, ("scale",)),
+        Case("attention/scale_bool", A(q, q, q, scale=True), TE, ("scale",)),
+        Case("attention/scale_list", A(q, q, q, scale=[0.5]), TE, ("scale",)),
+        Case("attention/scale_tensor_2", A(q, q, q, scale=torch.ones(2), backend="triton"), TE, ("scale",)),
+        Case("attention_packed/scale_str", P(_t(1, 4, 48), num_heads=2, scale="0.5"), TE, ("scale",)),
         Case("attention/triton_head_dim_12", A(*[_t(1, 1, 3, 12)] * 3, backend="triton"), VE, ("q.shape[-1]",)),
         Case("attention/triton_head_dim_264", A(*[_t(1, 1, 3, 264)] * 3, backend="triton"), VE, ("q.shape[-1]",)),
         Case("attention/triton_float64", A(*[q.double()] * 3, backend="triton"), VE, ("dtype",)),

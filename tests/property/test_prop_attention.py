@@ -97,7 +97,6 @@ def test_auto_and_sdpa_match_reference(shape, D, dtype, layout, kind, which, see
     """backend="auto" on the CPU (SDPA by definition) takes every D >= 1, any strides,
     float64, and gives the reference's answer."""
     B, H, N = shape
-    which = 2  # non-finite q or k on the CPU SDPA path: see test_cpu_sdpa_path_propagates_non_finite_qk
     q, k, v = _make(B, H, N, D, dtype, layout, seed, SCALE.get(kind, 1.0), kind, which)
     with torch.no_grad():
         got = attention(q, k, v)
@@ -137,14 +136,11 @@ def test_triton_gradients_match_reference(B, H, N, D, dtype, layout, seed):
        kind=st.sampled_from(("normal", "huge", "nan")), backend=st.sampled_from(("triton", "auto")),
        seed=st.integers(0, 2**16))
 def test_packed_matches_reference(B, N, H, D, dtype, layout, kind, backend, seed):
-    if backend == "auto":
-        B = max(B, 1)  # B = 0 on the SDPA path: test_zero_size_batch_returns_empty_with_gradients (PACKED_B0)
     C = 3 * H * D
     s = SCALE.get(kind, 1.0)
     base = randn((B, N, C), torch.float64, seed, scale=s)
-    if kind == "nan":  # NaN q or k on the CPU SDPA path: SDPA_NAN_QK
-        lo = 0 if backend == "triton" else 2 * H * D
-        base[..., lo:] = poison(base[..., lo:].contiguous(), "nan", seed)
+    if kind == "nan":  # one NaN anywhere in q, k or v
+        base = poison(base, "nan", seed)
     if layout == "contiguous":
         qkv = base.to(dtype)
     elif layout == "row_slice":  # qkv is a slice of a wider buffer: row stride C + 16
@@ -208,22 +204,41 @@ def test_packed_invalid_raises_naming_the_argument(B, N, H, D, extra, heads_bad)
     assert ("num_heads" if heads_bad else "qkv") in str(info.value)
 
 
-SDPA_NAN_QK = ("the CPU path (backend='auto'/'sdpa' -> torch SDPA's CPU flash kernel) can return finite values "
-               "where q or k hold NaN (the reference and the Triton kernel give NaN): a silent wrong answer; fix: "
-               "in vitfast/ops/attention.py, on the SDPA branch of attention() and attention_packed() when "
-               "q.device.type == 'cpu' and not (torch.isfinite(q).all() and torch.isfinite(k).all()), run SDPA "
-               "under `torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)` (softmax(q k^T) v, "
-               "which propagates NaN/Inf exactly as attention_ref)")
-
-
-@pytest.mark.xfail(strict=True, reason=SDPA_NAN_QK)
-@pytest.mark.parametrize("which, N, D", [(0, 1, 8), (0, 5, 8), (1, 1, 1)])
-def test_cpu_sdpa_path_propagates_non_finite_qk(which, N, D):
-    t = [randn((1, 2, N, D), torch.float32, i) for i in range(3)]
-    t[which][0, 1, 0, 0] = float("nan")
+# Regression: PyTorch's CPU SDPA returned finite values where q or k held NaN (flash kernel),
+# and 0 instead of NaN for rows whose scores are all -Inf (math kernel's safe softmax, e.g.
+# N = 1 with an Inf in q); the CPU SDPA path now computes non-finite q/k explicitly.
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("which, N, D", [(0, 1, 8), (0, 5, 8), (1, 1, 1), (1, 5, 8), (0, 37, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_sdpa_path_propagates_non_finite_qk(which, N, D, value, dtype):
+    t = [randn((1, 2, N, D), dtype, i) for i in range(3)]
+    t[which][0, 1, 0, 0] = value
     ref = attention_ref(*(x.double() for x in t))
-    assert ref[0, 1].isnan().any()
-    assert_matches("out", attention(*t, backend="sdpa"), None, ref, torch.float32)
+    if value != value:
+        assert ref[0, 1].isnan().any()
+    for backend in ("sdpa", "auto"):
+        assert_matches(f"out[{backend}]", attention(*t, backend=backend), None, ref, dtype)
+    qkv = torch.stack(t, 0).permute(1, 3, 0, 2, 4).flatten(2)  # [B, N, 3*H*D], timm's split
+    got = attention_packed(qkv, num_heads=2)
+    assert_matches("packed", got, None, ref.transpose(1, 2).flatten(2), dtype)
+
+
+def test_cpu_sdpa_path_non_finite_gradients_flow():
+    q, k, v = (randn((1, 2, 5, 8), torch.float32, i).requires_grad_() for i in range(3))
+    with torch.no_grad():
+        q[0, 0, 1, 2] = float("nan")
+    attention(q, k, v).sum().backward()
+    assert q.grad[0, 1].isfinite().all() and q.grad[0, 0, 1].isnan().all()
+
+
+@pytest.mark.parametrize("scale", [0.25, 2, "np_float32", "tensor_0d"])
+def test_scale_types(scale):
+    import numpy as np
+
+    value = {"np_float32": np.float32(0.25), "tensor_0d": torch.tensor(0.25)}.get(scale, scale)
+    q, k, v = (randn((1, 2, 5, 16), torch.float32, i) for i in range(3))
+    ref = attention_ref(q.double(), k.double(), v.double(), scale=float(value))
+    assert_matches("out", attention(q, k, v, scale=value), None, ref, torch.float32)
 
 
 def test_triton_propagates_non_finite_q():
@@ -234,13 +249,9 @@ def test_triton_propagates_non_finite_q():
         assert_matches("out", attention(q, k, v, backend="triton"), None, ref, torch.float32)
 
 
-PACKED_B0 = ("attention_packed on the SDPA path with B = 0 (or N = 0) raises RuntimeError 'cannot reshape tensor "
-             "of 0 elements into shape [0, N, -1]'; fix: in vitfast/ops/attention.py attention_packed, "
-             "`.reshape(B, N, -1)` -> `.reshape(B, N, q.shape[1] * q.shape[-1])`")
-
-
-@pytest.mark.parametrize("backend", ["triton", pytest.param("auto", marks=pytest.mark.xfail(strict=True,
-                                                                                              reason=PACKED_B0))])
+# Regression: attention_packed on the SDPA path used .reshape(B, N, -1), which cannot infer -1
+# for 0 elements (B = 0 or N = 0).
+@pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_zero_size_batch_returns_empty_with_gradients(backend):
     q, k, v = (torch.zeros(0, 2, 5, 16, requires_grad=True) for _ in range(3))
     out = attention(q, k, v, backend=backend)
@@ -265,3 +276,21 @@ def test_cuda_forward_values_and_layouts(dtype, kind):
             sdpa = attention(q, k, v, backend="sdpa")
             ref = attention_ref(q.double(), k.double(), v.double())
             assert_matches(f"{layout} N={N}", got, sdpa, ref, dtype, unit=SCALE.get(kind, 1.0))
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_cpu_sdpa_path_compiles_fullgraph(scale):
+    # The non-finite check on the CPU SDPA path is a data-dependent branch: it is skipped while
+    # torch.compile traces, so the graph stays whole (and gradients match eager).
+    torch._dynamo.reset()
+    q, k, v = (randn((2, 2, 7, 16), torch.float32, i).requires_grad_() for i in range(3))
+    qkv = randn((2, 7, 96), torch.float32, 9).requires_grad_()
+
+    def fn(a, b, c, x):
+        return attention(a, b, c, scale=scale).square().sum() + attention_packed(x, num_heads=2, scale=scale).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, qkv), (q, k, v, qkv))
+    want = torch.autograd.grad(fn(q, k, v, qkv), (q, k, v, qkv))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

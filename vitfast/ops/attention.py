@@ -14,6 +14,8 @@ Public API:
 kernel cannot serve falls back to SDPA with a one-time warning. ``"triton"`` forces the
 kernel (on the CPU only under ``TRITON_INTERPRET=1``) and raises
 :class:`~vitfast._dispatch.KernelNotSupported` with every reason; ``"sdpa"`` forces PyTorch.
+On the CPU, NaN/Inf in q or k propagate as in ``softmax(q k^T) v`` (PyTorch's CPU SDPA
+kernels do not; see ``_sdpa``).
 
 Precision: fp16 and bf16 inputs are multiplied on tensor cores with fp32 accumulation and
 an fp32 softmax. fp32 inputs use TF32 dots when ``torch.backends.cuda.matmul.allow_tf32``
@@ -31,6 +33,7 @@ interpreted kernel.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -39,6 +42,7 @@ from torch import Tensor
 
 from .._dispatch import resolve_backend
 from . import _attention_kernels as _k
+from .reference import attention_ref
 
 __all__ = ["attention", "attention_packed", "attention_not_supported_reasons"]
 
@@ -64,6 +68,8 @@ def _input_problems(op: str, tensors: dict) -> list[tuple[type, str]]:
     for name, t in tensors.items():
         if t.dim() != 4:
             problems.append((ValueError, f"vitfast.{op}: {name} must have 4 dimensions [B, H, N, D], got shape {_shape(t)}"))
+        elif t.shape[-1] == 0:
+            problems.append((ValueError, f"vitfast.{op}: {name}.shape[-1] (head dim D) must be >= 1, got shape {_shape(t)}"))
         if not (t.is_floating_point()):
             problems.append((TypeError, f"vitfast.{op}: {name} has dtype {t.dtype}; attention needs a floating-point dtype"))
     if problems:
@@ -132,8 +138,45 @@ def _choose_backend(op: str, backend: str, q: Tensor, k: Tensor, v: Tensor) -> s
     return resolve_backend(op, backend, "triton", reasons, choices=BACKENDS, fallback="sdpa")
 
 
-def _default_scale(scale: Optional[float], head_dim: int) -> float:
-    return float(head_dim ** -0.5 if scale is None else scale)
+def _default_scale(op: str, scale: Optional[float], head_dim: int) -> float:
+    if scale is None:
+        return float(head_dim ** -0.5)
+    ok = (isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(scale, bool)) or (
+        isinstance(scale, Tensor) and scale.numel() == 1 and (scale.is_floating_point() or scale.dtype in
+                                                              (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)))
+    if not ok:
+        raise TypeError(f"vitfast.{op}: scale must be None or a float, got {_describe_scale(scale)}")
+    return float(scale)
+
+
+def _describe_scale(scale) -> str:
+    if isinstance(scale, Tensor):
+        return f"a {scale.dtype} tensor of shape {_shape(scale)}"
+    text = repr(scale)
+    return f"{type(scale).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The ``sdpa`` backend: PyTorch's SDPA, with non-finite q/k on the CPU computed exactly.
+
+    PyTorch's CPU SDPA kernels do not propagate non-finite q or k as ``softmax(q k^T) v`` does:
+    the flash kernel can return finite values where q or k holds a NaN or an Inf, and the
+    math kernel's "safe" softmax gives 0 instead of NaN for a row whose scores are all -Inf.
+    So on the CPU, when q or k holds a NaN/Inf, the output is the explicit formula
+    (:func:`~vitfast.ops.reference.attention_ref`: fp32 math for fp16/bf16, an N x N score
+    matrix for such inputs only), which propagates them as the reference and the Triton
+    kernel do. The check reads q and k once (O(N D),
+    next to the O(N^2 D) attention); it is never made on CUDA tensors (it would sync the host
+    with the GPU), and it is skipped inside ``torch.compile``d graphs, where a data-dependent
+    branch would break the graph: there non-finite q/k get SDPA's own answer.
+    """
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and q.numel() and not _all_finite(q, k):
+        return attention_ref(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 # ------------------------------------------------------------------------- the ops
@@ -277,9 +320,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     ``[B, N, H, D]`` in memory). Differentiable in q, k and v.
     """
     _raise_first(_input_problems("attention", {"q": q, "k": k, "v": v}))
-    scale = _default_scale(scale, q.shape[-1])
+    scale = _default_scale("attention", scale, q.shape[-1])
     if _choose_backend("attention", backend, q, k, v) == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return _sdpa(q, k, v, scale)
     return _attention_fwd(q, k, v, scale)[0]
 
 
@@ -296,6 +339,8 @@ def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = No
         raise TypeError(f"vitfast.attention_packed: qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"vitfast.attention_packed: num_heads must be a positive int, got {num_heads!r}")
+    if qkv.dim() == 3 and qkv.shape[-1] == 0:
+        raise ValueError(f"vitfast.attention_packed: qkv must be [B, N, 3*H*D] with head dim D >= 1, got shape {_shape(qkv)}")
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"vitfast.attention_packed: qkv must be [B, N, 3*H*D] with H = num_heads = {num_heads}, "
                          f"got shape {_shape(qkv)}")
@@ -303,8 +348,9 @@ def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = No
         raise TypeError(f"vitfast.attention_packed: qkv has dtype {qkv.dtype}; attention needs a floating-point dtype")
     q, k, v = _split_packed(qkv, num_heads)
     _raise_first(_input_problems("attention_packed", {"q": q, "k": k, "v": v}))
-    scale = _default_scale(scale, q.shape[-1])
+    scale = _default_scale("attention_packed", scale, q.shape[-1])
     if _choose_backend("attention_packed", backend, q, k, v) == "sdpa":
         B, N, _ = qkv.shape
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, -1)
+        H, D = q.shape[1], q.shape[-1]  # explicit: reshape cannot infer -1 when B or N is 0
+        return _sdpa(q, k, v, scale).transpose(1, 2).reshape(B, N, H * D)
     return _attention_packed_fwd(qkv, num_heads, scale)[0]
