@@ -68,26 +68,34 @@ def test_the_payload_really_runs_code_when_unpickled(tmp_path):
     assert os.path.exists(marker)
 
 
-TRAINING_META = ("vitfast/training/checkpoint.py reads meta.pt and rng/rank<R>.pt with torch.load(weights_only=False): "
-                 "`vitfast train --resume DIR` runs any code pickled into DIR/meta.pt; fix: weights_only=True in "
-                 "read_meta() and in load_checkpoint()'s RNG load (meta holds ints, floats, strings, dicts, tensors "
-                 "and random.getstate()'s tuple, all allowed; add torch.serialization.add_safe_globals for "
-                 "anything else the run's args hold)")
-
-
-@pytest.mark.xfail(strict=True, reason=TRAINING_META)
-def test_training_resume_never_runs_pickled_code(tmp_path):
-    from vitfast.training.checkpoint import read_meta
+# Regression: vitfast/training/checkpoint.py read meta.pt and rng/rank<R>.pt with
+# torch.load(weights_only=False), so `vitfast train --resume DIR` ran code pickled into DIR.
+@pytest.mark.parametrize("which", ["meta.pt", "rng"])
+def test_training_resume_never_runs_pickled_code(tmp_path, which):
+    from vitfast.training.checkpoint import CheckpointError, load_checkpoint as resume
+    from vitfast.training.dist import DistEnv
 
     marker = str(tmp_path / "marker")
     ckpt = tmp_path / "step_00000001"
-    ckpt.mkdir()
-    torch.save({"step": 1, "evil": _Evil(marker)}, str(ckpt / "meta.pt"))
-    try:
-        read_meta(str(ckpt))
-    except Exception:  # noqa: BLE001  (any refusal is fine; running the code is not)
-        pass
-    assert not os.path.exists(marker), "resuming from a checkpoint ran code pickled into meta.pt"
+    (ckpt / "rng").mkdir(parents=True)
+    model = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    meta = {"step": 1, "scheduler": sched.state_dict(), "scaler": None, "mode": "ddp", "world_size": 1,
+            "args": {"lr": 0.1}, "format": 1}
+    rng = {"torch": torch.get_rng_state(), "python": __import__("random").getstate()}
+    if which == "meta.pt":
+        meta["evil"] = _Evil(marker)
+    else:
+        rng["evil"] = _Evil(marker)
+    torch.save(meta, str(ckpt / "meta.pt"))
+    torch.save(rng, str(ckpt / "rng" / "rank0.pt"))
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, str(ckpt / "state.pt"))
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launched=False)
+    with pytest.raises(CheckpointError) as info:
+        resume(str(ckpt), model=model, optimizer=opt, scheduler=sched, scaler=None, env=env, mode="ddp")
+    assert which in str(info.value) and "refuses to unpickle" in str(info.value), str(info.value)
+    assert not os.path.exists(marker), f"resuming from a checkpoint ran code pickled into {which}"
 
 
 def test_safetensors_round_trip_and_corrupt_file(tmp_path):

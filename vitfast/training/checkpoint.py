@@ -10,13 +10,18 @@ so a directory named ``step_<N>`` is always complete):
   world size;
 * ``rng/rank<R>.pt``: each rank's torch (CPU and CUDA) and Python RNG states.
 
+Every file is read back with ``torch.load(weights_only=True)``: resuming never runs code pickled
+into a checkpoint (what is saved is tensors, numbers, strings, None and containers of them).
+
 Data order needs no state: batches are a function of ``(seed, step)`` (see
 ``vitfast.training.data.StepBatchSampler``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import random
 import re
 import shutil
@@ -43,6 +48,26 @@ def _rng_state(env: DistEnv) -> Dict[str, Any]:
     if env.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(env.device)
     return state
+
+
+def _safe_load(path: str, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)``: a file holding anything but tensors and plain data is
+    refused with a :class:`CheckpointError` (unpickling it could run arbitrary code)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint file {path!r} holds objects other than tensors and plain data; vitfast refuses to "
+            f"unpickle it (that could run arbitrary code). torch.load(weights_only=True) said: {e}"
+        ) from e
+
+
+def _plain_args(args: Any) -> Dict[str, Any]:
+    """The run's arguments as a dict of plain values (loadable with weights_only=True)."""
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    return {str(k): v if v is None or isinstance(v, (bool, int, float, str, list, tuple, dict, torch.dtype))
+            else str(v) for k, v in dict(args).items()}
 
 
 def _set_rng_state(state: Dict[str, Any], env: DistEnv) -> None:
@@ -91,7 +116,7 @@ def save_checkpoint(
             "scaler": scaler.state_dict() if scaler is not None else None,
             "mode": mode,
             "world_size": env.world_size,
-            "args": args,
+            "args": _plain_args(args),
             "format": 1,
         }
         torch.save(meta, os.path.join(tmp, "meta.pt"))
@@ -121,7 +146,7 @@ def read_meta(path: str) -> Dict[str, Any]:
     meta_path = os.path.join(path, "meta.pt")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"--resume {path!r} is not a complete checkpoint (no meta.pt in it)")
-    return torch.load(meta_path, map_location="cpu", weights_only=False)
+    return _safe_load(meta_path, "cpu")
 
 
 def load_checkpoint(
@@ -149,7 +174,7 @@ def load_checkpoint(
         dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
-        state = torch.load(os.path.join(path, "state.pt"), map_location=env.device, weights_only=True)
+        state = _safe_load(os.path.join(path, "state.pt"), env.device)
         try:
             unwrap(model).load_state_dict(state["model"])
         except RuntimeError as e:
@@ -160,7 +185,7 @@ def load_checkpoint(
         scaler.load_state_dict(meta["scaler"])
     rng_path = os.path.join(path, "rng", f"rank{env.rank}.pt")
     if meta["world_size"] == env.world_size and os.path.isfile(rng_path):
-        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False), env)
+        _set_rng_state(_safe_load(rng_path, "cpu"), env)
     elif env.is_main:
         warnings.warn(
             f"checkpoint {path!r} was saved by {meta['world_size']} process(es), resuming with {env.world_size}: "
