@@ -86,13 +86,10 @@ def _fused_job(backend):
     return make
 
 
-INTERPRETER_THREADS = (
-    "the Triton interpreter (TRITON_INTERPRET=1, vitfast's CPU path for backend='triton') is not thread-safe: it "
-    "patches triton.language globally while a kernel runs, so two threads launching at once fail with "
-    "InterpreterError('Did you forget to add @triton.jit ?'); fix: in vitfast/ops/_attention_kernels.py "
-    "(launch_fwd, launch_bwd) and vitfast/ops/_fused_kernels.py (every launch_*), hold a module-level "
-    "`_INTERPRET_LOCK = threading.Lock()` around the kernel launches when INTERPRET is set "
-    "(`with _INTERPRET_LOCK if INTERPRET else contextlib.nullcontext():`); compiled GPU launches need no lock")
+# Regression: the Triton interpreter (TRITON_INTERPRET=1, the CPU path for backend='triton') is
+# not thread-safe: it patches triton.language globally while a kernel runs, so two threads
+# launching at once failed with InterpreterError('Did you forget to add @triton.jit ?') in about
+# half the runs. Every interpreted launch now holds vitfast._dispatch.interpreter_lock.
 
 JOBS = {
     "patch_embed": _patch_embed_job,
@@ -101,12 +98,7 @@ JOBS = {
     "fused_triton": _fused_job("triton"),
     "fused_reference": _fused_job("reference"),
 }
-# Under the interpreter the Triton jobs hit INTERPRETER_THREADS, a race that shows in about
-# half the runs on a 2-core machine (forcing the interleaving deterministically was tried: the
-# window is inside triton's own _patch_lang), so that xfail cannot be strict.
-_racy = pytest.mark.xfail(strict=False, reason=INTERPRETER_THREADS)
-FREE_JOBS = [pytest.param(j, marks=_racy if j.endswith("triton") and not torch.cuda.is_available() else ())
-             for j in JOBS]
+FREE_JOBS = list(JOBS)
 
 
 def _expected(job):

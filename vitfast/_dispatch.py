@@ -12,7 +12,8 @@ import threading
 import warnings
 from typing import Iterable, Sequence
 
-__all__ = ["KernelNotSupported", "warn_fallback_once", "resolve_backend", "reset_warnings"]
+__all__ = ["KernelNotSupported", "warn_fallback_once", "resolve_backend", "reset_warnings",
+           "interpreter_lock", "serialize_interpreted"]
 
 
 class KernelNotSupported(ValueError):
@@ -76,3 +77,37 @@ def resolve_backend(
             return fallback
         return kernel
     return backend
+
+
+# The Triton interpreter (TRITON_INTERPRET=1, the CPU path of the Triton kernels) is not
+# thread-safe: while a kernel runs it patches triton.language's module globals, so two launches
+# from two threads at once break each other ("Did you forget to add @triton.jit ?"). Every
+# interpreted launch in vitfast holds this one lock (shared by all ops, since the state patched
+# is global); compiled GPU launches take no lock.
+interpreter_lock = threading.RLock()
+
+
+class _SerializedLaunch:
+    """``kernel[grid](*args)`` with :data:`interpreter_lock` held for the launch."""
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with interpreter_lock:
+                return launch(*args, **kwargs)
+
+        return run
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+def serialize_interpreted(kernel):
+    """An interpreted Triton kernel whose launches hold :data:`interpreter_lock`."""
+    return _SerializedLaunch(kernel)

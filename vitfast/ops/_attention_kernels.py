@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dispatch import serialize_interpreted
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -417,8 +419,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _wrap(kernel):
-    if INTERPRET:
-        return kernel
+    if INTERPRET:  # the interpreter is not thread-safe: launches hold one global lock
+        return serialize_interpreted(kernel)
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dispatch import serialize_interpreted
+
 # LayerNorm rows must fit one program's registers: BLOCK_C = next_power_of_2(C) <= this.
 MAX_LN_HIDDEN = 16384
 ACT_CODES = {"none": 0, "tanh": 1}  # GELU approximations, as in torch.nn.functional.gelu
@@ -279,8 +281,8 @@ INTERPRET_ROWS, INTERPRET_COLS, INTERPRET_CHUNKS = 16, 256, 3
 
 
 def _wrap(kernel):
-    if INTERPRET:
-        return kernel
+    if INTERPRET:  # the interpreter is not thread-safe: launches hold one global lock
+        return serialize_interpreted(kernel)
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)
