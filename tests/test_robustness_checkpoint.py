@@ -183,3 +183,55 @@ def test_checkpoint_with_non_finite_weights_loads_as_is(tmp_path):
     m2 = load_checkpoint(_tiny(), path).eval()
     out = m2(torch.randn(1, 3, 16, 16))
     assert out[0, 0].isnan() and out[0, 1:].isfinite().all()
+
+
+def _fsdp_resume(ckpt, model, opt):
+    from vitfast.training.checkpoint import load_checkpoint as resume
+    from vitfast.training.dist import DistEnv
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    meta = {"step": 1, "scheduler": sched.state_dict(), "scaler": None, "mode": "fsdp", "world_size": 1,
+            "args": {}, "format": 1}
+    torch.save(meta, str(ckpt / "meta.pt"))
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launched=False)
+    return resume(str(ckpt), model=model, optimizer=opt, scheduler=sched, scaler=None, env=env, mode="fsdp")
+
+
+@pytest.mark.parametrize("where", ["metadata", "item", "none"])
+def test_fsdp_resume_never_runs_pickled_code(tmp_path, where):
+    """torch.distributed.checkpoint unpickles .metadata with plain pickle and non-tensor items with
+    weights_only=False: resuming an FSDP checkpoint must refuse a payload in either."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from vitfast.training.checkpoint import CheckpointError
+
+    marker = str(tmp_path / "marker")
+    ckpt = tmp_path / "step_00000001"
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # as in training (adds initial_lr)
+    model(torch.randn(1, 3, 16, 16)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    if where == "item":
+        osd["param_groups"][0]["lr"] = _Evil(marker)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "dcp"))
+    if where == "metadata":
+        with open(ckpt / "dcp" / ".metadata", "rb") as f:
+            md = pickle.load(f)
+        md.storage_meta = _Evil(marker)
+        with open(ckpt / "dcp" / ".metadata", "wb") as f:
+            pickle.dump(md, f)
+    fresh = _tiny()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.5)
+    if where == "none":  # control: a clean checkpoint loads
+        assert _fsdp_resume(ckpt, fresh, fresh_opt) == 1
+        for k, v in model.state_dict().items():
+            assert torch.equal(fresh.state_dict()[k], v), k
+        assert fresh_opt.param_groups[0]["lr"] == 0.1
+        return
+    with pytest.raises(CheckpointError) as info:
+        _fsdp_resume(ckpt, fresh, fresh_opt)
+    assert "refuses to unpickle" in str(info.value), str(info.value)
+    assert not os.path.exists(marker), f"resuming an FSDP checkpoint ran code pickled into its {where}"

@@ -11,7 +11,11 @@ so a directory named ``step_<N>`` is always complete):
 * ``rng/rank<R>.pt``: each rank's torch (CPU and CUDA) and Python RNG states.
 
 Every file is read back with ``torch.load(weights_only=True)``: resuming never runs code pickled
-into a checkpoint (what is saved is tensors, numbers, strings, None and containers of them).
+into a checkpoint (what is saved is tensors, numbers, strings, None and containers of them). The
+FSDP ``dcp/`` folder is read with ``torch.distributed.checkpoint``, which unpickles its
+``.metadata`` with plain ``pickle`` and its non-tensor items with ``weights_only=False``; so the
+``.metadata`` is first checked with an unpickler that only resolves DCP's own metadata classes,
+and non-tensor items must load with ``weights_only=True`` before DCP reads them.
 
 Data order needs no state: batches are a function of ``(seed, step)`` (see
 ``vitfast.training.data.StepBatchSampler``).
@@ -62,12 +66,92 @@ def _safe_load(path: str, map_location: Any) -> Any:
         ) from e
 
 
+def _refuse(path: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint file {path!r} holds {what}; vitfast refuses to unpickle it (that could run arbitrary code)"
+    )
+
+
+_PATH_CLASSES = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Resolves only what a torch.distributed.checkpoint ``.metadata`` file needs: DCP's metadata
+    classes, ``torch.Size``, torch dtypes, layouts and paths. Anything else (``exec``, ``os.system``,
+    ...) raises before it is imported or called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        ok = (
+            (module.startswith("torch.distributed.checkpoint.") and not name.startswith("__"))
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in _PATH_CLASSES)
+            or (module == "collections" and name == "OrderedDict")
+            or (module == "builtins" and name in ("set", "frozenset", "slice"))
+        )
+        obj = super().find_class(module, name) if ok else None
+        if module.startswith("torch.distributed.checkpoint.") and not isinstance(obj, type):
+            ok = False  # DCP's classes only, not its functions
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a DCP .metadata file")
+        return obj
+
+
+def _check_dcp_metadata(dcp_dir: str) -> None:
+    path = os.path.join(dcp_dir, ".metadata")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint folder {dcp_dir!r} has no .metadata (an incomplete FSDP checkpoint)")
+    with open(path, "rb") as f:
+        try:
+            _DcpMetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise _refuse(path, f"objects other than DCP metadata ({e})") from e
+
+
+def _safe_dcp_planner(path: str):
+    """DCP's default load planner, except that non-tensor items must load with weights_only=True
+    (DCP itself unpickles them with weights_only=False)."""
+    import io
+
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class _SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise _refuse(path, f"an item ({read_item.dest_index.fqn}) that is not plain data ({e})") from e
+            value.seek(0)  # it is plain data: DCP's own load of it runs no code
+            super().load_bytes(read_item, value)
+
+    return _SafeLoadPlanner()
+
+
 def _plain_args(args: Any) -> Dict[str, Any]:
     """The run's arguments as a dict of plain values (loadable with weights_only=True)."""
     if isinstance(args, argparse.Namespace):
         args = vars(args)
     return {str(k): v if v is None or isinstance(v, (bool, int, float, str, list, tuple, dict, torch.dtype))
             else str(v) for k, v in dict(args).items()}
+
+
+def _find_cause(e: BaseException, kind: type) -> Optional[BaseException]:
+    """The first ``kind`` exception in e's cause/context chain or, for DCP's
+    CheckpointException, among its per-rank failures."""
+    seen = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, kind):
+            return x
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        for f in failures.values() if isinstance(failures, dict) else ():
+            todo += [y for y in (f if isinstance(f, tuple) else (f,)) if isinstance(y, BaseException)]
+    return None
 
 
 def _set_rng_state(state: Dict[str, Any], env: DistEnv) -> None:
@@ -169,9 +253,19 @@ def load_checkpoint(
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        dcp_dir = os.path.join(path, "dcp")
+        _check_dcp_metadata(dcp_dir)
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+        try:
+            dcp.load(state, checkpoint_id=dcp_dir, planner=_safe_dcp_planner(dcp_dir))
+        except CheckpointError:
+            raise
+        except (Exception, dcp.CheckpointException) as e:  # DCP wraps the refusal (a BaseException)
+            refusal = _find_cause(e, CheckpointError)
+            if refusal is None:
+                raise
+            raise refusal from e
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         state = _safe_load(os.path.join(path, "state.pt"), env.device)
