@@ -38,9 +38,11 @@ from .._dispatch import serialize_interpreted
 MAX_LN_HIDDEN = 16384
 ACT_CODES = {"none": 0, "tanh": 1}  # GELU approximations, as in torch.nn.functional.gelu
 
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
+# Globals read inside @triton.jit code must be tl.constexpr: the compiler rejects plain
+# Python floats ("Cannot access global variable ..."), though the interpreter accepts them.
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 
 
 # ----------------------------------------------------------------------------- helpers
