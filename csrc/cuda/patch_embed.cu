@@ -379,7 +379,7 @@ bool make_tile(const PatchEmbedShape& s, const at::Tensor& img, const at::Tensor
 void launch_patchify(const at::Tensor& images, at::Tensor& mat, const PatchEmbedShape& s, const at::Tensor& mean,
                      const at::Tensor& stdv) {
   if (mat.numel() == 0) return;
-  Tile g;
+  Tile g{};  // value-initialised: the fallback kernels get no indeterminate fields
   int64_t smem = 0;
   const bool tiled = make_tile(s, images, mat, g, smem);
   const double base = image_base_scale(images.scalar_type() == at::kByte);
@@ -408,7 +408,7 @@ void launch_patchify(const at::Tensor& images, at::Tensor& mat, const PatchEmbed
 void launch_unpatchify(const at::Tensor& dmat, at::Tensor& grad_images, const PatchEmbedShape& s,
                        const at::Tensor& stdv) {
   if (grad_images.numel() == 0) return;
-  Tile g;
+  Tile g{};
   int64_t smem = 0;
   const bool tiled = make_tile(s, grad_images, dmat, g, smem);
   const double* sd = stdv.defined() ? stdv.const_data_ptr<double>() : nullptr;
@@ -501,7 +501,9 @@ Grads patch_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor& im
     g_weight = at::mm(G.t(), X).view({s.D, s.C, s.p, s.p});
   }
   if (output_mask[0]) {
-    const at::Tensor dX = at::mm(G, weight.contiguous().view({s.D, s.K}));  // [B*T, K]
+    // [B*T, K]; the kernel indexes it as row-major, so make that a guarantee rather than an
+    // assumption about at::mm's output strides (a no-op when it is contiguous, as today)
+    const at::Tensor dX = at::mm(G, weight.contiguous().view({s.D, s.K})).contiguous();
     at::Tensor gi = at::empty_like(images);
     launch_unpatchify(dX, gi, s, channel_stat(std));
     g_images = gi;
