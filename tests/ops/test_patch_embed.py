@@ -76,7 +76,12 @@ def make_inputs(c: Case, dtype=torch.float64, img_dtype=None, device="cpu", seed
     pos = None
     if c.pos is not None:
         pos = torch.randn(1, T if c.pos == "full" else N, c.D, generator=g, dtype=torch.float64).to(dtype)
-    mean, std = (MEAN3, STD3) if c.C == 3 else (MEAN1, STD1)
+    if c.C == 3:
+        mean, std = MEAN3, STD3
+    elif c.C == 1:
+        mean, std = MEAN1, STD1
+    else:  # e.g. RGBA
+        mean, std = tuple(0.3 + 0.1 * i for i in range(c.C)), tuple(0.2 + 0.02 * i for i in range(c.C))
     if not c.norm:
         mean = std = None
     move = lambda t: t if t is None else t.to(device)  # noqa: E731
@@ -393,6 +398,9 @@ GPU_CASES = CASES + [
     Case(B=3, H=384, W=128, p=16, D=384, pos="patches"),
     Case(B=2, H=64, W=4096 + 64, p=32, D=40),  # too wide for one tile per patch row
     Case(B=2, C=3, H=128, W=256, p=128, D=10),  # one patch row exceeds the shared-memory tile: fallback
+    # RGBA channels_last: 16-byte chunks of (w, c) that straddle patch boundaries (p*C = 56, 32)
+    Case(B=2, C=4, H=28, W=56, p=14, D=12, uint8=True, channels_last=True),
+    Case(B=1, C=4, H=16, W=40, p=8, D=11, channels_last=True, pos="patches"),
 ]
 
 
@@ -509,3 +517,158 @@ def test_autocast_runs_in_the_autocast_dtype(dtype, uint8):
     out.float().sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
     assert torch.isfinite(w.grad).all() and b.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU edge cases of the CUDA kernels (review of csrc/cuda/patch_embed.cu)
+# ---------------------------------------------------------------------------------------------
+
+_IMG_DTYPES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+_W_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _tol(dtype):
+    return {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_every_image_and_weight_dtype(channels_last):
+    """Every (image dtype, weight dtype) instantiation of the patchify and unpatchify kernels,
+    vector and scalar paths (p = 16 vectorises, p = 14 does not), against the CPU op in float64."""
+    for p, H, W in ((16, 32, 48), (14, 28, 42)):
+        for it in _IMG_DTYPES:
+            for wt in _W_DTYPES:
+                case = Case(p=p, H=H, W=W, D=13, uint8=it == torch.uint8, channels_last=channels_last)
+                a = make_inputs(case, dtype=wt, img_dtype=None if it == torch.uint8 else it, device="cuda")
+                names = ["weight", "bias", "cls_token", "pos_embed"] + ([] if it == torch.uint8 else ["images"])
+                xs = {n: a[n].detach().clone().requires_grad_() for n in names}
+                out = call(patch_embed, {**a, **xs})
+                gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+                out.backward(gout.to("cuda", wt))
+                ref_in = _cpu_op_args(a)
+                rs = {n: ref_in[n].detach().clone().requires_grad_() for n in names}
+                ref = call(patch_embed, {**ref_in, **rs})
+                ref.backward(gout)
+                tol, msg = _tol(wt), f"images {it}, weight {wt}, p={p}"
+                assert out.dtype == wt
+                torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item(),
+                                           msg=lambda m: f"{msg}: {m}")
+                for n in names:
+                    assert xs[n].grad.dtype == a[n].dtype, (msg, n)
+                    want = rs[n].grad
+                    gtol = max(tol, _tol(a[n].dtype))
+                    torch.testing.assert_close(xs[n].grad.cpu().double(), want, rtol=gtol,
+                                               atol=gtol * want.abs().max().item(), msg=lambda m: f"{msg} {n}: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_batch_zero_and_no_patches_backward():
+    """B = 0 and H = 0 (no patch rows) forward and backward: no launch reads or writes anything."""
+    for cut in ("batch", "height"):
+        a = make_inputs(Case(), dtype=torch.float32, device="cuda")
+        if cut == "batch":
+            a["images"] = a["images"][:0]
+        else:
+            a["images"] = a["images"][:, :, :0]
+            a["pos_embed"] = a["pos_embed"][:, :1]
+        names = ["images", "weight", "bias", "cls_token", "pos_embed"]
+        got, want = {}, {}
+        for inputs, store in ((a, got), (_cpu_op_args(a), want)):
+            xs = {n: inputs[n].detach().clone().requires_grad_() for n in names}
+            out = call(patch_embed, {**inputs, **xs})
+            out.backward(torch.ones_like(out))
+            store.update({n: xs[n].grad for n in names}, out=out)
+        torch.cuda.synchronize()
+        assert got["out"].shape == want["out"].shape
+        for k in want:
+            torch.testing.assert_close(got[k].cpu().double(), want[k].double(), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{cut} {k}: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_strided_views_and_offsets_vector_paths():
+    """Views whose strides and storage offsets keep (or just break) the 16-byte vector paths,
+    and zero-stride (expanded) images, forward and image gradient, against the CPU op."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u8 = lambda *s: torch.randint(0, 256, s, generator=g, device="cuda", dtype=torch.uint8)  # noqa: E731
+    f32 = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    views = {
+        "u8 offset 16 B, rows 80 B (vector)": u8(2, 3, 48, 80)[..., 16:],
+        "u8 offset 1 B (scalar)": u8(2, 3, 48, 80)[..., 1:65],
+        "u8 channels_last offset 48 B (vector)": u8(2, 48, 80, 3)[:, :, 16:].permute(0, 3, 1, 2),
+        "f32 offset 16 B, rows 272 B (vector)": f32(2, 3, 48, 68)[..., 4:],
+        "f32 offset 8 B (scalar)": f32(2, 3, 48, 68)[..., 2:66],
+        "f32 channel-expanded": f32(2, 1, 48, 64).expand(-1, 3, -1, -1),
+        "f32 batch-expanded": f32(1, 3, 48, 64).expand(2, -1, -1, -1),
+        "f32 odd batch stride": f32(2 * 3 * 48 * 64 + 5)[:-5].as_strided((2, 3, 48, 64), (3 * 48 * 64 + 5, 48 * 64, 64, 1)),
+    }
+    case = Case(B=2, H=48, W=64, p=16, D=24)
+    a = make_inputs(case, dtype=torch.float32, device="cuda")
+    for name, images in views.items():
+        b = {**a, "images": images}
+        ref_in = {**_cpu64(b), "images": images.cpu() if images.dtype == torch.uint8 else images.cpu().double()}
+        torch.testing.assert_close(call(patch_embed, b).cpu().double(), call(patch_embed, ref_in),
+                                   rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        if images.is_floating_point():
+            x = images.detach().requires_grad_()  # the view itself: same strides and offset
+            (gx,) = torch.autograd.grad(call(patch_embed, {**b, "images": x}).sum(), x)
+            xr = ref_in["images"].detach().clone().requires_grad_()
+            (gr,) = torch.autograd.grad(call(patch_embed, {**ref_in, "images": xr}).sum(), xr)
+            torch.testing.assert_close(gx.cpu().double(), gr, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} grad: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [Case(p=16, channels_last=True), Case(C=4, p=14, H=28, W=56, channels_last=True),
+                                  Case(B=2, C=3, H=128, W=256, p=128, D=10)], ids=str)
+def test_cuda_image_gradient_layout_paths(case):
+    """Image gradients through the vectorised channels_last unpatchify (p*C = 48, 56) and the
+    elementwise fallback for patches too large for shared memory (p = 128), float32 and bfloat16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        a = make_inputs(case, dtype=dtype, device="cuda")
+        x = a["images"].detach().clone().requires_grad_()
+        out = call(patch_embed, {**a, "images": x})
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        (gx,) = torch.autograd.grad(out, x, gout.to("cuda", dtype))
+        assert gx.stride() == x.stride()
+        ref_in = _cpu_op_args(a)
+        xr = ref_in["images"].detach().clone().requires_grad_()
+        (gr,) = torch.autograd.grad(call(patch_embed, {**ref_in, "images": xr}), xr, gout)
+        tol = _tol(dtype)
+        torch.testing.assert_close(gx.cpu().double(), gr, rtol=tol, atol=tol * gr.abs().max().item())
+
+
+@pytest.mark.cuda
+def test_cuda_more_than_2_31_elements():
+    """Images, patch matrix and token buffer beyond 2**31 elements (int64 indexing in every
+    kernel): the first and last image against the CPU op on those images alone."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip("needs ~30 GiB of free GPU memory")
+    B, D = 14300, 768  # images 3*224*224*B > 2**31, tokens B*197*D > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    images = torch.randint(0, 256, (B, 3, 224, 224), generator=g, device="cuda", dtype=torch.uint8)
+    cpu = torch.Generator().manual_seed(0)
+    weight = (torch.randn(D, 3, 16, 16, generator=cpu) * 768 ** -0.5).to("cuda", torch.bfloat16)
+    bias = torch.randn(D, generator=cpu).to("cuda", torch.bfloat16)
+    cls = torch.randn(1, 1, D, generator=cpu).to("cuda", torch.bfloat16)
+    pos = torch.randn(1, 197, D, generator=cpu).to("cuda", torch.bfloat16)
+    out = patch_embed(images, weight, bias, cls_token=cls, pos_embed=pos, mean=MEAN3, std=STD3)
+    assert out.numel() > 2**31
+    for i in (0, B - 1):
+        ref = patch_embed(images[i:i + 1].cpu(), weight.cpu().double(), bias.cpu().double(),
+                          cls_token=cls.cpu().double(), pos_embed=pos.cpu().double(), mean=MEAN3, std=STD3)
+        torch.testing.assert_close(out[i:i + 1].cpu().double(), ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+    del out
+    # image gradient beyond 2**31 elements (bfloat16 images, a narrow weight to keep memory down)
+    x = images.to(torch.bfloat16).requires_grad_()
+    del images
+    w = weight[:16]
+    out = patch_embed(x, w, mean=MEAN3, std=STD3)
+    gout = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    (gx,) = torch.autograd.grad(out, x, gout)
+    for i in (0, B - 1):
+        xi = x[i:i + 1].detach().cpu().double().requires_grad_()
+        (gr,) = torch.autograd.grad(patch_embed(xi, w.cpu().double(), mean=MEAN3, std=STD3), xi,
+                                    gout[i:i + 1].cpu().double())
+        torch.testing.assert_close(gx[i:i + 1].cpu().double(), gr, rtol=5e-2, atol=5e-2 * gr.abs().max().item())
