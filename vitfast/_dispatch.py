@@ -13,7 +13,7 @@ import warnings
 from typing import Iterable, Sequence
 
 __all__ = ["KernelNotSupported", "warn_fallback_once", "resolve_backend", "reset_warnings",
-           "interpreter_lock", "serialize_interpreted"]
+           "interpreter_lock", "serialize_interpreted", "record_triton_kernels"]
 
 
 class KernelNotSupported(ValueError):
@@ -111,3 +111,27 @@ class _SerializedLaunch:
 def serialize_interpreted(kernel):
     """An interpreted Triton kernel whose launches hold :data:`interpreter_lock`."""
     return _SerializedLaunch(kernel)
+
+
+def record_triton_kernels(op: str, kernels: Sequence) -> None:
+    """Tell torch which Triton kernels the ``torch.library.triton_op`` ``op`` launches.
+
+    ``triton_op`` finds them by parsing the op function's source for
+    ``wrap_triton(<kernel>)`` calls (``torch._library.triton.get_inner_triton_kernels``);
+    vitfast's ops launch through helpers in the kernel modules (``_k.launch_fwd(...)``),
+    which that parser does not follow, so it finds none. torch's AOTAutograd cache keys a
+    compiled graph on those kernels' source (``get_triton_kernels_for_op``): without them
+    an edited or upgraded kernel could be served from a stale cache entry. Best effort:
+    a no-op on a torch without that table.
+    """
+    try:
+        from torch._library import triton as library_triton
+    except ImportError:  # pragma: no cover
+        return
+    table = getattr(library_triton, "triton_ops_to_kernels", None)
+    if not isinstance(table, dict):
+        return
+    known = table.setdefault(op, [])
+    for kernel in kernels:
+        if all(kernel is not k for k in known):
+            known.append(kernel)

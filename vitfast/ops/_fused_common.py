@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._dispatch import resolve_backend
+from .._dispatch import record_triton_kernels, resolve_backend
 from . import _fused_kernels as _k
 
 BACKENDS = ("auto", "triton", "reference")
@@ -28,6 +28,14 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 register = torch.library.custom_op if _k.INTERPRET else torch.library.triton_op
 
 Problems = list  # of (exception type, message)
+
+
+def record_kernels(ops_to_kernels: dict) -> None:
+    """After an op module's registrations: name each triton_op's kernels for torch (see
+    :func:`~vitfast._dispatch.record_triton_kernels`); nothing under the interpreter."""
+    if not _k.INTERPRET:
+        for op, kernels in ops_to_kernels.items():
+            record_triton_kernels(f"vitfast::{op}", kernels)
 
 
 def _shape(t: Tensor) -> list[int]:

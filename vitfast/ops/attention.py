@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._dispatch import resolve_backend
+from .._dispatch import record_triton_kernels, resolve_backend
 from . import _attention_kernels as _k
 from .reference import attention_ref
 
@@ -308,6 +308,13 @@ def _packed_backward(ctx, dout, _dlse):
 
 
 _attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+if not _k.INTERPRET:  # see record_triton_kernels: the AST scan of the op bodies finds none
+    _BWD_KERNELS = (_k._bwd_preprocess_kernel, _k._attn_bwd_dkdv_kernel, _k._attn_bwd_dq_kernel)
+    for _op, _kernels in (("attention_fwd", (_k._attn_fwd_kernel,)), ("attention_bwd", _BWD_KERNELS),
+                          ("attention_packed_fwd", (_k._attn_fwd_kernel,)), ("attention_packed_bwd", _BWD_KERNELS)):
+        record_triton_kernels(f"vitfast::{_op}", _kernels)
 
 
 # ---------------------------------------------------------------------- public API

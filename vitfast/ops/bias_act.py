@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _fused_kernels as _k
-from ._fused_common import as_rows, choose_backend, empty0, input_problems, kernel_reasons, raise_first, register
+from ._fused_common import (as_rows, choose_backend, empty0, input_problems, kernel_reasons, raise_first,
+                            record_kernels, register)
 
 __all__ = ["bias_gelu", "bias_gelu_ref", "bias_gelu_not_supported_reasons", "APPROXIMATIONS"]
 
@@ -110,6 +111,8 @@ def _backward(ctx, dout):
 
 
 _bias_gelu_fwd.register_autograd(_backward, setup_context=_setup)
+
+record_kernels({"bias_gelu_fwd": [_k._bias_act_fwd_kernel], "bias_gelu_bwd": [_k._bias_act_bwd_kernel]})
 
 
 # ---------------------------------------------------------------------- public API

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import _fused_kernels as _k
 from ._fused_common import (as_rows, check_eps, check_out_dtype, choose_backend, empty0, input_problems,
-                            kernel_reasons, raise_first, register)
+                            kernel_reasons, raise_first, record_kernels, register)
 
 __all__ = ["add_layer_norm", "layer_norm", "add_layer_norm_ref", "layer_norm_ref",
            "add_layer_norm_not_supported_reasons", "layer_norm_not_supported_reasons"]
@@ -267,6 +267,9 @@ def _ln_backward(ctx, dh, _dmean, _drstd):
 
 
 _ln_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+record_kernels({"add_layer_norm_fwd": [_k._ln_fwd_kernel], "add_layer_norm_bwd": [_k._ln_bwd_kernel],
+                "layer_norm_fwd": [_k._ln_fwd_kernel], "layer_norm_bwd": [_k._ln_bwd_kernel]})
 
 
 # ---------------------------------------------------------------------- public API

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from . import _fused_kernels as _k
-from ._fused_common import as_rows, choose_backend, empty0, input_problems, kernel_reasons, raise_first, register
+from ._fused_common import (as_rows, choose_backend, empty0, input_problems, kernel_reasons, raise_first,
+                            record_kernels, register)
 
 __all__ = ["bias_scale_residual", "bias_scale_residual_ref", "bias_scale_residual_not_supported_reasons"]
 
@@ -123,6 +124,9 @@ def _backward(ctx, dout):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
+
+record_kernels({"bias_scale_residual_fwd": [_k._scale_res_fwd_kernel],
+                "bias_scale_residual_bwd": [_k._scale_res_bwd_kernel]})
 
 
 # ---------------------------------------------------------------------- public API
