@@ -337,11 +337,16 @@ def _fits(kind: str, own: int, loop: int, block_d: int, warps: int, stages: int,
     """Shared memory and register estimates that match ptxas on sm_90 to ~1%.
 
     Shared: the owned tiles (q; k and v for dK/dV; q and dO for dQ) plus ``stages`` copies
-    of the two streamed tiles. Registers: fp32 elements per thread of the accumulators
-    (one [own, D] tile, two for dK/dV) plus one [own, loop] score tile. ptxas spilled above
-    144 per thread for dK/dV, and at 128 per thread with 4 warps for the other two.
+    of the two streamed tiles. fp32 inputs (TF32 / 3xTF32 dots) hold the owned tiles twice
+    (Triton 3.8 for sm_90, every fp32 candidate at D = 64, 128, 256: within 512 bytes,
+    never under); without that term the first fp32 candidate at D >= 80 needed up to
+    360,960 bytes and failed to launch when autotuning was off. Registers: fp32 elements
+    per thread of the accumulators (one [own, D] tile, two for dK/dV) plus one [own, loop]
+    score tile. ptxas spilled above 144 per thread for dK/dV, and at 128 per thread with 4
+    warps for the other two (16-bit inputs; fp32 inputs spill in every config, see
+    ``dot_precision``).
     """
-    owned = (1 if kind == "fwd" else 2) * own * block_d
+    owned = (1 if kind == "fwd" else 2) * own * block_d * (2 if el == 4 else 1)
     smem = (owned + stages * 2 * loop * block_d) * el + 1024
     per_thread = ((2 if kind == "dkdv" else 1) * own * block_d + own * loop) / (32 * warps)
     if kind == "dkdv":

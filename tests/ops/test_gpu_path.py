@@ -1,0 +1,144 @@
+"""The GPU-only code paths, checked without a GPU where possible.
+
+Under TRITON_INTERPRET=1 (every CPU test) the kernels are interpreted and the ops are
+``custom_op``s, so neither the Triton compiler nor ``triton_op`` ever sees them. These tests
+import vitfast in a child process with the interpreter off and (1) check what ``triton_op``
+registration records, (2) compile the kernels for sm_90 (H100) with the configs the
+launchers pick, failing on compile errors and on shared memory over the H100's per-block
+limit. The ``cuda`` tests run the paths that need a device: Inductor autotuning through
+``prune_configs_by`` and autotuned kernels under CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+H100_SMEM_PER_BLOCK = 227 * 1024
+_OPS = ["attention_fwd", "attention_bwd", "attention_packed_fwd", "attention_packed_bwd", "add_layer_norm_fwd",
+        "add_layer_norm_bwd", "layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd",
+        "bias_scale_residual_fwd", "bias_scale_residual_bwd"]
+
+
+def _run_compiled(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+def test_triton_ops_name_their_kernels():
+    """Each triton_op lists its kernels in torch.library's table (AOTAutograd's cache keys on
+    their source); the AST scan triton_op does itself finds none of ours."""
+    code = f"""
+import json, torch, vitfast
+from torch._library import triton as lt
+table = getattr(lt, "triton_ops_to_kernels", None)
+out = {{}}
+for op in {_OPS!r}:
+    assert torch.ops.vitfast.__getattr__(op) is not None
+    out[op] = None if table is None else [getattr(k, "__name__", None) or k.fn.__name__ for k in table.get("vitfast::" + op, [])]
+print(json.dumps(out))
+"""
+    res = _run_compiled(["-c", code], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = json.loads(res.stdout.strip().splitlines()[-1])
+    if all(v is None for v in names.values()):
+        pytest.skip("this torch has no triton_ops_to_kernels table")
+    assert names["attention_fwd"] == ["_attn_fwd_kernel"]
+    assert names["attention_packed_bwd"] == ["_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    assert names["add_layer_norm_bwd"] == ["_ln_bwd_kernel"] and names["bias_gelu_fwd"] == ["_bias_act_fwd_kernel"]
+    assert all(names[op] for op in _OPS), names
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
+def test_kernels_compile_for_sm90():
+    """Every kernel compiles for sm_90 with the config its launcher picks (autotuning off for
+    attention): bf16 at ViT-g's odd width and D = 80; fp32 at a wide C and at D = 128, where
+    the first attention config once needed 360,960 bytes of shared memory and failed to
+    launch; GELU's constants once were plain Python globals the compiler rejects."""
+    specs = ["fused:bfloat16:1408", "fused:float32:4100", "attention:bfloat16:80:197", "attention:float32:128:197"]
+    res = _run_compiled([str(HERE / "_sm90_compile.py"), *specs])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 * 8 + 2 * 4, res.stdout
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["shared"] <= H100_SMEM_PER_BLOCK, r
+
+
+# -------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_compiled_autotuned_attention_cuda(dtype):
+    """Inductor runs our autotuners itself (prune_configs_by -> early_config_prune, then its
+    own benchmarking); compiled fwd+bwd with autotuning on agrees with eager."""
+    from vitfast.ops import _attention_kernels as kernels
+    from vitfast.ops import attention
+
+    previous = kernels.set_autotune(True)
+    try:
+        torch._dynamo.reset()
+        q, k, v = (torch.randn(2, 6, 197, 80, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        dout = torch.randn(2, 6, 197, 80, device="cuda", dtype=dtype)
+        fn = lambda q, k, v: attention(q, k, v, backend="triton")  # noqa: E731
+        out_e = fn(q, k, v)
+        grads_e = torch.autograd.grad(out_e, (q, k, v), dout)
+        out_c = torch.compile(fn, fullgraph=True)(q, k, v)
+        grads_c = torch.autograd.grad(out_c, (q, k, v), dout)
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out_c, out_e, **tol)
+        for a, b in zip(grads_c, grads_e):
+            torch.testing.assert_close(a, b, **tol)
+    finally:
+        kernels.set_autotune(previous)
+
+
+@pytest.mark.cuda
+def test_autotuned_attention_and_fused_ops_in_a_cuda_graph_cuda():
+    """Autotuning benchmarks cannot run inside a capture: after one eager call (which tunes),
+    capturing the same shapes launches the cached configs and replays match eager bitwise."""
+    from vitfast.ops import _attention_kernels as kernels
+    from vitfast.ops import add_layer_norm, attention_packed, bias_gelu
+
+    previous = kernels.set_autotune(True)
+    try:
+        B, N, H, D = 4, 197, 12, 64
+        g = torch.Generator(device="cuda").manual_seed(0)
+        qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16, generator=g)
+        x = torch.randn(B, N, H * D, device="cuda", dtype=torch.bfloat16, generator=g)
+        w, b = torch.rand(H * D, device="cuda") + 0.5, torch.randn(H * D, device="cuda")
+
+        def fn(qkv, x):
+            y = attention_packed(qkv, num_heads=H)
+            x_out, h = add_layer_norm(x, y, None, w, b)
+            return x_out, bias_gelu(h, b.bfloat16())
+
+        with torch.no_grad():
+            fn(qkv, x)  # compile + autotune outside the capture
+            sq, sx = qkv.clone(), x.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = fn(sq, sx)
+            for seed in (1, 2):
+                g.manual_seed(seed)
+                sq.normal_(generator=g)
+                sx.normal_(generator=g)
+                graph.replay()
+                for got, want in zip(outs, fn(sq.clone(), sx.clone())):
+                    assert torch.equal(got, want)
+    finally:
+        kernels.set_autotune(previous)
