@@ -106,7 +106,10 @@ class CUDAGraphModule(nn.Module):
         self._check_input(x)
         n = x.shape[0]
         with torch.no_grad():
-            self.static_input[:n].copy_(x, non_blocking=True)
+            # A blocking copy: with non_blocking a pinned CPU x would be read by an async
+            # H2D copy after this call returns (a caller refilling x would race it); from a
+            # CUDA x the copy is stream-ordered either way.
+            self.static_input[:n].copy_(x)
             self._replay()
 
             def out(t):
