@@ -108,8 +108,53 @@ class _SerializedLaunch:
         return getattr(self.kernel, name)
 
 
+_index_patched = False
+
+
+def _patch_interpreter_index() -> None:
+    """Triton <= 3.6's interpreter turns a scalar into a Python index with
+    ``int(handle.data)``, but its scalars are 1-element arrays and NumPy >= 2.4 refuses
+    ``int()`` of an array with ndim > 0, so every ``range(lo, hi)`` over a runtime bound fails
+    ("only 0-dimensional arrays can be converted to Python scalars"). Later Triton squeezes
+    first; do the same on the interpreter's per-launch patch of ``tl.tensor`` (once, and only
+    when NumPy refuses the conversion)."""
+    global _index_patched
+    if _index_patched:
+        return
+    _index_patched = True
+    import numpy as np
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return  # NumPy < 2.4: the interpreter's own __index__ works
+    except TypeError:
+        pass
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - no Triton
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:  # pragma: no cover - a Triton this shim does not know
+        return
+
+    def _index(self):
+        return int(self.handle.data.squeeze())
+
+    def _patch_lang_tensor(tensor, *args, **kwargs):
+        out = original(tensor, *args, **kwargs)
+        scope = args[0] if args else kwargs.get("scope")
+        if hasattr(scope, "set_attr"):  # restored with the rest of the launch's patches
+            scope.set_attr(tensor, "__index__", _index)
+        else:  # pragma: no cover - older interpreters patch tl.tensor for good
+            tensor.__index__ = _index
+        return out
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
 def serialize_interpreted(kernel):
     """An interpreted Triton kernel whose launches hold :data:`interpreter_lock`."""
+    _patch_interpreter_index()
     return _SerializedLaunch(kernel)
 
 
