@@ -54,7 +54,7 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
     if H % p or W % p:
         raise ValueError(f"vitfast.patch_embed: image size {H}x{W} is not divisible by the patch size {p}")
     N = (H // p) * (W // p)
-    T = N + (cls_token is not None)
+    T = N + (1 if cls_token is not None else 0)  # SymInt + bool breaks sympy on torch 2.11
     for name, t in (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"vitfast.patch_embed: {name} must be a tensor or None, got {type(t).__name__}")
