@@ -22,7 +22,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-DISPATCH_KEYS = ("CPU", "CUDA", "Meta", "Autograd", "AutogradCPU", "AutogradCUDA", "CompositeImplicitAutograd")
+DISPATCH_KEYS = (
+    "CPU", "CUDA", "Meta", "AutocastCPU", "AutocastCUDA", "Autograd", "AutogradCPU", "AutogradCUDA",
+    "CompositeExplicitAutograd", "CompositeImplicitAutograd",
+)
 
 
 def vitfast_ops() -> list[str]:
