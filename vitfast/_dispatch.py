@@ -180,3 +180,19 @@ def record_triton_kernels(op: str, kernels: Sequence) -> None:
     for kernel in kernels:
         if all(kernel is not k for k in known):
             known.append(kernel)
+
+
+def module_uses_kernel(op: str, backend: str, reasons: Sequence[str]) -> bool:
+    """The model-level choice (FastViT's ``backend`` of ``auto``/``kernels``/``reference``, the
+    caller having handled ``reference``): True when the kernels can serve the input; otherwise
+    ``kernels`` raises with every reason and ``auto`` warns once (not while torch.compile traces)
+    and returns False."""
+    if not reasons:
+        return True
+    if backend == "kernels":
+        raise KernelNotSupported(op, backend, reasons)
+    import torch
+
+    if not torch.compiler.is_compiling():
+        warn_fallback_once(op, reasons)
+    return False

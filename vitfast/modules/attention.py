@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._dispatch import KernelNotSupported, warn_fallback_once
+from .._dispatch import module_uses_kernel
 from ..ops.attention import attention, attention_not_supported_reasons, attention_packed
 
 __all__ = ["Attention", "attention_forward", "attention_core", "attention_fallback_reasons", "MODULE_BACKENDS"]
@@ -93,15 +93,9 @@ def attention_core(
     """qkv Linear -> attention -> (scale norm): everything before the output projection, which
     a fused block applies itself (its bias folded into the residual + LayerNorm op)."""
     qkv = mod.qkv(x)
-    use_kernel = False
-    if backend != "reference":
-        reasons = attention_fallback_reasons(mod, qkv, backend, attn_mask, is_causal)
-        if not reasons:
-            use_kernel = True
-        elif backend == "kernels":
-            raise KernelNotSupported("FastViT.attention", backend, reasons)
-        elif not torch.compiler.is_compiling():
-            warn_fallback_once("FastViT.attention", reasons)
+    use_kernel = backend != "reference" and module_uses_kernel(
+        "FastViT.attention", backend, attention_fallback_reasons(mod, qkv, backend, attn_mask, is_causal)
+    )
     o = _kernel(mod, qkv) if use_kernel else _reference(mod, qkv, attn_mask, is_causal)
     norm = getattr(mod, "norm", None)  # timm's scale_norm (Identity unless enabled)
     return norm(o) if norm is not None else o

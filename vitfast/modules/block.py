@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._dispatch import KernelNotSupported, warn_fallback_once
+from .._dispatch import module_uses_kernel
 from ..ops.bias_act import bias_gelu
 from ..ops.layer_norm import add_layer_norm, add_layer_norm_not_supported_reasons, layer_norm
 from ..ops.residual import bias_scale_residual
@@ -120,13 +120,8 @@ def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_m
     attn_backend = backend if attn_backend is None else attn_backend
     if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
         return _eager(mod, x, attn_mask, is_causal)
-    reasons = block_fallback_reasons(mod, x)
-    if not reasons:
+    if module_uses_kernel("FastViT.block", backend, block_fallback_reasons(mod, x)):
         return _fused(mod, x, attn_backend, attn_mask, is_causal)
-    if backend == "kernels":
-        raise KernelNotSupported("FastViT.block", backend, reasons)
-    if not torch.compiler.is_compiling():
-        warn_fallback_once("FastViT.block", reasons)
     return _eager(mod, x, attn_mask, is_causal)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._dispatch import KernelNotSupported, warn_fallback_once
+from .._dispatch import module_uses_kernel
 from ..ops.patch_embed import patch_embed
 from ..ops.reference import normalize_images_ref
 
@@ -106,15 +106,9 @@ def embed_images(
     if images.dtype != torch.uint8:
         mean = std = None  # float images are taken as already normalised (timm's contract)
     w, b = proj.weight, proj.bias
-    use_fused = False
-    if backend != "reference":
-        reasons = embed_fallback_reasons(images, (w, b, cls_token, reg_token, pos_embed))
-        if not reasons:
-            use_fused = True
-        elif backend == "kernels":
-            raise KernelNotSupported("FastViT.patch_embed", backend, reasons)
-        elif not torch.compiler.is_compiling():
-            warn_fallback_once("FastViT.patch_embed", reasons)
+    use_fused = backend != "reference" and module_uses_kernel(
+        "FastViT.patch_embed", backend, embed_fallback_reasons(images, (w, b, cls_token, reg_token, pos_embed))
+    )
     if use_fused:
         if reg_token is None:  # the op adds the class token and every position itself
             return patch_embed(images, w, b, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
