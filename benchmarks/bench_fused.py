@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -107,16 +106,6 @@ def make_step(fn: Callable, inputs: list, mode: str) -> Callable[[int], None]:
     return step
 
 
-def measure_copy_gbps(device: torch.device) -> float:
-    """GB/s of a large device-to-device copy (read + write counted)."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 26)
-    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    ms = statistics.median(bu.time_steps(lambda i: dst.copy_(src), warmup=3, iters=10, device=device))
-    del src, dst
-    return 2 * n / (ms * 1e-3) / 1e9
-
-
 def _impl(op: str, impl: str) -> Callable:
     fast, ref = SPECS[op][0], SPECS[op][1]
     if impl == "vitfast":
@@ -142,7 +131,7 @@ def collect_rows(models: Optional[dict] = None, ops: Sequence[str] = OPS, impls:
     warmup = warmup if warmup is not None else (10 if gpu else 1)
     iters = iters if iters is not None else (50 if gpu else 3)
     env = bu.env_info(dev, argv, prog="python benchmarks/bench_fused.py")
-    copy_gbps = measure_copy_gbps(dev)
+    copy_gbps = bu.measure_copy_gbps(dev)
     env.update(copy_gbps_measured=round(copy_gbps, 1), triton_interpreted=os.environ.get("TRITON_INTERPRET") == "1")
     if env_out is not None:
         env_out.update(env)
@@ -222,23 +211,12 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
-    p.add_argument("--batch", type=int, default=None, help="override the batch size of every model")
+    bu.add_microbench_args(p, MODELS, "fused")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--dtype", choices=sorted(bu.DTYPES), default=None, help="default: bf16 on the GPU, fp32 on the CPU")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--smoke", action="store_true", help="one tiny shape (checks the script; any device)")
-    p.add_argument("--json", default=None, help="write the rows here (a folder: <date>_<device>_fused.json)")
     args = p.parse_args(argv)
-    models = None
-    if args.models or args.batch:
-        models = {m: MODELS[m] for m in (args.models or MODELS)}
-        if args.batch:
-            models = {m: (*v[:3], args.batch, args.batch) for m, v in models.items()}
+    models = bu.select_models(MODELS, args.models, args.batch)
     env: dict = {}
     try:
         rows = collect_rows(models, args.ops, args.impls, args.modes, args.dtype, args.device, args.warmup,

@@ -27,7 +27,6 @@ max(bytes / measured copy rate, FLOPs / measured matmul rate) on the same device
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -147,16 +146,6 @@ def time_group(steps: dict, device: torch.device, warmup: int, iters: int) -> di
     return times
 
 
-def measure_copy_gbps(device: torch.device) -> float:
-    """GB/s of a large device-to-device copy (read + write counted)."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 27)
-    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    ms = statistics.median(bu.time_steps(lambda i: dst.copy_(src), warmup=3, iters=10, device=device))
-    del src, dst
-    return 2 * n / (ms * 1e-3) / 1e9
-
-
 def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, modes: Sequence[str] = MODES,
                  inputs: Sequence[str] = INPUTS, dtype_name: Optional[str] = None, device: str = "auto",
                  warmup: Optional[int] = None, iters: Optional[int] = None, argv: Optional[Sequence[str]] = None,
@@ -172,7 +161,7 @@ def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, mo
     warmup = warmup if warmup is not None else (5 if gpu else 2)
     iters = iters if iters is not None else (30 if gpu else 5)
     env = bu.env_info(dev, argv, prog="python benchmarks/bench_patch_embed.py")
-    copy_gbps = measure_copy_gbps(dev)
+    copy_gbps = bu.measure_copy_gbps(dev, None if dev.type == "cuda" else 1 << 27)
     peak = bu.measure_peak_tflops(dev, dtype)
     env.update(copy_gbps_measured=round(copy_gbps, 1), matmul_tflops_measured=round(peak["tflops"], 2),
                vitfast_cuda_kernels=bool(vitfast._C.with_cuda))
@@ -260,23 +249,12 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
-    p.add_argument("--batch", type=int, default=None, help="override the batch size of every model")
+    bu.add_microbench_args(p, MODELS, "patch_embed")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
-    p.add_argument("--dtype", choices=sorted(bu.DTYPES), default=None, help="default: bf16 on the GPU, fp32 on the CPU")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--smoke", action="store_true", help="one tiny shape (checks the script; any device)")
-    p.add_argument("--json", default=None, help="write the rows here (a folder: <date>_<device>_patch_embed.json)")
     args = p.parse_args(argv)
-    models = None
-    if args.models or args.batch:
-        models = {m: MODELS[m] for m in (args.models or MODELS)}
-        if args.batch:
-            models = {m: (*v[:3], args.batch, args.batch) for m, v in models.items()}
+    models = bu.select_models(MODELS, args.models, args.batch)
     env: dict = {}
     try:
         rows = collect_rows(models, args.impls, args.modes, args.inputs, args.dtype, args.device, args.warmup,

@@ -299,3 +299,36 @@ def write_csv(path: os.PathLike | str, env: Mapping[str, Any], rows: Sequence[Ma
         for r in full:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     return out
+
+
+# -- shared by the kernel microbenchmarks (benchmarks/bench_*.py) ---------------------------
+def measure_copy_gbps(device: torch.device, nbytes: Optional[int] = None) -> float:
+    """GB/s of a large device-to-device copy (read + write counted): the memory roofline."""
+    n = nbytes or ((1 << 30) if device.type == "cuda" else (1 << 26))
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_steps(lambda i: dst.copy_(src), warmup=3, iters=10, device=device))
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def add_microbench_args(p, models: Mapping[str, Any], kind: str) -> None:
+    """The options every kernel microbenchmark takes (its own ones are added by the script)."""
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--models", nargs="+", choices=sorted(models), default=None)
+    p.add_argument("--batch", type=int, default=None, help="override the batch size of every model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on the GPU, fp32 on the CPU")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="one tiny shape (checks the script; any device)")
+    p.add_argument("--json", default=None, help=f"write the rows here (a folder: <date>_<device>_{kind}.json)")
+
+
+def select_models(all_models: Mapping[str, tuple], names: Optional[Sequence[str]], batch: Optional[int]):
+    """``--models``/``--batch`` applied to a script's model table (None: the script's defaults).
+    Each entry's 4th and 5th fields are its GPU and CPU batch sizes."""
+    if not (names or batch):
+        return None
+    models = {m: all_models[m] for m in (names or all_models)}
+    if batch:
+        models = {m: (*v[:3], batch, batch) for m, v in models.items()}
+    return models
