@@ -1,97 +1,238 @@
-"""Compile vitfast's Triton kernels for sm_90 without a GPU (run in a child process with
-TRITON_INTERPRET unset, so @triton.jit makes real JITFunctions): catches what only the
-compiler rejects (non-constexpr globals, tl.dot shapes, shared memory over the H100's
-227 KiB). Prints one JSON line per kernel: name, shared bytes, error (or None).
-Used by tests/ops/test_gpu_path.py."""
+"""Compile the Triton kernels that actually run, for sm_90, without a GPU.
+
+Run in a child process with TRITON_INTERPRET unset (so @triton.jit makes real JITFunctions).
+Each case calls a registered op (forward, then backward through its autograd) on CPU tensors
+laid out as on the GPU; the kernel launches are captured instead of run, and every captured
+launch is compiled the way Triton's JIT would compile it on an H100/H200:
+
+* the same specialisation: Triton's own binder sees the real arguments, so pointers and
+  integers divisible by 16 get ``tt.divisibility = 16`` and integers equal to 1 become
+  constants (without these hints the compiler builds another kernel: no ``cp.async``
+  pipelining, other registers and shared memory);
+* every config an autotuned kernel can pick: all survivors of its pruning, not only the first;
+* the launch options (warps, stages) of the launcher or the config.
+
+One JSON line per compiled kernel: case, kernel, config, shared bytes, registers, spill
+bytes (from ``ptxas -v`` on the kernel's PTX) and counts of the instructions that decide
+speed on Hopper (``wgmma``, ``cp.async``, TMA bulk copies, 16-byte global loads), or the
+error. ``--table`` prints the same as a table (``--both``: the lines, then the table). Used by tests/ops/test_gpu_path.py.
+
+    python tests/ops/_sm90_compile.py attention:bfloat16:64:197 fused:bfloat16:768 --table
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+import vitfast  # noqa: E402,F401  (registers the ops)
 from vitfast.ops import _attention_kernels as ak  # noqa: E402
 from vitfast.ops import _fused_kernels as fk  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
+H100_SMS = 132  # H100 SXM and H200: the fused backward kernels size their grids by SMs
+INSTRUCTIONS = {  # PTX instruction -> the name reported
+    "wgmma": r"\bwgmma\.mma_async",
+    "cp_async": r"\bcp\.async\.(?:ca|cg)\.",
+    "tma": r"\bcp\.async\.bulk\.tensor",
+    "mma_sync": r"\bmma\.sync\.aligned",
+    "ld_global_v4": r"\bld\.global(?:\.\w+)*\.v4\.(?:b32|u32|f32|b16)|\bld\.global(?:\.\w+)*\.v2\.(?:b64|u64|f64)",
+}
 
 
-def compile_kernel(fn, consts: dict, types: dict, default: str, warps: int, stages: int) -> dict:
-    sig = {n: "constexpr" if n in consts else types.get(n, default) for n in fn.arg_names}
+# ------------------------------------------------------------------ capturing launches
+class _Launch:
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.kernel, args, kwargs))
+
+
+@contextmanager
+def captured_launches():
+    """Launches made by the ops inside the block are recorded (kernel, args, kwargs), not run."""
+    log: list = []
+    saved = ak._wrap, fk._wrap, fk._programs_target, ak.set_autotune(True)
+    ak._wrap = fk._wrap = lambda kernel: _Launch(kernel, log)
+    fk._programs_target = lambda device: 4 * H100_SMS
     try:
-        ck = triton.compile(ASTSource(fn, sig, consts), target=TARGET,
-                            options=dict(num_warps=warps, num_stages=stages))
-        return dict(shared=ck.metadata.shared, error=None)
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        return dict(shared=None, error=f"{type(e).__name__}: {str(e)[-400:]}")
-
-
-def fused(dtype: torch.dtype, C: int):
-    ptr, acc = PTR[dtype], "*fp64" if dtype == torch.float64 else "*fp32"
-    fp64 = dtype == torch.float64
-    ints = {n: "i32" for n in ("M", "C", "rows_per_prog")}
-    ints.update({n: "i32" for fn in (fk._ln_fwd_kernel, fk._ln_bwd_kernel, fk._bias_act_fwd_kernel,
-                                     fk._bias_act_bwd_kernel, fk._scale_res_fwd_kernel, fk._scale_res_bwd_kernel)
-                 for n in fn.arg_names if n.startswith("stride")})
-    accs = {n: acc for n in ("MEAN", "RSTD", "DW_P", "DB_P", "DG_P", "DYB_P")}
-    types = {**ints, **accs, "eps": "fp32"}
-    bm, bc = fk.ln_block(C)
-    yield "ln_fwd", fk._ln_fwd_kernel, dict(HAS_Y=True, HAS_YB=True, HAS_G=True, HAS_W=True, HAS_B=True, FP64=fp64,
-                                            BLOCK_M=bm, BLOCK_C=bc), types, ptr, fk._warps(bm * bc)["num_warps"]
-    bmb = max(1, bm // 2)
-    yield "ln_bwd", fk._ln_bwd_kernel, dict(HAS_DXO=True, HAS_Y=True, NEED_DY=True, HAS_YB=True, HAS_G=True,
-                                            HAS_W=True, HAS_B=True, FP64=fp64, BLOCK_M=bmb, BLOCK_C=bc), \
-        types, ptr, fk._warps(bmb * bc)["num_warps"]
-    bm, bc = fk.ew_block(C)
-    w = fk._warps(bm * bc)["num_warps"]
-    for act in fk.ACT_CODES.values():
-        c = dict(HAS_BIAS=True, ACT=act, FP64=fp64, BLOCK_M=bm, BLOCK_C=bc)
-        yield f"bias_act_fwd{act}", fk._bias_act_fwd_kernel, c, types, ptr, w
-        yield f"bias_act_bwd{act}", fk._bias_act_bwd_kernel, c, types, ptr, w
-    yield "scale_res_fwd", fk._scale_res_fwd_kernel, dict(HAS_BIAS=True, HAS_G=True, FP64=fp64, BLOCK_M=bm,
-                                                          BLOCK_C=bc), types, ptr, w
-    yield "scale_res_bwd", fk._scale_res_bwd_kernel, dict(HAS_BIAS=True, NEED_DB=True, HAS_G=True, FP64=fp64,
-                                                          BLOCK_M=bm, BLOCK_C=bc), types, ptr, w
-
-
-def attention(dtype: torch.dtype, D: int, N: int):
-    """The config each kernel gets with autotuning off (the first survivor of pruning)."""
-    types = {n: "i32" for n in ("H", "N", "N_BUCKET")}
-    types.update(scale="fp32", LSE="*fp32", DELTA="*fp32")
-    for fn in (ak._attn_fwd_kernel, ak._attn_bwd_dkdv_kernel, ak._attn_bwd_dq_kernel, ak._bwd_preprocess_kernel):
-        types.update({n: "i32" for n in fn.arg_names if n.startswith("stride")})
-    previous = ak.set_autotune(False)
-    try:
-        for kind, fn, configs in (("fwd", ak._attn_fwd_kernel, ak._FWD_CONFIGS),
-                                  ("dkdv", ak._attn_bwd_dkdv_kernel, ak._DKDV_CONFIGS),
-                                  ("dq", ak._attn_bwd_dq_kernel, ak._DQ_CONFIGS)):
-            (c,) = ak._make_prune(kind)(configs, {"N_BUCKET": ak.n_bucket(N), "Q": torch.empty(0, dtype=dtype)},
-                                        BLOCK_D=ak.block_d(D))
-            consts = dict(HEAD_DIM=D, BLOCK_D=ak.block_d(D), PRECISION=ak.dot_precision(dtype), **c.kwargs)
-            yield f"attn_{kind}", fn, consts, types, PTR[dtype], c.num_warps, c.num_stages
+        yield log
     finally:
-        ak.set_autotune(previous)
-    yield "attn_pre", ak._bwd_preprocess_kernel, dict(HEAD_DIM=D, BLOCK_D=ak.block_d(D), BLOCK_M=64), \
-        types, PTR[dtype], 4, 1
+        ak._wrap, fk._wrap, fk._programs_target = saved[:3]
+        ak.set_autotune(saved[3])
+
+
+def _fwd_bwd(op, *args):
+    """Forward of a registered op, then backward through its autograd on every float output."""
+    outs = op(*args)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    outs = [o for o in outs if o.requires_grad]
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+
+def _leaf(shape, dtype):
+    return torch.randn(shape, dtype=dtype).requires_grad_()
+
+
+def attention_case(dtype: torch.dtype, D: int, N: int, B: int = 2, H: int = 3) -> None:
+    """The packed op (FastViT's qkv layout) and the [B, H, N, D] op, forward and backward."""
+    scale = D ** -0.5
+    _fwd_bwd(torch.ops.vitfast.attention_packed_fwd, _leaf((B, N, 3 * H * D), dtype), H, scale)
+    q, k, v = (_leaf((B, H, N, D), dtype) for _ in range(3))
+    _fwd_bwd(torch.ops.vitfast.attention_fwd, q, k, v, scale)
+
+
+def fused_case(dtype: torch.dtype, C: int, M: int = 2 * 197) -> None:
+    """Every fused epilogue op with all its optional tensors, forward and backward."""
+    x, y, h = (_leaf((M, C), dtype) for _ in range(3))
+    gamma, y_bias, weight, bias = (_leaf((C,), dtype) for _ in range(4))
+    ops = torch.ops.vitfast
+    _fwd_bwd(ops.add_layer_norm_fwd, x, y, gamma, y_bias, weight, bias, 1e-6, None)
+    _fwd_bwd(ops.layer_norm_fwd, x, weight, bias, 1e-6, None)
+    for approximate in ("none", "tanh"):
+        _fwd_bwd(ops.bias_gelu_fwd, h, bias, approximate)
+    _fwd_bwd(ops.bias_scale_residual_fwd, x, y, bias, gamma)
+
+
+def cases(spec: str):
+    """``attention:<dtype>:<D>:<N>`` or ``fused:<dtype>:<C>`` -> a function making the launches."""
+    kind, dt, *sizes = spec.split(":")
+    dtype = getattr(torch, dt)
+    if kind == "attention":
+        return lambda: attention_case(dtype, *map(int, sizes))
+    if kind == "fused":
+        return lambda: fused_case(dtype, *map(int, sizes))
+    raise ValueError(f"unknown case {spec!r}: expected attention:<dtype>:<D>:<N> or fused:<dtype>:<C>")
+
+
+# ------------------------------------------------------------------ compiling them
+def candidates(kernel, args, kwargs):
+    """(JITFunction, kwargs, config label) for each config the launch can run with."""
+    if isinstance(kernel, Autotuner):
+        fn = kernel.fn
+        named = dict(zip(fn.arg_names, args))
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            configs = kernel.early_config_prune(configs, named, **kwargs)
+        for c in configs:
+            opts = c.all_kwargs()
+            label = ",".join(f"{k}={v}" for k, v in opts.items() if k in ("num_warps", "num_stages") or k in c.kwargs)
+            yield fn, {**kwargs, **opts}, label
+    else:
+        yield kernel, kwargs, ",".join(f"{k}={v}" for k, v in kwargs.items() if k in ("num_warps", "num_stages"))
+
+
+def _ptxas() -> str:
+    from triton.backends import nvidia
+
+    bundled = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    return bundled if os.path.exists(bundled) else (shutil.which("ptxas") or "ptxas")
+
+
+def ptxas_usage(ptx: str, arch: str) -> dict:
+    """Registers and spill bytes that ptxas reports for this PTX."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([_ptxas(), f"--gpu-name={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
+    return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"))
+
+
+def compile_launch(fn, args, kwargs) -> dict:
+    """Compile ``fn`` for sm_90 as the JIT would for ``fn[grid](*args, **kwargs)``."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    try:
+        ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return dict(error=f"{type(e).__name__}: {str(e)[-400:]}")
+    ptx = ck.asm["ptx"]
+    arch = m.group(1) if (m := re.search(r"^\.target\s+(\w+)", ptx, re.M)) else "sm_90a"
+    return dict(error=None, shared=ck.metadata.shared, **ptxas_usage(ptx, arch),
+                divisible_16=sum(len(v) for v in attrs.values()) if isinstance(attrs, dict) else None,
+                **{name: len(re.findall(pat, ptx)) for name, pat in INSTRUCTIONS.items()})
+
+
+def compile_case(spec: str):
+    """One JSON-able row per (captured launch, candidate config) of the case."""
+    with captured_launches() as log:
+        cases(spec)()
+    seen = set()
+    for kernel, args, kwargs in log:
+        for fn, kw, label in candidates(kernel, args, kwargs):
+            key = (fn.__name__, label, tuple(kw.items()), tuple(
+                (a.dtype, a.data_ptr() % 16 == 0) + tuple(s % 16 == 0 for s in a.stride()) if isinstance(a, torch.Tensor)
+                else (a % 16 == 0, a == 1) if isinstance(a, int) else a for a in args))
+            if key in seen:  # the same specialisation twice (e.g. two ops sharing a kernel)
+                continue
+            seen.add(key)
+            yield dict(spec=spec, kernel=fn.__name__, config=label, **compile_launch(fn, args, kw))
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'case':<26} {'kernel':<24} {'config':<44} {'regs':>4} {'spill':>5} {'smem':>7} " \
+           f"{'wgmma':>5} {'cp.as':>5} {'tma':>3} {'ld.v4':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['spec']:<26} {r['kernel']:<24} {r['config']:<44} {r['error'][:80]}")
+            continue
+        spill = (r["spill_stores"] or 0) + (r["spill_loads"] or 0)
+        lines.append(f"{r['spec']:<26} {r['kernel']:<24} {r['config']:<44} {r['registers'] or '?':>4} {spill:>5} "
+                     f"{r['shared']:>7} {r['wgmma']:>5} {r['cp_async']:>5} {r['tma']:>3} {r['ld_global_v4']:>5}")
+    lines.append(f"triton {triton.__version__}, torch {torch.__version__}, target sm_90; "
+                 "spill = spill store + load bytes (ptxas -v)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    for spec in argv:  # fused:<dtype>:<C> or attention:<dtype>:<D>:<N>
-        kind, dt, *sizes = spec.split(":")
-        dtype = getattr(torch, dt)
-        gen = fused(dtype, *map(int, sizes)) if kind == "fused" else attention(dtype, *map(int, sizes))
-        for item in gen:
-            name, fn, consts, types, ptr, warps, *stages = item
-            res = compile_kernel(fn, consts, types, ptr, warps, stages[0] if stages else 3)
-            print(json.dumps(dict(spec=spec, kernel=name, **res)), flush=True)
+    p = argparse.ArgumentParser(description="Compile vitfast's Triton kernels for sm_90 as the JIT would.")
+    p.add_argument("specs", nargs="+", help="attention:<dtype>:<D>:<N> or fused:<dtype>:<C>")
+    p.add_argument("--table", action="store_true", help="a table instead of JSON lines")
+    p.add_argument("--both", action="store_true", help="JSON lines, then the table")
+    p.add_argument("--json", help="also write the rows, with the versions, to this file")
+    args = p.parse_args(argv)
+    rows = []
+    for spec in args.specs:
+        for row in compile_case(spec):
+            rows.append(row)
+            if args.both or not args.table:
+                print(json.dumps(row), flush=True)
+    if args.table or args.both:
+        print(format_table(rows))
+    if args.json:
+        import datetime
+
+        doc = dict(kind="sm90_compile", triton=triton.__version__, torch=torch.__version__, target="sm_90",
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   command=" ".join(["python", "tests/ops/_sm90_compile.py", *argv]), rows=rows)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
     return 0
 
 
