@@ -1,34 +1,35 @@
 """Attention throughput: vitfast's Triton kernel against every torch SDPA backend.
 
 TFLOP/s with the usual convention: forward 4*B*H*N^2*D FLOPs, backward 2.5x that,
-forward+backward 3.5x. Each figure is the median of ``triton.testing.do_bench`` (which
-flushes L2 between runs) after a warm-up call that also runs the autotuner. Backends that
+forward+backward 3.5x. At each shape, dtype and mode the backends are timed alternately,
+round by round (CUDA events, L2 flushed before each timed call, as ``triton.testing.do_bench``
+does), after a warm-up call that also runs the autotuner; each row gives the median time and
+vitfast's rows the median of the per-round ratios (``speedup_vs_<backend>``). Backends that
 cannot run a shape are reported with their reason, never dropped.
 
     python benchmarks/bench_attention.py                      # the ViT shapes, bf16 + fp16
-    python benchmarks/bench_attention.py --json benchmarks/results/attention_h100.json
+    python benchmarks/bench_attention.py --json benchmarks/results/
     python benchmarks/bench_attention.py --shapes 8,12,197,64 --dtypes bf16 --modes fwd
     python benchmarks/bench_attention.py --tiles --shapes 256,12,197,64 --dtypes bf16   # tile choices
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --smoke   # CPU check of the script
 
 ``collect_rows(...)`` returns the JSON-able rows (used by ``vitfast bench kernels``);
-``main(argv)`` prints a table and appends the rows to ``--json``.
+``main(argv)`` prints a table and writes ``--json`` (refused on a busy machine unless
+``--allow-noisy``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from vitfast import benchmark_utils as bu
 
 # (B, H, N, D): ViT-B/16 at 224, ViT-L/14 at 224 (D = 80 as in ViT-H/14), ViT-B/16 at 384,
 # ViT-L/16 at 512, and a long-sequence shape comparable with published FlashAttention figures.
@@ -45,48 +46,12 @@ def attention_flops(B: int, H: int, N: int, D: int, mode: str) -> float:
     return 4.0 * B * H * N * N * D * FLOP_FACTOR[mode]
 
 
-def environment() -> dict:
-    """Device and versions, stamped on every row."""
-    import triton
-
-    try:
-        import vitfast
-
-        vitfast_version = getattr(vitfast, "__version__", "unknown")
-    except Exception as e:  # the extension may be absent; the attention op does not need it
-        vitfast_version = f"unavailable ({type(e).__name__})"
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-        cc = ".".join(map(str, torch.cuda.get_device_capability()))
-    else:
-        device, cc = f"cpu ({platform.processor() or platform.machine()})", None
-    return {
-        "device": device,
-        "compute_capability": cc,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "vitfast": vitfast_version,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    }
-
-
-def _median_ms(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor], device: str) -> float:
-    fn()  # warm-up: compilation and autotuning happen here, not in the timed runs
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, grad_to_none=list(grad_to_none), return_mode="median"))
-    times = []
-    for _ in range(3):  # CPU smoke path: only checks that the script runs
-        for t in grad_to_none:
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _l2_flush(device: str) -> Optional[Callable[[], None]]:
+    """On the GPU, a function that evicts L2 (as ``triton.testing.do_bench`` does), else None."""
+    if device != "cuda":
+        return None
+    buf = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    return buf.zero_
 
 
 def _attention_fn(backend: str) -> Callable:
@@ -116,47 +81,85 @@ def _skip_reason(backend: str, B: int, H: int, N: int, D: int, dtype: torch.dtyp
     return None
 
 
-def bench_one(backend: str, shape: tuple, dtype: torch.dtype, modes: Iterable[str], device: str) -> list[dict]:
-    """Rows for one backend at one shape and dtype (one per mode)."""
+def _prepare(backend: str, shape: tuple, dtype: torch.dtype, device: str) -> dict:
+    """Inputs and function of one backend, checked with one call: {"fn", "q", "k", "v", "dout"},
+    or {"status": why it cannot run}."""
     B, H, N, D = shape
-    base = dict(op="attention", backend=backend, B=B, H=H, N=N, D=D, dtype=str(dtype).replace("torch.", ""))
-    modes = list(modes)
     skip = _skip_reason(backend, B, H, N, D, dtype, device)
     if skip:
-        return [dict(base, mode=m, status=skip, ms=None, tflops=None) for m in modes]
+        return {"status": skip}
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
     dout = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g)
     fn = _attention_fn(backend)
-    rows = []
     try:
-        out = fn(q, k, v)
+        fn(q, k, v)  # compiles and autotunes here, outside the timed runs
     except Exception as e:  # e.g. a backend that does not take this head dim: say so in the row
-        msg = f"unsupported: {type(e).__name__}: {' '.join(str(e).split())[:240]}"
-        return [dict(base, mode=m, status=msg, ms=None, tflops=None) for m in modes]
-    for mode in modes:
-        if mode == "fwd":
-            def run():
-                with torch.no_grad():
-                    fn(q, k, v)
-        elif mode == "bwd":
-            out = fn(q, k, v)
+        return {"status": f"unsupported: {type(e).__name__}: {' '.join(str(e).split())[:240]}"}
+    return dict(fn=fn, q=q, k=k, v=v, dout=dout)
 
-            def run():
-                out.backward(dout, retain_graph=True)
-        else:
-            def run():
-                fn(q, k, v).backward(dout)
-        ms = _median_ms(run, (q, k, v), device)
-        tflops = attention_flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12
-        row = dict(base, mode=mode, status="ok", ms=round(ms, 4), tflops=round(tflops, 2) if tflops >= 1 else round(tflops, 6))
-        if backend == "vitfast":
-            row["configs"] = _chosen_configs()
-        rows.append(row)
-    del out
-    if device == "cuda":
+
+def _step(p: dict, mode: str) -> Callable[[int], None]:
+    fn, q, k, v, dout = p["fn"], p["q"], p["k"], p["v"], p["dout"]
+    if mode == "fwd":
+        def step(i):
+            with torch.no_grad():
+                fn(q, k, v)
+    elif mode == "bwd":
+        out = fn(q, k, v)
+
+        def step(i):
+            out.backward(dout, retain_graph=True)
+    else:
+        def step(i):
+            fn(q, k, v).backward(dout)
+    return step
+
+
+def bench_group(backends: Sequence[str], shape: tuple, dtype: torch.dtype, modes: Iterable[str], device: str,
+                warmup: Optional[int] = None, iters: Optional[int] = None) -> list[dict]:
+    """Rows for every backend at one shape and dtype (one per backend and mode, in that order).
+    In each mode the backends are timed alternately, round by round (L2 flushed before each
+    timed call on the GPU); vitfast's rows get ``speedup_vs_<backend>``, the median of the
+    per-round ratios."""
+    B, H, N, D = shape
+    gpu = device == "cuda"
+    warmup = warmup if warmup is not None else (5 if gpu else 1)
+    iters = iters if iters is not None else (30 if gpu else 3)
+    base = dict(op="attention", B=B, H=H, N=N, D=D, dtype=str(dtype).replace("torch.", ""))
+    prepared = {b: _prepare(b, shape, dtype, device) for b in backends}
+    flush = _l2_flush(device)
+    leaves = [t for p in prepared.values() if "fn" in p for t in (p["q"], p["k"], p["v"])]
+
+    def between():
+        for t in leaves:
+            t.grad = None
+        if flush:
+            flush()
+
+    rows: dict = {(b, m): None for b in backends for m in modes}
+    for mode in modes:
+        steps = {b: _step(p, mode) for b, p in prepared.items() if "fn" in p}
+        times = bu.time_alternating(steps, warmup=warmup, iters=iters, device=torch.device(device), between=between)
+        group = []
+        for b in backends:
+            row = dict(base, backend=b, mode=mode)
+            if b not in times:
+                row.update(status=prepared[b]["status"], ms=None, tflops=None)
+            else:
+                ms = statistics.median(times[b])
+                tflops = attention_flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12
+                row.update(status="ok", ms=round(ms, 4), tflops=round(tflops, 2) if tflops >= 1 else round(tflops, 6))
+                if b == "vitfast":
+                    row["configs"] = _chosen_configs()
+            rows[(b, mode)] = row
+            group.append(row)
+        bu.add_paired_speedups(group, times, key="backend")
+        del steps
+    del prepared
+    if gpu:
         torch.cuda.empty_cache()
-    return rows
+    return list(rows.values())
 
 
 def _config_str(c) -> Optional[str]:
@@ -184,7 +187,7 @@ def tile_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:
     B, H, N, D = shape
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
     out, lse = torch.empty_like(q), torch.empty(B, H, N, device=device)
-    rows = []
+    steps, meta = {}, {}
     for c in K._FWD_CONFIGS:
         bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TAIL"]
         if not K._fits("fwd", bm, bn, K.block_d(D), c.num_warps, c.num_stages, q.element_size()):
@@ -192,33 +195,47 @@ def tile_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:
         rows_done = -(-N // bm) * bm
         cols_done = N // bn * bn + -(-(N % bn) // tail) * tail
         config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        ms = _median_ms(lambda: K.launch_fwd(q, k, v, out, lse, D**-0.5, config=config), (), device)
+        name = _config_str(c)
+        steps[name] = lambda i, config=config: K.launch_fwd(q, k, v, out, lse, D**-0.5, config=config)
+        steps[name](0)  # compiles
+        meta[name] = round(rows_done * cols_done / (N * N), 3)
+    gpu = device == "cuda"
+    times = bu.time_alternating(steps, warmup=2, iters=20 if gpu else 2, device=torch.device(device),
+                                between=_l2_flush(device))
+    rows = []
+    for name, ts in times.items():
+        ms = statistics.median(ts)
         rows.append(dict(op="attention_fwd_tile", backend="vitfast", B=B, H=H, N=N, D=D,
-                         dtype=str(dtype).replace("torch.", ""), mode="fwd", status="ok", config=_config_str(c),
-                         work=round(rows_done * cols_done / (N * N), 3), ms=round(ms, 4),
+                         dtype=str(dtype).replace("torch.", ""), mode="fwd", status="ok", config=name,
+                         work=meta[name], ms=round(ms, 4),
                          tflops=round(attention_flops(B, H, N, D, "fwd") / (ms * 1e-3) / 1e12, 2)))
     return rows
 
 
 def collect_rows(shapes: Sequence[tuple] = VIT_SHAPES, dtypes: Sequence[str] = ("bf16", "fp16"),
                  modes: Sequence[str] = MODES, backends: Sequence[str] = ("vitfast",) + SDPA_BACKENDS,
-                 device: Optional[str] = None) -> list[dict]:
+                 device: Optional[str] = None, argv: Optional[Sequence[str]] = None, allow_noisy: bool = True,
+                 writes: bool = False, env_out: Optional[dict] = None) -> list[dict]:
     """Benchmark every (shape, dtype, backend) and return JSON-able rows, each stamped
-    with the device, versions, date and command line."""
+    with the device, versions, date and command line. With ``writes`` and not
+    ``allow_noisy``, a busy machine raises ``bu.NoisyMachine``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    env = environment()
+    env = bu.env_info(torch.device(device), argv, prog="python benchmarks/bench_attention.py")
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
     rows = []
-    for shape in shapes:
-        for dtype_name in dtypes:
-            for backend in backends:
-                for row in bench_one(backend, tuple(shape), DTYPES[dtype_name], modes, device):
-                    rows.append({**row, **env})
+    with bu.load_guard(env, "bench_attention", allow_noisy=allow_noisy, writes=writes, device=torch.device(device)):
+        for shape in shapes:
+            for dtype_name in dtypes:
+                rows += bench_group(backends, tuple(shape), DTYPES[dtype_name], modes, device)
     _add_speedups(rows)
-    return rows
+    if env_out is not None:
+        env_out.update(env)
+    return [{**env, **r} for r in rows]
 
 
 def _add_speedups(rows: list[dict]) -> None:
-    """vitfast rows get ``vs_best_sdpa``: its TFLOP/s over the fastest SDPA backend's."""
+    """vitfast rows get ``best_sdpa`` (the SDPA backend with the highest median TFLOP/s) and
+    ``vs_best_sdpa``, the median of the per-round ratios of its time to vitfast's."""
     best: dict = {}
     for r in rows:
         if r["backend"] != "vitfast" and r["tflops"]:
@@ -229,7 +246,8 @@ def _add_speedups(rows: list[dict]) -> None:
         key = (r["B"], r["H"], r["N"], r["D"], r["dtype"], r["mode"])
         if r["backend"] == "vitfast" and r["tflops"] and key in best:
             r["best_sdpa"] = best[key][1]
-            r["vs_best_sdpa"] = round(r["tflops"] / best[key][0], 3)
+            # the per-round ratio to that backend (timed alternately), not a ratio of medians
+            r["vs_best_sdpa"] = r.get(f"speedup_vs_{best[key][1]}", round(r["tflops"] / best[key][0], 3))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -265,6 +283,7 @@ def _shape(text: str) -> tuple:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=_shape, nargs="+", default=None, help="B,H,N,D (default: the ViT shapes)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
@@ -273,7 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                    default=["vitfast", *SDPA_BACKENDS])
     p.add_argument("--tiles", action="store_true",
                    help="also time every forward tile config at each shape (table of tile choices)")
-    p.add_argument("--json", default=None, help="append the rows to this JSON file (a list of rows)")
+    p.add_argument("--json", default=None, help="write the rows here (a folder: <date>_<device>_attention.json)")
+    bu.add_noise_args(p)
     p.add_argument("--smoke", action="store_true",
                    help="one tiny shape in fp32 on vitfast and math (runs on the CPU under TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
@@ -283,23 +303,21 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         shapes, dtypes, backends = args.shapes or VIT_SHAPES, args.dtypes, args.backends
         if not torch.cuda.is_available():
             p.error("needs a CUDA GPU (use --smoke for a CPU check of the script)")
-    rows = collect_rows(shapes, dtypes, args.modes, backends)
+    env: dict = {}
+    try:
+        rows = collect_rows(shapes, dtypes, args.modes, backends, argv=argv, allow_noisy=args.allow_noisy,
+                            writes=bool(args.json), env_out=env)
+    except bu.NoisyMachine as e:
+        print(e, file=sys.stderr)
+        sys.exit(bu.EXIT_NOISY)
     print(format_table(rows))
     if args.tiles:
-        env = environment()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        tiles = [{**r, **env} for shape in shapes for d in dtypes for r in tile_rows(tuple(shape), DTYPES[d], device)]
+        tiles = [{**env, **r} for shape in shapes for d in dtypes for r in tile_rows(tuple(shape), DTYPES[d], device)]
         print(format_tiles(tiles))
         rows += tiles
     if args.json:
-        existing = []
-        if os.path.exists(args.json) and os.path.getsize(args.json):
-            with open(args.json) as f:
-                existing = json.load(f)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(existing + rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.json}")
+        print(f"wrote {len(rows)} rows to {bu.write_json(args.json, 'attention', env, rows, smoke=args.smoke)}")
     return rows
 
 

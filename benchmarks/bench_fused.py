@@ -120,9 +120,12 @@ def _impl(op: str, impl: str) -> Callable:
 def collect_rows(models: Optional[dict] = None, ops: Sequence[str] = OPS, impls: Sequence[str] = IMPLS,
                  modes: Sequence[str] = MODES, dtype_name: Optional[str] = None, device: str = "auto",
                  warmup: Optional[int] = None, iters: Optional[int] = None, argv: Optional[Sequence[str]] = None,
-                 smoke: bool = False, env_out: Optional[dict] = None) -> list[dict]:
+                 smoke: bool = False, env_out: Optional[dict] = None, allow_noisy: bool = True,
+                 writes: bool = False) -> list[dict]:
     """Benchmark every (model, op, mode, impl); JSON-able rows stamped with device, versions,
-    date and command line. A failing implementation gets a row saying why, never none."""
+    date and command line. A failing implementation gets a row saying why, never none.
+    The implementations of one (model, op, mode) are timed alternately, round by round. With
+    ``writes`` and not ``allow_noisy``, a busy machine raises ``bu.NoisyMachine``."""
     dev = bu.resolve_device(device)
     gpu = dev.type == "cuda"
     models = models or (SMOKE_MODELS if smoke else MODELS)
@@ -131,10 +134,18 @@ def collect_rows(models: Optional[dict] = None, ops: Sequence[str] = OPS, impls:
     warmup = warmup if warmup is not None else (10 if gpu else 1)
     iters = iters if iters is not None else (50 if gpu else 3)
     env = bu.env_info(dev, argv, prog="python benchmarks/bench_fused.py")
-    copy_gbps = bu.measure_copy_gbps(dev)
-    env.update(copy_gbps_measured=round(copy_gbps, 1), triton_interpreted=os.environ.get("TRITON_INTERPRET") == "1")
+    with bu.load_guard(env, "bench_fused", allow_noisy=allow_noisy, writes=writes, device=dev):
+        rows = _measure(env, models, ops, impls, modes, dtype_name, dtype, dev, warmup, iters)
     if env_out is not None:
         env_out.update(env)
+    return [{**env, **r} for r in rows]
+
+
+def _measure(env: dict, models: dict, ops, impls, modes, dtype_name: str, dtype: torch.dtype, dev: torch.device,
+             warmup: int, iters: int) -> list[dict]:
+    gpu = dev.type == "cuda"
+    copy_gbps = bu.measure_copy_gbps(dev)
+    env.update(copy_gbps_measured=round(copy_gbps, 1), triton_interpreted=os.environ.get("TRITON_INTERPRET") == "1")
     es = torch.finfo(dtype).bits // 8
     rows = []
     for model_name, (C, H, N, gpu_batch, cpu_batch) in models.items():
@@ -160,30 +171,22 @@ def collect_rows(models: Optional[dict] = None, ops: Sequence[str] = OPS, impls:
                         row.update(status=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:240]}",
                                    ms=None, gbps=None)
                     group.append(row)
+                times = bu.time_alternating(steps, warmup=warmup, iters=iters, device=dev) if steps else {}
                 for row in group:
-                    if row["impl"] not in steps:
+                    if row["impl"] not in times:
                         continue
-                    s = bu.summarize_ms(bu.time_steps(steps[row["impl"]], warmup=warmup, iters=iters, device=dev))
+                    s = bu.summarize_ms(times[row["impl"]])
                     ms = s["ms_median"]
                     gbps = nbytes / (ms * 1e-3) / 1e9
                     row.update(status="ok", ms=round(ms, 4), ms_p20=round(s["ms_p20"], 4),
                                ms_p80=round(s["ms_p80"], 4), gbps=round(gbps, 1),
                                frac_of_copy=round(gbps / copy_gbps, 3))
-                _add_speedups(group)
+                bu.add_paired_speedups(group, times)
                 rows += group
                 steps.clear()
                 if gpu:
                     torch.cuda.empty_cache()
-    return [{**env, **r} for r in rows]
-
-
-def _add_speedups(group: list[dict]) -> None:
-    times = {r["impl"]: r["ms"] for r in group if r.get("ms")}
-    for r in group:
-        if r["impl"] == "vitfast" and "vitfast" in times:
-            for other in IMPLS[1:]:
-                if other in times:
-                    r[f"speedup_vs_{other}"] = round(times[other] / times["vitfast"], 3)
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -220,7 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env: dict = {}
     try:
         rows = collect_rows(models, args.ops, args.impls, args.modes, args.dtype, args.device, args.warmup,
-                            args.iters, argv, smoke=args.smoke, env_out=env)
+                            args.iters, argv, smoke=args.smoke, env_out=env, allow_noisy=args.allow_noisy,
+                            writes=bool(args.json))
+    except bu.NoisyMachine as e:
+        print(e, file=sys.stderr)
+        return bu.EXIT_NOISY
     except ValueError as e:
         print(f"bench_fused: error: {e}", file=sys.stderr)
         return 2

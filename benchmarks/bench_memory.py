@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vitfast.benchmark_utils import env_info, write_json
+from vitfast import benchmark_utils as bu
 from vitfast.ops.attention import attention
 
 IMPLS = ("vitfast", "sdpa", "sdpa_math")
@@ -95,16 +95,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--json", default=None, help="a results file, or a folder to write <date>_<card>_memory.json in")
+    bu.add_noise_args(p)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_memory: needs a CUDA GPU (peak device memory); nothing measured", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    rows = collect(args.N, args.B, args.H, args.D, dtype, args.impls)
+    device = torch.device("cuda")
+    env = bu.env_info(device, argv=sys.argv[1:] if argv is None else argv, prog="benchmarks/bench_memory.py")
+    try:  # memory, not time, but the same rule as every benchmark: a busy machine is recorded as such
+        with bu.load_guard(env, "bench_memory", allow_noisy=args.allow_noisy, writes=bool(args.json), device=device):
+            rows = collect(args.N, args.B, args.H, args.D, dtype, args.impls)
+    except bu.NoisyMachine as e:
+        print(e, file=sys.stderr)
+        return bu.EXIT_NOISY
     if args.json:
-        env = env_info(torch.device("cuda"), argv=sys.argv[1:] if argv is None else argv,
-                       prog="benchmarks/bench_memory.py")
-        print(f"wrote {write_json(args.json, 'memory', env, rows)}")
+        print(f"wrote {bu.write_json(args.json, 'memory', env, rows)}")
     return 0
 
 

@@ -130,29 +130,16 @@ def make_step(fn: Callable, x: dict, mode: str, device: torch.device) -> Callabl
     return step
 
 
-def time_group(steps: dict, device: torch.device, warmup: int, iters: int) -> dict:
-    """Milliseconds per call of each step. On the GPU one implementation after the other (CUDA
-    events); on the CPU, which other processes share, interleaved round by round so that every
-    implementation sees the same load."""
-    if device.type == "cuda":
-        return {k: bu.time_steps(f, warmup=warmup, iters=iters, device=device) for k, f in steps.items()}
-    for k, f in steps.items():
-        for i in range(warmup):
-            f(i)
-    times: dict = {k: [] for k in steps}
-    for i in range(iters):
-        for k, f in steps.items():
-            times[k] += bu.time_steps(f, warmup=0, iters=1, device=device)
-    return times
-
-
 def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, modes: Sequence[str] = MODES,
                  inputs: Sequence[str] = INPUTS, dtype_name: Optional[str] = None, device: str = "auto",
                  warmup: Optional[int] = None, iters: Optional[int] = None, argv: Optional[Sequence[str]] = None,
-                 smoke: bool = False, env_out: Optional[dict] = None) -> list[dict]:
+                 smoke: bool = False, env_out: Optional[dict] = None, allow_noisy: bool = True,
+                 writes: bool = False) -> list[dict]:
     """Benchmark every (model, input, mode, impl); JSON-able rows stamped with device, versions,
     date and command line. A failing implementation gets a row saying why, never none.
-    ``env_out``, if given, receives those environment facts."""
+    The implementations of one (model, input, mode) are timed alternately, round by round.
+    ``env_out``, if given, receives those environment facts. With ``writes`` and not
+    ``allow_noisy``, a busy machine raises :class:`~vitfast.benchmark_utils.NoisyMachine`."""
     dev = bu.resolve_device(device)
     gpu = dev.type == "cuda"
     models = models or (SMOKE_MODELS if smoke else MODELS)
@@ -161,12 +148,20 @@ def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, mo
     warmup = warmup if warmup is not None else (5 if gpu else 2)
     iters = iters if iters is not None else (30 if gpu else 5)
     env = bu.env_info(dev, argv, prog="python benchmarks/bench_patch_embed.py")
+    with bu.load_guard(env, "bench_patch_embed", allow_noisy=allow_noisy, writes=writes, device=dev):
+        rows = _measure(env, models, impls, modes, inputs, dtype_name, dtype, dev, warmup, iters)
+    if env_out is not None:
+        env_out.update(env)
+    return [{**env, **r} for r in rows]
+
+
+def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dtype: torch.dtype,
+             dev: torch.device, warmup: int, iters: int) -> list[dict]:
+    gpu = dev.type == "cuda"
     copy_gbps = bu.measure_copy_gbps(dev, None if dev.type == "cuda" else 1 << 27)
     peak = bu.measure_peak_tflops(dev, dtype)
     env.update(copy_gbps_measured=round(copy_gbps, 1), matmul_tflops_measured=round(peak["tflops"], 2),
                vitfast_cuda_kernels=bool(vitfast._C.with_cuda))
-    if env_out is not None:
-        env_out.update(env)
     fns = {}
     rows = []
     for model_name, model in models.items():
@@ -194,7 +189,7 @@ def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, mo
                         row.update(status=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:240]}", ms=None,
                                    gbps=None, tflops=None)
                     group.append(row)
-                times = time_group(steps, dev, warmup, iters)
+                times = bu.time_alternating(steps, warmup=warmup, iters=iters, device=dev) if steps else {}
                 for row in group:
                     if row["impl"] not in times:
                         continue
@@ -203,23 +198,21 @@ def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, mo
                     row.update(status="ok", ms=round(ms, 4), ms_p20=round(s["ms_p20"], 4),
                                ms_p80=round(s["ms_p80"], 4), gbps=round(nbytes / (ms * 1e-3) / 1e9, 2),
                                tflops=round(flops / (ms * 1e-3) / 1e12, 4))
-                _add_speedups(group)
+                _add_speedups(group, times)
                 rows += group
             del x
             if gpu:
                 torch.cuda.empty_cache()
-    return [{**env, **r} for r in rows]
+    return rows
 
 
-def _add_speedups(group: list[dict]) -> None:
-    times = {r["impl"]: r["ms"] for r in group if r.get("ms")}
+def _add_speedups(group: list[dict], times: dict) -> None:
+    """vitfast's rows: ``speedup_vs_<impl>`` (median of the per-round ratios) and the distance
+    to the roofline floor."""
+    bu.add_paired_speedups(group, times)
     for r in group:
-        if r["impl"] != "vitfast" or "vitfast" not in times:
-            continue
-        for other in IMPLS[1:]:
-            if other in times:
-                r[f"speedup_vs_{other}"] = round(times[other] / times["vitfast"], 3)
-        r["x_roofline_floor"] = round(times["vitfast"] / r["roofline_floor_ms"], 3)
+        if r["impl"] == "vitfast" and r.get("status") == "ok":
+            r["x_roofline_floor"] = round(r["ms"] / r["roofline_floor_ms"], 3)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -258,7 +251,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env: dict = {}
     try:
         rows = collect_rows(models, args.impls, args.modes, args.inputs, args.dtype, args.device, args.warmup,
-                            args.iters, argv, smoke=args.smoke, env_out=env)
+                            args.iters, argv, smoke=args.smoke, env_out=env, allow_noisy=args.allow_noisy,
+                            writes=bool(args.json))
+    except bu.NoisyMachine as e:
+        print(e, file=sys.stderr)
+        return bu.EXIT_NOISY
     except ValueError as e:
         print(f"bench_patch_embed: error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,9 @@ KERNEL_COLUMNS = ("op", "backend", "impl", "B", "H", "N", "D", "model", "batch",
 
 
 def load(results: Path) -> list[dict]:
-    """Every results file in ``results`` (not its subfolders), as {"path", "kind", "env", "rows"}."""
+    """Every results file in ``results`` (not its subfolders), as {"path", "kind", "env", "rows"}.
+    Rows marked ``noisy: true`` (measured on a busy machine with ``--allow-noisy``) are left out,
+    and so is a file with nothing else."""
     docs = []
     for p in sorted(results.glob("*.json")):
         try:
@@ -44,7 +46,9 @@ def load(results: Path) -> list[dict]:
         elif isinstance(data, dict) and "rows" in data:
             docs.append({"path": p, "kind": data.get("kind", "unknown"), "env": data.get("env", {}), "rows": data["rows"],
                          "smoke": bool(data.get("smoke")), "peak": data.get("peak")})
-    return docs
+    for d in docs:
+        d["rows"] = [r for r in d["rows"] if not r.get("noisy")]
+    return [d for d in docs if d["rows"]]
 
 
 def _latest_per_device(docs: Sequence[dict]) -> list[dict]:
@@ -73,8 +77,10 @@ def _caption(doc: dict, readme: Path) -> str:
         bits.append(f"batch {r0['batch_size']}, {r0.get('dtype')}, input {r0.get('input')}")
     bits.append(f"torch {env.get('torch')}, triton {env.get('triton')}, vitfast {env.get('vitfast')}")
     bits.append(str(env.get("date", "")))
-    if env.get("device_kind") == "cpu" and env.get("loadavg_1m") is not None:
-        bits.append(f"machine load average {env['loadavg_1m']} (shared machine: CPU timings are noisy)")
+    load = env.get("loadavg_1m_start", env.get("loadavg_1m"))
+    if env.get("device_kind") == "cpu" and load is not None:
+        end = f" at the start, {env['loadavg_1m_end']} at the end" if env.get("loadavg_1m_end") is not None else ""
+        bits.append(f"load average {load}{end} on {env.get('cores', '?')} cores; implementations timed alternately")
     text = "; ".join(bits) + "."
     text += f" Command: `{env.get('command')}`; data: [`{_rel(doc['path'], readme)}`]({_rel(doc['path'], readme)})."
     peak = doc.get("peak")

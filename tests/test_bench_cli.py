@@ -29,6 +29,15 @@ E2E_FIELDS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def quiet_machine():
+    """These tests check outputs, not timings: they must not depend on what else the host runs
+    (the load guard itself is tested with a load set by the test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bu, "machine_load", lambda: 0.0)
+        yield mp
+
+
 @pytest.fixture(autouse=True)
 def keep_threads():
     """--threads sets torch's thread count for the process: give the next tests theirs back."""
@@ -180,6 +189,110 @@ def test_python_dash_m_and_help(capsys):
     assert proc.returncode == 2 and "--batch-size must be >= 1" in proc.stderr
     assert bench.main(["--help"]) == 0
     assert "--uint8" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ quiet machine, alternation
+@pytest.fixture
+def busy(monkeypatch):
+    """A 1-minute load average of 9.06 on this host's cores plus 7."""
+    monkeypatch.setattr(bu, "machine_load", lambda: float((os.cpu_count() or 1) + 7.06))
+
+
+def test_a_busy_machine_refuses_to_write_results(busy, tmp_path, capsys):
+    rc = bench.main(TINY + ["--impl", "reference", "--json", str(tmp_path / "r.json")])
+    assert rc == bu.EXIT_NOISY
+    err = capsys.readouterr().err
+    assert "load average" in err and "--allow-noisy" in err and "no results are written" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_allow_noisy_writes_rows_marked_noisy(busy, tmp_path):
+    rc = bench.main(TINY + ["--impl", "reference", "fastvit", "--json", str(tmp_path / "r.json"), "--allow-noisy"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["env"]["noisy"] is True and doc["env"]["loadavg_1m_start"] > doc["env"]["cores"]
+    assert [r["noisy"] for r in doc["rows"]] == [True, True]
+
+
+def test_a_quiet_machine_writes_rows_marked_not_noisy(tmp_path):
+    assert bench.main(TINY + ["--impl", "reference", "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["noisy"] for r in rows] == [False]
+
+
+def test_load_rising_during_the_run_is_caught(monkeypatch, tmp_path):
+    """Quiet at the start, busy at the end (beyond this run's own threads): nothing is written."""
+    load = {"now": 0.0}
+    monkeypatch.setattr(bu, "machine_load", lambda: load["now"])
+    real_run = bench.run
+
+    def run_then_busy(*a, **k):
+        result = real_run(*a, **k)  # saves its rows along the way (quiet so far)
+        load["now"] = 100.0
+        return result
+
+    monkeypatch.setattr(bench, "run", run_then_busy)
+    rc = bench.main(TINY + ["--impl", "reference", "--json", str(tmp_path / "r.json")])
+    assert rc == bu.EXIT_NOISY and not (tmp_path / "r.json").exists()
+
+
+def test_a_busy_machine_without_output_files_only_warns(busy, capsys):
+    assert bench.main(TINY + ["--impl", "reference"]) == 0
+    out = capsys.readouterr()
+    assert "NOISY" in out.out and "warning: load average" in out.err
+
+
+@pytest.mark.parametrize("script", ["bench_patch_embed", "bench_fused", "bench_attention"])
+def test_every_microbenchmark_refuses_on_a_busy_machine(script, busy, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "x.json"
+    with pytest.raises(SystemExit) if script == "bench_attention" else contextlib.nullcontext() as exc:
+        rc = mod.main(["--smoke", "--json", str(out)])
+    code = exc.value.code if script == "bench_attention" else rc
+    assert code == bu.EXIT_NOISY and not out.exists()
+    assert "--allow-noisy" in capsys.readouterr().err
+
+
+def test_time_alternating_interleaves_round_by_round():
+    order = []
+    steps = {name: (lambda i, name=name: order.append((name, i))) for name in ("a", "b", "c")}
+    times = bu.time_alternating(steps, warmup=1, iters=3, device=torch.device("cpu"))
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert order[:3] == [("a", 0), ("b", 0), ("c", 0)]  # warm-up
+    rounds = [order[3 + 3 * r: 6 + 3 * r] for r in range(3)]
+    assert [[n for n, _ in rnd] for rnd in rounds] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert all({i for _, i in rnd} == {1 + r} for r, rnd in enumerate(rounds))  # one step index per round
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    # a load spike in rounds 2-3 slows both: the ratio of medians says 1.5x, the rounds say 2x
+    times = {"ref": [2.0, 2.0, 20.0, 20.0, 2.0], "fast": [1.0, 1.0, 10.0, 10.0, 1.0]}
+    assert bu.paired_speedup(times, "ref", "fast") == 2.0
+    assert bu.paired_speedup(times, "ref", "missing") is None
+    group = [dict(impl="fast", status="ok"), dict(impl="ref", status="ok")]
+    bu.add_paired_speedups(group, times, fast="fast")
+    assert group[0] == dict(impl="fast", status="ok", speedup_vs_ref=2.0) and "speedup_vs_fast" not in group[1]
+
+
+def test_render_readme_leaves_noisy_rows_out(tiny_run, tmp_path):
+    rr = _renderer()
+    _, _, out, _ = tiny_run
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = json.loads((out / "r.json").read_text())
+    noisy = json.loads(json.dumps(doc))
+    for r in noisy["rows"]:
+        r.update(noisy=True, device="A Noisy CPU")
+    noisy["env"].update(device="A Noisy CPU", date="2099-01-01T00:00:00+00:00")
+    (results / "2031-01-01_cpu_e2e.json").write_text(json.dumps(doc))
+    (results / "2099-01-01_cpu_e2e.json").write_text(json.dumps(noisy))  # newer, but noisy
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:begin -->\n<!-- bench:end -->\n")
+    assert rr.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "2031-01-01_cpu_e2e.json" in text and "2099-01-01" not in text and "A Noisy CPU" not in text
 
 
 # ------------------------------------------------------------------------ bench kernels

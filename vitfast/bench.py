@@ -11,8 +11,14 @@ and with ``--compile`` each of them again under ``torch.compile``. Modes: ``infe
 weights in the chosen dtype) and ``train`` (forward, cross-entropy, backward, AdamW step; fp32
 weights under autocast for fp16/bf16).
 
-Timing: warm-up steps, then the median of ``--iters`` timed steps (CUDA events on the GPU,
-``time.perf_counter`` on the CPU), inputs rotating over three batches. FLOPs are analytic
+Timing: the implementations of one (model, mode) are built and warmed up (the warm-up also
+measures each one's peak memory), then timed alternately, round by round, ``--iters`` rounds
+(CUDA events on the GPU, ``time.perf_counter`` on the CPU), inputs rotating over three
+batches. Each row gives the median time and ``speedup_vs_reference``, the median of the
+per-round ratios to the eager reference: on a shared machine the ratio of two medians drifts
+with the load, the per-round ratio much less. Results are written only from a quiet machine
+(1-minute load average at most the number of cores) unless ``--allow-noisy`` is given, which
+marks every row ``noisy: true``. FLOPs are analytic
 (:func:`vitfast.benchmark_utils.vit_step_flops`); MFU is against a matmul measured on the same
 device in the same dtype at the start of the run.
 
@@ -79,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV (a folder: <date>_<device>_e2e.csv in it)")
     p.add_argument("--plot", metavar="PATH.png", help="bar chart of img/s per model and implementation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bu.add_noise_args(p)
     return p
 
 
@@ -263,16 +270,37 @@ def _free_device(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-# ------------------------------------------------------------------------ one measurement
-def bench_one(
-    cfg: Config, name: str, impl: str, compiled: bool, mode: str, weights: dict, ref_out: dict, peak: dict,
+# ------------------------------------------------------------------------ one group of measurements
+@dataclass
+class Entry:
+    """One implementation of a (model, mode) group: its row, and while it can run, its step."""
+    row: dict
+    step: Optional[Callable[[int], Any]] = None
+    keep: Any = None  # the model and inputs the step uses
+    resident: int = 0  # device bytes held before it was built (the other entries' models)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare_entry(
+    cfg: Config, name: str, impl: str, compiled: bool, mode: str, weights: dict, ref_out: dict,
     on_step: Callable[[], None],
-) -> dict:
+) -> Entry:
+    """Build one implementation, compile it (timed apart), check its output against the
+    reference and run its warm-up steps, which also measure its peak memory. A failure is
+    recorded in the row (``status``), never raised."""
     row: dict = dict(model=name, impl=impl, compiled=compiled, mode=mode, dtype=cfg.dtype_name,
                      batch_size=cfg.batch_size, input="uint8" if cfg.uint8 else ("fp32" if mode == "train" else cfg.dtype_name),
                      warmup=cfg.warmup, iters=cfg.iters, status="ok")
-    model = step = xs = ys = None
+    entry = Entry(row)
+    cuda = cfg.device.type == "cuda"
     try:
+        if cuda:
+            _sync(cfg.device)
+            entry.resident = torch.cuda.memory_allocated(cfg.device)
         model = build_model(name, impl, model_overrides(cfg), cfg.device, cfg.uint8)
         vit = _vit_of(model)
         vit.load_state_dict(weights["state"])
@@ -284,14 +312,10 @@ def bench_one(
         xs, ys = make_inputs(cfg, model, mode, getattr(vit, "num_classes", 1000))
         runner = torch.compile(model) if compiled else model
         step, row["precision"] = make_step(runner, cfg, mode, xs, ys)
-        if cfg.device.type == "cuda":
-            torch.cuda.synchronize(cfg.device)
-            torch.cuda.reset_peak_memory_stats(cfg.device)
         if compiled:  # the first call compiles: time it apart from the warm-up
             t0 = time.perf_counter()
             step(0)
-            if cfg.device.type == "cuda":
-                torch.cuda.synchronize(cfg.device)
+            _sync(cfg.device)
             row["compile_s"] = round(time.perf_counter() - t0, 2)
         if cfg.check and mode == "infer":
             out = step(0)
@@ -300,36 +324,57 @@ def bench_one(
                 ref_out[key] = out.detach().float().clone()
             if key in ref_out:
                 row["max_rel_err_vs_reference"] = _rel_err(out, ref_out[key])
-        times = bu.time_steps(step, warmup=cfg.warmup, iters=cfg.iters, device=cfg.device, on_step=on_step)
-        row.update(bu.summarize_ms(times))
-        if cfg.device.type == "cuda":
-            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(cfg.device) / 2**30
+            del out
+        if cuda:  # the peak over the warm-up steps, less what the other entries hold
+            _sync(cfg.device)
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+        for i in range(max(cfg.warmup, 1)):
+            step(i)
+            on_step()
+        if cuda:
+            _sync(cfg.device)
+            row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(cfg.device) - entry.resident) / 2**30
         else:
             row["peak_mem_gib"] = None  # the CPU allocator keeps no peak statistics
-        flops = bu.vit_step_flops(vit, mode)
-        row["flops_per_image"] = flops
-        row["img_per_s"] = cfg.batch_size / (row["ms_median"] * 1e-3)
-        row["tflops"] = flops * row["img_per_s"] / 1e12
-        row["peak_tflops"] = peak["tflops"]
-        row["peak_source"] = peak["source"]
-        row["mfu"] = row["tflops"] / peak["tflops"]
+        row["flops_per_image"] = bu.vit_step_flops(vit, mode)
+        entry.step, entry.keep = step, (model, runner, xs, ys)
     except Exception as e:  # recorded in the row and the table, never dropped
         row["status"] = "oom" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if not _is_oom(e):
             traceback.print_exc(file=sys.stderr)
-    finally:
-        del model, step, xs, ys
+        entry.step = entry.keep = None
         _free_device(cfg.device)
-    return row
+    return entry
+
+
+def time_group(cfg: Config, entries: dict, peak: dict, on_step: Callable[[], None]) -> None:
+    """Time the entries that run alternately, round by round, and fill their rows: median and
+    spread, img/s, TFLOP/s, MFU, and ``speedup_vs_reference`` as the median of the per-round
+    ratios to the eager reference (compiled or not, every entry is compared with it)."""
+    steps = {k: e.step for k, e in entries.items() if e.step is not None}
+    if not steps:
+        return
+    # one untimed round first: building the later entries evicted the earlier ones' caches
+    times = bu.time_alternating(steps, warmup=1, iters=cfg.iters, device=cfg.device, on_step=on_step)
+    for k, e in entries.items():
+        if k not in times:
+            continue
+        row = e.row
+        row.update(bu.summarize_ms(times[k]))
+        row["img_per_s"] = cfg.batch_size / (row["ms_median"] * 1e-3)
+        row["tflops"] = row["flops_per_image"] * row["img_per_s"] / 1e12
+        row["peak_tflops"] = peak["tflops"]
+        row["peak_source"] = peak["source"]
+        row["mfu"] = row["tflops"] / peak["tflops"]
+        row["speedup_vs_reference"] = bu.paired_speedup(times, ("reference", False), k)
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_reference = the eager reference's ms / this row's ms (same model and mode)."""
-    base = {(r["model"], r["mode"]): r["ms_median"] for r in rows
-            if r["impl"] == "reference" and not r["compiled"] and r["status"] == "ok"}
+    """Rows without a paired figure (the reference failed, or older callers) get None."""
     for r in rows:
-        b = base.get((r["model"], r["mode"]))
-        r["speedup_vs_reference"] = b / r["ms_median"] if b and r["status"] == "ok" else None
+        r.setdefault("speedup_vs_reference", None)
+        if r["status"] != "ok":
+            r["speedup_vs_reference"] = None
 
 
 def _peak(cfg: Config) -> dict:
@@ -352,7 +397,7 @@ def run(cfg: Config, progress: bool = True, on_row: Optional[Callable[[list[dict
     peak = _peak(cfg)
     print(f"peak for MFU: {peak['tflops']:.3g} TFLOP/s ({peak['source']})", file=sys.stderr)
     rows: list[dict] = []
-    bar = tqdm(total=len(plan) * (cfg.warmup + cfg.iters), unit="step", delay=3, file=sys.stderr,
+    bar = tqdm(total=len(plan) * (max(cfg.warmup, 1) + 1 + cfg.iters), unit="step", delay=3, file=sys.stderr,
                disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
     weights: dict = {}
     ref_out: dict = {}
@@ -366,12 +411,21 @@ def run(cfg: Config, progress: bool = True, on_row: Optional[Callable[[list[dict
             # kept on the CPU, so that no extra copy of the weights counts in the peak memory
             weights["state"] = {k: v.detach().cpu() for k, v in ref.state_dict().items()}
             del ref
-            for (m, mode, impl, compiled) in [p for p in plan if p[0] == name]:
-                bar.set_description(f"{m} {impl}{'+compile' if compiled else ''} {mode}")
-                row = bench_one(cfg, m, impl, compiled, mode, weights, ref_out, peak, bar.update)
-                rows.append(row)
-                msg = f"{row['ms_median']:.2f} ms/batch" if row["status"] == "ok" else row["status"]
-                bar.write(f"  {m:<24} {impl_label(row):<18} {mode:<6} {msg}", file=sys.stderr)
+            for mode in cfg.modes:
+                group = [p for p in plan if p[0] == name and p[1] == mode]
+                entries: dict = {}
+                for (m, _, impl, compiled) in group:
+                    bar.set_description(f"{m} {impl}{'+compile' if compiled else ''} {mode}: build, warm-up")
+                    entries[(impl, compiled)] = prepare_entry(cfg, m, impl, compiled, mode, weights, ref_out, bar.update)
+                bar.set_description(f"{name} {mode}: timing {len(entries)} implementations alternately")
+                time_group(cfg, entries, peak, bar.update)
+                for e in entries.values():
+                    row = e.row
+                    rows.append(row)
+                    msg = f"{row['ms_median']:.2f} ms/batch" if row["status"] == "ok" else row["status"]
+                    bar.write(f"  {name:<24} {impl_label(row):<18} {mode:<6} {msg}", file=sys.stderr)
+                entries.clear()
+                _free_device(cfg.device)
                 if on_row:
                     add_speedups(rows)
                     on_row(rows, peak)
@@ -406,6 +460,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # the baselines' patch-embedding convolution gets cuDNN's measured best algorithm
         torch.backends.cudnn.benchmark = True
     env = bu.env_info(cfg.device, argv)
+    writes = bool(args.json or args.csv or args.plot)
+    try:
+        bu.check_load(env, args.allow_noisy, "vitfast bench", writes)
+    except bu.NoisyMachine as e:
+        print(e, file=sys.stderr)
+        return bu.EXIT_NOISY
     json_path = bu.results_path(args.json, env, "e2e") if args.json else None
 
     def save(rows: list[dict], peak: dict) -> None:  # after every row: a killed run keeps what it measured
@@ -413,12 +473,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bu.write_json(json_path, "e2e", env, rows, peak=peak)
 
     rows, peak = run(cfg, progress=not args.no_progress, on_row=save)
-    print(_title(env, cfg))
+    refused = None
+    try:
+        bu.finish_load_check(env, args.allow_noisy, "vitfast bench", bu.own_threads(cfg.device), writes)
+    except bu.NoisyMachine as e:
+        refused = e
+    print(_title(env, cfg) + (" | NOISY: load average over the core count" if env.get("noisy") else ""))
     headers, cells = e2e_display_rows(rows)
     print(format_text_table(headers, cells))
     if cfg.device.type == "cpu":
         print("CPU figures (labelled CPU): peak memory is not tracked by the CPU allocator (n/a).")
-    print(f"MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']}); speedup against the eager reference.")
+    print(f"MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']}); speedup against the eager reference "
+          "(median of the per-round ratios).")
+    if refused:
+        if json_path and json_path.exists():
+            json_path.unlink()  # saved along the way, before the load was known
+        print(refused, file=sys.stderr)
+        return bu.EXIT_NOISY
     if json_path:
         print(f"wrote {bu.write_json(json_path, 'e2e', env, rows, peak=peak)}")
     if args.csv:

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (for the record; each script picks its device)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="stop a microbenchmark after S seconds (reported as failed; the others still run)")
+    bu.add_noise_args(p)
     for name in KERNEL_BENCHMARKS:
         p.add_argument(f"--{name.replace('_', '-')}-args", default="", metavar="ARGS",
                        help=f"extra arguments for bench_{name}.py only, as one string "
@@ -77,6 +78,8 @@ def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool, timeout: Op
             proc = subprocess.run(cmd, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
             return f"failed: timed out after {timeout:g} s (--timeout)", []
+        if proc.returncode == bu.EXIT_NOISY:
+            return "refused: the machine was busy (load average over the core count; see --allow-noisy)", []
         if proc.returncode != 0:
             return f"failed: exit code {proc.returncode}", []
         if not out.is_file():
@@ -106,6 +109,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cpu = device.type == "cpu"
     smoke = args.smoke or cpu
     env = bu.env_info(device, ["kernels", *argv])
+    writes = bool(args.json or args.csv)
+    try:  # each microbenchmark checks again for itself (the flag is passed on)
+        bu.check_load(env, args.allow_noisy, "vitfast bench kernels", writes)
+    except bu.NoisyMachine as e:
+        print(e, file=sys.stderr)
+        return bu.EXIT_NOISY
+    if args.allow_noisy:
+        extra = [*extra, "--allow-noisy"]
     json_path = bu.results_path(args.json, env, "kernels") if args.json else None
     results: dict = {}
     rows: list = []

@@ -4,6 +4,12 @@
   torch/triton/timm/vitfast versions, date (UTC), the exact command line.
 * :func:`time_steps` -- warm-up, then one timing per step: CUDA events on the GPU,
   ``time.perf_counter`` on the CPU; :func:`summarize_ms` gives the median and spread.
+* :func:`time_alternating` -- several implementations timed in turn, iteration by iteration,
+  so that each sees the same machine; :func:`paired_speedup` is the median of the per-pair
+  ratios (steadier than the ratio of two medians when the load drifts).
+* :func:`check_load` / :func:`finish_load_check` -- a benchmark refuses to write results
+  measured while the 1-minute load average exceeds the number of cores, unless
+  ``--allow-noisy`` (:func:`add_noise_args`) is given; then every row says ``noisy: true``.
 * :func:`vit_forward_flops` / :func:`vit_step_flops` -- analytic matmul FLOPs of a ViT
   (timm's or FastViT: the same module names), the convention MFU is quoted in.
 * :func:`measure_peak_tflops` -- a short square matmul on the same device and dtype: the
@@ -15,6 +21,7 @@ Kernel microbenchmarks use these too, so every results file has the same shape.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -38,7 +45,18 @@ __all__ = [
     "device_name",
     "resolve_device",
     "time_steps",
+    "time_alternating",
+    "paired_speedup",
+    "add_paired_speedups",
     "summarize_ms",
+    "NoisyMachine",
+    "EXIT_NOISY",
+    "add_noise_args",
+    "check_load",
+    "finish_load_check",
+    "load_guard",
+    "machine_load",
+    "own_threads",
     "vit_forward_flops",
     "vit_step_flops",
     "vit_patch_embed_flops",
@@ -114,10 +132,80 @@ def env_info(device: torch.device, argv: Optional[Sequence[str]] = None, prog: s
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
         info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
-    elif hasattr(os, "getloadavg"):
-        # other processes on the machine skew CPU timings: keep the load next to the figures
-        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    load = machine_load()
+    if load is not None:  # other processes skew timings: keep the load next to the figures
+        info["loadavg_1m"] = round(load, 2)
+        info["cores"] = os.cpu_count()
     return info
+
+
+# ------------------------------------------------------------------------ a quiet machine
+class NoisyMachine(RuntimeError):
+    """The machine is too busy for trustworthy timings and ``--allow-noisy`` was not given."""
+
+
+EXIT_NOISY = 75  # the exit code of a benchmark that refused to write (sysexits' EX_TEMPFAIL: try later)
+
+
+def machine_load() -> Optional[float]:
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def add_noise_args(p) -> None:
+    p.add_argument("--allow-noisy", action="store_true",
+                   help="measure and write results even when the 1-minute load average exceeds the number of "
+                   "cores; every row is then marked noisy: true (and left out of the README)")
+
+
+def check_load(env: dict, allow_noisy: bool, prog: str, writes: bool = True) -> bool:
+    """Before measuring: is the machine quiet (load average <= cores)? Records the load in
+    ``env`` (``loadavg_1m_start``, ``noisy``). A busy machine raises :class:`NoisyMachine` when
+    results are to be written and ``allow_noisy`` is false; otherwise the run goes on, noisy."""
+    load, cores = machine_load(), os.cpu_count() or 1
+    noisy = load is not None and load > cores
+    env.update(loadavg_1m_start=None if load is None else round(load, 2), cores=cores, noisy=noisy)
+    if noisy and writes and not allow_noisy:
+        raise NoisyMachine(f"{prog}: the 1-minute load average is {load:.2f} on {cores} cores: other work would skew the "
+                           "timings, so no results are written. Wait for a quiet machine, or pass --allow-noisy "
+                           "(every row is then marked noisy: true and left out of the README).")
+    if noisy:
+        print(f"{prog}: warning: load average {load:.2f} on {cores} cores: figures are noisy", file=sys.stderr)
+    return noisy
+
+
+def finish_load_check(env: dict, allow_noisy: bool, prog: str, own_threads: int, writes: bool = True) -> bool:
+    """After measuring: the load average less this run's own busy threads must still be under
+    the core count (someone else may have started work meanwhile). Same rules as
+    :func:`check_load`; updates ``env["noisy"]`` and ``env["loadavg_1m_end"]``."""
+    load, cores = machine_load(), os.cpu_count() or 1
+    env["loadavg_1m_end"] = None if load is None else round(load, 2)
+    if load is None or load - own_threads <= cores:
+        return bool(env.get("noisy"))
+    if not env.get("noisy"):
+        env["noisy"] = True
+        if writes and not allow_noisy:
+            raise NoisyMachine(f"{prog}: the 1-minute load average rose to {load:.2f} on {cores} cores during the run "
+                               f"({own_threads} thread(s) of its own): no results are written. Rerun on a quiet machine, "
+                               "or pass --allow-noisy.")
+        print(f"{prog}: warning: load average rose to {load:.2f} during the run: figures are noisy", file=sys.stderr)
+    return True
+
+
+@contextlib.contextmanager
+def load_guard(env: dict, prog: str, *, allow_noisy: bool, writes: bool, device: torch.device):
+    """:func:`check_load` before the block (the measurements), :func:`finish_load_check` after."""
+    check_load(env, allow_noisy, prog, writes)
+    yield
+    finish_load_check(env, allow_noisy, prog, own_threads(device), writes)
+
+
+def own_threads(device: torch.device) -> int:
+    """Threads this process keeps busy while timing: the CPU pool, or one host thread for a GPU."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 # ------------------------------------------------------------------------ timing
@@ -161,6 +249,81 @@ def time_steps(
         if on_step:
             on_step()
     return times
+
+
+def time_alternating(
+    steps: Mapping[str, Callable[[int], Any]],
+    *,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    on_step: Optional[Callable[[], None]] = None,
+    between: Optional[Callable[[], None]] = None,
+) -> dict[str, list[float]]:
+    """Time several implementations in turn: warm-up each, then ``iters`` rounds in which every
+    implementation runs one timed step, the order rotating each round. Milliseconds per step,
+    one list per implementation, aligned by round (``paired_speedup`` compares round by round).
+
+    Implementations that run one after the other see different machines when the load drifts
+    (other processes, clocks, thermals); alternating gives each the same conditions.
+    ``between()`` runs untimed before every timed step (e.g. an L2 flush on the GPU).
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    names = list(steps)
+    for i in range(warmup):
+        for name in names:
+            steps[name](i)
+            if on_step:
+                on_step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    events: dict = {name: [] for name in names}
+    times: dict = {name: [] for name in names}
+    for r in range(iters):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            if between:
+                between()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                steps[name](warmup + r)
+                end.record()
+                events[name].append((start, end))
+            else:
+                t0 = time.perf_counter()
+                steps[name](warmup + r)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            if on_step:
+                on_step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        times = {name: [s.elapsed_time(e) for s, e in ev] for name, ev in events.items()}
+    return times
+
+
+def paired_speedup(times: Mapping[str, Sequence[float]], base: str, impl: str) -> Optional[float]:
+    """Median over rounds of ``base``'s time / ``impl``'s time in the same round (from
+    :func:`time_alternating`): > 1 means ``impl`` is faster. None if either is missing."""
+    a, b = times.get(base), times.get(impl)
+    if not a or not b or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b) if y > 0)
+
+
+def add_paired_speedups(group: Sequence[dict], times: Mapping[str, Sequence[float]], fast: str = "vitfast",
+                        key: str = "impl") -> None:
+    """On ``fast``'s row of a group timed by :func:`time_alternating`: ``speedup_vs_<other>``
+    for every other implementation timed, the median of the per-round ratios."""
+    for r in group:
+        if r.get(key) != fast or r.get("status") != "ok":
+            continue
+        for other in times:
+            speedup = paired_speedup(times, other, fast) if other != fast else None
+            if speedup is not None:
+                r[f"speedup_vs_{other}"] = round(speedup, 3)
 
 
 def _quantile(sorted_xs: Sequence[float], q: float) -> float:
@@ -282,14 +445,16 @@ def write_json(path: os.PathLike | str, kind: str, env: Mapping[str, Any], rows:
     """One file per run: ``{"schema", "kind", "env", ..., "rows"}``; each row repeats the env
     facts so a row read on its own still names the device, versions, date and command."""
     out = results_path(path, env, kind, "json")
-    doc = {"schema": SCHEMA, "kind": kind, "env": dict(env), **extra, "rows": [{**env, **r} for r in rows]}
+    noisy = bool(env.get("noisy"))
+    doc = {"schema": SCHEMA, "kind": kind, "env": dict(env), **extra,
+           "rows": [{**env, **r, "noisy": noisy or bool(r.get("noisy"))} for r in rows]}
     out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return out
 
 
 def write_csv(path: os.PathLike | str, env: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], kind: str = "e2e") -> Path:
     out = results_path(path, env, kind, "csv")
-    full = [{**env, **r} for r in rows]
+    full = [{**env, **r, "noisy": bool(env.get("noisy") or r.get("noisy"))} for r in rows]
     fields: list[str] = []
     for r in full:
         fields += [k for k in r if k not in fields]
@@ -321,6 +486,7 @@ def add_microbench_args(p, models: Mapping[str, Any], kind: str) -> None:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="one tiny shape (checks the script; any device)")
     p.add_argument("--json", default=None, help=f"write the rows here (a folder: <date>_<device>_{kind}.json)")
+    add_noise_args(p)
 
 
 def select_models(all_models: Mapping[str, tuple], names: Optional[Sequence[str]], batch: Optional[int]):
