@@ -1,6 +1,11 @@
 # Two commands on a fresh machine:
 #   make test    set up .venv (torch, the package with its C++/CUDA extension) and run the tests
 #   make bench   the same set-up, then the benchmark (`vitfast bench`)
+# and two checks CI does not run:
+#   make test-matrix   the numerics-sensitive tests under emulated hosts (tests/host_matrix.py;
+#                      MATRIX_ARGS="--full" for all 27 cells)
+#   make sm90-compile  the Triton kernels compiled for sm_90 as the JIT would, under this triton and
+#                      under the GPU image's (TRITON_GPU_VERSION), tables of registers/spills/smem
 # Re-running is quick: torch is installed once, the extension is rebuilt only when csrc/ or
 # the build files changed.
 
@@ -14,12 +19,17 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+MATRIX_ARGS ?=
+# the triton of the GPU machine's image, installed beside the venv's for make sm90-compile
+TRITON_GPU_VERSION ?= 3.6.0
+SM90_CASES ?= attention:bfloat16:64:197 attention:bfloat16:80:257 attention:float16:72:577 \
+	attention:float32:128:197 fused:bfloat16:768 fused:bfloat16:1408 fused:float32:4100
 
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip --disable-pip-version-check -q
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: test bench $(VENV) clean info FORCE
+.PHONY: test bench test-matrix sm90-compile $(VENV) clean info FORCE
 .DEFAULT_GOAL := test
 
 # torch, installed once per torch spec (the stamp holds the spec it was installed for)
@@ -45,6 +55,20 @@ test: $(VENV)/.vitfast-stamp
 
 bench: $(VENV)/.vitfast-stamp
 	$(VENV)/bin/vitfast bench $(BENCH_ARGS)
+
+test-matrix: $(VENV)/.vitfast-stamp
+	$(VPY) tests/host_matrix.py $(MATRIX_ARGS)
+
+$(VENV)/triton-$(TRITON_GPU_VERSION)/.stamp: $(VENV)/.torch-stamp
+	$(PIP) install --no-deps --target $(VENV)/triton-$(TRITON_GPU_VERSION) triton==$(TRITON_GPU_VERSION)
+	touch $@
+
+SM90_OUT ?= benchmarks/results/static
+sm90-compile: $(VENV)/.vitfast-stamp $(VENV)/triton-$(TRITON_GPU_VERSION)/.stamp
+	env -u TRITON_INTERPRET $(VPY) tests/ops/_sm90_compile.py --table $(SM90_CASES) \
+	  --json $(SM90_OUT)/sm90_compile_triton-$$($(VPY) -c 'import triton; print(triton.__version__)').json
+	env -u TRITON_INTERPRET PYTHONPATH=$(VENV)/triton-$(TRITON_GPU_VERSION) $(VPY) tests/ops/_sm90_compile.py \
+	  --table $(SM90_CASES) --json $(SM90_OUT)/sm90_compile_triton-$(TRITON_GPU_VERSION).json
 
 info: $(VENV)/.vitfast-stamp
 	$(VENV)/bin/vitfast info

@@ -1,5 +1,22 @@
 """Convergence parity on real images: FastViT on vitfast's path and on the plain-PyTorch
-reference path train 100 steps on scikit-learn's digits from the same seed."""
+reference path train 100 steps on scikit-learn's digits from the same seed.
+
+What is compared, and why (measured with tests/training/measure_parity_spread.py over the
+host matrix of ``make test-matrix``: ATen capability default/AVX2/AVX-512 with oneDNN's ISA to
+match, MKL's native/COMPATIBLE/AVX2 code paths, 1/2/4 threads):
+
+* The two paths round differently (~1e-7 at step 1), and training amplifies the difference
+  about 2.7x every 10 steps: over the first 30 steps the largest per-step relative gap was
+  1.3e-5 on every host variant, by step 50 up to 9.5e-5, and past step 70 it reaches 1e-3 to
+  5e-2 depending on the host's BLAS and thread count. So the per-step losses are compared
+  tightly (1e-4) over the first 30 steps only: a wrong gradient anywhere in the fused path
+  changes the loss from step 2 on by far more than that.
+* At the end the two runs are at the same place but not on the same trajectory: the mean loss
+  of the last 10 steps differed by at most 8.1e-3 (relative), the validation loss by 3.1e-3,
+  the validation accuracy by one image (0.34 points). Tolerances: 3e-2, 1.5e-2 and 1 point,
+  about 4x the worst measured; both runs must pass 90% accuracy.
+* The vitfast run really went through the fused patch embedding, forward and backward.
+"""
 
 import os
 import sys
@@ -11,17 +28,21 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _train_helpers import run_inprocess  # noqa: E402
 
 # 100 steps of a one-block ViT (64 tokens of 4x4 patches, head dim 32, average pooling) that
-# gets past 90% on digits from scratch (92.9% here) while staying out of the chaotic regime:
-# the two paths' fp32 rounding differs by ~1e-7 at step 1 and the largest per-step gap over the
-# 100 steps is 5e-4. Higher learning rates or Adam's eps 1e-8 / beta2 0.999 learn as fast but
-# have loss spikes that land a step apart on the two paths (gaps of 1e-2..4e-1 mid-run, the same
-# final accuracy). About 20 s per run on two cores.
+# gets past 90% on digits from scratch while staying out of the chaotic regime (higher learning
+# rates or Adam's eps 1e-8 / beta2 0.999 learn as fast but have loss spikes that land a step
+# apart on the two paths). About 20 s per run on two cores.
 RECIPE = ["--embed-dim", "64", "--depth", "1", "--num-heads", "2", "--global-pool", "avg",
           "--batch-size", "256", "--lr", "1e-2", "--warmup-steps", "5", "--min-lr-ratio", "0.1",
           "--opt-betas", "0.9", "0.95", "--opt-eps", "1e-6",
           "--steps", "100", "--seed", "0", "--no-progress", "--log-every", "100"]
 FUSED_OP = "vitfast::patch_embed"
 FUSED_BACKWARD = "vitfast::patch_embed_backward"
+
+TIGHT_STEPS, STEP_RTOL = 30, 1e-4  # per-step agreement while rounding differences are still small
+FINAL_LOSS_RTOL = 3e-2  # mean of the last 10 steps' losses
+VAL_LOSS_RTOL = 1.5e-2
+VAL_ACC_ATOL = 0.01
+MIN_VAL_ACC = 0.90
 
 
 class OpRecorder(TorchDispatchMode):
@@ -43,6 +64,15 @@ def _train(backend):
     return res, rec
 
 
+def train_both():
+    """(vitfast run, reference run) of the recipe: results with ``history`` and ``evals``."""
+    return _train("vitfast")[0], _train("reference")[0]
+
+
+def _mean_last(xs, n=10):
+    return sum(xs[-n:]) / n
+
+
 def test_vitfast_and_reference_train_to_the_same_losses():
     fast, fast_ops = _train("vitfast")
     ref, ref_ops = _train("reference")
@@ -56,12 +86,16 @@ def test_vitfast_and_reference_train_to_the_same_losses():
     fl = [h["loss"] for h in fast.history]
     rl = [h["loss"] for h in ref.history]
     assert len(fl) == len(rl) == 100
-    rel = [abs(a - b) / abs(b) for a, b in zip(fl, rl)]
-    worst = max(range(100), key=rel.__getitem__)
-    assert rel[worst] <= 1e-3, f"step {worst + 1}: vitfast loss {fl[worst]:.6f} vs reference {rl[worst]:.6f}"
+    rel = [abs(a - b) / abs(b) for a, b in zip(fl[:TIGHT_STEPS], rl[:TIGHT_STEPS])]
+    worst = max(range(TIGHT_STEPS), key=rel.__getitem__)
+    assert rel[worst] <= STEP_RTOL, (f"step {worst + 1}: vitfast loss {fl[worst]:.7f} vs reference {rl[worst]:.7f} "
+                                     f"(rel {rel[worst]:.1e} > {STEP_RTOL:g})")
     assert rl[-1] < 0.5 * rl[0], f"the reference did not train: loss {rl[0]:.3f} -> {rl[-1]:.3f}"
 
-    for name, res in (("vitfast", fast), ("reference", ref)):
-        acc = res.evals[-1]["val_acc"]
-        assert acc > 0.90, f"{name}: validation accuracy {acc:.4f} after 100 steps"
-    assert abs(fast.evals[-1]["val_loss"] - ref.evals[-1]["val_loss"]) <= 1e-3 * ref.evals[-1]["val_loss"]
+    f_end, r_end = _mean_last(fl), _mean_last(rl)
+    assert abs(f_end - r_end) <= FINAL_LOSS_RTOL * r_end, f"mean loss of the last 10 steps: {f_end:.4f} vs {r_end:.4f}"
+    fe, re_ = fast.evals[-1], ref.evals[-1]
+    for name, ev in (("vitfast", fe), ("reference", re_)):
+        assert ev["val_acc"] > MIN_VAL_ACC, f"{name}: validation accuracy {ev['val_acc']:.4f} after 100 steps"
+    assert abs(fe["val_acc"] - re_["val_acc"]) <= VAL_ACC_ATOL, (fe["val_acc"], re_["val_acc"])
+    assert abs(fe["val_loss"] - re_["val_loss"]) <= VAL_LOSS_RTOL * re_["val_loss"], (fe["val_loss"], re_["val_loss"])
