@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from vitfast import benchmark_utils as bu
+from vitfast.cli import benchmarking as bu
 
 # (B, H, N, D): ViT-B/16 at 224, ViT-L/14 at 224 (D = 80 as in ViT-H/14), ViT-B/16 at 384,
 # ViT-L/16 at 512, and a long-sequence shape comparable with published FlashAttention figures.
@@ -171,7 +171,7 @@ def _config_str(c) -> Optional[str]:
 
 def _chosen_configs() -> dict:
     """The tiles the autotuner picked last (the interpreter uses a fixed config)."""
-    from vitfast.ops import _attention_kernels as K
+    from vitfast.ops.triton import attention as K
 
     if K.INTERPRET:
         return {"all": str(K.INTERPRET_CONFIG)}
@@ -182,7 +182,7 @@ def _chosen_configs() -> dict:
 def tile_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:
     """Forward TFLOP/s of every forward tile config that fits, at one shape: how much the
     tile choice matters at short N. ``work`` is computed scores over useful scores (N^2)."""
-    from vitfast.ops import _attention_kernels as K
+    from vitfast.ops.triton import attention as K
 
     B, H, N, D = shape
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))

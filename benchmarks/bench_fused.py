@@ -35,10 +35,10 @@ import torch
 if not torch.cuda.is_available():  # Triton runs interpreted without a GPU; set before vitfast loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vitfast import benchmark_utils as bu  # noqa: E402
-from vitfast.ops.bias_act import bias_gelu, bias_gelu_ref  # noqa: E402
+from vitfast.cli import benchmarking as bu  # noqa: E402
+from vitfast.ops.bias_gelu import bias_gelu, bias_gelu_ref  # noqa: E402
 from vitfast.ops.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref  # noqa: E402
-from vitfast.ops.residual import bias_scale_residual, bias_scale_residual_ref  # noqa: E402
+from vitfast.ops.bias_scale_residual import bias_scale_residual, bias_scale_residual_ref  # noqa: E402
 
 # name: (width C, MLP hidden H, tokens N, batch on the GPU, batch on the CPU)
 MODELS = {

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vitfast import benchmark_utils as bu
+from vitfast.cli import benchmarking as bu
 from vitfast.ops.attention import attention
 
 IMPLS = ("vitfast", "sdpa", "sdpa_math")

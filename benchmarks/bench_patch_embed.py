@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import vitfast
-from vitfast import benchmark_utils as bu
+from vitfast.cli import benchmarking as bu
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.reference import normalize_images_ref, patch_embed_ref
 
@@ -139,7 +139,7 @@ def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, mo
     date and command line. A failing implementation gets a row saying why, never none.
     The implementations of one (model, input, mode) are timed alternately, round by round.
     ``env_out``, if given, receives those environment facts. With ``writes`` and not
-    ``allow_noisy``, a busy machine raises :class:`~vitfast.benchmark_utils.NoisyMachine`."""
+    ``allow_noisy``, a busy machine raises :class:`~vitfast.cli.benchmarking.NoisyMachine`."""
     dev = bu.resolve_device(device)
     gpu = dev.type == "cuda"
     models = models or (SMOKE_MODELS if smoke else MODELS)

@@ -36,7 +36,7 @@ def _saves(config) -> bool:
 
 
 def pytest_configure(config):
-    from vitfast.benchmark_utils import EXIT_NOISY, NoisyMachine, check_load
+    from vitfast.cli.benchmarking import EXIT_NOISY, NoisyMachine, check_load
 
     config._vitfast_load = {}
     try:
@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def env(pytestconfig):
-    from vitfast.benchmark_utils import env_info
+    from vitfast.cli.benchmarking import env_info
 
     info = env_info(DEVICE, None)
     info.pop("command", None)

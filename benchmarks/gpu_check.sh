@@ -121,7 +121,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     fi
     tail -n 3 "$OUT/build.log"
 fi
-run_step info 60 "$PYTHON" -m vitfast.info || true
+run_step info 60 "$PYTHON" -m vitfast.cli info || true
 
 # ---- 2. the tests that need a GPU
 if [ -z "${SKIP_TESTS:-}" ]; then
@@ -131,20 +131,20 @@ fi
 # ---- 3. end-to-end benchmark (GPU defaults: ViT-S/B/L at 224, bf16, batch 256, infer + train)
 # BENCH_ARGS is split into words on purpose (extra options)
 # shellcheck disable=SC2086
-run_step bench "${T_BENCH:-180}" "$PYTHON" -m vitfast.bench --no-progress \
+run_step bench "${T_BENCH:-180}" "$PYTHON" -m vitfast.cli bench --no-progress \
     --json "$OUT/" --csv "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
 
 # ---- 4. kernel microbenchmarks
 if [ -z "${SKIP_KERNELS:-}" ]; then
     # shellcheck disable=SC2086
     # each microbenchmark gets its own limit, and the rows are saved after each one
-    run_step kernels "${T_KERNELS:-200}" "$PYTHON" -m vitfast.bench kernels --json "$OUT/" --timeout 60 \
+    run_step kernels "${T_KERNELS:-200}" "$PYTHON" -m vitfast.cli bench kernels --json "$OUT/" --timeout 60 \
         "--patch-embed-args=${PATCH_EMBED_ARGS---models vit_base_patch16_224}" ${KERNEL_ARGS:-} || true
 fi
 
 # ---- 5. a short profile: the CUDA profiler path, a trace, the ncu command line
 if [ -z "${SKIP_PROFILE:-}" ]; then
-    run_step profile "${T_PROFILE:-45}" "$PYTHON" -m vitfast.profile --model vit_base_patch16_224 --batch-size 64 \
+    run_step profile "${T_PROFILE:-45}" "$PYTHON" -m vitfast.cli profile --model vit_base_patch16_224 --batch-size 64 \
         --steps 2 --top 10 --trace "$OUT/trace_vit_base_patch16_224.json.gz" --json "$OUT/" --ncu || true
 fi
 

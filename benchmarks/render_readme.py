@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from vitfast.benchmark_report import e2e_display_rows, format_markdown_table, plot_e2e
+from vitfast.cli.report import e2e_display_rows, format_markdown_table, plot_e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"

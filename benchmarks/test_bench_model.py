@@ -6,8 +6,8 @@ GPU: ViT-B/16 at 224, batch 256, bf16 (the sizes of the README). CPU: a 2-block 
 import pytest
 import torch
 
-from vitfast import bench
-from vitfast.benchmark_utils import vit_step_flops
+from vitfast.cli import bench
+from vitfast.cli.benchmarking import vit_step_flops
 
 from conftest import CUDA, DEVICE
 

@@ -9,7 +9,7 @@ See vitfast/train.py for the options and README.md ("Training") for several mach
 
 import sys
 
-from vitfast.train import main
+from vitfast.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

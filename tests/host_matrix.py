@@ -73,7 +73,7 @@ def supported_capabilities() -> set:
 
 
 def _counts(text: str) -> str:
-    m = re.findall(r"=+ (.*?) in [\d.]+s", text)
+    m = re.findall(r"^=* ?(\d+ (?:passed|failed|error).*?) in [\d.]+s", text, re.M)
     return m[-1] if m else "no pytest summary"
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitfast import bench, benchmark_utils as bu, cli
+from vitfast import cli
+from vitfast.cli import bench, benchmarking as bu
 
 ROOT = Path(__file__).resolve().parent.parent
 # a two-block ViT-Ti at 32x32: 4 patches + class token; one thread keeps it quick on a busy machine
@@ -306,7 +307,7 @@ def test_bench_kernels_runs_what_exists_and_names_what_is_missing(tmp_path, monk
                     "marker": a.marker}], open(a.json, "w"))
     """))
     monkeypatch.setenv("VITFAST_BENCHMARKS_DIR", str(tmp_path))
-    rc = bench.main(["kernels", "--json", str(tmp_path / "out") + os.sep, "--attention-args=--marker 7"])
+    rc = cli.main(["bench", "kernels", "--json", str(tmp_path / "out") + os.sep, "--attention-args=--marker 7"])
     out = capsys.readouterr().out
     assert rc == 1  # a missing baseline is a failure, never silently dropped
     assert "attention    ok (1 rows)" in out
@@ -323,7 +324,7 @@ def test_bench_kernels_reports_a_crashing_benchmark(tmp_path, monkeypatch, capsy
     for name in ("attention", "patch_embed"):
         (tmp_path / f"bench_{name}.py").write_text("raise SystemExit(3)\n")
     monkeypatch.setenv("VITFAST_BENCHMARKS_DIR", str(tmp_path))
-    assert bench.main(["kernels", "--only", "patch_embed"]) == 1
+    assert cli.main(["bench", "kernels", "--only", "patch_embed"]) == 1
     assert "patch_embed  failed: exit code 3" in capsys.readouterr().out
 
 

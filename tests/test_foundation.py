@@ -49,6 +49,23 @@ def test_info_tells_the_truth():
     assert info["cuda_available"] == torch.cuda.is_available()
 
 
+def test_module_paths_from_before_the_layout_still_work():
+    """vitfast.convert, vitfast.patch, vitfast.bench, ... are the moved modules themselves
+    (one object: patching either name patches both), and python -m still runs them."""
+    import importlib
+
+    from vitfast import _compat
+
+    for old, new in _compat.MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    assert vitfast.convert.from_hf is vitfast.from_hf and vitfast.checkpoint.load_checkpoint is vitfast.load_weights
+    from vitfast.patch import patch_timm  # noqa: F401  (from-imports through an old name)
+
+    out = subprocess.run([sys.executable, "-m", "vitfast.bench", "kernels", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "usage: vitfast bench kernels" in out
+
+
 def test_cli_usage_and_unknown_command():
     from vitfast.cli import main
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vitfast
-from vitfast.checkpoint import CheckpointMismatch, load_checkpoint, read_state_dict
+from vitfast.models.weights import CheckpointMismatch, load_weights, read_state_dict
 
 
 class _Evil:
@@ -50,8 +50,8 @@ def _malicious(tmp_path, fmt: str, suffix: str):
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".bin", ".ckpt"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, fmt, suffix):
     path, marker = _malicious(tmp_path, fmt, suffix)
-    for load in (lambda: read_state_dict(path), lambda: load_checkpoint(_tiny(), path),
-                 lambda: load_checkpoint(_tiny(), os.fsencode(path).decode())):
+    for load in (lambda: read_state_dict(path), lambda: load_weights(_tiny(), path),
+                 lambda: load_weights(_tiny(), os.fsencode(path).decode())):
         with pytest.raises(ValueError) as info:
             load()
         msg = str(info.value)
@@ -72,7 +72,7 @@ def test_the_payload_really_runs_code_when_unpickled(tmp_path):
 # torch.load(weights_only=False), so `vitfast train --resume DIR` ran code pickled into DIR.
 @pytest.mark.parametrize("which", ["meta.pt", "rng"])
 def test_training_resume_never_runs_pickled_code(tmp_path, which):
-    from vitfast.training.checkpoint import CheckpointError, load_checkpoint as resume
+    from vitfast.training.checkpoint import CheckpointError, resume_checkpoint as resume
     from vitfast.training.dist import DistEnv
 
     marker = str(tmp_path / "marker")
@@ -104,7 +104,7 @@ def test_safetensors_round_trip_and_corrupt_file(tmp_path):
     m = _tiny()
     path = str(tmp_path / "w.safetensors")
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, path)
-    m2 = load_checkpoint(_tiny(), path)
+    m2 = load_weights(_tiny(), path)
     for k, v in m.state_dict().items():
         assert torch.equal(m2.state_dict()[k], v), k
     with open(path, "r+b") as f:
@@ -158,7 +158,7 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys(tmp_path):
     torch.save({"model": sd}, path)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(CheckpointMismatch) as info:
-        load_checkpoint(m, path)
+        load_weights(m, path)
     e = info.value
     assert isinstance(e, ValueError)
     assert set(e.missing) == {"blocks.0.norm1.weight", "head.bias"}
@@ -180,13 +180,13 @@ def test_checkpoint_with_non_finite_weights_loads_as_is(tmp_path):
     sd["head.bias"][0] = float("nan")
     path = str(tmp_path / "nan.pth")
     torch.save(sd, path)
-    m2 = load_checkpoint(_tiny(), path).eval()
+    m2 = load_weights(_tiny(), path).eval()
     out = m2(torch.randn(1, 3, 16, 16))
     assert out[0, 0].isnan() and out[0, 1:].isfinite().all()
 
 
 def _fsdp_resume(ckpt, model, opt):
-    from vitfast.training.checkpoint import load_checkpoint as resume
+    from vitfast.training.checkpoint import resume_checkpoint as resume
     from vitfast.training.dist import DistEnv
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

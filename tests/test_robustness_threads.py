@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from vitfast.ops.attention import attention, attention_packed
-from vitfast.ops.bias_act import bias_gelu
+from vitfast.ops.bias_gelu import bias_gelu
 from vitfast.ops.layer_norm import add_layer_norm, layer_norm
 from vitfast.ops.patch_embed import patch_embed
-from vitfast.ops.residual import bias_scale_residual
+from vitfast.ops.bias_scale_residual import bias_scale_residual
 
 ROUNDS = 3
 

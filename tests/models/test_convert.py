@@ -7,8 +7,8 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from vitfast.checkpoint import CheckpointMismatch, load_checkpoint, read_state_dict  # noqa: E402
-from vitfast.convert import detect_layout, from_hf, from_timm, from_torchvision  # noqa: E402
+from vitfast.models.weights import CheckpointMismatch, load_weights, read_state_dict  # noqa: E402
+from vitfast.models.convert import detect_layout, from_hf, from_timm, from_torchvision  # noqa: E402
 from vitfast.models.registry import create_model  # noqa: E402
 
 RTOL = 1e-4
@@ -193,17 +193,17 @@ def test_bad_checkpoints_list_every_key(tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     f = create_model("vit_small_patch16_224", depth=2, img_size=32)
     with pytest.raises(CheckpointMismatch) as e:
-        load_checkpoint(f, sd)
+        load_weights(f, sd)
     msg = str(e.value)
     assert "missing keys (1): blocks.1.norm2.bias" in msg
     assert "unexpected keys (1): extra.weight" in msg
     assert "blocks.0.attn.qkv.weight (checkpoint [1151, 384], model [1152, 384])" in msg
     with pytest.raises(ValueError, match="cannot tell the layout"):
-        load_checkpoint(f, {"foo": torch.zeros(1)})
+        load_weights(f, {"foo": torch.zeros(1)})
     bad = tmp_path / "m.npz"
     bad.write_bytes(b"x")
     with pytest.raises(ValueError, match=r"must end in \.safetensors"):
-        load_checkpoint(f, str(bad))
+        load_weights(f, str(bad))
     with pytest.raises(FileNotFoundError):
         create_model("vit_small_patch16_224", checkpoint_path=str(tmp_path / "nope.pth"))
     pickled = tmp_path / "code.pth"

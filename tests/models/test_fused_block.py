@@ -12,8 +12,8 @@ timm = pytest.importorskip("timm")
 
 import vitfast.modules.block as vblock  # noqa: E402
 from vitfast._dispatch import KernelNotSupported, reset_warnings  # noqa: E402
-from vitfast.convert import from_timm  # noqa: E402
-from vitfast.patch import patch_timm  # noqa: E402
+from vitfast.models.convert import from_timm  # noqa: E402
+from vitfast.integrations.timm import patch_timm  # noqa: E402
 
 RTOL = 1e-4
 FUSED_OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual")
@@ -70,7 +70,7 @@ def test_fastvit_blocks_run_fused_and_match_timm(kw, monkeypatch, assert_grads_c
 def test_patch_timm_fuses_blocks(monkeypatch):
     t = _timm(init_values=0.1)
     p = patch_timm(copy.deepcopy(t), backend="kernels")
-    assert p.blocks[0].forward.__func__ is __import__("vitfast.patch", fromlist=["_"])._block_forward
+    assert p.blocks[0].forward.__func__ is __import__("vitfast.integrations.timm", fromlist=["_"])._block_forward
     calls = _spy(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

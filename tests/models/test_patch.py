@@ -11,8 +11,8 @@ timm = pytest.importorskip("timm")
 import vitfast.modules.attention as vattn  # noqa: E402
 from vitfast._dispatch import reset_warnings  # noqa: E402
 import vitfast.modules.patch_embed as vpe  # noqa: E402
-import vitfast.patch as vpatch  # noqa: E402
-from vitfast.patch import is_patched, patch_timm, unpatch_timm  # noqa: E402
+import vitfast.integrations.timm as vpatch  # noqa: E402
+from vitfast.integrations.timm import is_patched, patch_timm, unpatch_timm  # noqa: E402
 
 
 def rel_err(a, b):

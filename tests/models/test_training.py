@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 
-from vitfast.convert import from_timm  # noqa: E402
+from vitfast.models.convert import from_timm  # noqa: E402
 from vitfast.models.vit import FastViT  # noqa: E402
 
 
@@ -219,7 +219,7 @@ def test_gpu_low_precision_within_2x_timm(name, kw, dtype):
 def test_gpu_training_step_under_autocast(dtype):
     """One autocast step (fp16 with GradScaler): FastViT on the kernels and patched timm, against
     timm in float32, loss and gradients within 2x timm's own autocast error."""
-    from vitfast.patch import patch_timm
+    from vitfast.integrations.timm import patch_timm
 
     torch.manual_seed(0)
     t = timm.create_model("vit_base_patch16_224", depth=4, drop_path_rate=0.0).cuda().train()

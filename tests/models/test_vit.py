@@ -7,7 +7,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from vitfast.convert import from_timm  # noqa: E402
+from vitfast.models.convert import from_timm  # noqa: E402
 from vitfast.models.vit import FastViT  # noqa: E402
 from vitfast.models.registry import create_model  # noqa: E402
 

@@ -42,8 +42,8 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import vitfast  # noqa: E402,F401  (registers the ops)
-from vitfast.ops import _attention_kernels as ak  # noqa: E402
-from vitfast.ops import _fused_kernels as fk  # noqa: E402
+from vitfast.ops.triton import attention as ak  # noqa: E402
+from vitfast.ops.triton import fused as fk  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132  # H100 SXM and H200: the fused backward kernels size their grids by SMs

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vitfast._dispatch import KernelNotSupported, reset_warnings
-from vitfast.ops import _attention_kernels as kernels
+from vitfast.ops.triton import attention as kernels
 from vitfast.ops.attention import attention, attention_not_supported_reasons, attention_packed
 from vitfast.ops.reference import attention_ref
 

@@ -1,4 +1,4 @@
-"""vitfast.ops.bias_act (bias + exact/tanh GELU) against a float64 reference with the 2x
+"""vitfast.ops.bias_gelu (bias + exact/tanh GELU) against a float64 reference with the 2x
 rule (see _fused_testing), gradients of x and bias included. CPU: Triton interpreter,
 fp32/fp16; ``cuda`` tests: bf16/fp16/fp32 at ViT MLP sizes, Inductor, CUDA graphs."""
 
@@ -11,8 +11,9 @@ import torch
 
 from _fused_testing import CPU_DTYPES, DEV, GPU_DTYPES, check, randn
 from vitfast._dispatch import KernelNotSupported, reset_warnings
-from vitfast.ops import _fused_common, _fused_kernels
-from vitfast.ops.bias_act import bias_gelu, bias_gelu_not_supported_reasons, bias_gelu_ref
+from vitfast.ops import _fused_common
+from vitfast.ops.triton import fused as _fused_kernels
+from vitfast.ops.bias_gelu import bias_gelu, bias_gelu_not_supported_reasons, bias_gelu_ref
 
 
 def _inputs(lead, C, dtype, bias=True, bias_dtype=None, seed=0):

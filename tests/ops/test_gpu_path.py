@@ -116,7 +116,7 @@ def test_kernels_compile_for_sm90(triton_path):
 def test_compiled_autotuned_attention_cuda(dtype):
     """Inductor runs our autotuners itself (prune_configs_by -> early_config_prune, then its
     own benchmarking); compiled fwd+bwd with autotuning on agrees with eager."""
-    from vitfast.ops import _attention_kernels as kernels
+    from vitfast.ops.triton import attention as kernels
     from vitfast.ops import attention
 
     previous = kernels.set_autotune(True)
@@ -141,7 +141,7 @@ def test_compiled_autotuned_attention_cuda(dtype):
 def test_autotuned_attention_and_fused_ops_in_a_cuda_graph_cuda():
     """Autotuning benchmarks cannot run inside a capture: after one eager call (which tunes),
     capturing the same shapes launches the cached configs and replays match eager bitwise."""
-    from vitfast.ops import _attention_kernels as kernels
+    from vitfast.ops.triton import attention as kernels
     from vitfast.ops import add_layer_norm, attention_packed, bias_gelu
 
     previous = kernels.set_autotune(True)

@@ -16,7 +16,8 @@ import torch
 
 from _fused_testing import CPU_DTYPES, DEV, GPU_DTYPES, check, randn
 from vitfast._dispatch import KernelNotSupported, reset_warnings
-from vitfast.ops import _fused_common, _fused_kernels
+from vitfast.ops import _fused_common
+from vitfast.ops.triton import fused as _fused_kernels
 from vitfast.ops.layer_norm import (MAX_LN_HIDDEN, add_layer_norm, add_layer_norm_not_supported_reasons,
                                     add_layer_norm_ref, layer_norm, layer_norm_not_supported_reasons, layer_norm_ref)
 

@@ -1,4 +1,4 @@
-"""vitfast.ops.residual (bias + LayerScale + residual add) against a float64 reference with
+"""vitfast.ops.bias_scale_residual (bias + LayerScale + residual add) against a float64 reference with
 the 2x rule (see _fused_testing), gradients of x, y, bias and gamma included. CPU: Triton
 interpreter, fp32/fp16; ``cuda`` tests: bf16/fp16/fp32 at ViT sizes, Inductor."""
 
@@ -11,7 +11,7 @@ import torch
 
 from _fused_testing import CPU_DTYPES, DEV, GPU_DTYPES, check, randn
 from vitfast._dispatch import reset_warnings
-from vitfast.ops.residual import bias_scale_residual, bias_scale_residual_not_supported_reasons, bias_scale_residual_ref
+from vitfast.ops.bias_scale_residual import bias_scale_residual, bias_scale_residual_not_supported_reasons, bias_scale_residual_ref
 
 NAMES = ("x", "y", "bias", "gamma")
 

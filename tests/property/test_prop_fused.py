@@ -19,9 +19,9 @@ from _prop_utils import CPU_DTYPES, FAST, SCALE, SLOW, assert_matches, poison, r
 # the fused kernels are cheap under the interpreter: more examples for the same time
 MANY = settings(FAST, max_examples=120)
 SOME = settings(SLOW, max_examples=40)
-from vitfast.ops.bias_act import bias_gelu, bias_gelu_ref
+from vitfast.ops.bias_gelu import bias_gelu, bias_gelu_ref
 from vitfast.ops.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
-from vitfast.ops.residual import bias_scale_residual, bias_scale_residual_ref
+from vitfast.ops.bias_scale_residual import bias_scale_residual, bias_scale_residual_ref
 
 LAYOUTS = ("contiguous", "every_other_column", "transposed_lead")
 OPS = ("layer_norm", "add_layer_norm", "bias_gelu_none", "bias_gelu_tanh", "bias_scale_residual")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 
 def step_grads(argv, batch_size, wrap):
-    from vitfast.train import build_model, parse_args
+    from vitfast.cli.train import build_model, parse_args
     from vitfast.training.data import StepBatchSampler, load_digits
     from vitfast.training.dist import setup, unwrap, wrap_model
 

@@ -15,8 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def run_inprocess(argv):
-    """``vitfast.train.run`` in this process (a one-process gloo group), torn down afterwards."""
-    from vitfast.train import parse_args, run
+    """``vitfast.cli.train.run`` in this process (a one-process gloo group), torn down afterwards."""
+    from vitfast.cli.train import parse_args, run
     from vitfast.training.dist import cleanup
 
     threads = torch.get_num_threads()

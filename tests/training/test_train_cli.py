@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_helpers import REPO, TINY, run_inprocess  # noqa: E402
 
-from vitfast.train import main  # noqa: E402
+from vitfast.cli.train import main  # noqa: E402
 from vitfast.training.dist import unwrap  # noqa: E402
 
 SHORT = TINY + ["--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "2"]
@@ -139,7 +139,7 @@ def test_mixed_precision_tracks_float32(mode, backend, amp):
 
 def test_timm_model_patched_by_vitfast_trains_like_timm():
     pytest.importorskip("timm")
-    patch = pytest.importorskip("vitfast.patch")
+    patch = pytest.importorskip("vitfast.integrations.timm")
     args = SHORT + ["--model", "timm:vit_tiny_patch16_224", "--steps", "3"]
     fast = run_inprocess(args + ["--backend", "vitfast"])
     ref = run_inprocess(args + ["--backend", "reference"])

@@ -13,6 +13,7 @@ import os
 from typing import Any, Dict, Optional
 
 from .vit import FastViT
+from .weights import load_weights
 
 __all__ = ["MODEL_CONFIGS", "PRETRAINED", "create_model", "list_models"]
 
@@ -137,9 +138,7 @@ def create_model(
     if checkpoint_path is None and pretrained:
         checkpoint_path = _download(name)
     if checkpoint_path is not None:
-        from ..checkpoint import load_checkpoint
-
         if not os.path.exists(checkpoint_path):
             raise FileNotFoundError(f"vitfast.create_model: checkpoint_path {checkpoint_path!r} does not exist")
-        load_checkpoint(model, checkpoint_path, new_head="num_classes" in overrides)
+        load_weights(model, checkpoint_path, new_head="num_classes" in overrides)
     return model

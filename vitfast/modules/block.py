@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._dispatch import module_uses_kernel
-from ..ops.bias_act import bias_gelu
+from ..ops.bias_gelu import bias_gelu
 from ..ops.layer_norm import add_layer_norm, add_layer_norm_not_supported_reasons, layer_norm
-from ..ops.residual import bias_scale_residual
+from ..ops.bias_scale_residual import bias_scale_residual
 from .attention import Attention, attention_core
 from .layers import DropPath, LayerScale, Mlp
 

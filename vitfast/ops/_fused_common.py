@@ -1,6 +1,6 @@
 """Argument checking, capability reasons and backend choice shared by the fused epilogue
-ops (:mod:`~vitfast.ops.layer_norm`, :mod:`~vitfast.ops.bias_act`,
-:mod:`~vitfast.ops.residual`).
+ops (:mod:`~vitfast.ops.layer_norm`, :mod:`~vitfast.ops.bias_gelu`,
+:mod:`~vitfast.ops.bias_scale_residual`).
 
 Conventions of those ops: a *row* tensor has any leading dims and the hidden size ``C``
 last; a *vector* (LayerScale gamma, LayerNorm weight/bias, a Linear's bias) is ``[C]``.
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import record_triton_kernels, resolve_backend
-from . import _fused_kernels as _k
+from .triton import fused as _k
 
 BACKENDS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dispatch import record_triton_kernels, resolve_backend
-from . import _attention_kernels as _k
+from .triton import attention as _k
 from .reference import attention_ref
 
 __all__ = ["attention", "attention_packed", "attention_not_supported_reasons"]

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _fused_kernels as _k
+from .triton import fused as _k
 from ._fused_common import (as_rows, check_eps, check_out_dtype, choose_backend, empty0, input_problems,
                             kernel_reasons, raise_first, record_kernels, register)
 

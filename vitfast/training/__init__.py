@@ -1,12 +1,13 @@
-"""Building blocks of ``vitfast train`` (``vitfast/train.py``): data, process groups and model
-wrapping, checkpoints."""
+"""Building blocks of ``vitfast train`` (``vitfast/cli/train.py``): data, process groups and model
+wrapping, training checkpoints (:func:`save_checkpoint` / :func:`resume_checkpoint`: model,
+optimizer, schedule, step and RNG; model weights alone load with :func:`vitfast.load_weights`)."""
 
-from .checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, find_latest, resume_checkpoint, save_checkpoint
 from .data import DataError, StepBatchSampler, load_digits, load_image_folder
 from .dist import DistEnv, cleanup, setup, unwrap, wrap_model
 
 __all__ = [
-    "CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint",
+    "CheckpointError", "find_latest", "resume_checkpoint", "save_checkpoint",
     "DataError", "StepBatchSampler", "load_digits", "load_image_folder",
     "DistEnv", "cleanup", "setup", "unwrap", "wrap_model",
 ]

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from .dist import DistEnv, unwrap
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "CheckpointError"]
+__all__ = ["save_checkpoint", "resume_checkpoint", "find_latest", "CheckpointError"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -233,7 +233,7 @@ def read_meta(path: str) -> Dict[str, Any]:
     return _safe_load(meta_path, "cpu")
 
 
-def load_checkpoint(
+def resume_checkpoint(
     path: str,
     *,
     model: nn.Module,

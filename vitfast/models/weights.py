@@ -1,4 +1,5 @@
-"""Reading ViT checkpoints into FastViT.
+"""Model weights into FastViT: reading checkpoint files, key layouts, loading (not training
+state: resuming a training run is :func:`vitfast.training.resume_checkpoint`).
 
 ``.safetensors`` files are read with safetensors; ``.pth``/``.pt``/``.bin``/``.ckpt`` with
 ``torch.load(weights_only=True)`` (no code in a checkpoint is ever run). Wrappers such as
@@ -13,15 +14,16 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from typing import Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .convert import to_timm_state_dict
-from .modules.patch_embed import resample_abs_pos_embed
+from ..modules.patch_embed import resample_abs_pos_embed
 
-__all__ = ["read_state_dict", "load_checkpoint", "load_state_dict", "CheckpointMismatch"]
+__all__ = ["read_state_dict", "load_weights", "load_checkpoint", "load_state_dict", "CheckpointMismatch",
+           "detect_layout", "to_timm_state_dict"]
+StateDict = Dict[str, torch.Tensor]
 
 PathLike = Union[str, os.PathLike]
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -43,6 +45,102 @@ class CheckpointMismatch(ValueError):
             parts.append("mis-shaped keys ({}): {}".format(
                 len(self.mismatched), ", ".join(f"{k} (checkpoint {c}, model {m})" for k, c, m in self.mismatched)))
         super().__init__(f"{who}: the state dict does not fit the model:\n  " + "\n  ".join(parts))
+
+
+# ------------------------------------------------------------------------ key layouts
+# (regex on the source key, timm key template); a None template drops the key.
+_TORCHVISION_KEYS = [
+    (r"class_token", "cls_token"),
+    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(0|linear_1)\.", r"blocks.\1.mlp.fc1."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(3|linear_2)\.", r"blocks.\1.mlp.fc2."),
+    (r"encoder\.ln\.", "norm."),
+    (r"heads\.head\.", "head."),
+]
+_HF_KEYS = [  # prefixes "vit." (ViTForImageClassification) are stripped first
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"embeddings\.mask_token", None),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.", r"blocks.\1.attn.\2."),
+    (r"layers\.(\d+)\.attention\.(q|k|v)_proj\.", r"blocks.\1.attn.\2."),
+    (r"(?:encoder\.layer\.(\d+)\.attention\.output\.dense|layers\.(\d+)\.attention\.o_proj)\.", r"blocks.\1\2.attn.proj."),
+    (r"(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.", r"blocks.\1\2.mlp.fc1."),
+    (r"(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.", r"blocks.\1\2.mlp.fc2."),
+    (r"layernorm\.", "norm."),
+    (r"pooler\.", None),  # ViTModel's tanh pooler is not part of timm's ViT: dropped
+    (r"classifier\.", "head."),
+]
+
+
+def detect_layout(sd: Mapping[str, Any]) -> str:
+    """``"timm"``, ``"torchvision"`` or ``"hf"`` from a state dict's keys (ValueError otherwise)."""
+    keys = set(sd)
+    if "patch_embed.proj.weight" in keys:
+        return "timm"
+    if "conv_proj.weight" in keys or "encoder.pos_embedding" in keys:
+        return "torchvision"
+    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
+        return "hf"
+    sample = ", ".join(sorted(keys)[:8])
+    raise ValueError(
+        "vitfast: cannot tell the layout of this state dict: expected timm ('patch_embed.proj.weight'), "
+        "torchvision ('conv_proj.weight') or Hugging Face ('embeddings.patch_embeddings.projection.weight') "
+        f"keys; it has {len(keys)} keys, e.g. {sample}"
+    )
+
+
+def _rename(sd: Mapping[str, torch.Tensor], table) -> StateDict:
+    out: StateDict = {}
+    for key, value in sd.items():
+        for pattern, template in table:
+            m = re.fullmatch(pattern + r"(.*)", key)
+            if m:
+                if template is not None:
+                    out[m.expand(template) + m.groups()[-1]] = value
+                break
+        else:
+            out[key] = value  # kept: reported as unexpected when loaded
+    return out
+
+
+def _merge_qkv(sd: StateDict) -> StateDict:
+    """blocks.i.attn.{q,query}.* + k + v -> blocks.i.attn.qkv.* (q, k, v stacked: timm's order)."""
+    out = dict(sd)
+    for key in [k for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.(q|query)\.(weight|bias)", k)]:
+        base, _, suffix = key.rsplit(".", 2)
+        parts = []
+        for names in (("q", "query"), ("k", "key"), ("v", "value")):
+            part = next((f"{base}.{n}.{suffix}" for n in names if f"{base}.{n}.{suffix}" in sd), None)
+            if part is None:
+                raise ValueError(f"vitfast.from_hf: {key} has no matching {names[0]}/{names[1]} {suffix} in the state dict")
+            parts.append(out.pop(part))
+        out[f"{base}.qkv.{suffix}"] = torch.cat(parts, dim=0)
+    return out
+
+
+def to_timm_state_dict(sd: Mapping[str, torch.Tensor], layout: Optional[str] = None) -> StateDict:
+    """A timm/torchvision/Hugging Face ViT state dict in timm's key layout."""
+    layout = layout or detect_layout(sd)
+    if layout == "timm":
+        return dict(sd)
+    if layout == "torchvision":
+        if any(k.startswith("heads.pre_logits") for k in sd):
+            raise ValueError("vitfast: torchvision ViTs with representation_size (heads.pre_logits) are not supported")
+        if any(k.startswith("conv_proj.conv_") for k in sd):
+            raise ValueError("vitfast: torchvision ViTs with a convolutional stem (conv_stem_configs) are not supported")
+        return _rename(sd, _TORCHVISION_KEYS)
+    if layout == "hf":
+        stripped = {k[4:] if k.startswith("vit.") else k: v for k, v in sd.items()}
+        return _merge_qkv(_rename(stripped, _HF_KEYS))
+    raise ValueError(f"vitfast: layout must be 'timm', 'torchvision' or 'hf', got {layout!r}")
 
 
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -144,10 +242,14 @@ def load_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, new_hea
     return model
 
 
-def load_checkpoint(model: nn.Module, path_or_state_dict, *, new_head: bool = False) -> nn.Module:
-    """Load a checkpoint file (or an in-memory state dict) in any supported layout into ``model``."""
+def load_weights(model: nn.Module, path_or_state_dict, *, new_head: bool = False) -> nn.Module:
+    """Load model weights, a checkpoint file or an in-memory state dict in any supported layout,
+    into ``model``."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        sd, who = read_state_dict(path_or_state_dict), f"vitfast.load_checkpoint({os.fspath(path_or_state_dict)!r})"
+        sd, who = read_state_dict(path_or_state_dict), f"vitfast.load_weights({os.fspath(path_or_state_dict)!r})"
     else:
-        sd, who = path_or_state_dict, "vitfast.load_checkpoint"
+        sd, who = path_or_state_dict, "vitfast.load_weights"
     return load_state_dict(model, sd, new_head=new_head, who=who)
+
+
+load_checkpoint = load_weights  # the name before 0.2 (vitfast.checkpoint.load_checkpoint)

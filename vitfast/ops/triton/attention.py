@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import serialize_interpreted
+from ..._dispatch import serialize_interpreted
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -4,121 +4,27 @@
 * :func:`from_torchvision` -- torchvision's ``VisionTransformer`` (``vit_b_16``, ``vit_l_16``, ...).
 * :func:`from_hf` -- Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (transformers v4 and
   v5 key names; LayerNorm eps 1e-12; q, k, v concatenated into timm's ``qkv``).
-* :func:`detect_layout`, :func:`to_timm_state_dict`, :func:`config_from_state_dict` -- the
-  state-dict plumbing used by these and by :mod:`vitfast.checkpoint`.
+* :func:`config_from_state_dict` -- a FastViT config from a (timm-layout) state dict.
+
+Key layouts and weight loading live in :mod:`vitfast.models.weights`, which this module uses
+(one way: weights knows nothing of the converters).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
-from .models.vit import FastViT
+from .vit import FastViT
+from .weights import detect_layout, load_state_dict, to_timm_state_dict
 
 __all__ = ["from_timm", "from_torchvision", "from_hf", "detect_layout", "to_timm_state_dict",
            "config_from_state_dict", "default_num_heads"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 StateDict = Dict[str, torch.Tensor]
-
-# ------------------------------------------------------------------------ key layouts
-# (regex on the source key, timm key template); a None template drops the key.
-_TORCHVISION_KEYS = [
-    (r"class_token", "cls_token"),
-    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"encoder\.pos_embedding", "pos_embed"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(0|linear_1)\.", r"blocks.\1.mlp.fc1."),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(3|linear_2)\.", r"blocks.\1.mlp.fc2."),
-    (r"encoder\.ln\.", "norm."),
-    (r"heads\.head\.", "head."),
-]
-_HF_KEYS = [  # prefixes "vit." (ViTForImageClassification) are stripped first
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"embeddings\.mask_token", None),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.", r"blocks.\1.attn.\2."),
-    (r"layers\.(\d+)\.attention\.(q|k|v)_proj\.", r"blocks.\1.attn.\2."),
-    (r"(?:encoder\.layer\.(\d+)\.attention\.output\.dense|layers\.(\d+)\.attention\.o_proj)\.", r"blocks.\1\2.attn.proj."),
-    (r"(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.", r"blocks.\1\2.mlp.fc1."),
-    (r"(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.", r"blocks.\1\2.mlp.fc2."),
-    (r"layernorm\.", "norm."),
-    (r"pooler\.", None),  # ViTModel's tanh pooler is not part of timm's ViT: dropped
-    (r"classifier\.", "head."),
-]
-
-
-def detect_layout(sd: Mapping[str, Any]) -> str:
-    """``"timm"``, ``"torchvision"`` or ``"hf"`` from a state dict's keys (ValueError otherwise)."""
-    keys = set(sd)
-    if "patch_embed.proj.weight" in keys:
-        return "timm"
-    if "conv_proj.weight" in keys or "encoder.pos_embedding" in keys:
-        return "torchvision"
-    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
-        return "hf"
-    sample = ", ".join(sorted(keys)[:8])
-    raise ValueError(
-        "vitfast: cannot tell the layout of this state dict: expected timm ('patch_embed.proj.weight'), "
-        "torchvision ('conv_proj.weight') or Hugging Face ('embeddings.patch_embeddings.projection.weight') "
-        f"keys; it has {len(keys)} keys, e.g. {sample}"
-    )
-
-
-def _rename(sd: Mapping[str, torch.Tensor], table) -> StateDict:
-    out: StateDict = {}
-    for key, value in sd.items():
-        for pattern, template in table:
-            m = re.fullmatch(pattern + r"(.*)", key)
-            if m:
-                if template is not None:
-                    out[m.expand(template) + m.groups()[-1]] = value
-                break
-        else:
-            out[key] = value  # kept: reported as unexpected when loaded
-    return out
-
-
-def _merge_qkv(sd: StateDict) -> StateDict:
-    """blocks.i.attn.{q,query}.* + k + v -> blocks.i.attn.qkv.* (q, k, v stacked: timm's order)."""
-    out = dict(sd)
-    for key in [k for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.(q|query)\.(weight|bias)", k)]:
-        base, _, suffix = key.rsplit(".", 2)
-        parts = []
-        for names in (("q", "query"), ("k", "key"), ("v", "value")):
-            part = next((f"{base}.{n}.{suffix}" for n in names if f"{base}.{n}.{suffix}" in sd), None)
-            if part is None:
-                raise ValueError(f"vitfast.from_hf: {key} has no matching {names[0]}/{names[1]} {suffix} in the state dict")
-            parts.append(out.pop(part))
-        out[f"{base}.qkv.{suffix}"] = torch.cat(parts, dim=0)
-    return out
-
-
-def to_timm_state_dict(sd: Mapping[str, torch.Tensor], layout: Optional[str] = None) -> StateDict:
-    """A timm/torchvision/Hugging Face ViT state dict in timm's key layout."""
-    layout = layout or detect_layout(sd)
-    if layout == "timm":
-        return dict(sd)
-    if layout == "torchvision":
-        if any(k.startswith("heads.pre_logits") for k in sd):
-            raise ValueError("vitfast: torchvision ViTs with representation_size (heads.pre_logits) are not supported")
-        if any(k.startswith("conv_proj.conv_") for k in sd):
-            raise ValueError("vitfast: torchvision ViTs with a convolutional stem (conv_stem_configs) are not supported")
-        return _rename(sd, _TORCHVISION_KEYS)
-    if layout == "hf":
-        stripped = {k[4:] if k.startswith("vit.") else k: v for k, v in sd.items()}
-        return _merge_qkv(_rename(stripped, _HF_KEYS))
-    raise ValueError(f"vitfast: layout must be 'timm', 'torchvision' or 'hf', got {layout!r}")
-
 
 def default_num_heads(embed_dim: int) -> int:
     """The head count of the standard ViT sizes (head dim 64, except huge's 1280/16 = 80)."""
@@ -170,8 +76,6 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: Optional[i
 
 
 def _build(cfg: dict, sd: StateDict, like: Optional[torch.Tensor], who: str) -> FastViT:
-    from .checkpoint import load_state_dict
-
     model = FastViT(**cfg)
     if like is not None:
         model = model.to(device=like.device, dtype=like.dtype)

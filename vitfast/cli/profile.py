@@ -1,4 +1,4 @@
-"""``vitfast profile`` / ``python -m vitfast.profile``: where a ViT step's time goes.
+"""``vitfast profile`` / ``python -m vitfast.cli profile``: where a ViT step's time goes.
 
 A ``torch.profiler`` run over a few steps of FastViT (or the reference, or timm) with named
 ranges -- ``patch_embed``, ``block{i}.attn``, ``block{i}.mlp``, ``head`` and, in training,
@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import benchmark_utils as bu
+from . import benchmarking as bu
 from .bench import IMPLS, build_model, make_inputs, make_step, resolve_config
 
 __all__ = ["annotate_vit", "main", "kernel_table", "region_table"]

@@ -1,4 +1,4 @@
-"""``vitfast info`` / ``python -m vitfast.info``: what is installed and what was built.
+"""``vitfast info`` / ``python -m vitfast.cli info``: what is installed and what was built.
 
 ``--check`` runs a quick self-test of every op on every available device and prints one
 PASS/FAIL line per (device, op) with the error or the reason; the exit code is 1 when any
@@ -179,9 +179,9 @@ def _check_attention_packed(device, dtype, backend):
 
 def _check_fused(op):
     def check(device, dtype, backend):
-        from vitfast.ops.bias_act import bias_gelu
+        from vitfast.ops.bias_gelu import bias_gelu
         from vitfast.ops.layer_norm import add_layer_norm, layer_norm
-        from vitfast.ops.residual import bias_scale_residual
+        from vitfast.ops.bias_scale_residual import bias_scale_residual
 
         be = "reference" if backend == "sdpa" else backend
         x, y = _rand((2, 50, 192), device, dtype, 8), _rand((2, 50, 192), device, dtype, 9)
@@ -241,7 +241,7 @@ def run_checks(target: str) -> list[dict]:
 
 
 def _worker_command() -> list[str]:
-    return [sys.executable, "-m", "vitfast.info", "--check-worker", "cpu-triton"]
+    return [sys.executable, "-m", "vitfast.cli.info", "--check-worker", "cpu-triton"]
 
 
 def run_interpreter_checks(timeout: float = 600.0) -> list[dict]:

@@ -1,5 +1,5 @@
-"""Triton kernels behind :mod:`vitfast.ops.layer_norm`, :mod:`vitfast.ops.bias_act` and
-:mod:`vitfast.ops.residual`: the memory-bound steps around a ViT block's matmuls.
+"""Triton kernels behind :mod:`vitfast.ops.layer_norm`, :mod:`vitfast.ops.bias_gelu` and
+:mod:`vitfast.ops.bias_scale_residual`: the memory-bound steps around a ViT block's matmuls.
 
 Every tensor is seen as rows ``[M, C]`` (all leading dims flattened) with the last
 dimension contiguous; row offsets are 64-bit, so M * C may exceed 2**31.
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import serialize_interpreted
+from ..._dispatch import serialize_interpreted
 
 # LayerNorm rows must fit one program's registers: BLOCK_C = next_power_of_2(C) <= this.
 MAX_LN_HIDDEN = 16384

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _fused_kernels as _k
+from .triton import fused as _k
 from ._fused_common import (as_rows, choose_backend, empty0, input_problems, kernel_reasons, raise_first,
                             record_kernels, register)
 

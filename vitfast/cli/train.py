@@ -31,11 +31,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .training.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
-from .training.data import (
+from ..training.checkpoint import CheckpointError, find_latest, resume_checkpoint, save_checkpoint
+from ..training.data import (
     DataError, StepBatchSampler, TensorImages, TrainData, eval_indices, load_digits, load_image_folder,
 )
-from .training.dist import DistEnv, cleanup, setup, unwrap, wrap_model
+from ..training.dist import DistEnv, cleanup, setup, unwrap, wrap_model
 
 __all__ = ["main", "run", "parse_args", "build_model", "evaluate", "lr_lambda", "TrainResult", "UsageError"]
 
@@ -177,7 +177,7 @@ def _patch_timm():
     fn = getattr(vitfast, "patch_timm", None)
     if fn is None:
         try:
-            from .patch import patch_timm as fn
+            from ..integrations.timm import patch_timm as fn
         except ImportError:
             return None
     return fn
@@ -223,7 +223,7 @@ def _to_input(x: torch.Tensor, env: DistEnv, stats) -> torch.Tensor:
     x = x.to(env.device, non_blocking=True)
     if stats is None:
         return x  # uint8 into FastViT's fused normalise + embed
-    from .ops.reference import normalize_images_ref
+    from ..ops.reference import normalize_images_ref
 
     return normalize_images_ref(x, stats[0], stats[1], dtype=torch.float32)
 
@@ -362,7 +362,7 @@ def run(a: argparse.Namespace) -> TrainResult:
     if resume == "auto":
         resume = find_latest(ckpt_root)
     if resume:
-        start = load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        start = resume_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                 env=env, mode=a.dist)
     else:
         torch.manual_seed(a.seed + 1 + env.rank)  # per-rank dropout / drop-path streams
@@ -444,7 +444,7 @@ def run(a: argparse.Namespace) -> TrainResult:
 def _model_img_size(a: argparse.Namespace) -> int:
     if a.model.startswith("timm:"):
         return 224
-    from .models.registry import MODEL_CONFIGS
+    from ..models.registry import MODEL_CONFIGS
 
     cfg = MODEL_CONFIGS.get(a.model)
     return int(cfg["img_size"]) if cfg else 224

@@ -1,4 +1,4 @@
-"""``vitfast bench`` / ``python -m vitfast.bench``: end-to-end ViT throughput, side by side.
+"""``vitfast bench`` / ``python -m vitfast.cli bench``: end-to-end ViT throughput, side by side.
 
 Every run times, in one process, on the same device and with the same weights:
 
@@ -22,8 +22,7 @@ marks every row ``noisy: true``. FLOPs are analytic
 (:func:`vitfast.benchmark_utils.vit_step_flops`); MFU is against a matmul measured on the same
 device in the same dtype at the start of the run.
 
-``vitfast bench kernels`` runs the kernel microbenchmarks in ``benchmarks/`` instead
-(see :mod:`vitfast.bench_kernels`).
+``vitfast bench kernels`` runs the kernel microbenchmarks instead (:mod:`vitfast.cli.bench_kernels`).
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import benchmark_utils as bu
-from .benchmark_report import e2e_display_rows, format_text_table, impl_label, plot_e2e
+from . import benchmarking as bu
+from .report import e2e_display_rows, format_text_table, impl_label, plot_e2e
 
 __all__ = ["main", "run", "build_model", "IMPLS", "CPU_DEFAULTS", "GPU_DEFAULTS"]
 
@@ -128,7 +127,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             _fail(parser, f"{opt} must be >= 1, got {v}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         _fail(parser, f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    from .models import MODEL_CONFIGS
+    from ..models import MODEL_CONFIGS
 
     for name in val["model"]:
         if name not in MODEL_CONFIGS:
@@ -446,10 +445,6 @@ def _title(env: dict, cfg: Config) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "kernels":
-        from .bench_kernels import main as kernels_main
-
-        return kernels_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -503,5 +498,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m vitfast.cli.bench [kernels ...]: through the router
+    from . import main as cli_main
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

@@ -16,10 +16,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 
-from ._dispatch import warn_fallback_once
-from .modules.attention import attention_forward, check_backend
-from .modules.block import block_forward, block_structure_problems
-from .modules.patch_embed import check_images, embed_images
+from .._dispatch import warn_fallback_once
+from ..modules.attention import attention_forward, check_backend
+from ..modules.block import block_forward, block_structure_problems
+from ..modules.patch_embed import check_images, embed_images
 
 __all__ = ["patch_timm", "unpatch_timm", "is_patched", "RULES", "PatchRule"]
 

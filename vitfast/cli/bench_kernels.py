@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import benchmark_utils as bu
+from . import benchmarking as bu
 
 __all__ = ["KERNEL_BENCHMARKS", "benchmarks_dir", "main"]
 
