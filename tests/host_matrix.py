@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,8 +96,12 @@ def main(argv=None) -> int:
         env = cell_env(cell, dict(os.environ, TRITON_INTERPRET="1"))
         print(f"== {name}", flush=True)
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, *extra],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(prefix="vitfast-matrix-") as cache:
+            # a host of its own: Inductor's compiled kernels and precompiled headers depend on the
+            # vector ISA, and a cache shared with another cell (or another run) mixes them up
+            env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, *extra],
+                                  cwd=ROOT, env=env, capture_output=True, text=True)
         dt = time.time() - t0
         if args.log_dir:
             Path(args.log_dir).mkdir(parents=True, exist_ok=True)
