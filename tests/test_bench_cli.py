@@ -243,16 +243,13 @@ def test_a_busy_machine_without_output_files_only_warns(busy, capsys):
     assert "NOISY" in out.out and "warning: load average" in out.err
 
 
-@pytest.mark.parametrize("script", ["bench_patch_embed", "bench_fused", "bench_attention"])
-def test_every_microbenchmark_refuses_on_a_busy_machine(script, busy, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+@pytest.mark.parametrize("name", ["patch_embed", "fused", "attention"])
+def test_every_microbenchmark_refuses_on_a_busy_machine(name, busy, tmp_path, capsys):
+    import importlib
+
+    mod = importlib.import_module(f"vitfast.cli.kernels.{name}")
     out = tmp_path / "x.json"
-    with pytest.raises(SystemExit) if script == "bench_attention" else contextlib.nullcontext() as exc:
-        rc = mod.main(["--smoke", "--json", str(out)])
-    code = exc.value.code if script == "bench_attention" else rc
-    assert code == bu.EXIT_NOISY and not out.exists()
+    assert mod.main(["--smoke", "--json", str(out)]) == bu.EXIT_NOISY and not out.exists()
     assert "--allow-noisy" in capsys.readouterr().err
 
 
@@ -297,6 +294,18 @@ def test_render_readme_leaves_noisy_rows_out(tiny_run, tmp_path):
 
 
 # ------------------------------------------------------------------------ bench kernels
+def test_bench_kernels_runs_the_package_modules(tmp_path, capsys):
+    """Without VITFAST_BENCHMARKS_DIR the microbenchmarks are the installed package's modules
+    (no checkout needed): the fused epilogues' smoke run, through the CLI."""
+    rc = cli.main(["bench", "kernels", "--only", "fused", "--json", str(tmp_path / "k.json"),
+                   "--fused-args=--ops bias_gelu --impls vitfast eager --modes fwd --iters 1 --warmup 0"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "-m vitfast.cli.kernels.fused" in out and "fused        ok (2 rows)" in out
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"vitfast", "eager"} and all(r["benchmark"] == "fused" for r in rows)
+
+
 def test_bench_kernels_runs_what_exists_and_names_what_is_missing(tmp_path, monkeypatch, capsys):
     (tmp_path / "bench_attention.py").write_text(textwrap.dedent("""
         import argparse, json

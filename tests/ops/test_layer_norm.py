@@ -392,14 +392,10 @@ def test_cuda_graph_replay_cuda():
 
 # --------------------------------------------------------------------- benchmark
 def test_benchmark_rows_smoke():
-    """benchmarks/bench_fused.py runs and its rows carry what the results files need."""
-    import importlib.util
-    import pathlib
+    """The fused-epilogue microbenchmark (vitfast.cli.kernels.fused) runs and its rows carry what
+    the results files need."""
+    from vitfast.cli.kernels import fused as bench
 
-    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fused.py"
-    spec = importlib.util.spec_from_file_location("bench_fused", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     rows = bench.collect_rows(ops=["add_layer_norm", "bias_scale_residual"], impls=["vitfast", "eager"],
                               modes=["fwd", "fwd+bwd"], device=DEV, warmup=0, iters=1, smoke=True)
     assert [(r["op"], r["mode"], r["impl"]) for r in rows[:4]] == [

@@ -1,8 +1,8 @@
-"""``vitfast bench kernels``: the kernel microbenchmarks in ``benchmarks/``, in one run, one file.
+"""``vitfast bench kernels``: the kernel microbenchmarks (:mod:`vitfast.cli.kernels`), in one run, one file.
 
-Each microbenchmark (``benchmarks/bench_attention.py``, ``benchmarks/bench_patch_embed.py``)
-runs as its own process through its documented command line, ``--json FILE`` writing a list
-of rows; a crash in one (an illegal memory access, a compile error) is reported and cannot
+Each microbenchmark (``python -m vitfast.cli.kernels.attention``, ``...patch_embed``, ...)
+runs as its own process through its documented command line, ``--json FILE`` writing its
+rows; a crash in one (an illegal memory access, a compile error) is reported and cannot
 take the others down, and ``TRITON_INTERPRET=1`` can be set for the CPU before Triton loads.
 The rows of all of them are then written together, stamped like ``vitfast bench``'s rows
 (device, versions, date, command). A microbenchmark that is missing or fails is named in
@@ -22,26 +22,41 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import benchmarking as bu
+from .kernels import NAMES
 
 __all__ = ["KERNEL_BENCHMARKS", "benchmarks_dir", "main"]
 
-KERNEL_BENCHMARKS = ("attention", "patch_embed", "fused", "memory")
+KERNEL_BENCHMARKS = NAMES
 # benchmarks that only measure on a GPU (peak device memory): left out of the default set on the CPU
 GPU_ONLY = ("memory",)
 # benchmarks with a --smoke mode (tiny shapes)
 HAS_SMOKE = ("attention", "patch_embed", "fused")
 
 
-def benchmarks_dir() -> Path:
-    """``$VITFAST_BENCHMARKS_DIR``, else ``benchmarks/`` of the source tree vitfast runs from."""
+def benchmarks_dir() -> Optional[Path]:
+    """``$VITFAST_BENCHMARKS_DIR`` (scripts ``bench_<name>.py`` run instead of the package's
+    modules: your own variants), else None."""
     env = os.environ.get("VITFAST_BENCHMARKS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "benchmarks"
+    return Path(env) if env else None
+
+
+def command(name: str) -> tuple[list[str], Optional[str]]:
+    """The command line of one microbenchmark, or why there is none: the module
+    ``vitfast.cli.kernels.<name>`` (works from an installed package), or the script
+    ``$VITFAST_BENCHMARKS_DIR/bench_<name>.py``."""
+    folder = benchmarks_dir()
+    if folder is None:
+        return [sys.executable, "-m", f"{__package__}.kernels.{name}"], None
+    script = folder / f"bench_{name}.py"
+    if not script.is_file():
+        return [], f"missing: {script} does not exist"
+    return [sys.executable, str(script)], None
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vitfast bench kernels",
-        description="Run the attention, patch-embedding, fused-epilogue and memory microbenchmarks (benchmarks/bench_*.py) and "
+        description="Run the attention, patch-embedding, fused-epilogue and memory microbenchmarks (vitfast.cli.kernels.*) and "
         "collect their rows. Arguments after `--` go to every microbenchmark.",
     )
     p.add_argument("--only", nargs="+", choices=KERNEL_BENCHMARKS, default=None,
@@ -56,20 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_noise_args(p)
     for name in KERNEL_BENCHMARKS:
         p.add_argument(f"--{name.replace('_', '-')}-args", default="", metavar="ARGS",
-                       help=f"extra arguments for bench_{name}.py only, as one string "
+                       help=f"extra arguments for the {name} microbenchmark only, as one string "
                        f"(write --{name.replace('_', '-')}-args='--opt value')")
     return p
 
 
 def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool, timeout: Optional[float] = None) -> tuple[str, list]:
     """(status, rows) of one microbenchmark: status is 'ok', 'missing: ...' or 'failed: ...'."""
-    script = benchmarks_dir() / f"bench_{name}.py"
-    if not script.is_file():
-        return f"missing: {script} does not exist", []
+    base, missing = command(name)
+    if missing:
+        return missing, []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.json"
         smoke_flag = ["--smoke"] if smoke and name in HAS_SMOKE else []
-        cmd = [sys.executable, str(script), *smoke_flag, *extra, "--json", str(out)]
+        cmd = [*base, *smoke_flag, *extra, "--json", str(out)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if cpu:
             env.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,249 @@
+"""Fused block epilogues: vitfast's Triton ops against the eager chains they replace.
+
+Ops (x, y ``[M, C]`` with M = batch * tokens; vectors ``[C]``):
+  add_layer_norm       x + gamma * (y + y_bias), then LayerNorm (both outputs)
+  layer_norm           LayerNorm alone
+  bias_gelu            gelu(z + bias) on the MLP hidden activation ``[M, H]`` (exact erf GELU)
+  bias_scale_residual  x + gamma * (y + bias)
+Implementations: ``vitfast`` (the op, backend="triton"), ``eager`` (the plain-PyTorch chain,
+``*_ref``), ``compile`` (that chain under torch.compile, fullgraph, static shapes).
+Modes: ``fwd`` (no grad) and ``fwd+bwd`` (every input requires grad: training).
+
+These ops are memory-bound, so each row reports GB/s over the bytes the op must move at
+least (every [M, C] operand read once and every result written once, forward and backward;
+the [C] vectors are negligible and not counted) and, for vitfast, the speed-ups over the
+other two and the fraction of the measured device copy rate reached.
+
+    python -m vitfast.cli.kernels.fused                              # GPU: ViT-B/L/H/g/bigG widths, bf16
+    python -m vitfast.cli.kernels.fused --models vit_base --json benchmarks/results/
+    python -m vitfast.cli.kernels.fused --smoke --json /tmp/x.json   # tiny, checks the script (any device)
+
+``collect_rows(...)`` returns the JSON-able rows; ``main(argv)`` prints a table and writes
+``--json``. Without a GPU the vitfast kernels run under the Triton interpreter: such CPU
+figures check that the script works and say nothing about the kernels' speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import benchmarking as bu
+from ...ops.bias_gelu import bias_gelu, bias_gelu_ref
+from ...ops.bias_scale_residual import bias_scale_residual, bias_scale_residual_ref
+from ...ops.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
+
+# name: (width C, MLP hidden H, tokens N, batch on the GPU, batch on the CPU)
+MODELS = {
+    "vit_base": (768, 3072, 197, 256, 2),
+    "vit_large": (1024, 4096, 197, 256, 1),
+    "vit_huge_14": (1280, 5120, 257, 128, 1),
+    "vit_giant_14": (1408, 6144, 257, 128, 1),
+    "vit_bigG_14": (1664, 8192, 257, 64, 1),
+}
+SMOKE_MODELS = {"smoke": (96, 384, 17, 2, 2)}
+OPS = ("add_layer_norm", "layer_norm", "bias_gelu", "bias_scale_residual")
+IMPLS = ("vitfast", "eager", "compile")
+MODES = ("fwd", "fwd+bwd")
+EPS = 1e-6
+
+# op: (fast fn, reference chain, [M, C]-sized input names, vector names, width key, (fwd, bwd) tensor passes)
+# The passes count whole [M, width] tensors moved: add_layer_norm reads x, y and writes x_out,
+# h (4); its backward reads dx_out, dh, x_out, y and writes dx, dy (6). bias_scale_residual's
+# backward reads dout, y and writes dy (3): dx is dout itself.
+SPECS = {
+    "add_layer_norm": (
+        lambda x, y, g, yb, w, b: add_layer_norm(x, y, g, w, b, EPS, y_bias=yb, backend="triton"),
+        lambda x, y, g, yb, w, b: add_layer_norm_ref(x, y, g, w, b, EPS, y_bias=yb),
+        ("x", "y"), ("gamma", "y_bias", "weight", "bias"), "C", (4, 6)),
+    "layer_norm": (
+        lambda x, w, b: layer_norm(x, w, b, EPS, backend="triton"),
+        lambda x, w, b: layer_norm_ref(x, w, b, EPS),
+        ("x",), ("weight", "bias"), "C", (2, 3)),
+    "bias_gelu": (
+        lambda z, b: bias_gelu(z, b, backend="triton"),
+        lambda z, b: bias_gelu_ref(z, b),
+        ("z",), ("bias",), "H", (2, 3)),
+    "bias_scale_residual": (
+        lambda x, y, b, g: bias_scale_residual(x, y, b, g, backend="triton"),
+        lambda x, y, b, g: bias_scale_residual_ref(x, y, b, g),
+        ("x", "y"), ("bias", "gamma"), "C", (3, 3)),
+}
+
+
+def make_inputs(op: str, M: int, width: int, dtype: torch.dtype, device: torch.device, grad: bool) -> list:
+    _, _, rows, vectors, _, _ = SPECS[op]
+    g = torch.Generator(device=device).manual_seed(0)
+    out = [torch.randn(M, width, generator=g, device=device, dtype=dtype) for _ in rows]
+    out += [torch.randn(width, generator=g, device=device, dtype=dtype) * 0.1 + (1.0 if n == "weight" else 0.0)
+            for n in vectors]
+    return [t.requires_grad_(grad) for t in out]
+
+
+def make_step(fn: Callable, inputs: list, mode: str) -> Callable[[int], None]:
+    if mode == "fwd":
+        def step(i):
+            with torch.no_grad():
+                fn(*inputs)
+        return step
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+    del outs
+
+    def step(i):
+        for t in inputs:
+            t.grad = None
+        outs = fn(*inputs)
+        torch.autograd.backward(outs if isinstance(outs, tuple) else (outs,), grads)
+    return step
+
+
+def _impl(op: str, impl: str) -> Callable:
+    fast, ref = SPECS[op][0], SPECS[op][1]
+    if impl == "vitfast":
+        return fast
+    if impl == "eager":
+        return ref
+    if impl == "compile":
+        return torch.compile(ref, fullgraph=True, dynamic=False)
+    raise ValueError(impl)
+
+
+def collect_rows(models: Optional[dict] = None, ops: Sequence[str] = OPS, impls: Sequence[str] = IMPLS,
+                 modes: Sequence[str] = MODES, dtype_name: Optional[str] = None, device: str = "auto",
+                 warmup: Optional[int] = None, iters: Optional[int] = None, argv: Optional[Sequence[str]] = None,
+                 smoke: bool = False, env_out: Optional[dict] = None, allow_noisy: bool = True,
+                 writes: bool = False) -> list[dict]:
+    """Benchmark every (model, op, mode, impl); JSON-able rows stamped with device, versions,
+    date and command line. A failing implementation gets a row saying why, never none.
+    The implementations of one (model, op, mode) are timed alternately, round by round. With
+    ``writes`` and not ``allow_noisy``, a busy machine raises ``bu.NoisyMachine``."""
+    dev = bu.resolve_device(device)
+    gpu = dev.type == "cuda"
+    models = models or (SMOKE_MODELS if smoke else MODELS)
+    dtype_name = dtype_name or ("bf16" if gpu else "fp32")
+    dtype = bu.DTYPES[dtype_name]
+    warmup = warmup if warmup is not None else (10 if gpu else 1)
+    iters = iters if iters is not None else (50 if gpu else 3)
+    env = bu.env_info(dev, argv, prog="python -m vitfast.cli.kernels.fused")
+    with bu.load_guard(env, "bench_fused", allow_noisy=allow_noisy, writes=writes, device=dev):
+        rows = _measure(env, models, ops, impls, modes, dtype_name, dtype, dev, warmup, iters)
+    if env_out is not None:
+        env_out.update(env)
+    return [{**env, **r} for r in rows]
+
+
+def _measure(env: dict, models: dict, ops, impls, modes, dtype_name: str, dtype: torch.dtype, dev: torch.device,
+             warmup: int, iters: int) -> list[dict]:
+    gpu = dev.type == "cuda"
+    copy_gbps = bu.measure_copy_gbps(dev)
+    env.update(copy_gbps_measured=round(copy_gbps, 1), triton_interpreted=os.environ.get("TRITON_INTERPRET") == "1")
+    es = torch.finfo(dtype).bits // 8
+    rows = []
+    for model_name, (C, H, N, gpu_batch, cpu_batch) in models.items():
+        batch = gpu_batch if gpu else cpu_batch
+        M = batch * N
+        for op in ops:
+            width = {"C": C, "H": H}[SPECS[op][4]]
+            fwd_passes, bwd_passes = SPECS[op][5]
+            for mode in modes:
+                nbytes = (fwd_passes + (bwd_passes if mode == "fwd+bwd" else 0)) * M * width * es
+                group, steps = [], {}
+                for impl in impls:
+                    row = dict(op=op, impl=impl, backend=impl, model=model_name, batch=batch, tokens=N, M=M,
+                               width=width, dtype=dtype_name, mode=mode, bytes=int(nbytes))
+                    try:
+                        if impl == "compile":
+                            torch._dynamo.reset()
+                        inputs = make_inputs(op, M, width, dtype, dev, grad=mode == "fwd+bwd")
+                        steps[impl] = make_step(_impl(op, impl), inputs, mode)
+                        steps[impl](0)  # compiles, and fails here if it cannot run
+                    except Exception as e:  # say why in the row; a baseline never silently disappears
+                        steps.pop(impl, None)
+                        row.update(status=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:240]}",
+                                   ms=None, gbps=None)
+                    group.append(row)
+                times = bu.time_alternating(steps, warmup=warmup, iters=iters, device=dev) if steps else {}
+                for row in group:
+                    if row["impl"] not in times:
+                        continue
+                    s = bu.summarize_ms(times[row["impl"]])
+                    ms = s["ms_median"]
+                    gbps = nbytes / (ms * 1e-3) / 1e9
+                    row.update(status="ok", ms=round(ms, 4), ms_p20=round(s["ms_p20"], 4),
+                               ms_p80=round(s["ms_p80"], 4), gbps=round(gbps, 1),
+                               frac_of_copy=round(gbps / copy_gbps, 3))
+                bu.add_paired_speedups(group, times)
+                rows += group
+                steps.clear()
+                if gpu:
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'model':<13} {'op':<20} {'mode':<8} {'impl':<8} {'ms':>9} {'GB/s':>8} {'% copy':>7} "
+            f"{'vs eager':>8} {'vs comp':>8}")
+    lines = [head, "-" * len(head)]
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    for r in rows:
+        left = f"{r['model']:<13} {r['op']:<20} {r['mode']:<8} {r['impl']:<8}"
+        if r["status"] != "ok":
+            lines.append(f"{left} {r['status'][:90]}")
+            continue
+        line = f"{left} {r['ms']:9.3f} {r['gbps']:8.1f} {100 * r['frac_of_copy']:6.1f}%"
+        if r["impl"] == "vitfast":
+            line += f" {f(r.get('speedup_vs_eager'), '7.2f')}x {f(r.get('speedup_vs_compile'), '7.2f')}x"
+        lines.append(line)
+    if rows:
+        r = rows[0]
+        interp = " [Triton interpreted: not kernel speed]" if r.get("triton_interpreted") else ""
+        lines.append(f"{r['label']} ({r['device']}); torch {r['torch']}, triton {r.get('triton')}, vitfast "
+                     f"{r['vitfast']}; copy {r['copy_gbps_measured']} GB/s; {r['dtype']}; {r['date']}{interp}")
+    return "\n".join(lines)
+
+
+def _interpreted() -> bool:
+    from ...ops.triton import fused as kernels
+
+    return kernels.INTERPRET
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bu.add_microbench_args(p, MODELS, "fused")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and not _interpreted():
+        print(f"{p.prog}: no GPU, and the Triton kernels run on the CPU only under the interpreter: set "
+              "TRITON_INTERPRET=1 before vitfast is imported (vitfast bench kernels and benchmarks/bench_*.py do)",
+              file=sys.stderr)
+        return 2
+    models = bu.select_models(MODELS, args.models, args.batch)
+    env: dict = {}
+    try:
+        rows = collect_rows(models, args.ops, args.impls, args.modes, args.dtype, args.device, args.warmup,
+                            args.iters, argv, smoke=args.smoke, env_out=env, allow_noisy=args.allow_noisy,
+                            writes=bool(args.json))
+    except bu.NoisyMachine as e:
+        print(e, file=sys.stderr)
+        return bu.EXIT_NOISY
+    except ValueError as e:
+        print(f"bench_fused: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.json:
+        print(f"wrote {bu.write_json(args.json, 'fused', env, rows, smoke=args.smoke)}")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

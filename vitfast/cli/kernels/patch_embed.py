@@ -1,0 +1,270 @@
+"""Patch embedding: vitfast's fused op against the chains it replaces.
+
+Implementations (all from raw or float images to finished tokens, cls + pos included):
+  vitfast        vitfast.ops.patch_embed (torch.ops.vitfast.patch_embed)
+  eager          the reference chain: normalise + conv2d + flatten/transpose + cat + add
+  compile        that chain under torch.compile
+  unfold_linear  normalise + reshape/permute into patches + Linear + cat + add (the approach
+                 of flash-attention's PatchEmbed)
+Modes: ``fwd`` (no grad) and ``fwd+bwd`` (weight, bias, cls, pos require grad: training).
+Inputs: ``uint8`` raw pixels, or ``float`` images in the compute dtype, both normalised with
+ImageNet mean/std inside the op.
+
+Each row gives the median time, GB/s over the bytes the op must move at least (images in,
+tokens out, weight and pos read; in the backward grad_out and images read again, weight and
+pos gradients written), TFLOP/s (forward 2*B*N*K*D, the weight gradient as much again), and
+for vitfast the speed-ups over the other three and its distance to the roofline floor:
+max(bytes / measured copy rate, FLOPs / measured matmul rate) on the same device and dtype.
+
+    python -m vitfast.cli.kernels.patch_embed                         # GPU: ViT-B/16, L/14, S/16@384, bf16
+    python -m vitfast.cli.kernels.patch_embed --device cpu --json benchmarks/results/   # CPU, small batches
+    python -m vitfast.cli.kernels.patch_embed --smoke --json /tmp/x.json                # tiny, checks the script
+
+``collect_rows(...)`` returns the JSON-able rows (``vitfast bench kernels`` runs this script);
+``main(argv)`` prints a table and writes ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ... import _C
+from .. import benchmarking as bu
+from ...ops.patch_embed import patch_embed
+from ...ops.reference import normalize_images_ref, patch_embed_ref
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# name: (patch, dim, image size, batch on the GPU, batch on the CPU)
+MODELS = {
+    "vit_base_patch16_224": (16, 768, 224, 256, 8),
+    "vit_large_patch14_224": (14, 1024, 224, 128, 4),
+    "vit_small_patch16_384": (16, 384, 384, 128, 4),
+}
+SMOKE_MODELS = {"smoke_patch16_32x48": (16, 32, (32, 48), 2, 2)}
+IMPLS = ("vitfast", "eager", "compile", "unfold_linear")
+MODES = ("fwd", "fwd+bwd")
+INPUTS = ("float", "uint8")
+
+
+def unfold_linear(images, weight, bias=None, *, cls_token=None, pos_embed=None, mean=None, std=None):
+    x = normalize_images_ref(images, mean, std, dtype=weight.dtype)
+    B, C, H, W = x.shape
+    p = weight.shape[-1]
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    x = F.linear(x, weight.reshape(weight.shape[0], -1), bias)
+    if cls_token is not None:
+        x = torch.cat([cls_token.expand(B, -1, -1), x], dim=1)
+    return x + pos_embed if pos_embed is not None else x
+
+
+def _impl(name: str) -> Callable:
+    if name == "vitfast":
+        return patch_embed
+    if name == "eager":
+        return patch_embed_ref
+    if name == "unfold_linear":
+        return unfold_linear
+    if name == "compile":
+        return torch.compile(patch_embed_ref, fullgraph=True, dynamic=False)
+    raise ValueError(name)
+
+
+def make_inputs(model: tuple, batch: int, input_kind: str, dtype: torch.dtype, device: torch.device,
+                copies: int) -> dict:
+    p, D, size, _, _ = model
+    H, W = size if isinstance(size, tuple) else (size, size)
+    g = torch.Generator(device=device).manual_seed(0)
+    if input_kind == "uint8":
+        images = [torch.randint(0, 256, (batch, 3, H, W), generator=g, device=device, dtype=torch.uint8)
+                  for _ in range(copies)]
+    else:
+        images = [torch.rand(batch, 3, H, W, generator=g, device=device, dtype=dtype) for _ in range(copies)]
+    N = (H // p) * (W // p)
+    params = dict(
+        weight=torch.randn(D, 3, p, p, generator=g, device=device, dtype=dtype) * (3 * p * p) ** -0.5,
+        bias=torch.randn(D, generator=g, device=device, dtype=dtype) * 0.02,
+        cls_token=torch.randn(1, 1, D, generator=g, device=device, dtype=dtype) * 0.02,
+        pos_embed=torch.randn(1, N + 1, D, generator=g, device=device, dtype=dtype) * 0.02,
+    )
+    return dict(images=images, params=params, B=batch, N=N, K=3 * p * p, D=D, T=N + 1)
+
+
+def work(x: dict, mode: str, dtype: torch.dtype) -> tuple[float, float]:
+    """(bytes, FLOPs) the op must move / do at least."""
+    es = torch.finfo(dtype).bits // 8
+    img = x["images"][0].numel() * x["images"][0].element_size()
+    out = x["B"] * x["T"] * x["D"] * es
+    params = (x["D"] * x["K"] + x["T"] * x["D"]) * es
+    flops = 2.0 * x["B"] * x["N"] * x["K"] * x["D"]
+    if mode == "fwd":
+        return img + out + params, flops
+    return 2 * (img + out + params), 2 * flops  # backward: grad_out and images read, dW and dpos written
+
+
+def make_step(fn: Callable, x: dict, mode: str, device: torch.device) -> Callable[[int], None]:
+    """One call of ``fn`` (forward, or forward + backward) on the i-th image buffer."""
+    params = x["params"]
+    images = x["images"]
+    kw = dict(mean=MEAN, std=STD)
+    if mode == "fwd":
+        def step(i):
+            with torch.no_grad():
+                fn(images[i % len(images)], params["weight"], params["bias"], cls_token=params["cls_token"],
+                   pos_embed=params["pos_embed"], **kw)
+        return step
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    gout = torch.randn(x["B"], x["T"], x["D"], device=device, dtype=params["weight"].dtype)
+
+    def step(i):
+        for t in leaves.values():
+            t.grad = None
+        out = fn(images[i % len(images)], leaves["weight"], leaves["bias"], cls_token=leaves["cls_token"],
+                 pos_embed=leaves["pos_embed"], **kw)
+        out.backward(gout)
+    return step
+
+
+def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, modes: Sequence[str] = MODES,
+                 inputs: Sequence[str] = INPUTS, dtype_name: Optional[str] = None, device: str = "auto",
+                 warmup: Optional[int] = None, iters: Optional[int] = None, argv: Optional[Sequence[str]] = None,
+                 smoke: bool = False, env_out: Optional[dict] = None, allow_noisy: bool = True,
+                 writes: bool = False) -> list[dict]:
+    """Benchmark every (model, input, mode, impl); JSON-able rows stamped with device, versions,
+    date and command line. A failing implementation gets a row saying why, never none.
+    The implementations of one (model, input, mode) are timed alternately, round by round.
+    ``env_out``, if given, receives those environment facts. With ``writes`` and not
+    ``allow_noisy``, a busy machine raises :class:`~vitfast.cli.benchmarking.NoisyMachine`."""
+    dev = bu.resolve_device(device)
+    gpu = dev.type == "cuda"
+    models = models or (SMOKE_MODELS if smoke else MODELS)
+    dtype_name = dtype_name or ("bf16" if gpu else "fp32")
+    dtype = bu.DTYPES[dtype_name]
+    warmup = warmup if warmup is not None else (5 if gpu else 2)
+    iters = iters if iters is not None else (30 if gpu else 5)
+    env = bu.env_info(dev, argv, prog="python -m vitfast.cli.kernels.patch_embed")
+    with bu.load_guard(env, "bench_patch_embed", allow_noisy=allow_noisy, writes=writes, device=dev):
+        rows = _measure(env, models, impls, modes, inputs, dtype_name, dtype, dev, warmup, iters)
+    if env_out is not None:
+        env_out.update(env)
+    return [{**env, **r} for r in rows]
+
+
+def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dtype: torch.dtype,
+             dev: torch.device, warmup: int, iters: int) -> list[dict]:
+    gpu = dev.type == "cuda"
+    copy_gbps = bu.measure_copy_gbps(dev, None if dev.type == "cuda" else 1 << 27)
+    peak = bu.measure_peak_tflops(dev, dtype)
+    env.update(copy_gbps_measured=round(copy_gbps, 1), matmul_tflops_measured=round(peak["tflops"], 2),
+               vitfast_cuda_kernels=bool(_C.with_cuda))
+    fns = {}
+    rows = []
+    for model_name, model in models.items():
+        batch = model[3] if gpu else model[4]
+        for input_kind in inputs:
+            x = make_inputs(model, batch, input_kind, dtype, dev, copies=3 if gpu else 1)
+            for mode in modes:
+                nbytes, flops = work(x, mode, dtype)
+                floor_ms = 1e3 * max(nbytes / (copy_gbps * 1e9), flops / (peak["tflops"] * 1e12))
+                group, steps = [], {}
+                for impl in impls:
+                    row = dict(op="patch_embed", impl=impl, backend=impl, model=model_name, batch=batch,
+                               input=input_kind, dtype=dtype_name, mode=mode, B=batch, N=x["N"], K=x["K"], D=x["D"],
+                               bytes=int(nbytes), flops=int(flops), roofline_floor_ms=round(floor_ms, 4))
+                    try:
+                        if impl == "compile":  # a fresh compilation per shape and mode (no recompile limit)
+                            torch._dynamo.reset()
+                            fns.pop(impl, None)
+                        if impl not in fns:
+                            fns[impl] = _impl(impl)
+                        steps[impl] = make_step(fns[impl], x, mode, dev)
+                        steps[impl](0)  # compiles (torch.compile) and fails here if it cannot run
+                    except Exception as e:  # say why in the row; the baseline never silently disappears
+                        steps.pop(impl, None)
+                        row.update(status=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:240]}", ms=None,
+                                   gbps=None, tflops=None)
+                    group.append(row)
+                times = bu.time_alternating(steps, warmup=warmup, iters=iters, device=dev) if steps else {}
+                for row in group:
+                    if row["impl"] not in times:
+                        continue
+                    s = bu.summarize_ms(times[row["impl"]])
+                    ms = s["ms_median"]
+                    row.update(status="ok", ms=round(ms, 4), ms_p20=round(s["ms_p20"], 4),
+                               ms_p80=round(s["ms_p80"], 4), gbps=round(nbytes / (ms * 1e-3) / 1e9, 2),
+                               tflops=round(flops / (ms * 1e-3) / 1e12, 4))
+                _add_speedups(group, times)
+                rows += group
+            del x
+            if gpu:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _add_speedups(group: list[dict], times: dict) -> None:
+    """vitfast's rows: ``speedup_vs_<impl>`` (median of the per-round ratios) and the distance
+    to the roofline floor."""
+    bu.add_paired_speedups(group, times)
+    for r in group:
+        if r["impl"] == "vitfast" and r.get("status") == "ok":
+            r["x_roofline_floor"] = round(r["ms"] / r["roofline_floor_ms"], 3)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'model':<24} {'input':<6} {'mode':<8} {'impl':<14} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
+            f"{'vs eager':>8} {'vs comp':>8} {'vs unf':>7} {'x floor':>7}")
+    lines = [head, "-" * len(head)]
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['model']:<24} {r['input']:<6} {r['mode']:<8} {r['impl']:<14} {r['status'][:80]}")
+            continue
+        line = (f"{r['model']:<24} {r['input']:<6} {r['mode']:<8} {r['impl']:<14} {r['ms']:9.3f} "
+                f"{f(r['gbps'], '8.2f')} {f(r['tflops'], '8.4f')}")
+        if r["impl"] == "vitfast":
+            line += "".join(f" {f(r.get(k), w + '.2f')}x" for k, w in (("speedup_vs_eager", "7"),
+                            ("speedup_vs_compile", "7"), ("speedup_vs_unfold_linear", "6")))
+            line += f" {f(r.get('x_roofline_floor'), '7.2f')}"
+        lines.append(line)
+    if rows:
+        r = rows[0]
+        lines.append(f"{r['label']} ({r['device']}, {r.get('cpu_threads')} threads); torch {r['torch']}, vitfast "
+                     f"{r['vitfast']}; copy {r['copy_gbps_measured']} GB/s, matmul {r['matmul_tflops_measured']} "
+                     f"TFLOP/s ({r['dtype']}); {r['date']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bu.add_microbench_args(p, MODELS, "patch_embed")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
+    args = p.parse_args(argv)
+    models = bu.select_models(MODELS, args.models, args.batch)
+    env: dict = {}
+    try:
+        rows = collect_rows(models, args.impls, args.modes, args.inputs, args.dtype, args.device, args.warmup,
+                            args.iters, argv, smoke=args.smoke, env_out=env, allow_noisy=args.allow_noisy,
+                            writes=bool(args.json))
+    except bu.NoisyMachine as e:
+        print(e, file=sys.stderr)
+        return bu.EXIT_NOISY
+    except ValueError as e:
+        print(f"bench_patch_embed: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.json:
+        print(f"wrote {bu.write_json(args.json, 'patch_embed', env, rows, smoke=args.smoke)}")
+    bad = [r for r in rows if r["status"] != "ok"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
