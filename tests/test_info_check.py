@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from vitfast import info
+from vitfast.cli import info
 
 OPS = ("patch_embed", "attention", "attention_packed", "layer_norm", "add_layer_norm", "bias_gelu",
        "bias_scale_residual")
@@ -39,6 +39,7 @@ def test_wrong_answer_and_exception_are_failures(monkeypatch, capsys):
     def boom(device, dtype, backend):
         raise ValueError("vitfast.attention: something broke")
 
+    info.run_checks("cpu")  # fills info.CHECKS from the op declarations
     monkeypatch.setitem(info.CHECKS, "layer_norm", wrong)
     monkeypatch.setitem(info.CHECKS, "attention", boom)
     assert info.main(["--check", "--no-interpreter"]) == 1

@@ -22,9 +22,3 @@ def load_extension():
         )
     return _C
 
-
-def has_cuda_kernels() -> bool:
-    """Whether vitfast._C was compiled with its CUDA kernels."""
-    from . import _C
-
-    return bool(_C.with_cuda)

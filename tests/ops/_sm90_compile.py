@@ -17,6 +17,7 @@ bytes (from ``ptxas -v`` on the kernel's PTX) and counts of the instructions tha
 speed on Hopper (``wgmma``, ``cp.async``, TMA bulk copies, 16-byte global loads), or the
 error. ``--table`` prints the same as a table (``--both``: the lines, then the table). Used by tests/ops/test_gpu_path.py.
 
+    python tests/ops/_sm90_compile.py --table                      # every case the ops declare
     python tests/ops/_sm90_compile.py attention:bfloat16:64:197 fused:bfloat16:768 --table
 """
 
@@ -122,6 +123,13 @@ def cases(spec: str):
     raise ValueError(f"unknown case {spec!r}: expected attention:<dtype>:<D>:<N> or fused:<dtype>:<C>")
 
 
+def declared_cases() -> list[str]:
+    """The sm_90 cases the ops declare (``OpSpec.sm90``), each once."""
+    from vitfast.ops.spec import SPECS
+
+    return list(dict.fromkeys(case for spec in SPECS.values() for case in spec.sm90))
+
+
 # ------------------------------------------------------------------ compiling them
 def candidates(kernel, args, kwargs):
     """(JITFunction, kwargs, config label) for each config the launch can run with."""
@@ -211,13 +219,14 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description="Compile vitfast's Triton kernels for sm_90 as the JIT would.")
-    p.add_argument("specs", nargs="+", help="attention:<dtype>:<D>:<N> or fused:<dtype>:<C>")
+    p.add_argument("specs", nargs="*", help="attention:<dtype>:<D>:<N> or fused:<dtype>:<C> (default: every op's "
+                   "declared cases, OpSpec.sm90)")
     p.add_argument("--table", action="store_true", help="a table instead of JSON lines")
     p.add_argument("--both", action="store_true", help="JSON lines, then the table")
     p.add_argument("--json", help="also write the rows, with the versions, to this file")
     args = p.parse_args(argv)
     rows = []
-    for spec in args.specs:
+    for spec in args.specs or declared_cases():
         for row in compile_case(spec):
             rows.append(row)
             if args.both or not args.table:

@@ -75,9 +75,13 @@ def _tritons() -> list:
     return found
 
 
-# bf16 at ViT-B's and ViT-g's widths and at D = 80 (ViT-L/14's N); fp32 at a wide C and at D = 128,
-# where the first attention config once needed 360,960 bytes of shared memory and failed to launch
-SM90_CASES = ["fused:bfloat16:768", "fused:float32:4100", "attention:bfloat16:80:257", "attention:float32:128:197"]
+def _sm90_cases() -> list[str]:
+    """Every case the ops declare (OpSpec.sm90): among them fp32 at a wide C and at D = 128, where
+    the first attention config once needed 360,960 bytes of shared memory and failed to launch."""
+    from vitfast.ops.spec import SPECS
+
+    return list(dict.fromkeys(case for spec in SPECS.values() for case in spec.sm90))
+
 KERNELS = {"attention": {"_attn_fwd_kernel", "_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
            "fused": {"_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_act_fwd_kernel", "_bias_act_bwd_kernel",
                      "_scale_res_fwd_kernel", "_scale_res_bwd_kernel"}}
@@ -91,11 +95,13 @@ def test_kernels_compile_for_sm90(triton_path):
     autotuner may pick, within the H100's shared memory. Registers, spills and shared memory of
     each are printed (``make sm90-compile`` for the tables)."""
     env = {"PYTHONPATH": triton_path} if triton_path else {}
-    res = _run_compiled([str(HERE / "_sm90_compile.py"), "--both", *SM90_CASES], env=env)
+    cases = _sm90_cases()
+    assert {c.split(":")[0] for c in cases} == set(KERNELS), cases
+    res = _run_compiled([str(HERE / "_sm90_compile.py"), "--both", *cases], env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     print("\n".join(line for line in res.stdout.splitlines() if not line.startswith("{")))  # the table
-    for case in SM90_CASES:
+    for case in cases:
         kernels = {r["kernel"] for r in rows if r["spec"] == case}
         assert kernels == KERNELS[case.split(":")[0]], (case, kernels)
     for r in rows:

@@ -103,133 +103,76 @@ def render(info: dict) -> str:
 
 
 # ------------------------------------------------------------------------ self-test
-# Tolerances of a smoke test (max |err| / max(1, |ref|max)), not the tests' 2x rule: they
-# catch a broken build or kernel, not a last-bit regression.
-_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
+# One check per op, from its declaration (vitfast.ops.spec): its first sample input, forward and
+# backward, against its reference in float64, within the declared self-test tolerance (max |err|
+# / max(1, |ref|max)): a smoke test that catches a broken build or kernel, not a last-bit change.
 
 
 def _rel_err(got, ref) -> float:
     return (got.double() - ref.double()).abs().max().item() / max(1.0, ref.double().abs().max().item())
 
 
-def _grads(fn, inputs, dout_seed=1):
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    out = fn(*leaves)
-    g = torch.Generator().manual_seed(dout_seed)
-    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
-    out.backward(dout)
-    return [out.detach()] + [t.grad for t in leaves if t.requires_grad]
-
-
-def _compare(name_fn, got, ref, dtype) -> str:
-    tol = _TOL[str(dtype).replace("torch.", "")]
-    worst = max(((_rel_err(a, b), n) for n, a, b in zip(name_fn, got, ref)), default=(0.0, ""))
+def _compare(names, got, ref, dtype, tol: Optional[float] = None) -> str:
+    tol = tol if tol is not None else {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    worst = max(((_rel_err(a, b), n) for n, a, b in zip(names, got, ref)), default=(0.0, ""))
     if not worst[0] <= tol:
         raise AssertionError(f"{worst[1]} error {worst[0]:.3g} > {tol:g}")
     return f"max rel err {worst[0]:.1e}"
 
 
-def _rand(shape, device, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+def _outputs_and_grads(fn, sample, dtype, **kw) -> list:
+    cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+    args = [cast(a) for a in sample.args]
+    kwargs = {k: cast(v) for k, v in sample.kwargs.items()}
+    for i in sample.grad:
+        args[i] = args[i].detach().requires_grad_()
+    outs = fn(*args, **kwargs, **kw)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    g = torch.Generator().manual_seed(1)
+    douts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(device=o.device, dtype=o.dtype) for o in outs]
+    leaves = [args[i] for i in sample.grad]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, leaves, douts) if leaves else ())
 
 
-def _check_patch_embed(device, dtype, backend):
-    from vitfast.ops.patch_embed import patch_embed
-    from vitfast.ops.reference import patch_embed_ref
-
-    g = torch.Generator().manual_seed(0)
-    raw = torch.randint(0, 256, (2, 3, 32, 48), generator=g, dtype=torch.uint8).to(device)
-    w, b = _rand((24, 3, 16, 16), device, dtype, 1, 0.05), _rand((24,), device, dtype, 2)
-    cls, pos = _rand((1, 1, 24), device, dtype, 3), _rand((1, 7, 24), device, dtype, 4)
-    stats = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    got = [patch_embed(raw, w, b, cls_token=cls, pos_embed=pos, **stats)]
-    ref = [patch_embed_ref(raw, w.double(), b.double(), cls_token=cls.double(), pos_embed=pos.double(), **stats)]
-    images = _rand((2, 3, 32, 48), device, dtype, 5)
-    got += _grads(lambda i, w_, b_, c, p: patch_embed(i, w_, b_, cls_token=c, pos_embed=p), (images, w, b, cls, pos))
-    ref += _grads(lambda i, w_, b_, c, p: patch_embed_ref(i, w_, b_, cls_token=c, pos_embed=p),
-                  [t.double() for t in (images, w, b, cls, pos)])
-    return _compare(["uint8 out", "out", "dimages", "dweight", "dbias", "dcls", "dpos"], got, ref, dtype)
-
-
-def _check_attention(device, dtype, backend):
-    from vitfast.ops.attention import attention
-    from vitfast.ops.reference import attention_ref
-
-    q, k, v = (_rand((2, 3, 77, 64), device, dtype, i) for i in range(3))
-    got = _grads(lambda a, b_, c: attention(a, b_, c, backend=backend), (q, k, v))
-    ref = _grads(attention_ref, [t.double() for t in (q, k, v)])
-    return _compare(["out", "dq", "dk", "dv"], got, ref, dtype)
-
-
-def _check_attention_packed(device, dtype, backend):
-    from vitfast.ops.attention import attention_packed
-    from vitfast.ops.reference import attention_ref
-
-    H, D = 3, 40
-    qkv = _rand((2, 50, 3 * H * D), device, dtype, 7)
-
-    def ref_fn(x):
-        q, k, v = x.unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4).unbind(0)
-        return attention_ref(q, k, v).transpose(1, 2).flatten(2)
-
-    got = _grads(lambda x: attention_packed(x, num_heads=H, backend=backend), (qkv,))
-    return _compare(["out", "dqkv"], got, _grads(ref_fn, (qkv.double(),)), dtype)
-
-
-def _check_fused(op):
+def _spec_check(spec) -> Callable:
+    """``check(device, dtype, backend)``; backend ``"kernel"`` forces the op's kernel, ``"auto"``
+    takes the path ``backend="auto"`` takes."""
     def check(device, dtype, backend):
-        from vitfast.ops.bias_gelu import bias_gelu
-        from vitfast.ops.layer_norm import add_layer_norm, layer_norm
-        from vitfast.ops.bias_scale_residual import bias_scale_residual
-
-        be = "reference" if backend == "sdpa" else backend
-        x, y = _rand((2, 50, 192), device, dtype, 8), _rand((2, 50, 192), device, dtype, 9)
-        v = [_rand((192,), device, dtype, 10 + i, 0.5) for i in range(4)]
-        fns = {
-            "layer_norm": lambda x_, y_, a, b_, c, d: layer_norm(x_, a, b_, backend=be),
-            "add_layer_norm": lambda x_, y_, a, b_, c, d: add_layer_norm(x_, y_, c, a, b_, y_bias=d, backend=be)[1],
-            "bias_gelu": lambda x_, y_, a, b_, c, d: bias_gelu(x_, d, backend=be),
-            "bias_scale_residual": lambda x_, y_, a, b_, c, d: bias_scale_residual(x_, y_, d, c, backend=be),
-        }
-        refs = {
-            "layer_norm": lambda x_, y_, a, b_, c, d: torch.nn.functional.layer_norm(x_, (192,), a, b_, 1e-6),
-            "add_layer_norm": lambda x_, y_, a, b_, c, d: torch.nn.functional.layer_norm(
-                x_ + c * (y_ + d), (192,), a, b_, 1e-6),
-            "bias_gelu": lambda x_, y_, a, b_, c, d: torch.nn.functional.gelu(x_ + d),
-            "bias_scale_residual": lambda x_, y_, a, b_, c, d: x_ + c * (y_ + d),
-        }
-        inputs = (x, y, *v)
-        got = _grads(fns[op], inputs)
-        ref = _grads(refs[op], [t.double() for t in inputs])
-        # unused inputs get no gradient in either: compare what both produced
-        names = ["out"] + [f"d{n}" for n in ("x", "y", "weight", "bias", "gamma", "vbias")]
-        pairs = [(n, a, b_) for n, a, b_ in zip(names, got, ref) if a is not None and b_ is not None]
-        return _compare([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs], dtype)
+        sample = spec.sample_inputs(device, dtype)[0]
+        be = spec.kernel_backend if backend == "kernel" else "auto"
+        got = _outputs_and_grads(spec.fn, sample, dtype, backend=be)
+        ref = _outputs_and_grads(spec.ref, sample, torch.float64)
+        names = [f"out{i}" for i in range(len(got) - len(sample.grad))] + [f"d(arg {i})" for i in sample.grad]
+        return _compare(names, got, ref, dtype, spec.check_tol[dtype])
 
     return check
 
 
-CHECKS: dict[str, Callable] = {
-    "patch_embed": _check_patch_embed,
-    "attention": _check_attention,
-    "attention_packed": _check_attention_packed,
-    **{op: _check_fused(op) for op in ("layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual")},
-}
+def _checks() -> dict:
+    from ..ops.spec import SPECS
+
+    return {name: _spec_check(spec) for name, spec in SPECS.items()}
+
+
+CHECKS: dict[str, Callable] = {}  # filled on first use (importing vitfast.ops declares the specs)
 
 
 def run_checks(target: str) -> list[dict]:
     """Run every check in this process. ``target``: ``cpu`` (auto's CPU paths),
     ``cpu-triton`` (Triton kernels; needs TRITON_INTERPRET=1 set before vitfast was
     imported) or ``cuda``."""
+    from ..ops.spec import SPECS
+
+    if not CHECKS:
+        CHECKS.update(_checks())
     device = "cuda" if target == "cuda" else "cpu"
-    backend = "sdpa" if target == "cpu" else "triton"
+    backend = "auto" if target == "cpu" else "kernel"
     dtypes = [torch.bfloat16, torch.float16] if target == "cuda" else [torch.float32]
     results = []
     for op, fn in CHECKS.items():
         for dtype in dtypes:
-            # patch_embed has no Triton kernel: the C++ op is checked on cpu and cuda only
-            if op == "patch_embed" and target == "cpu-triton":
+            # a kernel that is not Triton (the C++ patch embedding) is checked on cpu and cuda only
+            if target == "cpu-triton" and op in SPECS and not SPECS[op].triton:
                 continue
             row = {"device": target, "op": op, "dtype": str(dtype).replace("torch.", "")}
             try:

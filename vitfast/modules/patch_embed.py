@@ -4,17 +4,17 @@ the fused ``vitfast.ops.patch_embed`` op, shared with the timm models that ``pat
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .._dispatch import module_uses_kernel
-from ..ops.patch_embed import patch_embed
+from ..ops.patch_embed import patch_embed, patch_embed_not_supported_reasons
 from ..ops.reference import normalize_images_ref
 
-__all__ = ["PatchEmbed", "to_2tuple", "embed_images", "resample_abs_pos_embed", "patch_embed_has_autograd"]
+__all__ = ["PatchEmbed", "to_2tuple", "embed_images", "resample_abs_pos_embed"]
 
 
 def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -64,23 +64,6 @@ def resample_abs_pos_embed(
     return torch.cat([prefix, g], dim=1) if num_prefix_tokens else g
 
 
-@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break
-def patch_embed_has_autograd() -> bool:
-    """Whether ``vitfast::patch_embed`` has a backward (so the fused op can be used in training)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("vitfast::patch_embed", "Autograd")
-
-
-def embed_fallback_reasons(images: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]) -> List[str]:
-    """Why the fused op cannot serve this embedding (empty: it can)."""
-    reasons = []
-    if images.device.type not in ("cpu", "cuda"):
-        reasons.append(f"images are on {images.device.type}; vitfast.patch_embed has CPU and CUDA kernels only")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (images, *tensors))
-    if needs_grad and not patch_embed_has_autograd():
-        reasons.append("gradients are needed and vitfast::patch_embed has no backward registered yet")
-    return reasons
-
-
 def embed_images(
     images: torch.Tensor,
     proj: nn.Conv2d,
@@ -107,7 +90,7 @@ def embed_images(
         mean = std = None  # float images are taken as already normalised (timm's contract)
     w, b = proj.weight, proj.bias
     use_fused = backend != "reference" and module_uses_kernel(
-        "FastViT.patch_embed", backend, embed_fallback_reasons(images, (w, b, cls_token, reg_token, pos_embed))
+        "FastViT.patch_embed", backend, patch_embed_not_supported_reasons(images, w)
     )
     if use_fused:
         if reg_token is None:  # the op adds the class token and every position itself

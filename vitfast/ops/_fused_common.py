@@ -29,6 +29,15 @@ register = torch.library.custom_op if _k.INTERPRET else torch.library.triton_op
 
 Problems = list  # of (exception type, message)
 
+# Declarations shared by the fused ops' specs (vitfast.ops.spec). ATOL: the floor on top of 2x
+# eager PyTorch's error, relative to max(1, |ref|max): a couple of rounding steps of the dtype
+# (fp32 1e-5 also covers another summation order over thousands of rows). CHECK_TOL: the
+# self-test's bound (vitfast info --check). SM90: the compile cases covering all their kernels.
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+CHECK_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+SM90 = ("fused:bfloat16:768", "fused:bfloat16:1408", "fused:float32:4100")
+ROW_SHAPES = ((1, 1, 8), (2, 50, 192), (3, 7, 72))  # [..., C]: one row, a ViT-ish width, an odd one
+
 
 def record_kernels(ops_to_kernels: dict) -> None:
     """After an op module's registrations: name each triton_op's kernels for torch (see

@@ -43,6 +43,7 @@ from torch import Tensor
 from .._dispatch import record_triton_kernels, resolve_backend
 from .triton import attention as _k
 from .reference import attention_ref
+from .spec import BadInput, OpSpec, Sample, declare, randn
 
 __all__ = ["attention", "attention_packed", "attention_not_supported_reasons"]
 
@@ -361,3 +362,90 @@ def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = No
         H, D = q.shape[1], q.shape[-1]  # explicit: reshape cannot infer -1 when B or N is 0
         return _sdpa(q, k, v, scale).transpose(1, 2).reshape(B, N, H * D)
     return _attention_packed_fwd(qkv, num_heads, scale)[0]
+
+
+# ---------------------------------------------------------------------- declaration
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+CHECK_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+# (B, H, N, D): one token; batch 2 at N = 50 and D = 80; ViT-B's N with D = 72; ViT-L/14's N, D = 88
+SHAPES = ((1, 1, 1, 64), (2, 2, 50, 80), (1, 2, 197, 72), (1, 1, 257, 88))
+
+
+def attention_ref_same_dtype(q, k, v, scale=None):
+    """The reference, in the inputs' dtype (PyTorch's own error in that dtype)."""
+    return attention_ref(q, k, v, scale, upcast=False)
+
+
+def attention_packed_ref(qkv, num_heads, scale=None):
+    """:func:`attention_packed` in plain PyTorch (in qkv's dtype)."""
+    q, k, v = _split_packed(qkv, num_heads)
+    return attention_ref(q, k, v, scale, upcast=False).transpose(1, 2).flatten(2)
+
+
+def _samples(device, dtype):
+    out = []
+    for i, (B, H, N, D) in enumerate(SHAPES):
+        q, k, v = (randn((B, H, N, D), dtype, 10 * i + j, device) for j in range(3))
+        out.append(Sample(f"B{B} H{H} N{N} D{D}", (q, k, v), {}, grad=(0, 1, 2)))
+    return out
+
+
+def _packed_samples(device, dtype):
+    return [Sample(f"B{B} N{N} H{H} D{D}", (randn((B, N, 3 * H * D), dtype, 7 + N, device),),
+                   {"num_heads": H}, grad=(0,)) for B, N, H, D in ((2, 50, 3, 40), (1, 197, 2, 80))]
+
+
+def _bad_inputs():
+    t = lambda *shape: randn(shape, torch.float32, sum(shape))  # noqa: E731
+    q = t(2, 2, 5, 16)
+    VE, TE = (ValueError,), (TypeError,)
+    A = lambda *a, **k: (lambda: attention(*a, **k))  # noqa: E731
+    P = lambda *a, **k: (lambda: attention_packed(*a, **k))  # noqa: E731
+    return [
+        BadInput("attention/q_not_tensor", A([[1.0]], q, q), TE, ("q",)),
+        BadInput("attention/q_rank3", A(q[0], q[0], q[0]), VE, ("q",)),
+        BadInput("attention/k_shape", A(q, t(2, 2, 6, 16), q), VE, ("k",)),
+        BadInput("attention/v_int", A(q, q, q.long()), TE, ("v",)),
+        BadInput("attention/k_half", A(q, q.half(), q), TE, ("k",)),
+        BadInput("attention/k_meta", A(q, q.to("meta"), q), VE, ("k",)),
+        BadInput("attention/complex", A(*[q.to(torch.complex64)] * 3), TE, ("q",)),
+        BadInput("attention/backend", A(q, q, q, backend="cuda"), VE, ("backend",)),
+        BadInput("attention/head_dim_0", A(*[t(1, 1, 3, 0)] * 3, backend="sdpa"), VE, ("q", "D")),
+        BadInput("attention/scale_str", A(q, q, q, scale="a", backend="sdpa"), TE, ("scale",)),
+        BadInput("attention/scale_bool", A(q, q, q, scale=True), TE, ("scale",)),
+        BadInput("attention/scale_list", A(q, q, q, scale=[0.5]), TE, ("scale",)),
+        BadInput("attention/scale_tensor_2", A(q, q, q, scale=torch.ones(2), backend="triton"), TE, ("scale",)),
+        BadInput("attention_packed/scale_str", P(t(1, 4, 48), num_heads=2, scale="0.5"), TE, ("scale",)),
+        BadInput("attention/triton_head_dim_12", A(*[t(1, 1, 3, 12)] * 3, backend="triton"), VE, ("q.shape[-1]",)),
+        BadInput("attention/triton_head_dim_264", A(*[t(1, 1, 3, 264)] * 3, backend="triton"), VE,
+                 ("q.shape[-1]",)),
+        BadInput("attention/triton_float64", A(*[q.double()] * 3, backend="triton"), VE, ("dtype",)),
+        BadInput("attention/triton_last_stride", A(*[t(1, 1, 3, 32)[..., ::2]] * 3, backend="triton"), VE,
+                 ("stride(-1)",)),
+        BadInput("attention_packed/not_tensor", P([1.0], num_heads=1), TE, ("qkv",)),
+        BadInput("attention_packed/heads_0", P(t(1, 4, 48), num_heads=0), VE, ("num_heads",)),
+        BadInput("attention_packed/heads_neg", P(t(1, 4, 48), num_heads=-2), VE, ("num_heads",)),
+        BadInput("attention_packed/heads_float", P(t(1, 4, 48), num_heads=2.0), VE, ("num_heads",)),
+        BadInput("attention_packed/heads_bool", P(t(1, 4, 48), num_heads=True), VE, ("num_heads",)),
+        BadInput("attention_packed/C_not_3HD", P(t(1, 4, 50), num_heads=2), VE, ("qkv",)),
+        BadInput("attention_packed/rank2", P(t(4, 48), num_heads=2), VE, ("qkv",)),
+        BadInput("attention_packed/int", P(t(1, 4, 48).long(), num_heads=2), TE, ("qkv",)),
+        BadInput("attention_packed/C_0", P(t(1, 4, 0), num_heads=2, backend="sdpa"), VE, ("qkv",)),
+        BadInput("attention_packed/triton_head_dim_8", P(t(1, 4, 48), num_heads=2, backend="triton"), VE,
+                 ("q.shape[-1]",)),
+    ]
+
+
+def _packed_reasons(qkv, num_heads, scale=None):
+    return attention_not_supported_reasons(*_split_packed(qkv, num_heads))
+
+
+declare(OpSpec(
+    name="attention", fn=attention, ref=attention_ref_same_dtype,
+    not_supported_reasons=lambda q, k, v, scale=None: attention_not_supported_reasons(q, k, v),
+    kernel_backend="triton", sample_inputs=_samples, atol=ATOL, check_tol=CHECK_TOL,
+    sm90=("attention:bfloat16:64:197", "attention:bfloat16:80:257", "attention:float16:72:577",
+          "attention:float32:128:197"), bad_inputs=_bad_inputs))
+declare(OpSpec(
+    name="attention_packed", fn=attention_packed, ref=attention_packed_ref, not_supported_reasons=_packed_reasons,
+    kernel_backend="triton", sample_inputs=_packed_samples, atol=ATOL, check_tol=CHECK_TOL))

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .triton import fused as _k
-from ._fused_common import (as_rows, choose_backend, empty0, input_problems, kernel_reasons, raise_first,
-                            record_kernels, register)
+from ._fused_common import (ATOL, CHECK_TOL, ROW_SHAPES, SM90, as_rows, choose_backend, empty0, input_problems,
+                            kernel_reasons, raise_first, record_kernels, register)
+from .spec import BadInput, OpSpec, Sample, declare, randn
 
 __all__ = ["bias_gelu", "bias_gelu_ref", "bias_gelu_not_supported_reasons", "APPROXIMATIONS"]
 
@@ -126,3 +127,35 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     if choose_backend("bias_gelu", backend, x.device, lambda: bias_gelu_not_supported_reasons(x, bias)) == "reference":
         return bias_gelu_ref(x, bias, approximate)
     return _bias_gelu_fwd(x, bias, approximate)
+
+
+# ---------------------------------------------------------------------- declaration
+def _samples(device, dtype):
+    out = []
+    for i, shape in enumerate(ROW_SHAPES):
+        x, b = randn(shape, dtype, 10 * i, device, 2.0), randn(shape[-1:], dtype, 10 * i + 1, device)
+        out.append(Sample(f"{list(shape)}", (x, b), {}, grad=(0, 1)))
+    x = randn((3, 40), dtype, 98, device, 3.0)
+    out.append(Sample("tanh, no bias", (x, None, "tanh"), {}, grad=(0,)))
+    return out
+
+
+def _bad_inputs():
+    x, v = randn((2, 5, 12), torch.float32, 0), randn((12,), torch.float32, 1)
+    VE, TE = (ValueError,), (TypeError,)
+    out = []
+    for be in ("triton", "reference"):
+        G = lambda *a, **k: (lambda: bias_gelu(*a, backend=be, **k))  # noqa: E731
+        out += [
+            BadInput(f"bias_gelu[{be}]/approximate", G(x, v, approximate="fast"), VE, ("approximate",)),
+            BadInput(f"bias_gelu[{be}]/bias_shape", G(x, randn((13,), torch.float32, 2)), VE, ("bias",)),
+            BadInput(f"bias_gelu[{be}]/x_not_tensor", G(1.0, v), TE, ("x",)),
+        ]
+    return out
+
+
+declare(OpSpec(
+    name="bias_gelu", fn=bias_gelu, ref=bias_gelu_ref,
+    not_supported_reasons=lambda x, bias=None, approximate="none": bias_gelu_not_supported_reasons(x, bias),
+    kernel_backend="triton", sample_inputs=_samples, atol=ATOL, check_tol=CHECK_TOL, sm90=SM90,
+    bad_inputs=_bad_inputs))

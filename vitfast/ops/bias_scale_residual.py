@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from .triton import fused as _k
-from ._fused_common import (as_rows, choose_backend, empty0, input_problems, kernel_reasons, raise_first,
-                            record_kernels, register)
+from ._fused_common import (ATOL, CHECK_TOL, ROW_SHAPES, SM90, as_rows, choose_backend, empty0, input_problems,
+                            kernel_reasons, raise_first, record_kernels, register)
+from .spec import BadInput, OpSpec, Sample, declare, randn
 
 __all__ = ["bias_scale_residual", "bias_scale_residual_ref", "bias_scale_residual_not_supported_reasons"]
 
@@ -140,3 +141,36 @@ def bias_scale_residual(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, gam
     if chosen == "reference":
         return bias_scale_residual_ref(x, y, bias, gamma)
     return _fwd(x, y, bias, gamma)
+
+
+# ---------------------------------------------------------------------- declaration
+def _samples(device, dtype):
+    out = []
+    for i, shape in enumerate(ROW_SHAPES):
+        x, y = randn(shape, dtype, 10 * i, device), randn(shape, dtype, 10 * i + 1, device)
+        b, g = randn(shape[-1:], dtype, 10 * i + 2, device), randn(shape[-1:], dtype, 10 * i + 3, device, 0.1)
+        out.append(Sample(f"{list(shape)}", (x, y, b, g), {}, grad=(0, 1, 2, 3)))
+    x, y = randn((5, 16), dtype, 97, device), randn((5, 16), dtype, 96, device)
+    out.append(Sample("no bias, no gamma", (x, y, None, None), {}, grad=(0, 1)))
+    return out
+
+
+def _bad_inputs():
+    x = randn((2, 5, 12), torch.float32, 0)
+    VE, TE = (ValueError,), (TypeError,)
+    out = []
+    for be in ("triton", "reference"):
+        R = lambda *a, **k: (lambda: bias_scale_residual(*a, backend=be, **k))  # noqa: E731
+        out += [
+            BadInput(f"bias_scale_residual[{be}]/y_shape", R(x, randn((2, 5, 13), torch.float32, 1)), VE, ("y",)),
+            BadInput(f"bias_scale_residual[{be}]/gamma_rank2", R(x, x, None, randn((1, 12), torch.float32, 2)), VE,
+                     ("gamma",)),
+            BadInput(f"bias_scale_residual[{be}]/y_bool", R(x, x > 0), TE, ("y",)),
+        ]
+    return out
+
+
+declare(OpSpec(
+    name="bias_scale_residual", fn=bias_scale_residual, ref=bias_scale_residual_ref,
+    not_supported_reasons=bias_scale_residual_not_supported_reasons, kernel_backend="triton", sample_inputs=_samples,
+    atol=ATOL, check_tol=CHECK_TOL, sm90=SM90, bad_inputs=_bad_inputs))

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .spec import BadInput, OpSpec, Sample, declare, randn
 from .triton import fused as _k
-from ._fused_common import (as_rows, check_eps, check_out_dtype, choose_backend, empty0, input_problems,
-                            kernel_reasons, raise_first, record_kernels, register)
+from ._fused_common import (ATOL, CHECK_TOL, ROW_SHAPES, SM90, as_rows, check_eps, check_out_dtype, choose_backend,
+                            empty0, input_problems, kernel_reasons, raise_first, record_kernels, register)
 
 __all__ = ["add_layer_norm", "layer_norm", "add_layer_norm_ref", "layer_norm_ref",
            "add_layer_norm_not_supported_reasons", "layer_norm_not_supported_reasons"]
@@ -307,3 +308,62 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     if chosen == "reference":
         return layer_norm_ref(x, weight, bias, eps, out_dtype=out_dtype)
     return _ln_fwd(x, weight, bias, eps, out_dtype)[0]
+
+
+# ---------------------------------------------------------------------- declaration
+def _samples(device, dtype, add: bool):
+    out = []
+    for i, shape in enumerate(ROW_SHAPES):
+        C = shape[-1]
+        x = randn(shape, dtype, 10 * i, device, scale=2.0, shift=0.5)
+        w, b = randn((C,), dtype, 10 * i + 1, device, 0.5, 1.0), randn((C,), dtype, 10 * i + 2, device)
+        if add:
+            y = randn(shape, dtype, 10 * i + 3, device)
+            g, yb = randn((C,), dtype, 10 * i + 4, device, 0.5), randn((C,), dtype, 10 * i + 5, device)
+            out.append(Sample(f"{list(shape)}", (x, y, g, w, b, 1e-6), {"y_bias": yb}, grad=(0, 1, 2, 3, 4)))
+        else:
+            out.append(Sample(f"{list(shape)}", (x, w, b, 1e-6), {}, grad=(0, 1, 2)))
+    if not add:  # no affine parameters, and a large eps that matters
+        x = randn((4, 24), dtype, 99, device, scale=1e-2)
+        out.append(Sample("no-affine, eps 0.1", (x, None, None, 0.1), {}, grad=(0,)))
+    return out
+
+
+def _bad_inputs():
+    x, v = randn((2, 5, 12), torch.float32, 0), randn((12,), torch.float32, 1)
+    VE, TE = (ValueError,), (TypeError,)
+    out = []
+    for be in ("triton", "reference"):
+        L = lambda *a, **k: (lambda: layer_norm(*a, backend=be, **k))  # noqa: E731
+        AL = lambda *a, **k: (lambda: add_layer_norm(*a, backend=be, **k))  # noqa: E731
+        out += [
+            BadInput(f"layer_norm[{be}]/hidden_0", L(randn((2, 0), torch.float32, 2)), VE, ("x",)),
+            BadInput(f"layer_norm[{be}]/scalar", L(torch.tensor(1.0)), VE, ("x",)),
+            BadInput(f"layer_norm[{be}]/weight_shape", L(x, randn((11,), torch.float32, 3)), VE, ("weight",)),
+            BadInput(f"layer_norm[{be}]/weight_list", L(x, [1.0] * 12), TE, ("weight",)),
+            BadInput(f"layer_norm[{be}]/x_int", L(x.long()), TE, ("x",)),
+            BadInput(f"layer_norm[{be}]/eps_negative", L(x, eps=-1.0), VE, ("eps",)),
+            BadInput(f"layer_norm[{be}]/eps_nan", L(x, eps=float("nan")), VE, ("eps",)),
+            BadInput(f"layer_norm[{be}]/out_dtype_int", L(x, out_dtype=torch.int32), TE, ("out_dtype",)),
+            BadInput(f"layer_norm[{be}]/bias_meta", L(x, None, v.to("meta")), VE, ("bias",)),
+            BadInput(f"add_layer_norm[{be}]/y_shape", AL(x, x[:1]), VE, ("y",)),
+            BadInput(f"add_layer_norm[{be}]/gamma_shape", AL(x, x, randn((3,), torch.float32, 4)), VE, ("gamma",)),
+            BadInput(f"add_layer_norm[{be}]/y_bias_int", AL(x, x, y_bias=torch.ones(12, dtype=torch.long)), TE,
+                     ("y_bias",)),
+        ]
+    out.append(BadInput("layer_norm/backend", lambda: layer_norm(x, backend="cuda"), VE, ("backend",)))
+    return out
+
+
+declare(OpSpec(
+    name="layer_norm", fn=layer_norm, ref=layer_norm_ref,
+    not_supported_reasons=lambda x, weight=None, bias=None, eps=1e-6, **kw: layer_norm_not_supported_reasons(
+        x, weight, bias, **kw),
+    kernel_backend="triton", sample_inputs=lambda device, dtype: _samples(device, dtype, add=False),
+    atol=ATOL, check_tol=CHECK_TOL, sm90=SM90, bad_inputs=_bad_inputs))
+declare(OpSpec(
+    name="add_layer_norm", fn=add_layer_norm, ref=add_layer_norm_ref,
+    not_supported_reasons=lambda x, y, gamma=None, weight=None, bias=None, eps=1e-6, **kw:
+        add_layer_norm_not_supported_reasons(x, y, gamma, weight, bias, **kw),
+    kernel_backend="triton",
+    sample_inputs=lambda device, dtype: _samples(device, dtype, add=True), atol=ATOL, check_tol=CHECK_TOL))

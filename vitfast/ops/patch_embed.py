@@ -11,11 +11,16 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .._dispatch import resolve_backend
 from .._ext import load_extension
+from .reference import patch_embed_ref
+from .spec import BadInput, OpSpec, Sample, declare, randn
 
-load_extension()
+_C = load_extension()
 
-__all__ = ["patch_embed", "check_patch_embed_args"]
+__all__ = ["patch_embed", "patch_embed_not_supported_reasons", "check_patch_embed_args", "BACKENDS"]
+
+BACKENDS = ("auto", "kernel", "reference")
 
 ChannelStats = Optional[Union[torch.Tensor, Sequence[float]]]
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -141,6 +146,22 @@ def _stats(x: ChannelStats, device: torch.device) -> Optional[torch.Tensor]:
     return t
 
 
+def patch_embed_not_supported_reasons(images, weight, bias=None, *, cls_token=None, pos_embed=None,
+                                      mean=None, std=None) -> list[str]:
+    """Why the C++/CUDA op cannot serve these inputs (empty list: it can). Never raises;
+    inputs no backend accepts are reported here too."""
+    try:
+        check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    except (TypeError, ValueError) as e:
+        return [str(e)]
+    device = images.device.type
+    if device not in ("cpu", "cuda", "meta"):
+        return [f"images are on {images.device}; vitfast's patch-embedding kernels run on CPU and CUDA tensors"]
+    if device == "cuda" and not _C.with_cuda:
+        return ["images are on CUDA but vitfast._C was built without its CUDA kernels (see `vitfast info`)"]
+    return []
+
+
 def patch_embed(
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -150,6 +171,7 @@ def patch_embed(
     pos_embed: Optional[torch.Tensor] = None,
     mean: ChannelStats = None,
     std: ChannelStats = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Images to ViT tokens in one fused op.
 
@@ -173,11 +195,19 @@ def patch_embed(
     registered ``vitfast::patch_embed_backward``). mean and std are constants of the data
     pipeline and get no gradient. No double backward.
 
+    ``backend``: ``"kernel"`` (the registered C++/CUDA op; raises with the reasons when it
+    cannot serve the inputs), ``"reference"`` (the eager chain, :func:`patch_embed_ref`) or
+    ``"auto"`` (the kernel, else the reference with a one-time warning listing the reasons).
+
     Raises:
         ValueError / TypeError naming the argument for any shape, dtype or device it cannot
         take, before any kernel runs.
     """
     check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    reasons = [] if backend == "reference" else patch_embed_not_supported_reasons(
+        images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+    if resolve_backend("patch_embed", backend, "kernel", reasons, choices=BACKENDS, fallback="reference") == "reference":
+        return patch_embed_ref(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
     return torch.ops.vitfast.patch_embed(
         images, weight, bias, cls_token, pos_embed, _stats(mean, images.device), _stats(std, images.device)
     )
@@ -249,3 +279,88 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("vitfast::patch_embed", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------- declaration
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _samples(device, dtype):
+    """Float and raw uint8 images, class token and positions (timm's layout and no_embed_class),
+    a non-square image, channels_last, RGBA."""
+    def params(D, C, p, T, seed):
+        return (randn((D, C, p, p), dtype, seed, device, (C * p * p) ** -0.5), randn((D,), dtype, seed + 1, device),
+                randn((1, 1, D), dtype, seed + 2, device), randn((1, T, D), dtype, seed + 3, device, 0.02))
+
+    out = []
+    w, b, cls, pos = params(24, 3, 16, 7, 1)
+    images = randn((2, 3, 32, 48), dtype, 0, device)
+    out.append(Sample("float 32x48 p16, cls + pos", (images, w, b), dict(cls_token=cls, pos_embed=pos),
+                      grad=(0, 1, 2)))
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randint(0, 256, (2, 3, 32, 48), generator=g, dtype=torch.uint8).to(device)
+    out.append(Sample("uint8 ImageNet-normalised", (raw, w, b), dict(cls_token=cls, pos_embed=pos, **IMAGENET),
+                      grad=(1, 2)))
+    w, b, cls, pos = params(16, 4, 8, 12, 11)
+    images = randn((1, 4, 24, 32), dtype, 10, device).contiguous(memory_format=torch.channels_last)
+    out.append(Sample("RGBA channels_last p8, no_embed_class", (images, w, None),
+                      dict(cls_token=cls, pos_embed=pos), grad=(0, 1)))
+    return out
+
+
+def _bad_inputs():
+    t = lambda *shape: randn(shape, torch.float32, sum(shape))  # noqa: E731
+    im, w = t(2, 3, 8, 8), t(6, 3, 4, 4)
+    VE, TE, EITHER = (ValueError,), (TypeError,), (ValueError, TypeError)
+    E = lambda *a, **k: (lambda: patch_embed(*a, **k))  # noqa: E731
+    op = torch.ops.vitfast
+    return [
+        BadInput("patch_embed/images_not_tensor", E([[1.0]], w), EITHER, ("images",)),
+        BadInput("patch_embed/images_rank3", E(im[0], w), VE, ("images",)),
+        BadInput("patch_embed/weight_none", E(im, None), EITHER, ("weight",)),
+        BadInput("patch_embed/weight_rank2", E(im, w.flatten(1)), VE, ("weight",)),
+        BadInput("patch_embed/not_divisible", E(t(2, 3, 9, 8), w), VE, ("patch size", "divisible")),
+        BadInput("patch_embed/not_square", E(im, t(6, 3, 4, 2)), VE, ("weight",)),
+        BadInput("patch_embed/patch_0", E(im, t(6, 3, 0, 0)), VE, ("weight",)),
+        BadInput("patch_embed/channels", E(im, t(6, 2, 4, 4)), VE, ("channels", "weight")),
+        BadInput("patch_embed/channels_0", E(t(2, 0, 8, 8), t(6, 0, 4, 4)), VE, ("images",)),
+        BadInput("patch_embed/images_int8", E(im.to(torch.int8), w), TE, ("images",)),
+        BadInput("patch_embed/images_bool", E(im > 0, w), TE, ("images",)),
+        BadInput("patch_embed/weight_int", E(im, w.long()), TE, ("weight",)),
+        BadInput("patch_embed/bias_shape", E(im, w, t(5)), VE, ("bias",)),
+        BadInput("patch_embed/bias_int", E(im, w, torch.ones(6, dtype=torch.long)), TE, ("bias",)),
+        BadInput("patch_embed/bias_list", E(im, w, [0.0] * 6), TE, ("bias",)),
+        BadInput("patch_embed/cls_shape", E(im, w, cls_token=t(1, 2, 6)), VE, ("cls_token",)),
+        BadInput("patch_embed/pos_shape", E(im, w, pos_embed=t(1, 5, 6)), VE, ("pos_embed",)),
+        BadInput("patch_embed/pos_list", E(im, w, pos_embed=[0.0] * 6), TE, ("pos_embed",)),
+        BadInput("patch_embed/weight_meta", E(im, w.to("meta")), VE, ("weight",)),
+        BadInput("patch_embed/mean_without_std", E(im, w, mean=[0.5] * 3), VE, ("std",)),
+        BadInput("patch_embed/mean_len", E(im, w, mean=[0.5] * 2, std=[0.5] * 3), VE, ("mean",)),
+        BadInput("patch_embed/std_zero", E(im, w, mean=[0.5] * 3, std=[0.5, 0.0, 0.5]), VE, ("std",)),
+        BadInput("patch_embed/mean_scalar", E(im, w, mean=0.5, std=0.5), TE, ("mean",)),
+        BadInput("patch_embed/mean_complex", E(im, w, mean=torch.zeros(3, dtype=torch.complex64), std=torch.ones(3)),
+                 TE, ("mean",)),
+        BadInput("patch_embed/mean_nested", E(im, w, mean=[[0.5]] * 3, std=[0.5] * 3), TE, ("mean",)),
+        BadInput("patch_embed/std_str", E(im, w, mean=[0.5] * 3, std="abc"), TE, ("std",)),
+        BadInput("patch_embed/std_digit_str", E(im, w, mean=[0.5] * 3, std="123"), TE, ("std",)),
+        BadInput("patch_embed/mean_none_items", E(im, w, mean=[None] * 3, std=[0.5] * 3), TE, ("mean",)),
+        BadInput("patch_embed/cls_tuple", E(im, w, cls_token=(0.0,) * 6), TE, ("cls_token",)),
+        BadInput("patch_embed/backend", E(im, w, backend="cuda"), VE, ("backend",)),
+        # the registered op itself, past the Python wrapper: the C++ checks (TORCH_CHECK_VALUE)
+        BadInput("patch_embed/op_not_divisible", lambda: op.patch_embed(t(1, 3, 9, 8), w), VE, ("divisible",)),
+        BadInput("patch_embed/op_channels", lambda: op.patch_embed(im, t(6, 2, 4, 4)), VE, ("channels",)),
+        BadInput("patch_embed/op_pos_shape", lambda: op.patch_embed(im, w, None, None, t(1, 3, 6)), VE,
+                 ("pos_embed",)),
+        BadInput("patch_embed/op_mean_len", lambda: op.patch_embed(
+            im, w, None, None, None, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)),
+                 VE, ("mean",)),
+        BadInput("patch_embed/op_backward_grad_shape", lambda: op.patch_embed_backward(
+            t(2, 5, 6), im, w, None, None, False, 0, [True, True, False, False, False]), VE, ("grad_out",)),
+    ]
+
+
+declare(OpSpec(
+    name="patch_embed", fn=patch_embed, ref=patch_embed_ref, not_supported_reasons=patch_embed_not_supported_reasons,
+    kernel_backend="kernel", sample_inputs=_samples, triton=False, kernel_devices=("cpu", "cuda"),
+    atol={torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12},
+    check_tol={torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}, bad_inputs=_bad_inputs))
