@@ -34,7 +34,7 @@ MKL_PATHS = ("native", "COMPATIBLE", "AVX2")
 THREADS = (1, 2, 4)
 # what depends on the host's arithmetic: training and parity runs, property tests, every op's
 # numerics (attention, fused epilogues, patch embedding), the model against timm
-TESTS = ["tests/training", "tests/property", "tests/ops", "tests/models",
+TESTS = ["tests/training", "tests/property", "tests/ops", "tests/modules", "tests/models", "tests/integrations",
          "--ignore=tests/ops/test_gpu_path.py"]
 
 

@@ -1,5 +1,5 @@
-"""Helpers shared by the fused-epilogue op tests (test_layer_norm, test_bias_act,
-test_residual): run a kernel, the eager chain in the same dtype and a float64 reference
+"""Helpers shared by the fused-epilogue op tests (test_layer_norm, test_bias_gelu,
+test_bias_scale_residual): run a kernel, the eager chain in the same dtype and a float64 reference
 on the same inputs and gradients, and apply flash-attention's rule: the kernel's error
 against float64 is at most 2x eager PyTorch's own error in that dtype, plus a floor."""
 

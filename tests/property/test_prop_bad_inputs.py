@@ -1,6 +1,6 @@
 """Every known bad input raises ValueError/TypeError naming the argument, in-process.
 
-The same list runs in a child process in tests/test_robustness_subprocess.py (signals and
+The same list runs in a child process in tests/property/test_bad_inputs_subprocess.py (signals and
 hangs). Hypothesis drives the shape-dependent invalid inputs in the per-op property files;
 this file pins the catalogue of argument errors, one case each.
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "property"))
+sys.path.insert(0, str(HERE))
 from _bad_cases import KNOWN_DEFECTS, all_cases  # noqa: E402
 
 TIMEOUT_S = 240
@@ -30,7 +30,7 @@ def _run_child(code: str, env_extra=None, timeout=TIMEOUT_S) -> subprocess.Compl
         env["TRITON_INTERPRET"] = "1"
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=str(HERE.parent))
+                          env=env, cwd=str(HERE.parents[1]))
 
 
 def _has_cuda() -> bool:
@@ -50,7 +50,7 @@ def _describe_exit(rc: int) -> str:
 
 @pytest.fixture(scope="module")
 def child_results():
-    code = (f"import sys; sys.path.insert(0, {str(HERE / 'property')!r}); "
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); "
             "import _bad_cases; sys.exit(_bad_cases.main())")
     try:
         proc = _run_child(code)

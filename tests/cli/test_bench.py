@@ -18,7 +18,7 @@ import torch
 from vitfast import cli
 from vitfast.cli import bench, benchmarking as bu
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # a two-block ViT-Ti at 32x32: 4 patches + class token; one thread keeps it quick on a busy machine
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "2",
         "--warmup", "1", "--iters", "2", "--threads", "1", "--no-progress"]
