@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The one script a GPU machine runs (see shared/GPU.md): card and versions, build the extension
-# with that machine's torch, the CUDA tests, `vitfast bench` defaults, `vitfast bench kernels`,
-# a short profile; JSON, CSV, a plot, a trace and the log go to ${OUT:-benchmarks/results/latest}.
+# The one script a GPU machine runs: card and versions, build the extension with that machine's
+# torch, the CUDA tests, `vitfast bench` defaults, `vitfast bench kernels`, a short profile;
+# JSON, CSV, a plot, a trace and the log go to ${OUT:-benchmarks/results/latest}.
+# What it needs there: an NVIDIA GPU, python3 with torch >= 2.11 (a CUDA build), triton >= 3.6,
+# timm, pytest; nvcc for the build; no network. Afterwards: copy the JSON into benchmarks/results/,
+# run `python benchmarks/render_readme.py` and commit (CONTRIBUTING.md, "Running the GPU check").
 # The summary table is printed last (a remote run returns only the tail of the output).
 # Sized for < 7 minutes on one H100; each step has its own time limit and a failed step is
 # reported in the summary without stopping the steps after it (a failed build does stop).

@@ -86,3 +86,24 @@ def test_fastvit_matches_timm(name):
         expected, got = ref(x), model(x)
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel <= 1e-5, rel
+
+
+def test_one_backend_vocabulary_with_the_older_names_kept():
+    """auto / kernel / reference on every op and module; triton, kernels and sdpa still mean
+    kernel, kernel and reference."""
+    from vitfast._dispatch import BACKEND_ALIASES, canonical_backend
+    from vitfast.ops import attention, layer_norm, patch_embed
+
+    assert {canonical_backend("x", b) for b in ("auto", "kernel", "reference", *BACKEND_ALIASES)} == {
+        "auto", "kernel", "reference"}
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'kernel', 'reference'\]"):
+        canonical_backend("attention", "cuda")
+    q = torch.randn(1, 2, 5, 16)
+    torch.testing.assert_close(attention(q, q, q, backend="sdpa"), attention(q, q, q, backend="reference"),
+                               rtol=0, atol=0)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer_norm(x, backend="triton"), layer_norm(x, backend="kernel"), rtol=0, atol=0)
+    images, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 4, 4)
+    torch.testing.assert_close(patch_embed(images, w, backend="kernel"), patch_embed(images, w, backend="reference"))
+    model = vitfast.FastViT(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, backend="kernels")
+    assert model.backend == "kernel" and model.set_backend("sdpa").backend == "reference"

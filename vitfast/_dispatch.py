@@ -1,9 +1,12 @@
-"""Kernel dispatch shared by every vitfast op.
+"""Kernel dispatch shared by every vitfast op and module.
 
-Each fast kernel states why it cannot serve an input (``not_supported_reasons``).
-``backend="auto"`` runs the kernel when that list is empty and otherwise falls back
-to the reference path with a one-time warning listing the reasons; a forced kernel
-backend raises :class:`KernelNotSupported` with every reason instead.
+One vocabulary everywhere (ops, modules, FastViT, ``patch_timm``): ``backend="kernel"``
+forces vitfast's kernel, ``"reference"`` runs plain PyTorch (SDPA for attention, the eager
+chain for the fused ops and the patch embedding), ``"auto"`` runs the kernel where it can.
+Each kernel states why it cannot serve an input (``not_supported_reasons``): ``auto`` then
+falls back to the reference path with a one-time warning listing the reasons, and a forced
+``kernel`` raises :class:`KernelNotSupported` with every reason instead. The names from
+before 0.2 (``"triton"``, ``"kernels"``, ``"sdpa"``) keep working (:data:`BACKEND_ALIASES`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,23 @@ import threading
 import warnings
 from typing import Iterable, Sequence
 
-__all__ = ["KernelNotSupported", "warn_fallback_once", "resolve_backend", "reset_warnings",
-           "interpreter_lock", "serialize_interpreted", "record_triton_kernels"]
+__all__ = ["BACKENDS", "BACKEND_ALIASES", "canonical_backend", "KernelNotSupported", "warn_fallback_once", "resolve_backend", "reset_warnings", "module_uses_kernel",
+           "auto_is_reference", "raise_first", "shape_of", "triton_op_registrar", "interpreter_lock",
+           "serialize_interpreted", "record_triton_kernels"]
+
+
+BACKENDS = ("auto", "kernel", "reference")
+BACKEND_ALIASES = {"triton": "kernel", "kernels": "kernel", "sdpa": "reference"}  # the names before 0.2
+
+
+def canonical_backend(op: str, backend) -> str:
+    """``backend`` in the one vocabulary (:data:`BACKENDS`), older names mapped; ValueError
+    naming ``backend`` otherwise."""
+    b = BACKEND_ALIASES.get(backend, backend) if isinstance(backend, str) else backend
+    if b not in BACKENDS:
+        raise ValueError(f"vitfast.{op}: backend must be one of {list(BACKENDS)} (older names: "
+                         f"{', '.join(sorted(BACKEND_ALIASES))}), got {backend!r}")
+    return b
 
 
 class KernelNotSupported(ValueError):
@@ -50,33 +68,44 @@ def reset_warnings() -> None:
         _warned.clear()
 
 
-def resolve_backend(
-    op: str,
-    backend: str,
-    kernel: str,
-    reasons: Sequence[str],
-    *,
-    choices: Sequence[str],
-    fallback: str,
-) -> str:
-    """Pick the backend to run.
-
-    ``backend`` is what the caller asked for, ``kernel`` the fast backend's name,
-    ``reasons`` why the kernel cannot serve this input (empty when it can),
-    ``fallback`` the backend used when ``auto`` cannot use the kernel.
-    """
-    if backend not in choices:
-        raise ValueError(f"vitfast.{op}: backend must be one of {list(choices)}, got {backend!r}")
-    if backend == kernel:
-        if reasons:
+def resolve_backend(op: str, backend, reasons: Sequence[str]) -> str:
+    """``"kernel"`` or ``"reference"``: what runs for ``backend`` (any name of the vocabulary)
+    given ``reasons``, why the kernel cannot serve this input (empty when it can)."""
+    b = canonical_backend(op, backend)
+    if b == "reference":
+        return b
+    if reasons:
+        if b == "kernel":
             raise KernelNotSupported(op, backend, reasons)
-        return kernel
-    if backend == "auto":
-        if reasons:
-            warn_fallback_once(op, reasons, fallback)
-            return fallback
-        return kernel
-    return backend
+        warn_fallback_once(op, reasons)
+        return "reference"
+    return "kernel"
+
+
+def auto_is_reference(device) -> bool:
+    """``backend="auto"`` on a non-CUDA tensor is the plain-PyTorch path by definition (not a
+    fallback: no warning). The Triton ops' rule; the C++ patch embedding also runs on the CPU."""
+    return device.type != "cuda"
+
+
+def raise_first(problems: Sequence[tuple[type, str]]) -> None:
+    """Raise the first of ``(exception type, message)`` problems, naming the others too."""
+    if problems:
+        exc, msg = problems[0]
+        raise exc(msg if len(problems) == 1 else msg + "; also: " + "; ".join(m for _, m in problems[1:]))
+
+
+def shape_of(t) -> list[int]:
+    """A tensor's shape as a plain list (for messages)."""
+    return list(t.shape)
+
+
+def triton_op_registrar(interpreted: bool):
+    """``torch.library.triton_op`` on the GPU, so Inductor sees into the kernels; ``custom_op``
+    under the interpreter, because ``wrap_triton`` cannot trace an interpreted kernel."""
+    import torch
+
+    return torch.library.custom_op if interpreted else torch.library.triton_op
 
 
 # The Triton interpreter (TRITON_INTERPRET=1, the CPU path of the Triton kernels) is not
@@ -183,13 +212,12 @@ def record_triton_kernels(op: str, kernels: Sequence) -> None:
 
 
 def module_uses_kernel(op: str, backend: str, reasons: Sequence[str]) -> bool:
-    """The model-level choice (FastViT's ``backend`` of ``auto``/``kernels``/``reference``, the
-    caller having handled ``reference``): True when the kernels can serve the input; otherwise
-    ``kernels`` raises with every reason and ``auto`` warns once (not while torch.compile traces)
-    and returns False."""
+    """The model-level choice (FastViT's ``backend``, the caller having handled ``reference``):
+    True when the kernels can serve the input; otherwise ``kernel`` raises with every reason and
+    ``auto`` warns once (not while torch.compile traces) and returns False."""
     if not reasons:
         return True
-    if backend == "kernels":
+    if BACKEND_ALIASES.get(backend, backend) == "kernel":
         raise KernelNotSupported(op, backend, reasons)
     import torch
 

@@ -265,7 +265,7 @@ def test_auto_on_cpu_is_sdpa_without_warning():
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
     """What a CUDA input the kernel cannot serve does (float64 here)."""
-    monkeypatch.setattr(attention_mod, "_auto_means_sdpa", lambda q: False)
+    monkeypatch.setattr(attention_mod, "auto_is_reference", lambda device: False)
     reset_warnings()
     q, k, v = _qkv(1, 2, 10, 32, torch.float64, device="cpu")
     with pytest.warns(RuntimeWarning, match="float64"):

@@ -115,7 +115,7 @@ def test_auto_on_cpu_is_reference_without_warning():
 
 @pytest.mark.skipif(not _fused_kernels.INTERPRET, reason="needs an input the kernel refuses (bf16 interpreted)")
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_fused_common, "_auto_means_reference", lambda device: False)
+    monkeypatch.setattr(_fused_common, "auto_is_reference", lambda device: False)
     reset_warnings()
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     with pytest.warns(RuntimeWarning, match="interpreter"):

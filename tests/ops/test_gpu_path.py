@@ -60,7 +60,7 @@ print(json.dumps(out))
         pytest.skip("this torch has no triton_ops_to_kernels table")
     assert names["attention_fwd"] == ["_attn_fwd_kernel"]
     assert names["attention_packed_bwd"] == ["_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
-    assert names["add_layer_norm_bwd"] == ["_ln_bwd_kernel"] and names["bias_gelu_fwd"] == ["_bias_act_fwd_kernel"]
+    assert names["add_layer_norm_bwd"] == ["_ln_bwd_kernel"] and names["bias_gelu_fwd"] == ["_bias_gelu_fwd_kernel"]
     assert all(names[op] for op in _OPS), names
 
 
@@ -83,8 +83,8 @@ def _sm90_cases() -> list[str]:
     return list(dict.fromkeys(case for spec in SPECS.values() for case in spec.sm90))
 
 KERNELS = {"attention": {"_attn_fwd_kernel", "_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
-           "fused": {"_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_act_fwd_kernel", "_bias_act_bwd_kernel",
-                     "_scale_res_fwd_kernel", "_scale_res_bwd_kernel"}}
+           "fused": {"_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel",
+                     "_bias_scale_residual_fwd_kernel", "_bias_scale_residual_bwd_kernel"}}
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")

@@ -193,7 +193,7 @@ def test_auto_on_cpu_is_reference_without_warning():
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
     """What a CUDA input the kernel cannot serve does (a hidden size over the limit)."""
-    monkeypatch.setattr(_fused_common, "_auto_means_reference", lambda device: False)
+    monkeypatch.setattr(_fused_common, "auto_is_reference", lambda device: False)
     reset_warnings()
     x = torch.randn(2, MAX_LN_HIDDEN + 1)
     with pytest.warns(RuntimeWarning, match="hidden size"):

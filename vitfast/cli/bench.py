@@ -254,11 +254,6 @@ def make_step(model: nn.Module, cfg: Config, mode: str, xs, ys, region=_no_regio
     return train, (f"{cfg.dtype_name} autocast, fp32 weights, AdamW" if amp else "fp32, AdamW")
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-
-
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -322,7 +317,7 @@ def prepare_entry(
             if impl == "reference" and not compiled:
                 ref_out[key] = out.detach().float().clone()
             if key in ref_out:
-                row["max_rel_err_vs_reference"] = _rel_err(out, ref_out[key])
+                row["max_rel_err_vs_reference"] = bu.rel_err(out.float(), ref_out[key])
             del out
         if cuda:  # the peak over the warm-up steps, less what the other entries hold
             _sync(cfg.device)

@@ -49,6 +49,7 @@ __all__ = [
     "paired_speedup",
     "add_paired_speedups",
     "summarize_ms",
+    "rel_err",
     "NoisyMachine",
     "EXIT_NOISY",
     "add_noise_args",
@@ -57,6 +58,8 @@ __all__ = [
     "load_guard",
     "machine_load",
     "own_threads",
+    "triton_runs_here",
+    "finish_microbench",
     "vit_forward_flops",
     "vit_step_flops",
     "vit_patch_embed_flops",
@@ -347,6 +350,12 @@ def summarize_ms(times_ms: Sequence[float]) -> dict:
     }
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor, unit: float = 1e-12) -> float:
+    """max |got - ref| / max(unit, max |ref|), computed in float64."""
+    got, ref = got.double(), ref.double()
+    return (got - ref).abs().max().item() / max(unit, ref.abs().max().item()) if ref.numel() else 0.0
+
+
 # ------------------------------------------------------------------------ FLOPs
 def vit_forward_flops(model: nn.Module) -> int:
     """Matmul FLOPs of one image's forward pass through a ViT (timm or FastViT).
@@ -487,6 +496,35 @@ def add_microbench_args(p, models: Mapping[str, Any], kind: str) -> None:
     p.add_argument("--smoke", action="store_true", help="one tiny shape (checks the script; any device)")
     p.add_argument("--json", default=None, help=f"write the rows here (a folder: <date>_<device>_{kind}.json)")
     add_noise_args(p)
+
+
+def triton_runs_here(prog: str, interpreted: bool) -> bool:
+    """False (after saying why) when the Triton kernels cannot run: no GPU and no interpreter."""
+    if torch.cuda.is_available() or interpreted:
+        return True
+    print(f"{prog}: no GPU, and the Triton kernels run on the CPU only under the interpreter: set "
+          "TRITON_INTERPRET=1 before vitfast is imported (vitfast bench kernels and benchmarks/bench_*.py do)",
+          file=sys.stderr)
+    return False
+
+
+def finish_microbench(args, kind: str, collect: Callable[[dict], list], format_table: Callable[[list], str]) -> int:
+    """The end every microbenchmark's ``main`` shares: ``collect(env)`` measures (filling ``env``),
+    the table is printed and ``--json`` written. Exit codes: 0; 1 when a row failed; 2 for a bad
+    option; :data:`EXIT_NOISY` when a busy machine refused the run."""
+    env: dict = {}
+    try:
+        rows = collect(env)
+    except NoisyMachine as e:
+        print(e, file=sys.stderr)
+        return EXIT_NOISY
+    except ValueError as e:
+        print(f"{kind}: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.json:
+        print(f"wrote {write_json(args.json, kind, env, rows, smoke=args.smoke)}")
+    return 1 if any(r.get("status") != "ok" for r in rows) else 0
 
 
 def select_models(all_models: Mapping[str, tuple], names: Optional[Sequence[str]], batch: Optional[int]):

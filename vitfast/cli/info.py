@@ -22,6 +22,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .benchmarking import rel_err
+
 DISPATCH_KEYS = (
     "CPU", "CUDA", "Meta", "AutocastCPU", "AutocastCUDA", "Autograd", "AutogradCPU", "AutogradCUDA",
     "CompositeExplicitAutograd", "CompositeImplicitAutograd",
@@ -108,13 +110,9 @@ def render(info: dict) -> str:
 # / max(1, |ref|max)): a smoke test that catches a broken build or kernel, not a last-bit change.
 
 
-def _rel_err(got, ref) -> float:
-    return (got.double() - ref.double()).abs().max().item() / max(1.0, ref.double().abs().max().item())
-
-
 def _compare(names, got, ref, dtype, tol: Optional[float] = None) -> str:
     tol = tol if tol is not None else {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
-    worst = max(((_rel_err(a, b), n) for n, a, b in zip(names, got, ref)), default=(0.0, ""))
+    worst = max(((rel_err(a, b, unit=1.0), n) for n, a, b in zip(names, got, ref)), default=(0.0, ""))
     if not worst[0] <= tol:
         raise AssertionError(f"{worst[1]} error {worst[0]:.3g} > {tol:g}")
     return f"max rel err {worst[0]:.1e}"

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..integrations.timm import patch_timm
 from ..training.checkpoint import CheckpointError, find_latest, resume_checkpoint, save_checkpoint
 from ..training.data import (
     DataError, StepBatchSampler, TensorImages, TrainData, eval_indices, load_digits, load_image_folder,
@@ -157,30 +158,12 @@ def build_model(a: argparse.Namespace, data: TrainData) -> Tuple[nn.Module, Opti
             raise ValueError("--model timm:... needs timm: pip install 'vitfast[timm]'") from e
         model = timm.create_model(a.model[5:], pretrained=False, **over)
         if a.backend == "vitfast":
-            patch = _patch_timm()
-            if patch is None:
-                raise ValueError(
-                    "this vitfast build has no vitfast.patch_timm; train the unpatched timm model with "
-                    "--backend reference, or a FastViT (--model vit_...)"
-                )
-            model = patch(model)
+            model = patch_timm(model)
         return model, stats  # float input: timm's own forward and the patched one both take it
     model = vitfast.create_model(
         a.model, mean=stats[0], std=stats[1], backend="auto" if a.backend == "vitfast" else "reference", **over
     )
     return model, None
-
-
-def _patch_timm():
-    import vitfast
-
-    fn = getattr(vitfast, "patch_timm", None)
-    if fn is None:
-        try:
-            from ..integrations.timm import patch_timm as fn
-        except ImportError:
-            return None
-    return fn
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:

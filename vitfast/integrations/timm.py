@@ -130,10 +130,10 @@ def patch_timm(model: nn.Module, attention: bool = True, patch_embed: bool = Tru
     ``vitfast.ops.patch_embed`` (and accepts uint8 images). ``fused``: every timm ``Block`` runs
     its LayerNorms, residual adds, LayerScales and MLP/projection bias epilogues on vitfast's fused
     ops (:func:`vitfast.modules.block.block_forward`). ``backend`` as for FastViT: "auto"
-    falls back per call with a one-time warning, "kernels" raises where a kernel cannot serve.
+    falls back per call with a one-time warning, "kernel" raises where a kernel cannot serve.
     Returns ``model``; every Parameter object is kept. Undo with :func:`unpatch_timm`.
     """
-    check_backend(backend)
+    backend = check_backend(backend)
     flags = {"attention": attention, "patch_embed": patch_embed, "fused": fused}
     rules = [(r, r.target()) for r in RULES if flags[r.feature]]
     matched, skipped = 0, []

@@ -41,7 +41,7 @@ class FastViT(nn.Module):
     """A Vision Transformer with timm's constructor arguments, state_dict keys and forward API.
 
     ``backend="auto"`` runs vitfast's kernels where they can serve the input and otherwise plain
-    PyTorch, with a one-time warning naming why; ``"kernels"`` forces the kernels (raising
+    PyTorch, with a one-time warning naming why; ``"kernel"`` forces the kernels (raising
     :class:`vitfast._dispatch.KernelNotSupported` with every reason); ``"reference"`` is plain
     PyTorch everywhere (what the benchmarks compare against).
 
@@ -97,7 +97,7 @@ class FastViT(nn.Module):
         for name, v in (("mean", mean), ("std", std)):
             if v is not None and len(v) != in_chans:
                 raise ValueError(f"{name} must have one value per channel (in_chans={in_chans}), got {tuple(v)}")
-        check_backend(backend)
+        backend = check_backend(backend)
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "name", "v")}
         self.config["img_size"] = img_size if isinstance(img_size, int) else tuple(img_size)
         self.config["mean"] = tuple(float(m) for m in mean) if mean is not None else None
@@ -178,10 +178,10 @@ class FastViT(nn.Module):
         self.grad_checkpointing = enable
 
     def set_backend(self, backend: str) -> "FastViT":
-        """Switch every module between "auto", "kernels" and "reference"."""
+        """Switch every module between "auto", "kernel" and "reference" (the older "kernels" works)."""
         self.backend = self.config["backend"] = check_backend(backend)
         for blk in self.blocks:
-            blk.attn.backend = backend
+            blk.attn.backend = self.backend
         return self
 
     def get_classifier(self) -> nn.Module:

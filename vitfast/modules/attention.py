@@ -14,25 +14,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._dispatch import module_uses_kernel
-from ..ops.attention import attention, attention_not_supported_reasons, attention_packed
+from .._dispatch import BACKENDS, canonical_backend, module_uses_kernel
+from ..ops.attention import attention, attention_not_supported_reasons, attention_packed, split_packed_qkv
 
 __all__ = ["Attention", "attention_forward", "attention_core", "attention_fallback_reasons", "MODULE_BACKENDS"]
 
 # "auto": kernels where they serve the input, else the reference path with a one-time warning.
-# "kernels": kernels forced (KernelNotSupported lists every reason). "reference": plain PyTorch.
-MODULE_BACKENDS = ("auto", "kernels", "reference")
+# "kernel": kernels forced (KernelNotSupported lists every reason). "reference": plain PyTorch.
+MODULE_BACKENDS = BACKENDS
 
 
 def check_backend(backend: str) -> str:
-    if backend not in MODULE_BACKENDS:
-        raise ValueError(f"backend must be one of {list(MODULE_BACKENDS)}, got {backend!r}")
-    return backend
-
-
-def _split_heads(qkv: torch.Tensor, num_heads: int, head_dim: int):
-    """[B, N, 3*H*D] -> q, k, v ``[B, H, N, D]`` views (timm's (3, H, D) split)."""
-    return qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+    """The backend in the one vocabulary (``auto``, ``kernel``, ``reference``; the older
+    ``kernels`` is ``kernel``)."""
+    return canonical_backend("FastViT", backend)
 
 
 def attention_fallback_reasons(
@@ -47,15 +42,15 @@ def attention_fallback_reasons(
     if mod.training and mod.attn_drop.p > 0:
         reasons.append(f"attention dropout p={mod.attn_drop.p} in training; the attention kernel has no dropout")
     if backend == "auto" and qkv.device.type != "cuda":
-        # backend="kernels" may still run the kernel on the CPU under TRITON_INTERPRET=1.
+        # backend="kernel" may still run the kernel on the CPU under TRITON_INTERPRET=1.
         reasons.append(f"input is on {qkv.device.type}; the Triton attention kernel runs on CUDA")
         return reasons
-    q, k, v = _split_heads(qkv, mod.num_heads, mod.head_dim)
+    q, k, v = split_packed_qkv(qkv, mod.num_heads)
     return reasons + attention_not_supported_reasons(q, k, v)
 
 
 def _reference(mod, qkv, attn_mask, is_causal):
-    q, k, v = _split_heads(qkv, mod.num_heads, mod.head_dim)
+    q, k, v = split_packed_qkv(qkv, mod.num_heads)
     q, k = mod.q_norm(q), mod.k_norm(k)
     p = mod.attn_drop.p if mod.training else 0.0
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
@@ -64,11 +59,11 @@ def _reference(mod, qkv, attn_mask, is_causal):
 
 def _kernel(mod, qkv):
     if isinstance(mod.q_norm, nn.Identity) and isinstance(mod.k_norm, nn.Identity):
-        return attention_packed(qkv, num_heads=mod.num_heads, scale=mod.scale, backend="triton")
+        return attention_packed(qkv, num_heads=mod.num_heads, scale=mod.scale, backend="kernel")
     # qk_norm: normalise [B, N, H, D] views (same rows as timm's [B, H, N, D]), then view as [B, H, N, D]
     q, k, v = qkv.unflatten(-1, (3, mod.num_heads, mod.head_dim)).unbind(2)
     q, k = mod.q_norm(q), mod.k_norm(k)
-    o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=mod.scale, backend="triton")
+    o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=mod.scale, backend="kernel")
     return o.transpose(1, 2).flatten(2)  # o is laid out [B, N, H, D]: free
 
 

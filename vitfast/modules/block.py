@@ -15,7 +15,7 @@ stream keeps its dtype. Active dropout or drop-path (training with p > 0) runs t
 step eagerly. A block whose structure the ops do not cover (not LayerNorm, not GELU) or an
 input the kernels cannot serve runs eagerly: silently for ``"auto"`` on the CPU (the
 documented reference path), with a one-time warning for ``"auto"`` on CUDA, and
-``"kernels"`` raises with every reason.
+``"kernel"`` raises with every reason.
 """
 
 from __future__ import annotations
@@ -98,19 +98,19 @@ def _eager(mod, x, attn_mask, is_causal):
 def _fused(mod, x, attn_backend, attn_mask, is_causal):
     n1, n2, attn, mlp = mod.norm1, mod.norm2, mod.attn, mod.mlp
     od = _autocast_dtype(x)
-    h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend="triton")
+    h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend="kernel")
     o = attention_core(attn, h, attn_backend, attn_mask, is_causal)
     if _active(mod.drop_path1) or _active(attn.proj_drop):
         x = x + mod.drop_path1(mod.ls1(attn.proj_drop(attn.proj(o))))
-        h = layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=od, backend="triton")
+        h = layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=od, backend="kernel")
     else:
         x, h = add_layer_norm(x, F.linear(o, attn.proj.weight), _gamma(mod.ls1), n2.weight, n2.bias, n2.eps,
-                              y_bias=attn.proj.bias, out_dtype=od, backend="triton")
-    a = bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias, _gelu_approximate(mlp.act), backend="triton")
+                              y_bias=attn.proj.bias, out_dtype=od, backend="kernel")
+    a = bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias, _gelu_approximate(mlp.act), backend="kernel")
     a = getattr(mlp, "norm", nn.Identity())(mlp.drop1(a))
     if _active(mod.drop_path2) or _active(mlp.drop2):
         return x + mod.drop_path2(mod.ls2(mlp.drop2(mlp.fc2(a))))
-    return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2), backend="triton")
+    return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2), backend="kernel")
 
 
 def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_mask: Optional[torch.Tensor] = None,

@@ -17,15 +17,15 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._dispatch import record_triton_kernels, resolve_backend
+from .._dispatch import (auto_is_reference, canonical_backend, record_triton_kernels, resolve_backend, shape_of,
+                         triton_op_registrar)
+from .._dispatch import raise_first  # noqa: F401  (the fused ops import it from here)
 from .triton import fused as _k
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "kernel", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# On the GPU: triton_op, so Inductor sees the kernels. Under the interpreter: custom_op,
-# because wrap_triton cannot trace an interpreted kernel.
-register = torch.library.custom_op if _k.INTERPRET else torch.library.triton_op
+register = triton_op_registrar(_k.INTERPRET)
 
 Problems = list  # of (exception type, message)
 
@@ -47,10 +47,6 @@ def record_kernels(ops_to_kernels: dict) -> None:
             record_triton_kernels(f"vitfast::{op}", kernels)
 
 
-def _shape(t: Tensor) -> list[int]:
-    return list(t.shape)
-
-
 def input_problems(op: str, rows: dict, vectors: dict) -> Problems:
     """What makes these inputs unusable by any backend. ``rows``: name -> row tensor, the
     first one sets the shape (all must match it); ``vectors``: name -> ``[C]`` tensor or
@@ -67,27 +63,21 @@ def input_problems(op: str, rows: dict, vectors: dict) -> Problems:
     (n0, t0), *rest = rows.items()
     if t0.dim() == 0 or t0.shape[-1] == 0:
         return [(ValueError, f"vitfast.{op}: {n0} must have a hidden (last) dimension of size >= 1, "
-                             f"got shape {_shape(t0)}")]
+                             f"got shape {shape_of(t0)}")]
     C = t0.shape[-1]
     for name, t in rest:
         if t.shape != t0.shape:
-            problems.append((ValueError, f"vitfast.{op}: {name} has shape {_shape(t)} but {n0} has "
-                                         f"{_shape(t0)}; expected the same shape"))
+            problems.append((ValueError, f"vitfast.{op}: {name} has shape {shape_of(t)} but {n0} has "
+                                         f"{shape_of(t0)}; expected the same shape"))
     for name, t in vectors.items():
         if t is not None and t.shape != (C,):
-            problems.append((ValueError, f"vitfast.{op}: {name} has shape {_shape(t)}; expected [{C}] "
+            problems.append((ValueError, f"vitfast.{op}: {name} has shape {shape_of(t)}; expected [{C}] "
                                          f"(the hidden size, {n0}.shape[-1])"))
     for name, t in list(rest) + [(n, v) for n, v in vectors.items() if v is not None]:
         if t.device != t0.device:
             problems.append((ValueError, f"vitfast.{op}: {name} is on {t.device} but {n0} is on {t0.device}; "
                                          "expected one device"))
     return problems
-
-
-def raise_first(problems: Problems) -> None:
-    if problems:
-        exc, msg = problems[0]
-        raise exc(msg if len(problems) == 1 else msg + "; also: " + "; ".join(m for _, m in problems[1:]))
 
 
 def check_out_dtype(op: str, out_dtype) -> None:
@@ -121,20 +111,14 @@ def kernel_reasons(problems: Problems, tensors: dict, extra_dtypes: Sequence[tor
     return reasons
 
 
-def _auto_means_reference(device: torch.device) -> bool:
-    """``auto`` on a non-CUDA tensor is the reference path by definition (no warning)."""
-    return device.type != "cuda"
-
-
 def choose_backend(op: str, backend: str, device: torch.device, reasons: Callable[[], list[str]]) -> str:
-    """``"triton"`` or ``"reference"``. ``auto`` on a non-CUDA tensor is the reference path
+    """``"kernel"`` or ``"reference"``. ``auto`` on a non-CUDA tensor is the reference path
     by definition (no warning); on CUDA it is the kernel unless ``reasons()`` says why not
-    (then a one-time warning). A forced ``"triton"`` raises with every reason."""
-    if backend not in BACKENDS:
-        raise ValueError(f"vitfast.{op}: backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "reference" or (backend == "auto" and _auto_means_reference(device)):
+    (then a one-time warning). A forced ``"kernel"`` raises with every reason."""
+    b = canonical_backend(op, backend)
+    if b == "reference" or (b == "auto" and auto_is_reference(device)):
         return "reference"
-    return resolve_backend(op, backend, "triton", reasons(), choices=BACKENDS, fallback="reference")
+    return resolve_backend(op, backend, reasons())
 
 
 def as_rows(t: Optional[Tensor], C: int) -> Optional[Tensor]:

@@ -11,9 +11,10 @@ Public API:
 
 ``backend="auto"`` runs the Triton kernel on CUDA tensors and ``torch``'s SDPA on the CPU
 (that is the documented behaviour, not a fallback, so it does not warn); a CUDA input the
-kernel cannot serve falls back to SDPA with a one-time warning. ``"triton"`` forces the
+kernel cannot serve falls back to SDPA with a one-time warning. ``"kernel"`` forces the
 kernel (on the CPU only under ``TRITON_INTERPRET=1``) and raises
-:class:`~vitfast._dispatch.KernelNotSupported` with every reason; ``"sdpa"`` forces PyTorch.
+:class:`~vitfast._dispatch.KernelNotSupported` with every reason; ``"reference"`` forces
+PyTorch's SDPA. (``"triton"`` and ``"sdpa"``, the names before 0.2, still work.)
 On the CPU, NaN/Inf in q or k propagate as in ``softmax(q k^T) v`` (PyTorch's CPU SDPA
 kernels do not; see ``_sdpa``).
 
@@ -40,23 +41,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._dispatch import record_triton_kernels, resolve_backend
+from .._dispatch import (BACKENDS, auto_is_reference, canonical_backend, raise_first, record_triton_kernels,  # noqa: F401
+                         resolve_backend, shape_of, triton_op_registrar)
 from .triton import attention as _k
 from .reference import attention_ref
 from .spec import BadInput, OpSpec, Sample, declare, randn
 
 __all__ = ["attention", "attention_packed", "attention_not_supported_reasons"]
 
-BACKENDS = ("auto", "triton", "sdpa")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
 
 
 # ------------------------------------------------------------------------ validation
-def _shape(t: Tensor) -> list[int]:
-    return list(t.shape)
-
-
 def _input_problems(op: str, tensors: dict) -> list[tuple[type, str]]:
     """Errors that no backend can run with: (exception type, message) pairs."""
     problems: list[tuple[type, str]] = []
@@ -68,28 +65,22 @@ def _input_problems(op: str, tensors: dict) -> list[tuple[type, str]]:
     (n0, t0), *rest = tensors.items()
     for name, t in tensors.items():
         if t.dim() != 4:
-            problems.append((ValueError, f"vitfast.{op}: {name} must have 4 dimensions [B, H, N, D], got shape {_shape(t)}"))
+            problems.append((ValueError, f"vitfast.{op}: {name} must have 4 dimensions [B, H, N, D], got shape {shape_of(t)}"))
         elif t.shape[-1] == 0:
-            problems.append((ValueError, f"vitfast.{op}: {name}.shape[-1] (head dim D) must be >= 1, got shape {_shape(t)}"))
+            problems.append((ValueError, f"vitfast.{op}: {name}.shape[-1] (head dim D) must be >= 1, got shape {shape_of(t)}"))
         if not (t.is_floating_point()):
             problems.append((TypeError, f"vitfast.{op}: {name} has dtype {t.dtype}; attention needs a floating-point dtype"))
     if problems:
         return problems
     for name, t in rest:
         if t.shape != t0.shape:
-            problems.append((ValueError, f"vitfast.{op}: {name} has shape {_shape(t)} but {n0} has {_shape(t0)}; "
+            problems.append((ValueError, f"vitfast.{op}: {name} has shape {shape_of(t)} but {n0} has {shape_of(t0)}; "
                                          f"expected {', '.join(tensors)} to share [B, H, N, D]"))
         if t.dtype != t0.dtype:
             problems.append((TypeError, f"vitfast.{op}: {name} has dtype {t.dtype} but {n0} has {t0.dtype}; expected one dtype"))
         if t.device != t0.device:
             problems.append((ValueError, f"vitfast.{op}: {name} is on {t.device} but {n0} is on {t0.device}; expected one device"))
     return problems
-
-
-def _raise_first(problems: list[tuple[type, str]]) -> None:
-    if problems:
-        exc, msg = problems[0]
-        raise exc(msg if len(problems) == 1 else msg + "; also: " + "; ".join(m for _, m in problems[1:]))
 
 
 def attention_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
@@ -123,20 +114,12 @@ def attention_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str
     return reasons
 
 
-def _auto_means_sdpa(q: Tensor) -> bool:
-    """``auto`` on a non-CUDA tensor is SDPA by definition (not a fallback: no warning)."""
-    return q.device.type != "cuda"
-
-
 def _choose_backend(op: str, backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"vitfast.{op}: backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "auto" and _auto_means_sdpa(q):
-        return "sdpa"
-    if backend == "sdpa":
-        return "sdpa"
-    reasons = attention_not_supported_reasons(q, k, v)
-    return resolve_backend(op, backend, "triton", reasons, choices=BACKENDS, fallback="sdpa")
+    """``"kernel"`` (the Triton kernel) or ``"reference"`` (torch's SDPA)."""
+    b = canonical_backend(op, backend)
+    if b == "reference" or (b == "auto" and auto_is_reference(q.device)):
+        return "reference"
+    return resolve_backend(op, backend, attention_not_supported_reasons(q, k, v))
 
 
 def _default_scale(op: str, scale: Optional[float], head_dim: int) -> float:
@@ -152,7 +135,7 @@ def _default_scale(op: str, scale: Optional[float], head_dim: int) -> float:
 
 def _describe_scale(scale) -> str:
     if isinstance(scale, Tensor):
-        return f"a {scale.dtype} tensor of shape {_shape(scale)}"
+        return f"a {scale.dtype} tensor of shape {shape_of(scale)}"
     text = repr(scale)
     return f"{type(scale).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
@@ -181,9 +164,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
 
 # ------------------------------------------------------------------------- the ops
-# On the GPU: triton_op, so Inductor sees the kernels. Under the interpreter: custom_op,
-# because wrap_triton cannot trace an interpreted kernel (fake tensors would reach it).
-_register = torch.library.custom_op if _k.INTERPRET else torch.library.triton_op
+_register = triton_op_registrar(_k.INTERPRET)
 
 
 def _empty_bnhd(like: Tensor, B: int, H: int, N: int, D: int, dtype=None) -> Tensor:
@@ -196,7 +177,7 @@ def _lse(like: Tensor, B: int, H: int, N: int) -> Tensor:
     return torch.empty((B, H, N), dtype=torch.float32, device=like.device)
 
 
-def _split_packed(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+def split_packed_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """[B, N, 3*H*D] -> three [B, H, N, D] views (timm's (3, H, D) split), no copies."""
     D = qkv.shape[-1] // (3 * num_heads)
     q, k, v = qkv.unflatten(-1, (3, num_heads, D)).permute(2, 0, 3, 1, 4).unbind(0)
@@ -264,7 +245,7 @@ def _attention_packed_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Te
     H, D = num_heads, C // (3 * num_heads)
     out, lse = qkv.new_empty((B, N, H * D)), _lse(qkv, B, H, N)
     if out.numel():
-        q, k, v = _split_packed(qkv, H)
+        q, k, v = split_packed_qkv(qkv, H)
         _k.launch_fwd(q, k, v, out.unflatten(-1, (H, D)).transpose(1, 2), lse, scale)
     return out, lse
 
@@ -284,8 +265,8 @@ def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n
     H, D = num_heads, C // (3 * num_heads)
     dqkv = qkv.new_empty((B, N, C))
     if dqkv.numel():
-        q, k, v = _split_packed(qkv, H)
-        dq, dk, dv = _split_packed(dqkv, H)
+        q, k, v = split_packed_qkv(qkv, H)
+        dq, dk, dv = split_packed_qkv(dqkv, H)
         as_bhnd = lambda t: _last_dim_contiguous(t).unflatten(-1, (H, D)).transpose(1, 2)  # noqa: E731
         _k.launch_bwd(as_bhnd(dout), q, k, v, as_bhnd(out), lse, dq, dk, dv, scale)
     return dqkv
@@ -327,9 +308,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     ``D ** -0.5``. Returns ``[B, H, N, D]`` (with the Triton kernel, laid out as
     ``[B, N, H, D]`` in memory). Differentiable in q, k and v.
     """
-    _raise_first(_input_problems("attention", {"q": q, "k": k, "v": v}))
+    raise_first(_input_problems("attention", {"q": q, "k": k, "v": v}))
     scale = _default_scale("attention", scale, q.shape[-1])
-    if _choose_backend("attention", backend, q, k, v) == "sdpa":
+    if _choose_backend("attention", backend, q, k, v) == "reference":
         return _sdpa(q, k, v, scale)
     return _attention_fwd(q, k, v, scale)[0]
 
@@ -348,16 +329,16 @@ def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = No
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"vitfast.attention_packed: num_heads must be a positive int, got {num_heads!r}")
     if qkv.dim() == 3 and qkv.shape[-1] == 0:
-        raise ValueError(f"vitfast.attention_packed: qkv must be [B, N, 3*H*D] with head dim D >= 1, got shape {_shape(qkv)}")
+        raise ValueError(f"vitfast.attention_packed: qkv must be [B, N, 3*H*D] with head dim D >= 1, got shape {shape_of(qkv)}")
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"vitfast.attention_packed: qkv must be [B, N, 3*H*D] with H = num_heads = {num_heads}, "
-                         f"got shape {_shape(qkv)}")
+                         f"got shape {shape_of(qkv)}")
     if not qkv.is_floating_point():
         raise TypeError(f"vitfast.attention_packed: qkv has dtype {qkv.dtype}; attention needs a floating-point dtype")
-    q, k, v = _split_packed(qkv, num_heads)
-    _raise_first(_input_problems("attention_packed", {"q": q, "k": k, "v": v}))
+    q, k, v = split_packed_qkv(qkv, num_heads)
+    raise_first(_input_problems("attention_packed", {"q": q, "k": k, "v": v}))
     scale = _default_scale("attention_packed", scale, q.shape[-1])
-    if _choose_backend("attention_packed", backend, q, k, v) == "sdpa":
+    if _choose_backend("attention_packed", backend, q, k, v) == "reference":
         B, N, _ = qkv.shape
         H, D = q.shape[1], q.shape[-1]  # explicit: reshape cannot infer -1 when B or N is 0
         return _sdpa(q, k, v, scale).transpose(1, 2).reshape(B, N, H * D)
@@ -378,7 +359,7 @@ def attention_ref_same_dtype(q, k, v, scale=None):
 
 def attention_packed_ref(qkv, num_heads, scale=None):
     """:func:`attention_packed` in plain PyTorch (in qkv's dtype)."""
-    q, k, v = _split_packed(qkv, num_heads)
+    q, k, v = split_packed_qkv(qkv, num_heads)
     return attention_ref(q, k, v, scale, upcast=False).transpose(1, 2).flatten(2)
 
 
@@ -410,17 +391,17 @@ def _bad_inputs():
         BadInput("attention/k_meta", A(q, q.to("meta"), q), VE, ("k",)),
         BadInput("attention/complex", A(*[q.to(torch.complex64)] * 3), TE, ("q",)),
         BadInput("attention/backend", A(q, q, q, backend="cuda"), VE, ("backend",)),
-        BadInput("attention/head_dim_0", A(*[t(1, 1, 3, 0)] * 3, backend="sdpa"), VE, ("q", "D")),
-        BadInput("attention/scale_str", A(q, q, q, scale="a", backend="sdpa"), TE, ("scale",)),
+        BadInput("attention/head_dim_0", A(*[t(1, 1, 3, 0)] * 3, backend="reference"), VE, ("q", "D")),
+        BadInput("attention/scale_str", A(q, q, q, scale="a", backend="reference"), TE, ("scale",)),
         BadInput("attention/scale_bool", A(q, q, q, scale=True), TE, ("scale",)),
         BadInput("attention/scale_list", A(q, q, q, scale=[0.5]), TE, ("scale",)),
-        BadInput("attention/scale_tensor_2", A(q, q, q, scale=torch.ones(2), backend="triton"), TE, ("scale",)),
+        BadInput("attention/scale_tensor_2", A(q, q, q, scale=torch.ones(2), backend="kernel"), TE, ("scale",)),
         BadInput("attention_packed/scale_str", P(t(1, 4, 48), num_heads=2, scale="0.5"), TE, ("scale",)),
-        BadInput("attention/triton_head_dim_12", A(*[t(1, 1, 3, 12)] * 3, backend="triton"), VE, ("q.shape[-1]",)),
-        BadInput("attention/triton_head_dim_264", A(*[t(1, 1, 3, 264)] * 3, backend="triton"), VE,
+        BadInput("attention/triton_head_dim_12", A(*[t(1, 1, 3, 12)] * 3, backend="kernel"), VE, ("q.shape[-1]",)),
+        BadInput("attention/triton_head_dim_264", A(*[t(1, 1, 3, 264)] * 3, backend="kernel"), VE,
                  ("q.shape[-1]",)),
-        BadInput("attention/triton_float64", A(*[q.double()] * 3, backend="triton"), VE, ("dtype",)),
-        BadInput("attention/triton_last_stride", A(*[t(1, 1, 3, 32)[..., ::2]] * 3, backend="triton"), VE,
+        BadInput("attention/triton_float64", A(*[q.double()] * 3, backend="kernel"), VE, ("dtype",)),
+        BadInput("attention/triton_last_stride", A(*[t(1, 1, 3, 32)[..., ::2]] * 3, backend="kernel"), VE,
                  ("stride(-1)",)),
         BadInput("attention_packed/not_tensor", P([1.0], num_heads=1), TE, ("qkv",)),
         BadInput("attention_packed/heads_0", P(t(1, 4, 48), num_heads=0), VE, ("num_heads",)),
@@ -430,22 +411,22 @@ def _bad_inputs():
         BadInput("attention_packed/C_not_3HD", P(t(1, 4, 50), num_heads=2), VE, ("qkv",)),
         BadInput("attention_packed/rank2", P(t(4, 48), num_heads=2), VE, ("qkv",)),
         BadInput("attention_packed/int", P(t(1, 4, 48).long(), num_heads=2), TE, ("qkv",)),
-        BadInput("attention_packed/C_0", P(t(1, 4, 0), num_heads=2, backend="sdpa"), VE, ("qkv",)),
-        BadInput("attention_packed/triton_head_dim_8", P(t(1, 4, 48), num_heads=2, backend="triton"), VE,
+        BadInput("attention_packed/C_0", P(t(1, 4, 0), num_heads=2, backend="reference"), VE, ("qkv",)),
+        BadInput("attention_packed/triton_head_dim_8", P(t(1, 4, 48), num_heads=2, backend="kernel"), VE,
                  ("q.shape[-1]",)),
     ]
 
 
 def _packed_reasons(qkv, num_heads, scale=None):
-    return attention_not_supported_reasons(*_split_packed(qkv, num_heads))
+    return attention_not_supported_reasons(*split_packed_qkv(qkv, num_heads))
 
 
 declare(OpSpec(
     name="attention", fn=attention, ref=attention_ref_same_dtype,
     not_supported_reasons=lambda q, k, v, scale=None: attention_not_supported_reasons(q, k, v),
-    kernel_backend="triton", sample_inputs=_samples, atol=ATOL, check_tol=CHECK_TOL,
+    kernel_backend="kernel", sample_inputs=_samples, atol=ATOL, check_tol=CHECK_TOL,
     sm90=("attention:bfloat16:64:197", "attention:bfloat16:80:257", "attention:float16:72:577",
           "attention:float32:128:197"), bad_inputs=_bad_inputs))
 declare(OpSpec(
     name="attention_packed", fn=attention_packed, ref=attention_packed_ref, not_supported_reasons=_packed_reasons,
-    kernel_backend="triton", sample_inputs=_packed_samples, atol=ATOL, check_tol=CHECK_TOL))
+    kernel_backend="kernel", sample_inputs=_packed_samples, atol=ATOL, check_tol=CHECK_TOL))

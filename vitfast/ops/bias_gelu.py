@@ -13,11 +13,12 @@ Shapes: x ``[..., C]`` (any leading dims, any C >= 1), bias ``[C]`` or None. The
 x's dtype (float16/bfloat16/float32, and float64); bias may be in another float dtype (an
 fp32 parameter under autocast). Arithmetic is fp32.
 
-A fused matmul + GELU epilogue (the issue's other option) is not here: on the GPU, cuBLAS
-plus this one elementwise pass is the baseline a Triton GEMM would have to beat, and that
-is to be measured on an H100 first (see benchmarks/bench_fused.py).
+A matmul with a fused GELU epilogue is not here: on the GPU, cuBLAS plus this one elementwise
+pass is the baseline a Triton GEMM would have to beat, to be measured on an H100 first
+(``python -m vitfast.cli.kernels.fused``). cuBLASLt's GELU_BIAS epilogue computes the tanh
+approximation, so it could serve only ``approximate="tanh"``.
 
-Backends, registration: as :mod:`vitfast.ops.layer_norm` (``"auto"``, ``"triton"``,
+Backends, registration: as :mod:`vitfast.ops.layer_norm` (``"auto"``, ``"kernel"``,
 ``"reference"``; ``vitfast::bias_gelu_fwd``/``_bwd`` with fake and autograd).
 """
 
@@ -74,7 +75,7 @@ def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tenso
     C = x.shape[-1]
     out = x.new_empty(x.shape)
     if x.numel():
-        _k.launch_bias_act_fwd(as_rows(x, C), bias, out.view(-1, C), approximate)
+        _k.launch_bias_gelu_fwd(as_rows(x, C), bias, out.view(-1, C), approximate)
     return out
 
 
@@ -90,7 +91,7 @@ def _bias_gelu_bwd(dout: Tensor, x: Tensor, bias: Optional[Tensor], approximate:
     dx = x.new_empty(x.shape)
     if not x.numel():
         return dx, bias.new_zeros((C,)) if bias is not None else empty0(x)
-    dbias = _k.launch_bias_act_bwd(as_rows(dout, C), as_rows(x, C), bias, dx.view(-1, C), approximate)
+    dbias = _k.launch_bias_gelu_bwd(as_rows(dout, C), as_rows(x, C), bias, dx.view(-1, C), approximate)
     return dx, dbias.to(bias.dtype) if bias is not None else empty0(x)
 
 
@@ -113,7 +114,7 @@ def _backward(ctx, dout):
 
 _bias_gelu_fwd.register_autograd(_backward, setup_context=_setup)
 
-record_kernels({"bias_gelu_fwd": [_k._bias_act_fwd_kernel], "bias_gelu_bwd": [_k._bias_act_bwd_kernel]})
+record_kernels({"bias_gelu_fwd": [_k._bias_gelu_fwd_kernel], "bias_gelu_bwd": [_k._bias_gelu_bwd_kernel]})
 
 
 # ---------------------------------------------------------------------- public API
@@ -144,7 +145,7 @@ def _bad_inputs():
     x, v = randn((2, 5, 12), torch.float32, 0), randn((12,), torch.float32, 1)
     VE, TE = (ValueError,), (TypeError,)
     out = []
-    for be in ("triton", "reference"):
+    for be in ("kernel", "reference"):
         G = lambda *a, **k: (lambda: bias_gelu(*a, backend=be, **k))  # noqa: E731
         out += [
             BadInput(f"bias_gelu[{be}]/approximate", G(x, v, approximate="fast"), VE, ("approximate",)),
@@ -157,5 +158,5 @@ def _bad_inputs():
 declare(OpSpec(
     name="bias_gelu", fn=bias_gelu, ref=bias_gelu_ref,
     not_supported_reasons=lambda x, bias=None, approximate="none": bias_gelu_not_supported_reasons(x, bias),
-    kernel_backend="triton", sample_inputs=_samples, atol=ATOL, check_tol=CHECK_TOL, sm90=SM90,
+    kernel_backend="kernel", sample_inputs=_samples, atol=ATOL, check_tol=CHECK_TOL, sm90=SM90,
     bad_inputs=_bad_inputs))

@@ -15,7 +15,7 @@ Shapes: x, y ``[..., C]`` (any leading dims, any C >= 1); bias, gamma ``[C]`` or
 result has x's dtype (the residual stream's: fp32 with a bf16 y under autocast);
 float16/bfloat16/float32 (and float64), vectors in any float dtype. Arithmetic is fp32.
 
-Backends, registration: as :mod:`vitfast.ops.layer_norm` (``"auto"``, ``"triton"``,
+Backends, registration: as :mod:`vitfast.ops.layer_norm` (``"auto"``, ``"kernel"``,
 ``"reference"``; ``vitfast::bias_scale_residual_fwd``/``_bwd`` with fake and autograd).
 """
 
@@ -68,7 +68,7 @@ def _fwd(x: Tensor, y: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor]) 
     C = x.shape[-1]
     out = x.new_empty(x.shape)
     if x.numel():
-        _k.launch_scale_res_fwd(as_rows(y, C), bias, gamma, as_rows(x, C), out.view(-1, C))
+        _k.launch_bias_scale_residual_fwd(as_rows(y, C), bias, gamma, as_rows(x, C), out.view(-1, C))
     return out
 
 
@@ -87,7 +87,7 @@ def _bwd(dout: Tensor, y: Optional[Tensor], bias: Optional[Tensor], gamma: Optio
     dy = dout.new_empty(dout.shape, dtype=y_dtype)
     sums: dict = {}
     if dout.numel():
-        sums = _k.launch_scale_res_bwd(as_rows(dout, C), as_rows(y, C), bias, gamma, dy.view(-1, C), need_dbias)
+        sums = _k.launch_bias_scale_residual_bwd(as_rows(dout, C), as_rows(y, C), bias, gamma, dy.view(-1, C), need_dbias)
 
     def vec(key, param, wanted):
         if not wanted or param is None:
@@ -126,8 +126,8 @@ def _backward(ctx, dout):
 
 _fwd.register_autograd(_backward, setup_context=_setup)
 
-record_kernels({"bias_scale_residual_fwd": [_k._scale_res_fwd_kernel],
-                "bias_scale_residual_bwd": [_k._scale_res_bwd_kernel]})
+record_kernels({"bias_scale_residual_fwd": [_k._bias_scale_residual_fwd_kernel],
+                "bias_scale_residual_bwd": [_k._bias_scale_residual_bwd_kernel]})
 
 
 # ---------------------------------------------------------------------- public API
@@ -159,7 +159,7 @@ def _bad_inputs():
     x = randn((2, 5, 12), torch.float32, 0)
     VE, TE = (ValueError,), (TypeError,)
     out = []
-    for be in ("triton", "reference"):
+    for be in ("kernel", "reference"):
         R = lambda *a, **k: (lambda: bias_scale_residual(*a, backend=be, **k))  # noqa: E731
         out += [
             BadInput(f"bias_scale_residual[{be}]/y_shape", R(x, randn((2, 5, 13), torch.float32, 1)), VE, ("y",)),
@@ -172,5 +172,5 @@ def _bad_inputs():
 
 declare(OpSpec(
     name="bias_scale_residual", fn=bias_scale_residual, ref=bias_scale_residual_ref,
-    not_supported_reasons=bias_scale_residual_not_supported_reasons, kernel_backend="triton", sample_inputs=_samples,
+    not_supported_reasons=bias_scale_residual_not_supported_reasons, kernel_backend="kernel", sample_inputs=_samples,
     atol=ATOL, check_tol=CHECK_TOL, sm90=SM90, bad_inputs=_bad_inputs))

@@ -21,7 +21,7 @@ is fp32; the statistics are those of ``x_out`` as stored, as in eager PyTorch.
 
 Backends: ``backend="auto"`` runs the Triton kernel on CUDA tensors and the reference on
 the CPU (by definition, no warning); a CUDA input the kernel cannot serve falls back to the
-reference with a one-time warning. ``"triton"`` forces the kernel (on the CPU only under
+reference with a one-time warning. ``"kernel"`` forces the kernel (on the CPU only under
 ``TRITON_INTERPRET=1``) and raises :class:`~vitfast._dispatch.KernelNotSupported` with every
 reason; ``"reference"`` forces plain PyTorch.
 
@@ -333,7 +333,7 @@ def _bad_inputs():
     x, v = randn((2, 5, 12), torch.float32, 0), randn((12,), torch.float32, 1)
     VE, TE = (ValueError,), (TypeError,)
     out = []
-    for be in ("triton", "reference"):
+    for be in ("kernel", "reference"):
         L = lambda *a, **k: (lambda: layer_norm(*a, backend=be, **k))  # noqa: E731
         AL = lambda *a, **k: (lambda: add_layer_norm(*a, backend=be, **k))  # noqa: E731
         out += [
@@ -359,11 +359,11 @@ declare(OpSpec(
     name="layer_norm", fn=layer_norm, ref=layer_norm_ref,
     not_supported_reasons=lambda x, weight=None, bias=None, eps=1e-6, **kw: layer_norm_not_supported_reasons(
         x, weight, bias, **kw),
-    kernel_backend="triton", sample_inputs=lambda device, dtype: _samples(device, dtype, add=False),
+    kernel_backend="kernel", sample_inputs=lambda device, dtype: _samples(device, dtype, add=False),
     atol=ATOL, check_tol=CHECK_TOL, sm90=SM90, bad_inputs=_bad_inputs))
 declare(OpSpec(
     name="add_layer_norm", fn=add_layer_norm, ref=add_layer_norm_ref,
     not_supported_reasons=lambda x, y, gamma=None, weight=None, bias=None, eps=1e-6, **kw:
         add_layer_norm_not_supported_reasons(x, y, gamma, weight, bias, **kw),
-    kernel_backend="triton",
+    kernel_backend="kernel",
     sample_inputs=lambda device, dtype: _samples(device, dtype, add=True), atol=ATOL, check_tol=CHECK_TOL))

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .._dispatch import resolve_backend
+from .._dispatch import BACKENDS, canonical_backend, resolve_backend, shape_of
 from .._ext import load_extension
 from .reference import patch_embed_ref
 from .spec import BadInput, OpSpec, Sample, declare, randn
@@ -20,15 +20,10 @@ _C = load_extension()
 
 __all__ = ["patch_embed", "patch_embed_not_supported_reasons", "check_patch_embed_args", "BACKENDS"]
 
-BACKENDS = ("auto", "kernel", "reference")
 
 ChannelStats = Optional[Union[torch.Tensor, Sequence[float]]]
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _shape(t: torch.Tensor) -> list[int]:
-    return list(t.shape)
 
 
 def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
@@ -47,14 +42,14 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
     B, C, H, W = images.shape
     D, Cw, p, q = weight.shape
     if p < 1:
-        raise ValueError(f"vitfast.patch_embed: weight must be [D, C, p, p] with p >= 1, got {_shape(weight)}")
+        raise ValueError(f"vitfast.patch_embed: weight must be [D, C, p, p] with p >= 1, got {shape_of(weight)}")
     if C < 1:
-        raise ValueError(f"vitfast.patch_embed: images must have at least one channel, got {_shape(images)}")
+        raise ValueError(f"vitfast.patch_embed: images must have at least one channel, got {shape_of(images)}")
     if p != q:
-        raise ValueError(f"vitfast.patch_embed: weight must have a square kernel [D, C, p, p], got {_shape(weight)}")
+        raise ValueError(f"vitfast.patch_embed: weight must have a square kernel [D, C, p, p], got {shape_of(weight)}")
     if Cw != C:
         raise ValueError(
-            f"vitfast.patch_embed: images have {C} channels but weight expects {Cw} (weight shape {_shape(weight)})"
+            f"vitfast.patch_embed: images have {C} channels but weight expects {Cw} (weight shape {shape_of(weight)})"
         )
     if H % p or W % p:
         raise ValueError(f"vitfast.patch_embed: image size {H}x{W} is not divisible by the patch size {p}")
@@ -70,17 +65,17 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
     for name, t in (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)):
         if t is not None and t.dtype not in _FLOAT:
             raise TypeError(f"vitfast.patch_embed: {name} must be floating point, got {t.dtype}")
-    if bias is not None and _shape(bias) != [D]:
-        raise ValueError(f"vitfast.patch_embed: bias must be [{D}], got {_shape(bias)}")
+    if bias is not None and shape_of(bias) != [D]:
+        raise ValueError(f"vitfast.patch_embed: bias must be [{D}], got {shape_of(bias)}")
     if cls_token is not None and (cls_token.numel() != D or cls_token.shape[-1] != D):
-        raise ValueError(f"vitfast.patch_embed: cls_token must be [1, 1, {D}], got {_shape(cls_token)}")
+        raise ValueError(f"vitfast.patch_embed: cls_token must be [1, 1, {D}], got {shape_of(cls_token)}")
     if pos_embed is not None:
         allowed = [[1, T, D]] + ([[1, N, D]] if cls_token is not None else [])
-        if _shape(pos_embed) not in allowed:
+        if shape_of(pos_embed) not in allowed:
             extra = f" (or [1, {N}, {D}] for patches only)" if cls_token is not None else ""
             raise ValueError(
                 f"vitfast.patch_embed: pos_embed must be [1, {T}, {D}]{extra} for "
-                f"{H // p}x{W // p} patches of {H}x{W} images, got {_shape(pos_embed)}"
+                f"{H // p}x{W // p} patches of {H}x{W} images, got {shape_of(pos_embed)}"
             )
     if (mean is None) != (std is None):
         missing = "std" if std is None else "mean"
@@ -121,7 +116,7 @@ def _describe_stats(x) -> str:
 
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {_shape(x)}"
+        return f"a tensor of shape {shape_of(x)}"
     return type(x).__name__
 
 
@@ -204,9 +199,9 @@ def patch_embed(
         take, before any kernel runs.
     """
     check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
-    reasons = [] if backend == "reference" else patch_embed_not_supported_reasons(
+    reasons = [] if canonical_backend("patch_embed", backend) == "reference" else patch_embed_not_supported_reasons(
         images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
-    if resolve_backend("patch_embed", backend, "kernel", reasons, choices=BACKENDS, fallback="reference") == "reference":
+    if resolve_backend("patch_embed", backend, reasons) == "reference":
         return patch_embed_ref(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
     return torch.ops.vitfast.patch_embed(
         images, weight, bias, cls_token, pos_embed, _stats(mean, images.device), _stats(std, images.device)

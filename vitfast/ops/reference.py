@@ -1,7 +1,11 @@
-"""Plain-PyTorch references for every vitfast op.
+"""Plain-PyTorch references of the attention and the patch embedding (and the image
+normalisation they share with the data pipeline).
 
-Tests compare the kernels against these (in float64 on the CPU), benchmarks use them as
-the baseline, and FastViT's ``backend="reference"`` runs on them.
+The fused epilogue ops keep theirs beside them (``layer_norm_ref``, ``add_layer_norm_ref``,
+``bias_gelu_ref``, ``bias_scale_residual_ref``); every op's reference is also in its
+declaration (``vitfast.ops.spec.SPECS[name].ref``). Tests compare the kernels against these
+(in float64 on the CPU), benchmarks use them as the baseline, and ``backend="reference"``
+runs on them.
 """
 
 from __future__ import annotations

@@ -303,10 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="one tiny shape in fp32 on vitfast and math (runs on the CPU under TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available() and not _interpreted():
-        print(f"{p.prog}: no GPU, and the Triton kernels run on the CPU only under the interpreter: set "
-              "TRITON_INTERPRET=1 before vitfast is imported (vitfast bench kernels and benchmarks/bench_*.py do)",
-              file=sys.stderr)
+    if not bu.triton_runs_here(p.prog, _interpreted()):
         return 2
     if args.smoke:
         shapes, dtypes, backends = args.shapes or SMOKE_SHAPES, ["fp32"], ["vitfast", "math"]

@@ -222,27 +222,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available() and not _interpreted():
-        print(f"{p.prog}: no GPU, and the Triton kernels run on the CPU only under the interpreter: set "
-              "TRITON_INTERPRET=1 before vitfast is imported (vitfast bench kernels and benchmarks/bench_*.py do)",
-              file=sys.stderr)
+    if not bu.triton_runs_here(p.prog, _interpreted()):
         return 2
     models = bu.select_models(MODELS, args.models, args.batch)
-    env: dict = {}
-    try:
-        rows = collect_rows(models, args.ops, args.impls, args.modes, args.dtype, args.device, args.warmup,
-                            args.iters, argv, smoke=args.smoke, env_out=env, allow_noisy=args.allow_noisy,
-                            writes=bool(args.json))
-    except bu.NoisyMachine as e:
-        print(e, file=sys.stderr)
-        return bu.EXIT_NOISY
-    except ValueError as e:
-        print(f"bench_fused: error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(rows))
-    if args.json:
-        print(f"wrote {bu.write_json(args.json, 'fused', env, rows, smoke=args.smoke)}")
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
+    return bu.finish_microbench(args, "fused", lambda env: collect_rows(
+        models, args.ops, args.impls, args.modes, args.dtype, args.device, args.warmup, args.iters, argv,
+        smoke=args.smoke, env_out=env, allow_noisy=args.allow_noisy, writes=bool(args.json)), format_table)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ dout), that figure divided by one N x N score matrix of the batch (``extra_per_n
 for a kernel that keeps scores on chip, >= 1 for one that materialises them), and the
 ratio to the previous N (2 = linear, 4 = quadratic). Default shapes: ViT-L heads (H = 16,
 D = 64), B = 4, N = 512 .. 4096 (N = 4096 is the issue's row). GPU only: on the CPU it says
-so and writes nothing (the CPU check is tests/test_robustness_memory.py).
+so and writes nothing (the CPU check is tests/ops/test_attention_memory.py).
 """
 
 from __future__ import annotations

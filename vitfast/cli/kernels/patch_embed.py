@@ -248,22 +248,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
     args = p.parse_args(argv)
     models = bu.select_models(MODELS, args.models, args.batch)
-    env: dict = {}
-    try:
-        rows = collect_rows(models, args.impls, args.modes, args.inputs, args.dtype, args.device, args.warmup,
-                            args.iters, argv, smoke=args.smoke, env_out=env, allow_noisy=args.allow_noisy,
-                            writes=bool(args.json))
-    except bu.NoisyMachine as e:
-        print(e, file=sys.stderr)
-        return bu.EXIT_NOISY
-    except ValueError as e:
-        print(f"bench_patch_embed: error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(rows))
-    if args.json:
-        print(f"wrote {bu.write_json(args.json, 'patch_embed', env, rows, smoke=args.smoke)}")
-    bad = [r for r in rows if r["status"] != "ok"]
-    return 1 if bad else 0
+    return bu.finish_microbench(args, "patch_embed", lambda env: collect_rows(
+        models, args.impls, args.modes, args.inputs, args.dtype, args.device, args.warmup, args.iters, argv,
+        smoke=args.smoke, env_out=env, allow_noisy=args.allow_noisy, writes=bool(args.json)), format_table)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,26 @@
 """The Triton kernels behind the ops (one module per kernel family, as flash-attention's
 ``flash_attn/ops/triton/``): the ``@triton.jit`` functions, their tile configs and launchers.
-The ops in :mod:`vitfast.ops` register, check and dispatch; these modules only launch."""
+The ops in :mod:`vitfast.ops` register, check and dispatch; these modules only launch.
+
+What both families share: :func:`is_interpreted` (``TRITON_INTERPRET=1`` was set before the
+kernels were defined) and :func:`wrap` (a kernel as launched: ``wrap_triton`` for Inductor on
+the GPU; under the interpreter, which is not thread-safe, with one global lock held).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..._dispatch import serialize_interpreted
+
+
+def is_interpreted(fn: Any) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def wrap(kernel, interpreted: bool):
+    if interpreted:
+        return serialize_interpreted(kernel)
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)

@@ -23,13 +23,13 @@ tile and accumulates dQ over all keys, so two runs give bit-identical gradients.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..._dispatch import serialize_interpreted
+from . import is_interpreted, wrap
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -280,11 +280,7 @@ def _attn_bwd_dq_kernel(
 
 
 # ------------------------------------------------------------------- configs, tuning
-def _is_interpreted(fn: Any) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-INTERPRET = _is_interpreted(_attn_fwd_kernel)
+INTERPRET = is_interpreted(_attn_fwd_kernel)
 # Autotuning on the GPU; off (first surviving config) when VITFAST_ATTENTION_AUTOTUNE=0
 # or after set_autotune(False), e.g. in tests. Under the interpreter the fixed
 # INTERPRET_CONFIG is launched directly.
@@ -424,11 +420,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _wrap(kernel):
-    if INTERPRET:  # the interpreter is not thread-safe: launches hold one global lock
-        return serialize_interpreted(kernel)
-    from torch.library import wrap_triton
-
-    return wrap_triton(kernel)
+    return wrap(kernel, INTERPRET)
 
 
 def _pick(raw, tuned, config: Optional[dict]):

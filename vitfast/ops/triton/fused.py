@@ -13,8 +13,8 @@ dimension contiguous; row offsets are 64-bit, so M * C may exceed 2**31.
   program walks a contiguous chunk of rows and keeps the column sums (dweight, dbias,
   dgamma, dy_bias) in registers, then writes one row of a ``[P, C]`` partial buffer; the
   launcher sums the P rows. No atomics: results are bit-identical run to run.
-* ``_bias_act_*``: ``act(x + bias)`` (exact or tanh GELU) and its backward with dbias;
-  ``_scale_res_*``: ``residual + gamma * (y + bias)`` and its backward. These tile the
+* ``_bias_gelu_*``: ``act(x + bias)`` (exact or tanh GELU) and its backward with dbias;
+  ``_bias_scale_residual_*``: ``residual + gamma * (y + bias)`` and its backward. These tile the
   columns too (``BLOCK_C`` < C is fine), on a 2-D grid (row blocks, column blocks).
 
 Arithmetic is fp32 (fp64 for fp64 inputs, so ``gradcheck`` can run on the real kernels);
@@ -26,13 +26,13 @@ kernels are bandwidth-bound, nothing to autotune but the tile shape); under
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..._dispatch import serialize_interpreted
+from . import is_interpreted, wrap
 
 # LayerNorm rows must fit one program's registers: BLOCK_C = next_power_of_2(C) <= this.
 MAX_LN_HIDDEN = 16384
@@ -184,7 +184,7 @@ def _ln_bwd_kernel(
 
 # ----------------------------------------------------------------------- bias + GELU
 @triton.jit
-def _bias_act_fwd_kernel(
+def _bias_gelu_fwd_kernel(
     X, BIAS, OUT, M, C, stride_x, stride_o,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -196,7 +196,7 @@ def _bias_act_fwd_kernel(
 
 
 @triton.jit
-def _bias_act_bwd_kernel(
+def _bias_gelu_bwd_kernel(
     DOUT, X, BIAS, DX, DB_P, M, C, rows_per_prog, stride_do, stride_x, stride_dx,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -224,7 +224,7 @@ def _bias_act_bwd_kernel(
 
 # ------------------------------------------------------- bias + LayerScale + residual
 @triton.jit
-def _scale_res_fwd_kernel(
+def _bias_scale_residual_fwd_kernel(
     Y, BIAS, G, R, OUT, M, C, stride_y, stride_r, stride_o,
     HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -237,7 +237,7 @@ def _scale_res_fwd_kernel(
 
 
 @triton.jit
-def _scale_res_bwd_kernel(
+def _bias_scale_residual_bwd_kernel(
     DOUT, Y, BIAS, G, DY, DB_P, DG_P, M, C, rows_per_prog, stride_do, stride_y, stride_dy,
     HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, HAS_G: tl.constexpr, FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -271,11 +271,7 @@ def _scale_res_bwd_kernel(
 
 
 # ------------------------------------------------------------------------ launchers
-def _is_interpreted(fn: Any) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-INTERPRET = _is_interpreted(_ln_fwd_kernel)
+INTERPRET = is_interpreted(_ln_fwd_kernel)
 # Fixed tiles under the interpreter, where each program costs milliseconds of Python
 # whatever its size: few programs, yet small enough that the test shapes cross several
 # row blocks, column blocks and row chunks (and hit every mask).
@@ -283,11 +279,7 @@ INTERPRET_ROWS, INTERPRET_COLS, INTERPRET_CHUNKS = 16, 256, 3
 
 
 def _wrap(kernel):
-    if INTERPRET:  # the interpreter is not thread-safe: launches hold one global lock
-        return serialize_interpreted(kernel)
-    from torch.library import wrap_triton
-
-    return wrap_triton(kernel)
+    return wrap(kernel, INTERPRET)
 
 
 def _warps(tile: int) -> dict:
@@ -383,17 +375,17 @@ def launch_ln_bwd(dh, dx_out, x_out, y, y_bias, gamma, weight, has_bias: bool, m
     return {k: part[k].sum(0) for k, v in want.items() if v}
 
 
-def launch_bias_act_fwd(x, bias, out, act: str) -> None:
+def launch_bias_gelu_fwd(x, bias, out, act: str) -> None:
     M, C = x.shape
     block_m, block_c = ew_block(C)
-    _wrap(_bias_act_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
+    _wrap(_bias_gelu_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
         x, bias if bias is not None else x, out, M, C, x.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, ACT=ACT_CODES[act], FP64=acc_dtype(x, bias) == torch.float64,
         BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
     )
 
 
-def launch_bias_act_bwd(dout, x, bias, dx, act: str) -> Optional[torch.Tensor]:
+def launch_bias_gelu_bwd(dout, x, bias, dx, act: str) -> Optional[torch.Tensor]:
     """dx = dout * act'(x + bias) into ``dx``; returns dbias (arithmetic dtype) or None."""
     M, C = x.shape
     block_m, block_c = ew_block(C)
@@ -401,7 +393,7 @@ def launch_bias_act_bwd(dout, x, bias, dx, act: str) -> Optional[torch.Tensor]:
     P, per = _row_chunks(M, block_m, max(1, _programs_target(x.device) // col_blocks))
     adt = acc_dtype(x, bias)
     part = torch.empty((P, C), dtype=adt, device=x.device) if bias is not None else dx
-    _wrap(_bias_act_bwd_kernel)[(P, col_blocks)](
+    _wrap(_bias_gelu_bwd_kernel)[(P, col_blocks)](
         dout, x, bias if bias is not None else x, dx, part, M, C, per,
         dout.stride(0), x.stride(0), dx.stride(0),
         HAS_BIAS=bias is not None, ACT=ACT_CODES[act], FP64=adt == torch.float64,
@@ -410,10 +402,10 @@ def launch_bias_act_bwd(dout, x, bias, dx, act: str) -> Optional[torch.Tensor]:
     return part.sum(0) if bias is not None else None
 
 
-def launch_scale_res_fwd(y, bias, gamma, residual, out) -> None:
+def launch_bias_scale_residual_fwd(y, bias, gamma, residual, out) -> None:
     M, C = y.shape
     block_m, block_c = ew_block(C)
-    _wrap(_scale_res_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
+    _wrap(_bias_scale_residual_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
         y, bias if bias is not None else y, gamma if gamma is not None else y, residual, out,
         M, C, y.stride(0), residual.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, HAS_G=gamma is not None,
@@ -422,7 +414,7 @@ def launch_scale_res_fwd(y, bias, gamma, residual, out) -> None:
     )
 
 
-def launch_scale_res_bwd(dout, y, bias, gamma, dy, need_dbias: bool) -> dict:
+def launch_bias_scale_residual_bwd(dout, y, bias, gamma, dy, need_dbias: bool) -> dict:
     """dy = gamma * dout into ``dy``; returns {"dbias", "dgamma"} (those requested/existing)."""
     M, C = dout.shape
     block_m, block_c = ew_block(C)
@@ -432,7 +424,7 @@ def launch_scale_res_bwd(dout, y, bias, gamma, dy, need_dbias: bool) -> dict:
     has_g = gamma is not None
     part_b = torch.empty((P, C), dtype=adt, device=dout.device) if need_dbias else dy
     part_g = torch.empty((P, C), dtype=adt, device=dout.device) if has_g else dy
-    _wrap(_scale_res_bwd_kernel)[(P, col_blocks)](
+    _wrap(_bias_scale_residual_bwd_kernel)[(P, col_blocks)](
         dout, y if has_g else dout, bias if bias is not None else dout, gamma if has_g else dout, dy,
         part_b, part_g, M, C, per, dout.stride(0), y.stride(0) if has_g else 0, dy.stride(0),
         HAS_BIAS=bias is not None, NEED_DB=need_dbias, HAS_G=has_g, FP64=adt == torch.float64,
