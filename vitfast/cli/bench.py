@@ -111,8 +111,11 @@ def _fail(parser: argparse.ArgumentParser, msg: str) -> None:
     parser.error(msg)  # prints usage + "vitfast bench: error: msg", raises SystemExit(2)
 
 
-def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    """Fill device-dependent defaults and check every option; a bad one exits with code 2."""
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, **overrides: Any) -> Config:
+    """Fill device-dependent defaults and check every option; a bad one exits with code 2.
+    ``overrides`` replace options of ``args`` (another command reusing these rules, e.g.
+    ``vitfast profile`` with its single ``impl``)."""
+    args = argparse.Namespace(**{**vars(args), **overrides})
     try:
         device = bu.resolve_device(args.device)
     except (ValueError, RuntimeError) as e:

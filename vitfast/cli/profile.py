@@ -236,15 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bench_namespace(args: argparse.Namespace) -> argparse.Namespace:
-    ns = argparse.Namespace(
-        model=[args.model] if args.model else None, batch_size=args.batch_size, img_size=args.img_size, depth=args.depth,
-        dtype=args.dtype, mode=args.mode, impl=[args.impl], compile=False, uint8=args.uint8, warmup=args.warmup,
-        iters=args.steps, device=args.device, threads=args.threads, peak_tflops=None, no_check=True,
-    )
-    return ns
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -254,8 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--steps must be >= 1, got {args.steps}")
         if args.top < 1:
             parser.error(f"--top must be >= 1, got {args.top}")
-        ns = _bench_namespace(args)
-        cfg = resolve_config(ns, parser)
+        cfg = resolve_config(args, parser, model=[args.model] if args.model else None, impl=[args.impl], compile=False,
+                             iters=args.steps, peak_tflops=None, no_check=True)
     except SystemExit as e:
         return int(e.code or 0)
     cuda = cfg.device.type == "cuda"

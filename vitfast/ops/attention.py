@@ -54,7 +54,7 @@ _INT32_MAX = 2**31 - 1
 
 
 # ------------------------------------------------------------------------ validation
-def _input_problems(op: str, tensors: dict) -> list[tuple[type, str]]:
+def _qkv_problems(op: str, tensors: dict) -> list[tuple[type, str]]:
     """Errors that no backend can run with: (exception type, message) pairs."""
     problems: list[tuple[type, str]] = []
     for name, t in tensors.items():
@@ -89,7 +89,7 @@ def attention_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str
     Never raises; inputs no backend accepts (wrong rank, mismatched shapes, ...) are
     reported here too.
     """
-    problems = _input_problems("attention", {"q": q, "k": k, "v": v})
+    problems = _qkv_problems("attention", {"q": q, "k": k, "v": v})
     if problems:
         return [msg for _, msg in problems]
     reasons: list[str] = []
@@ -308,7 +308,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     ``D ** -0.5``. Returns ``[B, H, N, D]`` (with the Triton kernel, laid out as
     ``[B, N, H, D]`` in memory). Differentiable in q, k and v.
     """
-    raise_first(_input_problems("attention", {"q": q, "k": k, "v": v}))
+    raise_first(_qkv_problems("attention", {"q": q, "k": k, "v": v}))
     scale = _default_scale("attention", scale, q.shape[-1])
     if _choose_backend("attention", backend, q, k, v) == "reference":
         return _sdpa(q, k, v, scale)
@@ -336,7 +336,7 @@ def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = No
     if not qkv.is_floating_point():
         raise TypeError(f"vitfast.attention_packed: qkv has dtype {qkv.dtype}; attention needs a floating-point dtype")
     q, k, v = split_packed_qkv(qkv, num_heads)
-    raise_first(_input_problems("attention_packed", {"q": q, "k": k, "v": v}))
+    raise_first(_qkv_problems("attention_packed", {"q": q, "k": k, "v": v}))
     scale = _default_scale("attention_packed", scale, q.shape[-1])
     if _choose_backend("attention_packed", backend, q, k, v) == "reference":
         B, N, _ = qkv.shape
