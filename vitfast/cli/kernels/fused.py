@@ -5,8 +5,9 @@ Ops (x, y ``[M, C]`` with M = batch * tokens; vectors ``[C]``):
   layer_norm           LayerNorm alone
   bias_gelu            gelu(z + bias) on the MLP hidden activation ``[M, H]`` (exact erf GELU)
   bias_scale_residual  x + gamma * (y + bias)
-Implementations: ``vitfast`` (the op, backend="triton"), ``eager`` (the plain-PyTorch chain,
-``*_ref``), ``compile`` (that chain under torch.compile, fullgraph, static shapes).
+Implementations: ``vitfast`` (the op, backend="kernel"), ``eager`` (the plain-PyTorch chain,
+``*_ref``, from the op's declaration), ``compile`` (that chain under torch.compile, fullgraph,
+static shapes).
 Modes: ``fwd`` (no grad) and ``fwd+bwd`` (every input requires grad: training).
 
 These ops are memory-bound, so each row reports GB/s over the bytes the op must move at
@@ -33,9 +34,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import benchmarking as bu
-from ...ops.bias_gelu import bias_gelu, bias_gelu_ref
-from ...ops.bias_scale_residual import bias_scale_residual, bias_scale_residual_ref
-from ...ops.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
+from ...ops.spec import SPECS
 
 # name: (width C, MLP hidden H, tokens N, batch on the GPU, batch on the CPU)
 MODELS = {
@@ -51,66 +50,71 @@ IMPLS = ("vitfast", "eager", "compile")
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 
-# op: (fast fn, reference chain, [M, C]-sized input names, vector names, width key, (fwd, bwd) tensor passes)
-# The passes count whole [M, width] tensors moved: add_layer_norm reads x, y and writes x_out,
-# h (4); its backward reads dx_out, dh, x_out, y and writes dx, dy (6). bias_scale_residual's
-# backward reads dout, y and writes dy (3): dx is dout itself.
-SPECS = {
-    "add_layer_norm": (
-        lambda x, y, g, yb, w, b: add_layer_norm(x, y, g, w, b, EPS, y_bias=yb, backend="triton"),
-        lambda x, y, g, yb, w, b: add_layer_norm_ref(x, y, g, w, b, EPS, y_bias=yb),
-        ("x", "y"), ("gamma", "y_bias", "weight", "bias"), "C", (4, 6)),
-    "layer_norm": (
-        lambda x, w, b: layer_norm(x, w, b, EPS, backend="triton"),
-        lambda x, w, b: layer_norm_ref(x, w, b, EPS),
-        ("x",), ("weight", "bias"), "C", (2, 3)),
-    "bias_gelu": (
-        lambda z, b: bias_gelu(z, b, backend="triton"),
-        lambda z, b: bias_gelu_ref(z, b),
-        ("z",), ("bias",), "H", (2, 3)),
-    "bias_scale_residual": (
-        lambda x, y, b, g: bias_scale_residual(x, y, b, g, backend="triton"),
-        lambda x, y, b, g: bias_scale_residual_ref(x, y, b, g),
-        ("x", "y"), ("bias", "gamma"), "C", (3, 3)),
+# op: (argument layout, width key, (fwd, bwd) tensor passes). The function and its reference come
+# from the op's declaration (vitfast.ops.spec). In the layout "row" is an [M, width] tensor, "vec"
+# a [width] vector, "w" a LayerNorm weight (around 1), "eps" the LayerNorm epsilon; "kw:name" a
+# keyword argument. The passes count whole [M, width] tensors moved: add_layer_norm reads x, y and
+# writes x_out, h (4); its backward reads dx_out, dh, x_out, y and writes dx, dy (6).
+# bias_scale_residual's backward reads dout, y and writes dy (3): dx is dout itself.
+CASES = {
+    "add_layer_norm": (("row", "row", "vec", "w", "vec", "eps", "kw:y_bias"), "C", (4, 6)),
+    "layer_norm": (("row", "w", "vec", "eps"), "C", (2, 3)),
+    "bias_gelu": (("row", "vec"), "H", (2, 3)),
+    "bias_scale_residual": (("row", "row", "vec", "vec"), "C", (3, 3)),
 }
 
 
-def make_inputs(op: str, M: int, width: int, dtype: torch.dtype, device: torch.device, grad: bool) -> list:
-    _, _, rows, vectors, _, _ = SPECS[op]
+def make_inputs(op: str, M: int, width: int, dtype: torch.dtype, device: torch.device, grad: bool):
+    """(args, kwargs) of one call, tensors requiring grad when ``grad``."""
     g = torch.Generator(device=device).manual_seed(0)
-    out = [torch.randn(M, width, generator=g, device=device, dtype=dtype) for _ in rows]
-    out += [torch.randn(width, generator=g, device=device, dtype=dtype) * 0.1 + (1.0 if n == "weight" else 0.0)
-            for n in vectors]
-    return [t.requires_grad_(grad) for t in out]
+    args, kwargs = [], {}
+    for kind in CASES[op][0]:
+        name, _, key = kind.partition(":")
+        if name == "eps":
+            value = EPS
+        elif name == "row":
+            value = torch.randn(M, width, generator=g, device=device, dtype=dtype).requires_grad_(grad)
+        else:
+            value = (torch.randn(width, generator=g, device=device, dtype=dtype) * 0.1
+                     + (1.0 if name == "w" else 0.0)).requires_grad_(grad)
+        if name == "kw":
+            value = (torch.randn(width, generator=g, device=device, dtype=dtype) * 0.1).requires_grad_(grad)
+            kwargs[key] = value
+        else:
+            args.append(value)
+    return args, kwargs
 
 
-def make_step(fn: Callable, inputs: list, mode: str) -> Callable[[int], None]:
+def make_step(fn: Callable, inputs, mode: str) -> Callable[[int], None]:
+    args, kwargs = inputs
     if mode == "fwd":
         def step(i):
             with torch.no_grad():
-                fn(*inputs)
+                fn(*args, **kwargs)
         return step
-    outs = fn(*inputs)
+    leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    outs = fn(*args, **kwargs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     grads = [torch.randn_like(o) for o in outs]
     del outs
 
     def step(i):
-        for t in inputs:
+        for t in leaves:
             t.grad = None
-        outs = fn(*inputs)
+        outs = fn(*args, **kwargs)
         torch.autograd.backward(outs if isinstance(outs, tuple) else (outs,), grads)
     return step
 
 
 def _impl(op: str, impl: str) -> Callable:
-    fast, ref = SPECS[op][0], SPECS[op][1]
+    """The op forced onto its kernel, its reference (eager), or the reference compiled."""
+    spec = SPECS[op]
     if impl == "vitfast":
-        return fast
+        return lambda *a, **k: spec.fn(*a, **k, backend=spec.kernel_backend)
     if impl == "eager":
-        return ref
+        return spec.ref
     if impl == "compile":
-        return torch.compile(ref, fullgraph=True, dynamic=False)
+        return torch.compile(spec.ref, fullgraph=True, dynamic=False)
     raise ValueError(impl)
 
 
@@ -149,8 +153,8 @@ def _measure(env: dict, models: dict, ops, impls, modes, dtype_name: str, dtype:
         batch = gpu_batch if gpu else cpu_batch
         M = batch * N
         for op in ops:
-            width = {"C": C, "H": H}[SPECS[op][4]]
-            fwd_passes, bwd_passes = SPECS[op][5]
+            width = {"C": C, "H": H}[CASES[op][1]]
+            fwd_passes, bwd_passes = CASES[op][2]
             for mode in modes:
                 nbytes = (fwd_passes + (bwd_passes if mode == "fwd+bwd" else 0)) * M * width * es
                 group, steps = [], {}
