@@ -60,6 +60,8 @@ __all__ = [
     "own_threads",
     "triton_runs_here",
     "finish_microbench",
+    "microbench_settings",
+    "measured_rows",
     "vit_forward_flops",
     "vit_step_flops",
     "vit_patch_embed_flops",
@@ -506,6 +508,30 @@ def triton_runs_here(prog: str, interpreted: bool) -> bool:
           "TRITON_INTERPRET=1 before vitfast is imported (vitfast bench kernels and benchmarks/bench_*.py do)",
           file=sys.stderr)
     return False
+
+
+def microbench_settings(device: str, dtype_name: Optional[str], warmup: Optional[int], iters: Optional[int], *,
+                        gpu: tuple[int, int], cpu: tuple[int, int]):
+    """(device, dtype name, dtype, warm-up steps, timed rounds) of a microbenchmark: bf16 on the
+    GPU and fp32 on the CPU unless given; ``gpu``/``cpu`` are the default (warmup, iters)."""
+    dev = resolve_device(device)
+    on_gpu = dev.type == "cuda"
+    dtype_name = dtype_name or ("bf16" if on_gpu else "fp32")
+    default_warmup, default_iters = gpu if on_gpu else cpu
+    return (dev, dtype_name, DTYPES[dtype_name], default_warmup if warmup is None else warmup,
+            default_iters if iters is None else iters)
+
+
+def measured_rows(kind: str, dev: torch.device, argv: Optional[Sequence[str]], measure: Callable[[dict], list], *,
+                  allow_noisy: bool, writes: bool, env_out: Optional[dict]) -> list:
+    """``measure(env)`` under the load guard; its rows stamped with the environment facts
+    (which ``env_out``, if given, receives too)."""
+    env = env_info(dev, argv, prog=f"python -m vitfast.cli.kernels.{kind}")
+    with load_guard(env, f"bench {kind}", allow_noisy=allow_noisy, writes=writes, device=dev):
+        rows = measure(env)
+    if env_out is not None:
+        env_out.update(env)
+    return [{**env, **r} for r in rows]
 
 
 def finish_microbench(args, kind: str, collect: Callable[[dict], list], format_table: Callable[[list], str]) -> int:

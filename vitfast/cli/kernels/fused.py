@@ -127,19 +127,12 @@ def collect_rows(models: Optional[dict] = None, ops: Sequence[str] = OPS, impls:
     date and command line. A failing implementation gets a row saying why, never none.
     The implementations of one (model, op, mode) are timed alternately, round by round. With
     ``writes`` and not ``allow_noisy``, a busy machine raises ``bu.NoisyMachine``."""
-    dev = bu.resolve_device(device)
-    gpu = dev.type == "cuda"
+    dev, dtype_name, dtype, warmup, iters = bu.microbench_settings(device, dtype_name, warmup, iters,
+                                                                   gpu=(10, 50), cpu=(1, 3))
     models = models or (SMOKE_MODELS if smoke else MODELS)
-    dtype_name = dtype_name or ("bf16" if gpu else "fp32")
-    dtype = bu.DTYPES[dtype_name]
-    warmup = warmup if warmup is not None else (10 if gpu else 1)
-    iters = iters if iters is not None else (50 if gpu else 3)
-    env = bu.env_info(dev, argv, prog="python -m vitfast.cli.kernels.fused")
-    with bu.load_guard(env, "bench_fused", allow_noisy=allow_noisy, writes=writes, device=dev):
-        rows = _measure(env, models, ops, impls, modes, dtype_name, dtype, dev, warmup, iters)
-    if env_out is not None:
-        env_out.update(env)
-    return [{**env, **r} for r in rows]
+    return bu.measured_rows("fused", dev, argv, lambda env: _measure(
+        env, models, ops, impls, modes, dtype_name, dtype, dev, warmup, iters),
+        allow_noisy=allow_noisy, writes=writes, env_out=env_out)
 
 
 def _measure(env: dict, models: dict, ops, impls, modes, dtype_name: str, dtype: torch.dtype, dev: torch.device,

@@ -140,19 +140,12 @@ def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, mo
     The implementations of one (model, input, mode) are timed alternately, round by round.
     ``env_out``, if given, receives those environment facts. With ``writes`` and not
     ``allow_noisy``, a busy machine raises :class:`~vitfast.cli.benchmarking.NoisyMachine`."""
-    dev = bu.resolve_device(device)
-    gpu = dev.type == "cuda"
+    dev, dtype_name, dtype, warmup, iters = bu.microbench_settings(device, dtype_name, warmup, iters,
+                                                                   gpu=(5, 30), cpu=(2, 15))
     models = models or (SMOKE_MODELS if smoke else MODELS)
-    dtype_name = dtype_name or ("bf16" if gpu else "fp32")
-    dtype = bu.DTYPES[dtype_name]
-    warmup = warmup if warmup is not None else (5 if gpu else 2)
-    iters = iters if iters is not None else (30 if gpu else 5)
-    env = bu.env_info(dev, argv, prog="python -m vitfast.cli.kernels.patch_embed")
-    with bu.load_guard(env, "bench_patch_embed", allow_noisy=allow_noisy, writes=writes, device=dev):
-        rows = _measure(env, models, impls, modes, inputs, dtype_name, dtype, dev, warmup, iters)
-    if env_out is not None:
-        env_out.update(env)
-    return [{**env, **r} for r in rows]
+    return bu.measured_rows("patch_embed", dev, argv, lambda env: _measure(
+        env, models, impls, modes, inputs, dtype_name, dtype, dev, warmup, iters),
+        allow_noisy=allow_noisy, writes=writes, env_out=env_out)
 
 
 def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dtype: torch.dtype,
