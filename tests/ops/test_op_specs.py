@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 import vitfast  # noqa: F401  (declares the ops)
-from vitfast.ops.spec import SPECS, OpSpec, Sample, randn
+from _spec_checks import check_sample
+from vitfast.ops.spec import SPECS, OpSpec
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -29,51 +30,12 @@ def _cases():
                 yield pytest.param(name, dtype, i, id=f"{name}-{str(dtype)[6:]}-{sample.name}")
 
 
-def _cast(x, dtype):
-    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-
-
-def _run(fn, sample: Sample, dtype, douts, **kw):
-    """Outputs and the gradients of ``sample.grad``'s arguments, inputs cast to ``dtype``."""
-    args = [_cast(a, dtype) for a in sample.args]
-    kwargs = {k: _cast(v, dtype) for k, v in sample.kwargs.items()}
-    for i in sample.grad if douts is not None else ():
-        args[i] = args[i].detach().requires_grad_()
-    outs = fn(*args, **kwargs, **kw)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    if douts is None:
-        return [o.detach() for o in outs], []
-    leaves = [args[i] for i in sample.grad]
-    grads = torch.autograd.grad(outs, leaves, [d.to(o.dtype) for d, o in zip(douts, outs)]) if leaves else ()
-    return [o.detach() for o in outs], list(grads)
-
-
-def _err(x, ref) -> float:
-    return (x.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
-
-
 @pytest.mark.parametrize("name,dtype,index", list(_cases()))
 def test_kernel_within_2x_of_pytorch_against_float64(name, dtype, index):
     spec = SPECS[name]
     if not _kernel_runs_here(spec):
         pytest.skip(f"{name}'s kernel does not run on {DEV}")
-    sample = spec.sample_inputs(DEV, dtype)[index]
-    assert spec.not_supported_reasons(*sample.args, **sample.kwargs) == [], "the kernel refuses a sample it serves"
-    with torch.no_grad():
-        out_shapes = [o.shape for o in _run(spec.ref, sample, dtype, None)[0]]
-    # rounded once to the low precision, so every path sees the same gradient values
-    douts = [randn(s, dtype, 1000 + i, DEV).double() for i, s in enumerate(out_shapes)]
-    got, g_got = _run(spec.fn, sample, dtype, douts, backend=spec.kernel_backend)
-    torch_, g_torch = _run(spec.ref, sample, dtype, douts)
-    ref, g_ref = _run(spec.ref, Sample(sample.name, [_cast(a, dtype) for a in sample.args],
-                                        {k: _cast(v, dtype) for k, v in sample.kwargs.items()}, sample.grad),
-                      torch.float64, douts)
-    names = [f"out{i}" for i in range(len(got))] + [f"d(arg {i})" for i in sample.grad]
-    for n, a, b, c in zip(names, got + g_got, torch_ + g_torch, ref + g_ref):
-        assert a.shape == c.shape and a.dtype == b.dtype, (n, a.shape, c.shape, a.dtype, b.dtype)
-        floor = spec.atol[dtype] * max(1.0, c.abs().max().item() if c.numel() else 0.0)
-        e_kernel, e_torch = _err(a, c), _err(b, c)
-        assert e_kernel <= 2 * e_torch + floor, f"{n}: kernel error {e_kernel:.3g} > 2 x PyTorch's {e_torch:.3g} + {floor:.3g}"
+    check_sample(spec, spec.sample_inputs(DEV, dtype)[index], dtype, DEV)
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -107,3 +69,26 @@ def test_opcheck_every_registered_op_the_kernel_path_calls(name):
     assert rec.calls, f"{name}: the kernel path called no vitfast op"
     for op, (args, kwargs) in rec.calls.items():
         torch.library.opcheck(op, args, kwargs)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_gradcheck_in_float64_where_the_kernel_takes_it(name):
+    """torch.autograd.gradcheck of the kernel path in float64 on the op's smallest sample: the
+    registered backward against finite differences (kernels without a float64 path say so in
+    their reasons and are skipped)."""
+    spec = SPECS[name]
+    if not _kernel_runs_here(spec):
+        pytest.skip(f"{name}'s kernel does not run on {DEV}")
+    sample = spec.sample_inputs(DEV, torch.float64)[0]
+    reasons = spec.not_supported_reasons(*sample.args, **sample.kwargs)
+    if reasons:
+        pytest.skip(f"{name}'s kernel takes no float64 input: {reasons}")
+    args = [a.detach().requires_grad_() if i in sample.grad else a for i, a in enumerate(sample.args)]
+
+    def fn(*leaves):
+        full = list(args)
+        for i, t in zip(sample.grad, leaves):
+            full[i] = t
+        return spec.fn(*full, **sample.kwargs, backend=spec.kernel_backend)
+
+    assert torch.autograd.gradcheck(fn, tuple(args[i] for i in sample.grad), eps=1e-6, atol=1e-5, rtol=1e-4)
