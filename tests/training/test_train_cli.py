@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_helpers import REPO, TINY, run_inprocess  # noqa: E402

@@ -4,7 +4,6 @@ against DDP, and FSDP2 (torch.distributed.checkpoint) resume."""
 import os
 import sys
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
