@@ -13,6 +13,7 @@ emulate (AVX-512 on a CPU without it) are reported as skipped.
 
     python tests/host_matrix.py                 # 9 cells, the table at the end
     python tests/host_matrix.py --full -- -k attention   # all 27, extra pytest arguments after --
+    python tests/host_matrix.py --only avx2/mkl=COMPATIBLE/4t     # one cell
 """
 
 from __future__ import annotations
@@ -84,11 +85,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="all 27 cells instead of the 9 of the Latin square")
     p.add_argument("--log-dir", default=None, help="keep each cell's pytest output here")
+    p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (names as in the table, "
+                   "e.g. avx2/mkl=COMPATIBLE/4t)")
     args = p.parse_args(own)
     ok_caps = supported_capabilities()
     results = []
-    for cell in cells(args.full):
+    for cell in cells(args.full or bool(args.only)):
         name = cell_name(cell)
+        if args.only and name not in args.only:
+            continue
         if cell["capability"] not in ok_caps:
             results.append((name, "skipped", f"this CPU has no {cell['capability']}", 0.0))
             print(f"== {name}: skipped (this CPU has no {cell['capability']})", flush=True)
