@@ -48,6 +48,7 @@ __all__ = [
     "time_alternating",
     "paired_speedup",
     "add_paired_speedups",
+    "time_group",
     "summarize_ms",
     "rel_err",
     "NoisyMachine",
@@ -316,6 +317,30 @@ def paired_speedup(times: Mapping[str, Sequence[float]], base: str, impl: str) -
     if not a or not b or len(a) != len(b):
         return None
     return statistics.median(x / y for x, y in zip(a, b) if y > 0)
+
+
+def time_group(group: Sequence[dict], make_step: Callable[[str], Callable[[int], Any]], *, warmup: int, iters: int,
+               device: torch.device, key: str = "impl", between: Optional[Callable[[], None]] = None) -> dict:
+    """The rows of one comparison, timed: ``make_step(row[key])`` builds each implementation's
+    step, which runs once untimed (compiling, autotuning, and failing here if it cannot run:
+    the row then says why, ``status="failed: ..."``, never dropped); the others are timed with
+    :func:`time_alternating` and their rows get ``status="ok"``, ``ms`` (median), ``ms_p20``,
+    ``ms_p80``. Returns the per-round times (for :func:`add_paired_speedups`)."""
+    steps = {}
+    for row in group:
+        try:
+            steps[row[key]] = make_step(row[key])
+            steps[row[key]](0)
+        except Exception as e:  # noqa: BLE001  (said in the row; a baseline never silently disappears)
+            steps.pop(row[key], None)
+            row.update(status=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:240]}", ms=None)
+    times = time_alternating(steps, warmup=warmup, iters=iters, device=device, between=between) if steps else {}
+    for row in group:
+        if row[key] in times:
+            s = summarize_ms(times[row[key]])
+            row.update(status="ok", ms=round(s["ms_median"], 4), ms_p20=round(s["ms_p20"], 4),
+                       ms_p80=round(s["ms_p80"], 4))
+    return times
 
 
 def add_paired_speedups(group: Sequence[dict], times: Mapping[str, Sequence[float]], fast: str = "vitfast",

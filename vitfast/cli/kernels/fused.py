@@ -150,34 +150,22 @@ def _measure(env: dict, models: dict, ops, impls, modes, dtype_name: str, dtype:
             fwd_passes, bwd_passes = CASES[op][2]
             for mode in modes:
                 nbytes = (fwd_passes + (bwd_passes if mode == "fwd+bwd" else 0)) * M * width * es
-                group, steps = [], {}
-                for impl in impls:
-                    row = dict(op=op, impl=impl, backend=impl, model=model_name, batch=batch, tokens=N, M=M,
-                               width=width, dtype=dtype_name, mode=mode, bytes=int(nbytes))
-                    try:
-                        if impl == "compile":
-                            torch._dynamo.reset()
-                        inputs = make_inputs(op, M, width, dtype, dev, grad=mode == "fwd+bwd")
-                        steps[impl] = make_step(_impl(op, impl), inputs, mode)
-                        steps[impl](0)  # compiles, and fails here if it cannot run
-                    except Exception as e:  # say why in the row; a baseline never silently disappears
-                        steps.pop(impl, None)
-                        row.update(status=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:240]}",
-                                   ms=None, gbps=None)
-                    group.append(row)
-                times = bu.time_alternating(steps, warmup=warmup, iters=iters, device=dev) if steps else {}
+                group = [dict(op=op, impl=impl, backend=impl, model=model_name, batch=batch, tokens=N, M=M,
+                              width=width, dtype=dtype_name, mode=mode, bytes=int(nbytes), gbps=None) for impl in impls]
+
+                def make(impl):
+                    if impl == "compile":
+                        torch._dynamo.reset()
+                    return make_step(_impl(op, impl), make_inputs(op, M, width, dtype, dev, grad=mode == "fwd+bwd"),
+                                     mode)
+
+                times = bu.time_group(group, make, warmup=warmup, iters=iters, device=dev)
                 for row in group:
-                    if row["impl"] not in times:
-                        continue
-                    s = bu.summarize_ms(times[row["impl"]])
-                    ms = s["ms_median"]
-                    gbps = nbytes / (ms * 1e-3) / 1e9
-                    row.update(status="ok", ms=round(ms, 4), ms_p20=round(s["ms_p20"], 4),
-                               ms_p80=round(s["ms_p80"], 4), gbps=round(gbps, 1),
-                               frac_of_copy=round(gbps / copy_gbps, 3))
+                    if row["status"] == "ok":
+                        row["gbps"] = round(nbytes / (row["ms"] * 1e-3) / 1e9, 1)
+                        row["frac_of_copy"] = round(row["gbps"] / copy_gbps, 3)
                 bu.add_paired_speedups(group, times)
                 rows += group
-                steps.clear()
                 if gpu:
                     torch.cuda.empty_cache()
     return rows

@@ -164,36 +164,27 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
             for mode in modes:
                 nbytes, flops = work(x, mode, dtype)
                 floor_ms = 1e3 * max(nbytes / (copy_gbps * 1e9), flops / (peak["tflops"] * 1e12))
-                group, steps = [], {}
-                for impl in impls:
-                    row = dict(op="patch_embed", impl=impl, backend=impl, model=model_name, batch=batch,
-                               input=input_kind, dtype=dtype_name, mode=mode, B=batch, N=x["N"], K=x["K"], D=x["D"],
-                               bytes=int(nbytes), flops=int(flops), roofline_floor_ms=round(floor_ms, 4))
-                    try:
-                        if impl == "compile":  # a fresh compilation per shape and mode (no recompile limit)
-                            torch._dynamo.reset()
-                            fns.pop(impl, None)
-                        if impl not in fns:
-                            fns[impl] = _impl(impl)
-                        steps[impl] = make_step(fns[impl], x, mode, dev)
-                        steps[impl](0)  # compiles (torch.compile) and fails here if it cannot run
-                    except Exception as e:  # say why in the row; the baseline never silently disappears
-                        steps.pop(impl, None)
-                        row.update(status=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:240]}", ms=None,
-                                   gbps=None, tflops=None)
-                    group.append(row)
-                times = bu.time_alternating(steps, warmup=warmup, iters=iters, device=dev) if steps else {}
+                group = [dict(op="patch_embed", impl=impl, backend=impl, model=model_name, batch=batch,
+                              input=input_kind, dtype=dtype_name, mode=mode, B=batch, N=x["N"], K=x["K"], D=x["D"],
+                              bytes=int(nbytes), flops=int(flops), roofline_floor_ms=round(floor_ms, 4), gbps=None,
+                              tflops=None) for impl in impls]
+
+                def make(impl):
+                    if impl == "compile":  # a fresh compilation per shape and mode (no recompile limit)
+                        torch._dynamo.reset()
+                        fns.pop(impl, None)
+                    if impl not in fns:
+                        fns[impl] = _impl(impl)
+                    return make_step(fns[impl], x, mode, dev)
+
+                times = bu.time_group(group, make, warmup=warmup, iters=iters, device=dev)
                 for row in group:
-                    if row["impl"] not in times:
-                        continue
-                    s = bu.summarize_ms(times[row["impl"]])
-                    ms = s["ms_median"]
-                    row.update(status="ok", ms=round(ms, 4), ms_p20=round(s["ms_p20"], 4),
-                               ms_p80=round(s["ms_p80"], 4), gbps=round(nbytes / (ms * 1e-3) / 1e9, 2),
-                               tflops=round(flops / (ms * 1e-3) / 1e12, 4))
+                    if row["status"] == "ok":
+                        row.update(gbps=round(nbytes / (row["ms"] * 1e-3) / 1e9, 2),
+                                   tflops=round(flops / (row["ms"] * 1e-3) / 1e12, 4))
                 _add_speedups(group, times)
                 rows += group
-            del x
+            x = None  # free the inputs before the next model's
             if gpu:
                 torch.cuda.empty_cache()
     return rows
