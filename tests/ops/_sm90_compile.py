@@ -47,12 +47,15 @@ from vitfast.ops.triton import attention as ak  # noqa: E402
 from vitfast.ops.triton import fused as fk  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+FP64_SCALARS = False  # --fp64-scalars
+FIRST_CONFIG = False  # --first-config
 H100_SMS = 132  # H100 SXM and H200: the fused backward kernels size their grids by SMs
 INSTRUCTIONS = {  # PTX instruction -> the name reported
     "wgmma": r"\bwgmma\.mma_async",
     "cp_async": r"\bcp\.async\.(?:ca|cg)\.",
     "tma": r"\bcp\.async\.bulk\.tensor",
     "mma_sync": r"\bmma\.sync\.aligned",
+    "fp64_math": r"\b(?:add|sub|mul|fma|div|sqrt|rsqrt|rcp|ex2|lg2)(?:\.\w+)*\.f64\b",
     "ld_global_v4": r"\bld\.global(?:\.\w+)*\.v4\.(?:b32|u32|f32|b16)|\bld\.global(?:\.\w+)*\.v2\.(?:b64|u64|f64)",
 }
 
@@ -174,6 +177,9 @@ def compile_launch(fn, args, kwargs) -> dict:
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    if FP64_SCALARS:  # as Inductor types the Python floats it passes to user-defined Triton kernels
+        floats = {name for name, a in zip(fn.arg_names, args) if isinstance(a, float)}
+        signature = {k: ("fp64" if k in floats and v == "fp32" else v) for k, v in signature.items()}
     try:
         ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
     except Exception as e:  # noqa: BLE001 - reported to the test
@@ -191,7 +197,9 @@ def compile_case(spec: str):
         cases(spec)()
     seen = set()
     for kernel, args, kwargs in log:
-        for fn, kw, label in candidates(kernel, args, kwargs):
+        for i, (fn, kw, label) in enumerate(candidates(kernel, args, kwargs)):
+            if FIRST_CONFIG and i:
+                break
             key = (fn.__name__, label, tuple(kw.items()), tuple(
                 (a.dtype, a.data_ptr() % 16 == 0) + tuple(s % 16 == 0 for s in a.stride()) if isinstance(a, torch.Tensor)
                 else (a % 16 == 0, a == 1) if isinstance(a, int) else a for a in args))
@@ -224,7 +232,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--table", action="store_true", help="a table instead of JSON lines")
     p.add_argument("--both", action="store_true", help="JSON lines, then the table")
     p.add_argument("--json", help="also write the rows, with the versions, to this file")
+    p.add_argument("--fp64-scalars", action="store_true",
+                   help="type float arguments fp64, as Inductor does for user-defined Triton kernels under torch.compile")
+    p.add_argument("--first-config", action="store_true", help="only the first surviving config of each autotuned kernel")
     args = p.parse_args(argv)
+    global FP64_SCALARS, FIRST_CONFIG
+    FP64_SCALARS, FIRST_CONFIG = args.fp64_scalars, args.first_config
     rows = []
     for spec in args.specs or declared_cases():
         for row in compile_case(spec):

@@ -251,6 +251,25 @@ def test_autotune_keys_and_pruning():
             kernels.set_autotune(previous)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_autocast_casts_mixed_inputs_like_sdpa(packed):
+    """Under autocast, q and k from an fp32 LayerNorm (qk_norm) beside an fp16 v run in the
+    autocast dtype, as SDPA does, on the kernel and on the reference path alike."""
+    q, k, v = _qkv(1, 2, 50, 32, torch.float32)
+    ref = attention_ref(q.double(), k.double(), v.double())
+    for backend in ("kernel", "reference"):
+        with torch.autocast(DEV, dtype=torch.float16):
+            if packed:
+                qkv = torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], -1)
+                out = attention_packed(qkv, num_heads=2, backend=backend).unflatten(-1, (2, 32)).transpose(1, 2)
+            else:
+                out = attention(q, k, v.half(), backend=backend)
+        assert out.dtype == torch.float16
+        assert _err(out, ref) < 2e-3
+    with pytest.raises(TypeError, match="v has dtype torch.float16 but q has torch.float32"):
+        attention(q, k, v.half(), backend="kernel")  # outside autocast: still one dtype expected
+
+
 # ------------------------------------------------------------------ dispatch, errors
 def test_auto_on_cpu_is_sdpa_without_warning():
     q, k, v = _qkv(1, 2, 10, 32, torch.float64, device="cpu")

@@ -116,6 +116,24 @@ def test_kernels_compile_for_sm90(triton_path):
         "pipelined forward configs without asynchronous copies: the real specialisation did not reach the compiler"
 
 
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
+@pytest.mark.parametrize("triton_path", _tritons())
+def test_kernels_compile_with_float64_scalars(triton_path):
+    """Under torch.compile, Inductor types the Python floats it passes to user-defined Triton
+    kernels (attention's scale, LayerNorm's eps) as fp64. Found on an H200: the attention
+    forward then failed to compile ("acc ... re-assigned to fp64 in loop"). Every kernel must
+    compile so, and do no fp64 arithmetic (the scalar is cast to fp32 once)."""
+    env = {"PYTHONPATH": triton_path} if triton_path else {}
+    cases = ["attention:float32:64:50", "attention:bfloat16:80:197", "fused:float32:768"]
+    res = _run_compiled([str(HERE / "_sm90_compile.py"), "--fp64-scalars", "--first-config", *cases], env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert {r["kernel"] for r in rows} == KERNELS["attention"] | KERNELS["fused"]
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["fp64_math"] == 0, r
+
+
 # -------------------------------------------------------------------------- GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -300,6 +300,19 @@ if not _k.INTERPRET:  # see record_triton_kernels: the AST scan of the op bodies
 
 
 # ---------------------------------------------------------------------- public API
+def _autocast(*ts: Tensor) -> tuple:
+    """Under autocast, floating-point inputs in the autocast dtype, as SDPA (on autocast's
+    lower-precision list) gets them: e.g. q and k from an fp32 LayerNorm (qk_norm) beside a
+    bf16 v. Outside autocast, or for non-tensors, the inputs unchanged."""
+    if not all(isinstance(t, Tensor) for t in ts):
+        return ts
+    kind = ts[0].device.type
+    if not torch.is_autocast_enabled(kind):
+        return ts
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in ts)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
               backend: str = "auto") -> Tensor:
     """``softmax(q @ k^T * scale) @ v`` for q, k, v ``[B, H, N, D]``.
@@ -308,6 +321,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     ``D ** -0.5``. Returns ``[B, H, N, D]`` (with the Triton kernel, laid out as
     ``[B, N, H, D]`` in memory). Differentiable in q, k and v.
     """
+    q, k, v = _autocast(q, k, v)
     raise_first(_qkv_problems("attention", {"q": q, "k": k, "v": v}))
     scale = _default_scale("attention", scale, q.shape[-1])
     if _choose_backend("attention", backend, q, k, v) == "reference":
@@ -335,6 +349,7 @@ def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = No
                          f"got shape {shape_of(qkv)}")
     if not qkv.is_floating_point():
         raise TypeError(f"vitfast.attention_packed: qkv has dtype {qkv.dtype}; attention needs a floating-point dtype")
+    (qkv,) = _autocast(qkv)
     q, k, v = split_packed_qkv(qkv, num_heads)
     raise_first(_qkv_problems("attention_packed", {"q": q, "k": k, "v": v}))
     scale = _default_scale("attention_packed", scale, q.shape[-1])

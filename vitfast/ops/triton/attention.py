@@ -119,6 +119,9 @@ def _attn_fwd_kernel(
     mask_d = offs_d[None, :] < HEAD_DIM
     q = _load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask_m, mask_d, True, MASK_D)
 
+    # fp32 even when the caller passes a float64 scalar (Inductor types Python floats given to
+    # user Triton kernels as fp64): otherwise the scores, and the loop-carried accumulators, turn fp64
+    scale = tl.cast(scale, tl.float32)
     qk_scale = scale * 1.4426950408889634  # exp(x * scale) == exp2(x * scale * log2(e))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -206,6 +209,7 @@ def _attn_bwd_dkdv_kernel(
     DO += b * stride_dob + h * stride_doh
     LSE += bh * N
     DELTA += bh * N
+    scale = tl.cast(scale, tl.float32)  # fp32 also from a float64 scalar (see the forward)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -267,6 +271,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    scale = tl.cast(scale, tl.float32)  # fp32 also from a float64 scalar (see the forward)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N

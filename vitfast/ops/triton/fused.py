@@ -115,6 +115,7 @@ def _ln_fwd_kernel(
         x = _up(xo, FP64)  # normalise what was stored, as eager does
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
+    eps = tl.cast(eps, tl.float32)  # fp32 also from a float64 scalar (Inductor types Python floats fp64)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
     h = xc * rstd[:, None] * _vec(W, cols, mask_c, HAS_W, 1.0, FP64) + _vec(B, cols, mask_c, HAS_B, 0.0, FP64)
     tl.store(H + r * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
