@@ -14,11 +14,13 @@
 #   BENCH_ARGS="--compile" bash benchmarks/gpu_check.sh
 #
 # Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
-# SKIP_TESTS, SKIP_KERNELS, SKIP_PROFILE, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
+# SKIP_TESTS, SKIP_CANDIDATES, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
 # "--models vit_base_patch16_224"), step limits in seconds T_BUILD (180) T_TESTS (120)
-# T_BENCH (180) T_KERNELS (200) T_PROFILE (45), and DEADLINE (390): no step runs past it, so
-# the summary prints by about 6.5 min. The plan (an estimate, not yet measured on an H100):
-# build 1.5 min, tests 1, bench 2, kernels 2, profile 0.3.
+# T_CANDIDATES (150) T_BENCH (180) T_KERNELS (200) T_PROFILE (45), and DEADLINE (390): no step runs past it, so
+# the summary prints by about 6.5 min. Measured on an H200 (2026-11-30, torch 2.11, triton 3.6):
+# build 43 s, info 7 s, bench 98 s, kernels (patch_embed + fused + memory) ~100 s; attention
+# autotuning all configs of three kernels did not finish one shape in 60 s, hence the
+# candidates step (parallel precompile, then timing) and attention left out of `bench kernels`.
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -53,7 +55,8 @@ run_step() {
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     banner "$name (limit ${limit}s): $*"
-    timeout --kill-after=10 "$limit" "$@"
+    # SIGINT first: pytest then still prints the failures so far, a benchmark keeps its saved rows
+    timeout -s INT --kill-after=10 "$limit" "$@"
     rc=$?
     if [ "$rc" -eq 0 ]; then
         note "$name" ok "$((SECONDS - t))" ""
@@ -84,6 +87,25 @@ for path in sorted(glob.glob(f"{out}/*_e2e.json")):
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
         print(f"  {r['model']:<22} {impl:<18} {r['mode']:<5} {r['img_per_s']:9.0f} {r['ms_median']:8.2f} {sp:>7} "
               f"{r['tflops']:8.1f} {100 * r['mfu']:5.1f}% {mem:>6}")
+for path in sorted(glob.glob(f"{out}/*_attention_candidates.json")):
+    doc = json.load(open(path))
+    print(f"attention candidates ({path}): {doc.get('precompile', '')}")
+    groups = {}
+    for r in doc["rows"]:
+        key = (r["B"], r["H"], r["N"], r["D"], r["dtype"])
+        groups.setdefault(key, []).append(r)
+    for key, rs in groups.items():
+        parts = []
+        for kind in ("fwd", "dkdv", "dq"):
+            ok = [r for r in rs if r["op"] == "attention_candidate" and r["kernel"] == kind and r["status"] == "ok"]
+            if ok:
+                best = min(ok, key=lambda r: r["ms"])
+                worst = max(ok, key=lambda r: r["err"])
+                parts.append(f"{kind} best {best['ms']:.3f} ms ({best['config']}) of {len(ok)}, "
+                             f"worst err {worst['err']:.1e} (sdpa {worst['sdpa_err']:.1e})")
+        tuned = [f"{r['mode']} {r['vs_best_sdpa']:.2f}x {r['best_sdpa']}" for r in rs
+                 if r["op"] == "attention" and r["backend"] == "vitfast" and r.get("vs_best_sdpa")]
+        print("  " + " ".join(map(str, key)) + ": " + "; ".join(parts) + (" | autotuned vs best SDPA: " + ", ".join(tuned) if tuned else ""))
 for path in sorted(glob.glob(f"{out}/*_kernels.json")):
     doc = json.load(open(path))
     print(f"kernels ({path}): {doc.get('benchmarks')}")
@@ -127,22 +149,40 @@ fi
 run_step info 60 "$PYTHON" -m vitfast.cli info || true
 
 # ---- 2. the tests that need a GPU
+# Autotuning off here (each attention kernel launches its first surviving config): the
+# candidates step below checks every config's numerics, and tests then spend no minutes compiling.
 if [ -z "${SKIP_TESTS:-}" ]; then
-    run_step tests "${T_TESTS:-120}" "$PYTHON" -m pytest -m cuda -x -q -p no:cacheprovider tests || true
+    run_step tests "${T_TESTS:-120}" env VITFAST_ATTENTION_AUTOTUNE=0 "$PYTHON" -m pytest -m cuda -q -rfE \
+        --durations=10 -p no:cacheprovider tests || true
+fi
+
+# ---- 2b. every attention kernel candidate (each autotune survivor of forward, dK/dV and dQ, timed
+# alone and checked against float32), then the autotuned kernel beside SDPA's flash, efficient and
+# cuDNN backends: the data the configs and variants are pruned by (issue: every GPU run a full
+# experiment). The script stops starting shapes 15 s before its limit and saves after each shape.
+if [ -z "${SKIP_CANDIDATES:-}" ]; then
+    t_cand=${T_CANDIDATES:-150}
+    left=$((DEADLINE - (SECONDS - T0)))
+    [ "$t_cand" -gt "$left" ] && t_cand=$left
+    # shellcheck disable=SC2086
+    run_step candidates "$t_cand" "$PYTHON" -m vitfast.cli.kernels.attention_candidates --json "$OUT/" \
+        --deadline "$((t_cand - 30))" ${CANDIDATE_ARGS:-} || true
 fi
 
 # ---- 3. end-to-end benchmark (GPU defaults: ViT-S/B/L at 224, bf16, batch 256, infer + train)
 # BENCH_ARGS is split into words on purpose (extra options)
-# shellcheck disable=SC2086
-run_step bench "${T_BENCH:-180}" "$PYTHON" -m vitfast.cli bench --no-progress \
-    --json "$OUT/" --csv "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
+if [ -z "${SKIP_BENCH:-}" ]; then
+    # shellcheck disable=SC2086
+    run_step bench "${T_BENCH:-180}" "$PYTHON" -m vitfast.cli bench --no-progress \
+        --json "$OUT/" --csv "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
+fi
 
 # ---- 4. kernel microbenchmarks
 if [ -z "${SKIP_KERNELS:-}" ]; then
     # shellcheck disable=SC2086
     # each microbenchmark gets its own limit, and the rows are saved after each one
     run_step kernels "${T_KERNELS:-200}" "$PYTHON" -m vitfast.cli bench kernels --json "$OUT/" --timeout 60 \
-        "--patch-embed-args=${PATCH_EMBED_ARGS---models vit_base_patch16_224}" ${KERNEL_ARGS:-} || true
+        "--patch-embed-args=${PATCH_EMBED_ARGS---models vit_base_patch16_224}" ${KERNEL_ARGS---only patch_embed fused memory} || true
 fi
 
 # ---- 5. a short profile: the CUDA profiler path, a trace, the ncu command line

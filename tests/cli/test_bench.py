@@ -243,7 +243,7 @@ def test_a_busy_machine_without_output_files_only_warns(busy, capsys):
     assert "NOISY" in out.out and "warning: load average" in out.err
 
 
-@pytest.mark.parametrize("name", ["patch_embed", "fused", "attention"])
+@pytest.mark.parametrize("name", ["patch_embed", "fused", "attention", "attention_candidates"])
 def test_every_microbenchmark_refuses_on_a_busy_machine(name, busy, tmp_path, capsys):
     import importlib
 

@@ -251,6 +251,36 @@ def test_autotune_keys_and_pruning():
             kernels.set_autotune(previous)
 
 
+def test_candidate_configs_are_the_autotuner_survivors():
+    q = torch.empty(2, 3, 197, 64, dtype=torch.float16)
+    for kind, configs in (("fwd", kernels._FWD_CONFIGS), ("dkdv", kernels._DKDV_CONFIGS), ("dq", kernels._DQ_CONFIGS)):
+        previous = kernels.set_autotune(True)
+        try:
+            kept = kernels._make_prune(kind)(configs, {"Q": q, "N_BUCKET": kernels.n_bucket(197)}, BLOCK_D=64)
+        finally:
+            kernels.set_autotune(previous)
+        got = kernels.candidate_configs(kind, q)
+        assert len(got) == len(kept) > 1
+        assert got == [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+        assert kernels.set_autotune(previous) == previous  # left as it was
+
+
+def test_split_backward_launchers_match_launch_bwd():
+    q, k, v = _qkv(1, 2, 50, 32, torch.float32)
+    dout = torch.randn_like(q)
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 50)
+    kernels.launch_fwd(q, k, v, out, lse, 0.3)
+    whole = [torch.empty_like(q) for _ in range(3)]
+    kernels.launch_bwd(dout, q, k, v, out, lse, *whole, 0.3)
+    delta = kernels.launch_bwd_preprocess(out, dout)
+    torch.testing.assert_close(delta, (out.double() * dout.double()).sum(-1).float())
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    kernels.launch_bwd_dkdv(dout, q, k, v, lse, delta, dk, dv, 0.3)
+    kernels.launch_bwd_dq(dout, q, k, v, lse, delta, dq, 0.3)
+    for a, b in zip((dq, dk, dv), whole):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_autocast_casts_mixed_inputs_like_sdpa(packed):
     """Under autocast, q and k from an fp32 LayerNorm (qk_norm) beside an fp16 v run in the

@@ -457,23 +457,60 @@ def launch_fwd(q, k, v, out, lse, scale: float, config: Optional[dict] = None) -
     )
 
 
-def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
-               config: Optional[dict] = None, dq_config: Optional[dict] = None) -> None:
-    """dq, dk, dv of attention given dout, the forward's out and lse."""
-    B, H, N, D = q.shape
-    bd, precision = block_d(D), dot_precision(q.dtype)
-    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+def launch_bwd_preprocess(out, dout) -> torch.Tensor:
+    """delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d] (float32)."""
+    B, H, N, D = out.shape
+    delta = torch.empty((B, H, N), device=out.device, dtype=torch.float32)
     pre_block = 64 if not INTERPRET else 32
     _wrap(_bwd_preprocess_kernel)[grid_size(B * H, N, pre_block)](
-        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_block,
+        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=pre_block,
     )
+    return delta
+
+
+def launch_bwd_dkdv(dout, q, k, v, lse, delta, dk, dv, scale: float, config: Optional[dict] = None) -> None:
+    """dk and dv (one program per BLOCK_N keys, looping over the queries)."""
+    B, H, N, D = q.shape
     kernel, meta = _pick(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_N"])](
         q, k, v, dout, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
-        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, PRECISION=precision, **meta,
+        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), **meta,
     )
-    kernel, meta = _pick(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, dq_config or config)
+
+
+def launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale: float, config: Optional[dict] = None) -> None:
+    """dq (one program per BLOCK_M queries, looping over the keys)."""
+    B, H, N, D = q.shape
+    kernel, meta = _pick(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
         q, k, v, dout, lse, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
-        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=bd, PRECISION=precision, **meta,
+        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), **meta,
     )
+
+
+def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
+               config: Optional[dict] = None, dq_config: Optional[dict] = None) -> None:
+    """dq, dk, dv of attention given dout, the forward's out and lse."""
+    delta = launch_bwd_preprocess(out, dout)
+    launch_bwd_dkdv(dout, q, k, v, lse, delta, dk, dv, scale, config)
+    launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, dq_config or config)
+
+
+def candidate_configs(kind: str, q: torch.Tensor) -> list[dict]:
+    """Every config of kernel ``kind`` ("fwd", "dkdv", "dq") that the autotuner would try for
+    ``q`` ([B, H, N, D]): the survivors of its pruning, as launch dicts (benchmarks)."""
+    configs = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
+    B, H, N, D = q.shape
+    previous = set_autotune(True)
+    try:
+        kept = _make_prune(kind)(configs, {"N_BUCKET": n_bucket(N), "BLOCK_D": block_d(D), "Q": q})
+    finally:
+        set_autotune(previous)
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+
+
+def tuned_config(kind: str) -> Optional[dict]:
+    """The config the autotuner of ``kind`` chose last (None before the first tuned launch)."""
+    tuner = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned}[kind]
+    c = getattr(tuner, "best_config", None)
+    return None if c is None else dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
