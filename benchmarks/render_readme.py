@@ -135,6 +135,56 @@ def _patch_embed_table(rows: Sequence[dict]) -> str:
     return format_markdown_table([h for h, _ in cols], cells, left=5)
 
 
+FUSED_OPS = ("add_layer_norm", "layer_norm", "bias_gelu", "bias_scale_residual")
+
+
+def _fused_table(rows: Sequence[dict]) -> str:
+    """vitfast's rows of one fused op: time, bandwidth against the measured copy rate, and the
+    per-round speed-ups over eager PyTorch and torch.compile timed in the same run."""
+    cols = [("model", "model"), ("batch", "batch"), ("width", "width"), ("dtype", "dtype"), ("mode", "mode"),
+            ("ms", "ms"), ("GB/s", "gbps"), ("of copy", "frac_of_copy"), ("vs eager", "speedup_vs_eager"),
+            ("vs compile", "speedup_vs_compile")]
+
+    def fmt(r: dict, k: str) -> str:
+        if r.get("status", "ok") != "ok" and k not in ("model", "batch", "width", "dtype", "mode"):
+            return r.get("status", "?") if k == "ms" else ""
+        v = r.get(k)
+        if k == "frac_of_copy" and isinstance(v, (int, float)):
+            return f"{100 * v:.0f}%"
+        return f"{v:.2f}x" if k.startswith("speedup") and isinstance(v, (int, float)) else _cell(v)
+
+    cells = [[fmt(r, k) for _, k in cols] for r in rows if r.get("impl", r.get("backend")) == "vitfast"]
+    return format_markdown_table([h for h, _ in cols], cells, left=5)
+
+
+def _candidates_table(rows: Sequence[dict]) -> str:
+    """One line per (shape, dtype): for each attention kernel, the fastest candidate config, its
+    time, how much slower the untuned default (the first survivor) is, and the number timed."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["B"], r["H"], r["N"], r["D"], r["dtype"]), []).append(r)
+    headers = ["B", "H", "N", "D", "dtype"]
+    for kind in ("fwd", "dkdv", "dq"):
+        headers += [f"{kind} best config", f"{kind} ms", f"{kind} default / best"]
+    headers.append("max error vs SDPA's")
+    cells = []
+    for key, rs in groups.items():
+        line = [_cell(k) for k in key]
+        worst = 0.0
+        for kind in ("fwd", "dkdv", "dq"):
+            ok = [r for r in rs if r.get("kernel") == kind and r.get("status") == "ok"]
+            if not ok:
+                line += ["-", "-", "-"]
+                continue
+            best = min(ok, key=lambda r: r["ms"])
+            first = next((r for r in ok if r.get("first")), best)
+            line += [f"{best['config']} (of {len(ok)})", _cell(best["ms"]), f"{first['ms'] / best['ms']:.2f}x"]
+            worst = max([worst] + [r["err"] / r["sdpa_err"] for r in ok if r.get("sdpa_err")])
+        line.append(f"{worst:.2f}x")
+        cells.append(line)
+    return format_markdown_table(headers, cells, left=5)
+
+
 def _plot_title(doc: dict) -> str:
     env, r0 = doc["env"], (doc["rows"] or [{}])[0]
     where = f"CPU, {env.get('cpu_threads')} thread(s)" if env.get("device_kind") == "cpu" else str(env.get("device"))
@@ -146,6 +196,10 @@ def _kernel_table(name: str, rows: Sequence[dict]) -> str:
         return _attention_table(rows)
     if name == "patch_embed" and any(r.get("impl") == "vitfast" for r in rows):
         return _patch_embed_table(rows)
+    if name in FUSED_OPS and any(r.get("impl") == "vitfast" for r in rows):
+        return _fused_table(rows)
+    if name == "attention_candidate":
+        return _candidates_table(rows)
     cols = [c for c in KERNEL_COLUMNS if any(c in r for r in rows)]
     return format_markdown_table(cols, [[_cell(r.get(c)) for c in cols] for r in rows], left=0)
 
