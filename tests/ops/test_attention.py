@@ -251,6 +251,25 @@ def test_autotune_keys_and_pruning():
             kernels.set_autotune(previous)
 
 
+def test_secondary_configs_only_where_no_primary_fits():
+    """The autotuner times the measured primaries at ViT shapes; the secondary configs serve
+    short sequences and fp32 at large head dims, where no primary fits."""
+    previous = kernels.set_autotune(True)
+    try:
+        for kind, configs in (("fwd", kernels._FWD_CONFIGS), ("dkdv", kernels._DKDV_CONFIGS), ("dq", kernels._DQ_CONFIGS)):
+            prune = kernels._make_prune(kind)
+            n = kernels.PRIMARY[kind]
+            primary, secondary = configs[:n], configs[n:]
+            vit = prune(configs, {"Q": torch.empty(1, dtype=torch.bfloat16), "N_BUCKET": 208}, BLOCK_D=64)
+            assert vit and all(c in primary for c in vit) and vit[0] is primary[0]
+            tiny = prune(configs, {"Q": torch.empty(1, dtype=torch.bfloat16), "N_BUCKET": 16}, BLOCK_D=64)
+            assert tiny and all(c in secondary for c in tiny)
+            fp32 = prune(configs, {"Q": torch.empty(1, dtype=torch.float32), "N_BUCKET": 4096}, BLOCK_D=256)
+            assert fp32 and all(c in secondary for c in fp32)
+    finally:
+        kernels.set_autotune(previous)
+
+
 def test_candidate_configs_are_the_autotuner_survivors():
     q = torch.empty(2, 3, 197, 64, dtype=torch.float16)
     for kind, configs in (("fwd", kernels._FWD_CONFIGS), ("dkdv", kernels._DKDV_CONFIGS), ("dq", kernels._DQ_CONFIGS)):

@@ -303,33 +303,41 @@ def _cfg(bm: int, bn: int, tail: int, warps: int, stages: int) -> triton.Config:
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, TAIL=tail), num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, TAIL, warps, stages); the first survivor of pruning is the untuned
-# default. Uneven tiles and 16-wide tails are here for ViT lengths (197, 257, 577): a
-# 128x128 tile does 1.69x the useful work at N = 197, 64x32 with a 16-wide tail 1.21x.
-# The lists and the pruning limits below come from compiling every candidate for sm_90
-# (bf16, D = 64 and 128) and reading ptxas's register, spill and shared-memory report.
+# (BLOCK_M, BLOCK_N, TAIL, warps, stages). Each kernel has primary configs, the ones the
+# autotuner times, and secondary ones, tried only where no primary fits (short N, fp32 at large
+# D); the first survivor is the untuned default. The primaries are cut by measurement: on an
+# H200 (triton 3.6, bf16 and fp16, N 197/257/577/1025 at D 64 and 80, N 4096 at D 128; every
+# candidate timed alone, benchmarks/results/2026-12-01_nvidia-h200_attention_candidates.json)
+# they are the configs within 7% of the fastest at one shape at least; the first of each was
+# the fastest at 12 (forward), 17 (dK/dV) and 16 (dQ) of the 18 shapes, and the old first
+# survivors were 1.1-1.7x slower. Uneven tiles and 16-wide tails suit ViT lengths: a 128x128
+# tile does 1.69x the useful work at N = 197, 64x32 with a 16-wide tail 1.21x. The pruning
+# limits come from compiling every candidate for sm_90 and reading ptxas's report.
 _FWD_CONFIGS = [
-    _cfg(128, 64, 64, 8, 3), _cfg(128, 64, 16, 8, 3), _cfg(128, 128, 128, 8, 2),
-    _cfg(128, 128, 16, 8, 2), _cfg(128, 32, 16, 8, 3), _cfg(128, 64, 64, 4, 3),
-    _cfg(64, 64, 64, 4, 3), _cfg(64, 64, 16, 4, 3), _cfg(64, 64, 64, 4, 4),
-    _cfg(64, 64, 64, 8, 2), _cfg(64, 32, 16, 4, 4), _cfg(64, 32, 32, 8, 3),
-    _cfg(64, 128, 128, 8, 3), _cfg(64, 128, 32, 8, 2), _cfg(32, 32, 16, 4, 3),
-    _cfg(16, 16, 16, 2, 2),
+    _cfg(64, 64, 16, 4, 3), _cfg(128, 32, 16, 8, 3), _cfg(64, 64, 64, 4, 3), _cfg(128, 64, 16, 8, 3),
+    _cfg(64, 32, 16, 4, 4), _cfg(128, 64, 64, 8, 3),
+    # secondary
+    _cfg(128, 64, 64, 4, 3), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 128, 8, 2), _cfg(128, 128, 16, 8, 2),
+    _cfg(64, 64, 64, 8, 2), _cfg(64, 32, 32, 8, 3), _cfg(64, 128, 128, 8, 3), _cfg(64, 128, 32, 8, 2),
+    _cfg(32, 32, 16, 4, 3), _cfg(16, 16, 16, 2, 2),
 ]
 # dK/dV: BLOCK_N keys owned, loop over queries in BLOCK_M (then TAIL).
 _DKDV_CONFIGS = [
-    _cfg(32, 128, 32, 8, 3), _cfg(32, 128, 16, 8, 3), _cfg(16, 128, 16, 8, 3),
-    _cfg(64, 128, 64, 8, 2), _cfg(32, 64, 32, 4, 3), _cfg(32, 64, 16, 4, 3),
-    _cfg(32, 64, 32, 8, 3), _cfg(64, 64, 64, 8, 2), _cfg(16, 64, 16, 4, 3),
+    _cfg(32, 64, 16, 4, 3), _cfg(32, 64, 32, 4, 3), _cfg(16, 64, 16, 4, 3), _cfg(32, 128, 16, 8, 3),
+    _cfg(32, 128, 32, 8, 3),
+    # secondary
+    _cfg(16, 128, 16, 8, 3), _cfg(64, 128, 64, 8, 2), _cfg(64, 64, 64, 8, 2), _cfg(32, 64, 32, 8, 3),
     _cfg(16, 32, 16, 4, 3), _cfg(16, 16, 16, 2, 2),
 ]
 # dQ: BLOCK_M queries owned, loop over keys in BLOCK_N (then TAIL).
 _DQ_CONFIGS = [
-    _cfg(128, 32, 32, 8, 3), _cfg(128, 32, 16, 8, 3), _cfg(128, 64, 64, 8, 2),
-    _cfg(128, 16, 16, 8, 3), _cfg(64, 32, 32, 4, 3), _cfg(64, 32, 16, 4, 3),
-    _cfg(64, 64, 64, 4, 2), _cfg(64, 64, 16, 8, 3), _cfg(64, 32, 32, 8, 2), _cfg(32, 32, 16, 4, 3),
-    _cfg(32, 16, 16, 4, 3), _cfg(16, 16, 16, 2, 2),
+    _cfg(64, 32, 16, 4, 3), _cfg(64, 64, 64, 4, 2), _cfg(64, 32, 32, 4, 3),
+    # secondary
+    _cfg(128, 32, 16, 8, 3), _cfg(128, 32, 32, 8, 3), _cfg(128, 64, 64, 8, 2), _cfg(128, 16, 16, 8, 3),
+    _cfg(64, 64, 16, 8, 3), _cfg(64, 32, 32, 8, 2), _cfg(32, 32, 16, 4, 3), _cfg(32, 16, 16, 4, 3),
+    _cfg(16, 16, 16, 2, 2),
 ]
+PRIMARY = {"fwd": 6, "dkdv": 5, "dq": 3}  # how many configs at the head of each list are primary
 MIN_TILE = 16  # smallest owned tile in any config (bounds the grid size)
 _SMEM_BYTES = 227 * 1024  # H100's per-block limit; configs over it would fail to compile
 
@@ -363,16 +371,19 @@ def _make_prune(kind: str):
         n, block_d = args["N_BUCKET"], args["BLOCK_D"]
         el = args["Q"].dtype.itemsize
         n_cap = max(16, triton.next_power_of_2(int(n)))
-        kept = []
-        for c in configs:
-            bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TAIL"]
-            own, loop = (bn, bm) if kind == "dkdv" else (bm, bn)
-            if own > n_cap or loop > n_cap or tail > loop:
-                continue
-            if _fits(kind, own, loop, block_d, c.num_warps, c.num_stages, el):
-                kept.append(c)
-        if not kept:
-            kept = [configs[-1]]
+        def survivors(candidates):
+            kept = []
+            for c in candidates:
+                bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TAIL"]
+                own, loop = (bn, bm) if kind == "dkdv" else (bm, bn)
+                if own > n_cap or loop > n_cap or tail > loop:
+                    continue
+                if _fits(kind, own, loop, block_d, c.num_warps, c.num_stages, el):
+                    kept.append(c)
+            return kept
+
+        n = PRIMARY[kind] if len(configs) > PRIMARY[kind] else len(configs)
+        kept = survivors(configs[:n]) or survivors(configs[n:]) or [configs[-1]]
         return kept if _AUTOTUNE else kept[:1]
 
     return prune
