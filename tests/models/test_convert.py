@@ -210,3 +210,68 @@ def test_bad_checkpoints_list_every_key(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": object()}, pickled)
     with pytest.raises(ValueError, match="weights_only=True"):
         read_state_dict(pickled)
+
+
+# ------------------------------------------- keys a converter must drop or rename (issue 19)
+@pytest.mark.parametrize("as_state_dict", [False, True])
+def test_from_hf_drops_the_mask_token(as_state_dict):
+    """ViTModel(use_mask_token=True) (masked-image-modelling backbones) carries
+    ``embeddings.mask_token``, used only by bool_masked_pos: dropped, the rest reproduces the model."""
+    tr = _hf()
+    torch.manual_seed(0)
+    h = tr.ViTModel(_hf_config(tr), use_mask_token=True).eval()
+    _randomize(h)
+    sd = h.state_dict()
+    assert "embeddings.mask_token" in sd
+    f = from_hf(_to_v4_keys(sd), config=h.config) if as_state_dict else from_hf(h)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(f.forward_features(x), h(pixel_values=x).last_hidden_state) <= RTOL
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["mlp.0/3", "mlp.linear_1/2"])
+def test_from_torchvision_reads_both_mlp_key_names(legacy):
+    """torchvision named the MLP layers mlp.linear_1/linear_2 before 0.13 (mlp.0/mlp.3 since);
+    checkpoints of both ages convert to the same model."""
+    tv = _torchvision_vit()
+    sd = tv.state_dict()
+    if legacy:
+        sd = {re.sub(r"\.mlp\.0\.", ".mlp.linear_1.", re.sub(r"\.mlp\.3\.", ".mlp.linear_2.", k)): v for k, v in sd.items()}
+        assert any(".mlp.linear_1." in k for k in sd) and not any(".mlp.0." in k for k in sd)
+    f = from_torchvision(sd)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(f(x), tv(x)) <= RTOL
+
+
+# --------------------------------------- pos_embed resampled on load, every prefix layout
+_PREFIX_LAYOUTS = [  # (timm name, image size saved, image size loaded, kwargs): class token and/or
+    # registers, with the position embedding covering the prefix tokens or not (no_embed_class)
+    ("vit_small_patch16_224", 32, 64, {}),                                       # cls, embedded
+    ("vit_small_patch16_224", 32, 64, dict(class_token=False, global_pool="avg")),  # no prefix
+    ("vit_small_patch14_reg4_dinov2", 56, 112, {}),                              # cls + 4 reg, not embedded
+    ("vit_base_patch16_reg4_gap_256", 32, 64, {}),                               # 4 reg only, not embedded
+]
+
+
+@pytest.mark.parametrize("name,saved,loaded,kw", _PREFIX_LAYOUTS, ids=[f"{n}-{s}to{l}" + ("-gap" if k else "")
+                                                                       for n, s, l, k in _PREFIX_LAYOUTS])
+def test_checkpoint_from_another_resolution_loads_as_timm_does(tmp_path, name, saved, loaded, kw):
+    """A checkpoint saved at one resolution loads at another exactly as timm's own loader
+    (checkpoint_filter_fn) resamples it: the same pos_embed, the same outputs."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    kw = dict(depth=1, **kw)
+    src = timm.create_model(name, img_size=saved, **kw)
+    _randomize(src)
+    path = str(tmp_path / "m.pth")
+    torch.save(src.state_dict(), path)
+    f = create_model(name, img_size=loaded, checkpoint_path=path, **kw).eval()
+    t = timm.create_model(name, img_size=loaded, **kw).eval()
+    t.load_state_dict(checkpoint_filter_fn(src.state_dict(), t))
+    assert f.pos_embed.shape == t.pos_embed.shape != src.pos_embed.shape
+    assert rel_err(f.pos_embed, t.pos_embed) <= 1e-6
+    x = torch.randn(2, 3, loaded, loaded)
+    with torch.no_grad():
+        f.pixel_mean.zero_(), f.pixel_std.fill_(1.0)  # timm takes normalised images
+        assert rel_err(f.forward_features(x), t.forward_features(x)) <= RTOL

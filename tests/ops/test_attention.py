@@ -59,21 +59,30 @@ def _grads(fn, q, k, v, dout):
 
 
 def _check_fwd_bwd(B, H, N, D, dtype, backward=True, scale=None, seed=0):
+    """The kernel and the ``sdpa`` backend, both through ``attention()``, against float64
+    ``attention_ref``; each error bounded by twice the error of torch's own
+    ``F.scaled_dot_product_attention`` called directly in the same dtype. The bound shares no
+    code with the wrapper: a bug there (a wrong default scale, say) moves both backends alike,
+    and a bound taken from the ``sdpa`` backend would move with them."""
     q, k, v = _qkv(B, H, N, D, dtype, seed=seed)
     ref_inputs = [t.double() for t in (q, k, v)]
     dout = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(seed + 1)).to(q.device, dtype)
     run = lambda be: (lambda a, b, c: attention(a, b, c, scale=scale, backend=be))  # noqa: E731
+    torch_sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=scale)  # noqa: E731
     ref_fn = lambda a, b, c: attention_ref(a, b, c, scale=scale)  # noqa: E731
     if not backward:
         with torch.no_grad():
-            got, sdpa, ref = run("triton")(q, k, v), run("sdpa")(q, k, v), ref_fn(*ref_inputs)
-        _assert_close_2x("out", got, sdpa, ref, dtype)
+            got, sdpa, direct = run("triton")(q, k, v), run("sdpa")(q, k, v), torch_sdpa(q, k, v)
+            ref = ref_fn(*ref_inputs)
+        _assert_close_2x("out", got, direct, ref, dtype)
+        _assert_close_2x("out (sdpa backend)", sdpa, direct, ref, dtype)
         return
-    got, sdpa, ref = (_grads(f, *args, dout) for f, args in (
-        (run("triton"), (q, k, v)), (run("sdpa"), (q, k, v)), (ref_fn, ref_inputs)))
-    for name, g, s, r in zip(("out", "dq", "dk", "dv"), got, sdpa, ref):
+    got, sdpa, direct, ref = (_grads(f, *args, dout) for f, args in (
+        (run("triton"), (q, k, v)), (run("sdpa"), (q, k, v)), (torch_sdpa, (q, k, v)), (ref_fn, ref_inputs)))
+    for name, g, s, d, r in zip(("out", "dq", "dk", "dv"), got, sdpa, direct, ref):
         assert g.dtype == dtype and g.shape == r.shape
-        _assert_close_2x(name, g, s, r, dtype)
+        _assert_close_2x(name, g, d, r, dtype)
+        _assert_close_2x(name + " (sdpa backend)", s, d, r, dtype)
 
 
 # ----------------------------------------------------------------- numerics on the CPU

@@ -52,6 +52,17 @@ def test_autocast_style_mixed_dtypes():
     _check((2, 21), 300, torch.float16, x_dtype=torch.float32, vec_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("gamma_scale", [1e-5, 1.0, 30.0], ids=["dinov2_init", "one", "large"])
+def test_layer_scale_magnitudes(gamma_scale, dtype):
+    """LayerScale from DINOv2's 1e-5 initialisation to large trained values: gamma is applied
+    once, to (y + bias), and its gradient is sum(dout * (y + bias)) at every magnitude."""
+    x, y, b, _ = _inputs((2, 21), 300, dtype)
+    g = randn((300,), dtype, 9, scale=0.2 * gamma_scale, shift=gamma_scale)
+    check(lambda *a: bias_scale_residual(*a, backend="triton"), bias_scale_residual_ref, NAMES, [x, y, b, g], dtype,
+          ("out",))
+
+
 def test_gradcheck_float64():
     ins = [t.requires_grad_() for t in _inputs((2, 3), 11, torch.float64)]
     assert torch.autograd.gradcheck(lambda *a: bias_scale_residual(*a, backend="triton"), ins, fast_mode=True)

@@ -120,6 +120,61 @@ def test_statistics_are_returned_and_fp32():
     torch.testing.assert_close(rstd.double(), (ref.var(-1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-5, atol=0)
 
 
+# ------------------------------------------- inputs where eps decides the answer (issue 19)
+# (x scale, x shift, eps): near-constant rows (variance 1e-6 beside eps 1e-6), tiny-scale rows
+# (variance 1e-10: eps dominates), and a large eps on ordinary rows. eps inside the square root
+# (1 / sqrt(var + eps)) and eps outside it (1 / (sqrt(var) + eps)) differ by 1.4x to 100x here.
+_EPS_REGIMES = {"near_constant": (1e-3, 3.0, 1e-6), "tiny_scale": (1e-5, 0.0, 1e-6), "large_eps": (1.0, 0.5, 0.1)}
+
+
+def _eps_inputs(regime, op, dtype, lead=(2, 13), C=96):
+    scale, shift, eps = _EPS_REGIMES[regime]
+    x = randn((*lead, C), dtype, 11, scale=scale, shift=shift)
+    w, b = randn((C,), dtype, 12, scale=0.5, shift=1.0), randn((C,), dtype, 13, scale=0.5)
+    if op == "layer_norm":
+        return eps, [x, w, b]
+    # add_layer_norm normalises x + gamma * (y + y_bias): the sum carries the regime
+    y = randn((*lead, C), dtype, 14, scale=scale)
+    return eps, [x, y, randn((C,), dtype, 15, scale=0.1, shift=1.0), randn((C,), dtype, 16, scale=scale), w, b]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("regime", list(_EPS_REGIMES))
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_eps_regimes_match_reference(op, regime, dtype):
+    """Outputs and gradients by the 2x rule where eps matters."""
+    eps, ins = _eps_inputs(regime, op, dtype)
+    if op == "layer_norm":
+        check(lambda x, w, b: layer_norm(x, w, b, eps, backend="triton"),
+              lambda x, w, b: layer_norm_ref(x, w, b, eps), ("x", "weight", "bias"), ins, dtype, ("h",))
+    else:
+        check(lambda x, y, g, yb, w, b: add_layer_norm(x, y, g, w, b, eps, y_bias=yb, backend="triton"),
+              lambda x, y, g, yb, w, b: add_layer_norm_ref(x, y, g, w, b, eps, y_bias=yb),
+              ("x", "y", "gamma", "y_bias", "weight", "bias"), ins, dtype, ("x_out", "h"))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("regime", list(_EPS_REGIMES))
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_rstd_is_one_over_sqrt_of_var_plus_eps(op, regime, dtype):
+    """The saved statistics themselves, tightly: rstd = 1 / sqrt(var + eps) of the normalised
+    rows (fp32 statistics, fp64 for fp64 inputs) to a few ulps."""
+    eps, ins = _eps_inputs(regime, op, dtype)
+    if op == "layer_norm":
+        x, w, b = ins
+        h, mean, rstd = torch.ops.vitfast.layer_norm_fwd(x, w, b, eps, None)
+        rows = x.double().reshape(-1, x.shape[-1])
+    else:
+        x, y, g, yb, w, b = ins
+        x_out, h, mean, rstd = torch.ops.vitfast.add_layer_norm_fwd(x, y, g, yb, w, b, eps, None)
+        rows = x_out.double().reshape(-1, x.shape[-1])
+    want = (rows.var(-1, unbiased=False) + eps).rsqrt()
+    # fp64: eps reaches the kernel as an fp32 scalar (Triton's JIT types Python floats fp32), 7e-10 off
+    rtol = 1e-8 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(rstd.double(), want, rtol=rtol, atol=0)
+    torch.testing.assert_close(mean.double(), rows.mean(-1), rtol=rtol, atol=rtol * rows.abs().max().item())
+
+
 # ------------------------------------------------------------------- layouts and grads
 def test_strided_inputs_and_expanded_gradients():
     C = 130

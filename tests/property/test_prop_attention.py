@@ -84,9 +84,11 @@ def test_triton_forward_matches_reference(shape, D, dtype, layout, kind, which, 
     with torch.no_grad():
         got = attention(q, k, v, scale=scale, backend="triton")
         sdpa = attention(q, k, v, scale=scale, backend="sdpa")
+        direct = F.scaled_dot_product_attention(q, k, v, scale=scale)  # shares no code with attention()
     ref = attention_ref(q.double(), k.double(), v.double(), scale=scale)
     assert got.dtype == dtype and got.shape == (B, H, N, D)
-    assert_matches("out", got, sdpa, ref, dtype, unit=SCALE.get(kind, 1.0))
+    assert_matches("out", got, direct, ref, dtype, unit=SCALE.get(kind, 1.0))
+    assert_matches("out (sdpa backend)", sdpa, direct, ref, dtype, unit=SCALE.get(kind, 1.0))
 
 
 @FAST
@@ -124,10 +126,12 @@ def test_triton_gradients_match_reference(B, H, N, D, dtype, layout, seed):
 
     got = grads(lambda a, b, c: attention(a, b, c, backend="triton"), (q, k, v))
     sdpa = grads(lambda a, b, c: attention(a, b, c, backend="sdpa"), (q, k, v))
+    direct = grads(F.scaled_dot_product_attention, (q, k, v))  # the bound: shares no code with attention()
     ref = grads(attention_ref, [t.double() for t in (q, k, v)])
-    for name, g, s, r in zip(("out", "dq", "dk", "dv"), got, sdpa, ref):
+    for name, g, s, d, r in zip(("out", "dq", "dk", "dv"), got, sdpa, direct, ref):
         assert g.dtype == dtype
-        assert_matches(name, g, s, r, dtype)
+        assert_matches(name, g, d, r, dtype)
+        assert_matches(name + " (sdpa backend)", s, d, r, dtype)
 
 
 @FAST
