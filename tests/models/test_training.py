@@ -115,13 +115,30 @@ def test_every_dropout_site_draws_where_timm_does(site, name, kw):
     assert rel_err(out_f2, out_t) > 1e-3  # the masks matter: a different seed moves the output
 
 
+def test_auto_on_the_cpu_is_the_reference_path_without_a_warning():
+    """backend="auto" off CUDA is the plain-PyTorch path by definition, for the model as for the
+    ops: no fallback warning (it said "input is on cpu" on every CPU forward)."""
+    from vitfast._dispatch import reset_warnings
+
+    f = FastViT(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=3)
+    reset_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = f(torch.randn(2, 3, 32, 32))
+        out.sum().backward()
+    assert out.shape == (2, 3)
+
+
 def test_attention_dropout_falls_back_with_warning():
     from vitfast._dispatch import reset_warnings
 
     f = FastViT(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, attn_drop_rate=0.1).train()
     reset_warnings()
-    with pytest.warns(RuntimeWarning, match="attention dropout p=0.1 in training"):
-        f(torch.randn(1, 3, 32, 32))
+    if torch.cuda.is_available():  # auto on CUDA: a fallback, said once; off CUDA auto is the reference path
+        f.cuda()
+        with pytest.warns(RuntimeWarning, match="attention dropout p=0.1 in training"):
+            f(torch.randn(1, 3, 32, 32, device="cuda"))
+        f.cpu()
     f.set_backend("kernels")
     with pytest.raises(ValueError, match="attention dropout p=0.1 in training"):
         f(torch.randn(1, 3, 32, 32))

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._dispatch import BACKENDS, canonical_backend, module_uses_kernel
+from .._dispatch import BACKENDS, auto_is_reference, canonical_backend, module_uses_kernel
 from ..ops.attention import attention, attention_not_supported_reasons, attention_packed, split_packed_qkv
 
 __all__ = ["Attention", "attention_forward", "attention_core", "attention_fallback_reasons", "MODULE_BACKENDS"]
@@ -88,7 +88,8 @@ def attention_core(
     """qkv Linear -> attention -> (scale norm): everything before the output projection, which
     a fused block applies itself (its bias folded into the residual + LayerNorm op)."""
     qkv = mod.qkv(x)
-    use_kernel = backend != "reference" and module_uses_kernel(
+    # "auto" off CUDA is the reference path by definition (no fallback, so no warning), as for the ops
+    use_kernel = backend != "reference" and not (backend == "auto" and auto_is_reference(qkv.device)) and module_uses_kernel(
         "FastViT.attention", backend, attention_fallback_reasons(mod, qkv, backend, attn_mask, is_causal)
     )
     o = _kernel(mod, qkv) if use_kernel else _reference(mod, qkv, attn_mask, is_causal)
