@@ -163,6 +163,8 @@ def from_timm(model: nn.Module, backend: str = "auto") -> FastViT:
     if pcfg.get("mean") is not None and len(pcfg["mean"]) == cfg["in_chans"]:
         cfg["mean"], cfg["std"] = tuple(pcfg["mean"]), tuple(pcfg["std"])
     out = _build(cfg, model.state_dict(), model.pos_embed, "vitfast.from_timm")
+    if pcfg:
+        out.pretrained_cfg = dict(pcfg)  # timm's own (default_cfg is the same dict)
     return out.train(model.training)
 
 

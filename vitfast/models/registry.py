@@ -119,26 +119,110 @@ def _download(name: str) -> str:
         ) from e
 
 
+def _timm():
+    try:
+        import timm  # noqa: F401
+        from timm.models import _builder
+
+        return _builder
+    except ImportError:
+        return None
+
+
+def pretrained_cfg_for(name: str, model: FastViT, overlay: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """timm's ``pretrained_cfg`` for ``name`` (its default tag, ``overlay`` applied), as
+    ``timm.create_model(name)`` sets it; without timm, the same keys from the table."""
+    builder = _timm()
+    if builder is not None:
+        try:
+            return builder.resolve_pretrained_cfg(name, pretrained_cfg_overlay=overlay).to_dict()
+        except Exception:  # a name this timm does not know: the table's values below
+            pass
+    cfg = dict(model.pretrained_cfg)
+    repo = PRETRAINED.get(name)
+    cfg.update(architecture=name, hf_hub_id=repo, tag=repo.rsplit(".", 1)[-1] if repo else None,
+               input_size=(model.in_chans, *model.patch_embed.img_size), num_classes=MODEL_CONFIGS[name].get(
+                   "num_classes", 1000))
+    cfg.update(overlay or {})
+    return cfg
+
+
+def _load_pretrained(model: FastViT, name: str, num_classes_given: bool) -> None:
+    """timm's own loader on the FastViT (the state-dict names are timm's): the Hugging Face Hub
+    cache, ``pretrained_cfg_overlay=dict(file=...)``, offline mode and the position-embedding
+    resampling behave exactly as ``timm.create_model(name, pretrained=True)``."""
+    builder = _timm()
+    if builder is None:  # no timm: the Hub file directly
+        load_weights(model, _download(name), new_head=num_classes_given)
+        return
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    cfg = model.pretrained_cfg
+    if not any(cfg.get(k) for k in ("file", "state_dict", "hf_hub_id", "url")):
+        raise ValueError(f"vitfast.create_model({name!r}, pretrained=True): timm publishes no default weights for "
+                         f"{name}; pass checkpoint_path= a local .safetensors/.pth/.bin file.")
+    try:
+        builder.load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=model.in_chans,
+                                filter_fn=checkpoint_filter_fn, strict=model.num_classes == cfg.get("num_classes"))
+    except Exception as e:
+        fetching = isinstance(e, (OSError, ConnectionError)) or type(e).__module__.startswith(
+            ("huggingface_hub", "requests", "urllib3", "httpx"))
+        if not fetching:
+            raise
+        where = cfg.get("file") or cfg.get("hf_hub_id") or cfg.get("url")
+        raise RuntimeError(
+            f"vitfast.create_model({name!r}, pretrained=True): could not fetch {where} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); pass checkpoint_path= a local .safetensors/.pth/.bin "
+            f"file, or pretrained_cfg_overlay=dict(file=...)."
+        ) from e
+
+
+def _features(model: FastViT, out_indices, feature_cls: str, **feature_kw) -> Any:
+    """timm's feature wrapper around the model, as ``timm.create_model(..., features_only=True)``."""
+    builder = _timm()
+    if builder is None:
+        raise ImportError("vitfast.create_model(features_only=True) wraps the model with timm's feature getter: "
+                          "pip install timm")
+    from timm.models._features import FeatureGetterNet
+
+    if str(feature_cls).lower() != "getter":
+        raise ValueError(f"vitfast.create_model: feature_cls={feature_cls!r}; a ViT takes 'getter' "
+                         "(timm's forward_intermediates wrapper), as timm's ViTs do")
+    cfg = model.pretrained_cfg
+    wrapped = FeatureGetterNet(model, out_indices=out_indices, **feature_kw)
+    wrapped.in_chans = model.in_chans
+    wrapped.pretrained_cfg = builder.pretrained_cfg_for_features(cfg)
+    return wrapped
+
+
 def create_model(
-    name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **overrides: Any
-) -> FastViT:
+    name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, *,
+    pretrained_cfg_overlay: Optional[Dict[str, Any]] = None, features_only: bool = False,
+    out_indices: Any = 3, feature_cls: str = "getter", **overrides: Any
+) -> Any:
     """Build a FastViT by timm's model name, with constructor arguments overridden.
 
     ``checkpoint_path`` loads a ``.safetensors``/``.pth``/``.bin`` file in timm, torchvision or
-    Hugging Face key layout (detected). ``pretrained=True`` without it fetches timm's default
-    weights from the Hugging Face Hub; without network it raises and says to pass
-    ``checkpoint_path``. Overriding ``num_classes`` keeps the checkpoint's body and leaves the new
-    head freshly initialised (as timm does).
+    Hugging Face key layout (detected). ``pretrained=True`` without it loads timm's default
+    weights through timm's own machinery (Hugging Face Hub cache, ``HF_HUB_OFFLINE``,
+    ``pretrained_cfg_overlay=dict(file=...)``), as ``timm.create_model(name, pretrained=True)``.
+    Overriding ``num_classes`` keeps the checkpoint's body and leaves the new head freshly
+    initialised (as timm does). ``features_only=True`` returns timm's feature getter
+    (``out_indices``: the last n blocks or a list; NCHW maps) around the model.
+    The model's ``pretrained_cfg`` (and ``default_cfg``) is timm's for that name.
     """
     if name not in MODEL_CONFIGS:
         close = difflib.get_close_matches(name, MODEL_CONFIGS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"vitfast.create_model: unknown model {name!r}.{hint} See vitfast.list_models().")
     model = FastViT(**{**MODEL_CONFIGS[name], **overrides})
-    if checkpoint_path is None and pretrained:
-        checkpoint_path = _download(name)
+    model.pretrained_cfg = pretrained_cfg_for(name, model, pretrained_cfg_overlay)
     if checkpoint_path is not None:
         if not os.path.exists(checkpoint_path):
             raise FileNotFoundError(f"vitfast.create_model: checkpoint_path {checkpoint_path!r} does not exist")
         load_weights(model, checkpoint_path, new_head="num_classes" in overrides)
+    elif pretrained:
+        _load_pretrained(model, name, "num_classes" in overrides)
+    if features_only:
+        return _features(model, out_indices, feature_cls)
     return model

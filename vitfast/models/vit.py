@@ -141,10 +141,26 @@ class FastViT(nn.Module):
         std = self.config["std"] or (INCEPTION_STD[0],) * in_chans
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        self._pixel_stats = (tuple(mean), tuple(std))
+        # timm's keys (a registered name gets timm's own dict from create_model / from_timm)
         self.pretrained_cfg = dict(
-            input_size=(in_chans, *self.patch_embed.img_size), mean=mean, std=std, num_classes=num_classes
+            input_size=(in_chans, *self.patch_embed.img_size), fixed_input_size=not dynamic_img_size,
+            interpolation="bicubic", crop_pct=0.9, crop_mode="center", mean=tuple(mean), std=tuple(std),
+            num_classes=num_classes, pool_size=None, first_conv="patch_embed.proj", classifier="head",
         )
+        # one entry per block, as timm's VisionTransformer: what features_only / forward_intermediates give
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
+                             for i in range(depth)]
         self._init_weights()
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for ``pretrained_cfg`` (the same dict)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
 
     # -- construction helpers ---------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
@@ -153,7 +169,8 @@ class FastViT(nn.Module):
         super()._apply(fn, *args, **kwargs)
         for name in ("mean", "std"):
             dev = getattr(self, f"pixel_{name}").device
-            setattr(self, f"pixel_{name}", torch.tensor(self.pretrained_cfg[name], dtype=torch.float32, device=dev))
+            stats = self._pixel_stats[0 if name == "mean" else 1]
+            setattr(self, f"pixel_{name}", torch.tensor(stats, dtype=torch.float32, device=dev))
         return self
 
     def _init_weights(self) -> None:
@@ -259,6 +276,20 @@ class FastViT(nn.Module):
         if intermediates_only:
             return inter
         return self.norm(x), inter
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's: drop the blocks after the last one in ``indices`` (and the final norm, the head
+        with ``prune_norm`` / ``prune_head``); returns the kept indices."""
+        take, max_index = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
