@@ -13,7 +13,7 @@ _compat.install()  # the module paths from before 0.2 (vitfast.convert, vitfast.
 from . import ops  # noqa: E402
 from .models import FastViT, convert, create_model, list_models  # noqa: E402
 from .models import weights as checkpoint  # noqa: E402  (the old name of vitfast.models.weights)
-from .models.convert import from_hf, from_timm, from_torchvision  # noqa: E402
+from .models.convert import from_hf, from_timm, from_torchvision, to_timm  # noqa: E402
 from .models.weights import load_weights  # noqa: E402
 from .inference import optimize_for_inference  # noqa: E402
 from .integrations.timm import patch_timm, unpatch_timm  # noqa: E402
@@ -23,6 +23,7 @@ __all__ = [
     "create_model",
     "list_models",
     "from_timm",
+    "to_timm",
     "from_torchvision",
     "from_hf",
     "load_weights",

@@ -206,3 +206,79 @@ def test_pretrained_resolves_like_timm_offline(tmp_path, name):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["same"] and got["overlay"] and got["body"], got
     assert got["err"] <= 1e-4, got
+
+
+# ------------------------------------------------------------------------- tracing
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(NAMES))
+def test_fx_trace_feature_extractor_and_export(kind, name):
+    """torch.fx graphs (train and eval) and torchvision's create_feature_extractor run the model's
+    own calls as graph leaves: the same outputs and gradients as eager; torch.export still works."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    m = _make(kind, name, drop_path_rate=0.1, proj_drop_rate=0.1)
+    x = _images(m)
+    for train in (True, False):
+        m.train(train)
+        g = torch.fx.symbolic_trace(m)
+        out = []
+        for fn in (m, g):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(3)
+            y = fn(x)
+            y.square().mean().backward()
+            out.append((y.detach(), [p.grad.clone() for p in m.parameters()]))
+        (y_m, g_m), (y_g, g_g) = out
+        assert torch.equal(y_m, y_g) and all(torch.equal(a, b) for a, b in zip(g_m, g_g)), train
+    m.eval()
+    nodes = get_graph_node_names(m)[1]
+    blocks = [n for n in nodes if n.startswith("blocks.")]
+    assert len(blocks) == 2, nodes  # one node per block
+    fe = create_feature_extractor(m, return_nodes={blocks[0]: "b0", blocks[1]: "b1"})
+    with torch.no_grad():
+        feats = fe(x)
+        _, inter = m.forward_intermediates(x, output_fmt="NLC", return_prefix_tokens=False)
+    n = m.num_prefix_tokens
+    for got, want in zip((feats["b0"], feats["b1"]), inter):
+        assert _err(got[:, n:], want) <= 1e-5 * want.abs().max().item()
+    ep = torch.export.export(m, (x,))
+    with torch.no_grad():
+        y, y_ep = m(x), ep.module()(x)
+    assert _err(y_ep, y) <= 1e-5 * y.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(NAMES))
+def test_torchscript(kind, name):
+    """torch.jit.script works in eval: FastViT scripts the timm model its reference path computes
+    (vitfast.to_timm), a patched timm model an unpatched copy; the original stays as it was."""
+    m = _make(kind, name).eval()
+    x = _images(m)
+    s = torch.jit.script(m)
+    with torch.no_grad():
+        y, y_s = m(x), s(x)
+    assert _err(y_s, y) <= 1e-5 * y.abs().max().item()
+    if kind == "patched_timm":
+        assert vitfast.integrations.timm.is_patched(m)
+    else:
+        assert isinstance(m, vitfast.FastViT)
+        m.set_backend("kernel")
+        with pytest.raises(RuntimeError, match=r"torch\.export\.export"):
+            torch.jit.script(m)
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_unpatch_restores_exactly(name):
+    """patch_timm then unpatch_timm: no attribute left behind on any module, the same parameters
+    (the same objects), bit-equal outputs to a model never patched."""
+    torch.manual_seed(0)
+    t = timm.create_model(name, depth=2, **NAMES[name]).eval()
+    plain = __import__("copy").deepcopy(t)
+    before = {n: set(mod.__dict__) for n, mod in t.named_modules()}
+    params = [id(p) for p in t.parameters()]
+    vitfast.unpatch_timm(vitfast.patch_timm(t))
+    assert {n: set(mod.__dict__) for n, mod in t.named_modules()} == before
+    assert [id(p) for p in t.parameters()] == params
+    x = _images(t)
+    with torch.no_grad():
+        assert torch.equal(t(x), plain(x))

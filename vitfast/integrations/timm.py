@@ -9,6 +9,8 @@ built before patching stays valid. :func:`unpatch_timm` deletes those instance a
 
 from __future__ import annotations
 
+import copy
+import functools
 import types
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -24,6 +26,14 @@ from ..modules.patch_embed import check_images, embed_images
 __all__ = ["patch_timm", "unpatch_timm", "is_patched", "RULES", "PatchRule"]
 
 _MARK = "_vitfast_patched"  # instance attribute: {method name: backend}
+
+
+# torch.fx.symbolic_trace / torchvision's create_feature_extractor: these calls are leaves of the
+# graph, run with real tensors (input checks and the kernel-or-reference choice never see a Proxy)
+torch.fx.wrap("check_images")
+torch.fx.wrap("embed_images")
+torch.fx.wrap("block_forward")
+torch.fx.wrap("attention_forward")
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,8 @@ def _vit_forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tenso
     pe = self.patch_embed
     check_images(x, pe.proj.in_channels, pe.patch_size[0], pe.img_size, self.dynamic_img_size, "patched timm ViT")
     cfg = getattr(self, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean", (0.5,) * x.shape[1]), cfg.get("std", (0.5,) * x.shape[1])
+    chans = pe.proj.in_channels  # not x.shape[1]: x may be an FX Proxy
+    mean, std = cfg.get("mean", (0.5,) * chans), cfg.get("std", (0.5,) * chans)
     x = embed_images(
         x, pe.proj, cls_token=self.cls_token, reg_token=self.reg_token, pos_embed=self.pos_embed,
         no_embed_class=self.no_embed_class, grid_size=pe.grid_size, mean=mean, std=std,
@@ -148,6 +159,8 @@ def patch_timm(model: nn.Module, attention: bool = True, patch_embed: bool = Tru
                 continue
             mod.__dict__.setdefault(_MARK, {})[rule.method] = backend
             setattr(mod, rule.method, types.MethodType(rule.replacement, mod))
+            # torch.jit.script: the vitfast methods are not scriptable; script an unpatched copy
+            mod.__dict__[_SCRIPTABLE] = functools.partial(_unpatched_copy, mod)
     if not matched and any(flags.values()):
         wanted = ", ".join(cls.__name__ for _, cls in rules)
         raise TypeError(f"vitfast.patch_timm: {type(model).__name__} holds no timm module to patch ({wanted})")
@@ -162,7 +175,17 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
         marks = mod.__dict__.pop(_MARK, None)
         for method in marks or ():
             mod.__dict__.pop(method, None)
+        mod.__dict__.pop(_SCRIPTABLE, None)
     return model
+
+
+_SCRIPTABLE = "__prepare_scriptable__"
+
+
+def _unpatched_copy(mod: nn.Module) -> nn.Module:
+    """What ``torch.jit.script`` compiles for a patched module: a copy with timm's own methods
+    (the same weights and mode; the patched original is untouched)."""
+    return unpatch_timm(copy.deepcopy(mod))
 
 
 def is_patched(module: nn.Module) -> bool:

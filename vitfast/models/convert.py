@@ -12,6 +12,8 @@ Key layouts and weight loading live in :mod:`vitfast.models.weights`, which this
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -166,6 +168,37 @@ def from_timm(model: nn.Module, backend: str = "auto") -> FastViT:
     if pcfg:
         out.pretrained_cfg = dict(pcfg)  # timm's own (default_cfg is the same dict)
     return out.train(model.training)
+
+
+def to_timm(model: FastViT) -> nn.Module:
+    """A timm ``VisionTransformer`` with this FastViT's configuration and (copied) weights: the
+    plain-PyTorch model FastViT's reference path computes (same device, dtype, mode and
+    ``pretrained_cfg``). ``torch.jit.script(fastvit)`` scripts this."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("vitfast.to_timm needs timm installed") from e
+    c = model.config
+    t = VisionTransformer(
+        img_size=c["img_size"], patch_size=model.patch_embed.patch_size[0], in_chans=model.in_chans,
+        num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
+        depth=len(model.blocks), num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], qkv_bias=c["qkv_bias"],
+        qk_norm=c["qk_norm"], proj_bias=c["proj_bias"], init_values=c["init_values"], class_token=model.has_class_token,
+        no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens, pre_norm=c["pre_norm"],
+        final_norm=c["final_norm"], fc_norm=c["fc_norm"], pool_include_prefix=model.pool_include_prefix,
+        dynamic_img_size=model.dynamic_img_size, drop_rate=c["drop_rate"], pos_drop_rate=c["pos_drop_rate"],
+        proj_drop_rate=c["proj_drop_rate"], attn_drop_rate=c["attn_drop_rate"], drop_path_rate=c["drop_path_rate"],
+        norm_layer=functools.partial(nn.LayerNorm, eps=c["norm_eps"]), act_layer=c["act_layer"], weight_init="skip",
+    )
+    if isinstance(model.norm, nn.Identity):  # pruned by prune_intermediate_layers(prune_norm=True)
+        t.norm = nn.Identity()
+    if isinstance(model.fc_norm, nn.Identity):
+        t.fc_norm = nn.Identity()
+    ref = model.pos_embed
+    t = t.to(device=ref.device, dtype=ref.dtype)
+    t.load_state_dict(model.state_dict())
+    t.pretrained_cfg = dict(model.pretrained_cfg)
+    return t.train(model.training)
 
 
 # ------------------------------------------------------------------------ torchvision

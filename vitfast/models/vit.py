@@ -21,6 +21,12 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 POOLS = ("", "token", "avg", "max", "avgmax")
 
 
+# torch.fx.symbolic_trace / torchvision's create_feature_extractor: these calls are leaves of the
+# graph, run with real tensors (input checks and the kernel-or-reference choice never see a Proxy)
+torch.fx.wrap("check_images")
+torch.fx.wrap("embed_images")
+
+
 def _take_indices(depth: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
     """timm's feature_take_indices: None = all blocks, int n = the last n, a list = those (negatives ok)."""
     if indices is None:
@@ -180,6 +186,24 @@ class FastViT(nn.Module):
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
         self.apply(init_linear)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script(model)`` scripts the plain-PyTorch model this FastViT computes on its
+        reference path: a timm ``VisionTransformer`` with the same weights (``vitfast.to_timm``).
+        The kernels themselves cannot be scripted: with ``backend="kernel"`` it raises, naming
+        ``torch.export``, which keeps them."""
+        how = ("export it with torch.export.export(model, (images,)) (the registered vitfast ops stay in the "
+               "exported program), or script the reference path: model.set_backend('reference')")
+        if self.backend == "kernel":
+            raise RuntimeError(f"torch.jit.script(FastViT): backend='kernel' forces vitfast's kernels, which "
+                               f"TorchScript cannot compile; {how}")
+        try:
+            from .convert import to_timm
+
+            return to_timm(self)
+        except ImportError as e:
+            raise RuntimeError(f"torch.jit.script(FastViT) scripts the equivalent timm VisionTransformer and needs "
+                               f"timm installed; or {how}") from e
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

@@ -131,3 +131,7 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
+
+
+# a leaf of torch.fx graphs (see vitfast.models.vit): the kernel-or-reference choice needs real tensors
+torch.fx.wrap("attention_forward")

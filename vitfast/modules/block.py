@@ -157,3 +157,7 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         # the block follows its attention's backend, which FastViT.set_backend switches
         return block_forward(self, x, self.attn.backend, attn_mask, is_causal)
+
+
+# a leaf of torch.fx graphs (see vitfast.models.vit): the kernel-or-reference choice needs real tensors
+torch.fx.wrap("block_forward")
