@@ -244,7 +244,7 @@ def test_reasons_report_grid_overflow():
 
 def test_autotune_keys_and_pruning():
     assert kernels.n_bucket(197) == 208 and kernels.n_bucket(577) == 640 and kernels.n_bucket(4097) == 4352
-    assert kernels.block_d(72) == 128 and kernels.block_d(16) == 16 and kernels.block_d(80) == 128
+    assert kernels.block_d(72) == 80 and kernels.block_d(16) == 16 and kernels.block_d(80) == 80
     q = torch.empty(1, 1, 1, 1, dtype=torch.float16)
     for kind, configs in (("fwd", kernels._FWD_CONFIGS), ("dkdv", kernels._DKDV_CONFIGS), ("dq", kernels._DQ_CONFIGS)):
         prune = kernels._make_prune(kind)
@@ -258,6 +258,56 @@ def test_autotune_keys_and_pruning():
             assert len(prune(configs, {"Q": q, "N_BUCKET": 4096}, BLOCK_D=128)) == 1
         finally:
             kernels.set_autotune(previous)
+
+
+def test_head_dims_split_into_two_power_of_two_chunks():
+    """No padding to the next power of two where two chunks are narrower (issue: D = 80 compiled to
+    the D = 128 kernel, 37.5% of the dot work wasted)."""
+    want = {16: (16, 0), 24: (32, 0), 32: (32, 0), 40: (32, 16), 48: (32, 16), 64: (64, 0), 72: (64, 16),
+            80: (64, 16), 88: (64, 32), 96: (64, 32), 104: (128, 0), 112: (128, 0), 120: (128, 0), 128: (128, 0),
+            144: (128, 16), 160: (128, 32), 192: (128, 64), 200: (256, 0), 256: (256, 0)}
+    for D, chunks in want.items():
+        assert kernels.d_chunks(D) == chunks, D
+        d0, d1 = chunks
+        assert d0 + d1 >= D and (d1 == 0 or d0 < D <= d0 + d1) and kernels.block_d(D) == d0 + d1
+    for D in range(16, 257, 8):  # never wider than the single power-of-two tile
+        assert kernels.block_d(D) <= max(16, 1 << (D - 1).bit_length())
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [40, 48, 88, 96, 144])
+def test_split_head_dims_match_reference(D, dtype):
+    """Both chunks, forward and gradients, at head dims the ViT shapes above do not cover."""
+    _check_fwd_bwd(1, 2, 37, D, dtype)
+
+
+def test_stride8_flag_only_where_it_adds_a_hint():
+    """STRIDE8 (strides rounded to multiples of 8 inside the kernels) is set only when every
+    stride is a multiple of 8, some is not of 16, and the pointers are 16-byte aligned."""
+    d72 = torch.empty(2, 3, 50, 72, dtype=torch.float16)
+    assert kernels.stride8(d72, d72)
+    assert not kernels.stride8(torch.empty(2, 3, 50, 64, dtype=torch.float16))  # already 16-divisible
+    packed = torch.empty(2, 50, 3 * 3 * 72, dtype=torch.float16)[..., : 3 * 72].unflatten(-1, (3, 72)).transpose(1, 2)
+    assert kernels.stride8(packed)  # token stride 648
+    odd = torch.empty(2, 3, 50, 76, dtype=torch.float16)[..., :72]  # token stride 76: not a multiple of 8
+    assert not kernels.stride8(odd)
+    shifted = torch.empty(2 * 3 * 50 * 72 + 4, dtype=torch.float16)[4:].view(2, 3, 50, 72)  # 8-byte aligned
+    assert not kernels.stride8(shifted)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "odd_stride", "misaligned"])
+def test_d72_every_stride_layout_matches_reference(layout):
+    """D = 72 through the rounded-stride path and both of its refusals give the same numerics."""
+    q, k, v = _qkv(1, 2, 33, 72, torch.float16)
+    if layout == "odd_stride":
+        q, k, v = (torch.nn.functional.pad(t, (0, 4))[..., :72] for t in (q, k, v))
+    elif layout == "misaligned":
+        q, k, v = (torch.cat([t.new_zeros(4), t.flatten()])[4:].view(t.shape) for t in (q, k, v))
+    assert kernels.stride8(q, k, v) == (layout == "contiguous")
+    ref = attention_ref(*(t.double() for t in (q, k, v)))
+    with torch.no_grad():
+        got, direct = attention(q, k, v, backend="triton"), F.scaled_dot_product_attention(q, k, v)
+    _assert_close_2x("out", got, direct, ref, torch.float16)
 
 
 def test_secondary_configs_only_where_no_primary_fits():

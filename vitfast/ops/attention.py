@@ -441,7 +441,7 @@ declare(OpSpec(
     not_supported_reasons=lambda q, k, v, scale=None: attention_not_supported_reasons(q, k, v),
     kernel_backend="kernel", sample_inputs=_samples, atol=ATOL, check_tol=CHECK_TOL,
     sm90=("attention:bfloat16:64:197", "attention:bfloat16:80:257", "attention:float16:72:577",
-          "attention:float32:128:197"), bad_inputs=_bad_inputs))
+          "attention:bfloat16:88:257", "attention:float32:128:197"), bad_inputs=_bad_inputs))
 declare(OpSpec(
     name="attention_packed", fn=attention_packed, ref=attention_packed_ref, not_supported_reasons=_packed_reasons,
     kernel_backend="kernel", sample_inputs=_packed_samples, atol=ATOL, check_tol=CHECK_TOL))

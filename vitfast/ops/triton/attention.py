@@ -10,8 +10,9 @@ Shape handling (what the Triton tutorial assumes away):
 * N is any length >= 1. The loop over the other side runs over full ``BLOCK`` tiles
   without masks, then over the remainder in ``TAIL``-wide masked tiles, so at N = 197 a
   64-wide loop wastes at most TAIL - 1 columns instead of 63.
-* The head dim D is any multiple of 8 in [16, 256]: the tile is ``BLOCK_D =
-  next_power_of_2(D)`` wide and the extra columns are masked loads (zeros), never copies.
+* The head dim D is any multiple of 8 in [16, 256], computed in one or two power-of-two column
+  chunks (``d_chunks``: 80 = 64 + 16, 72 -> 64 + 16, 88 -> 64 + 32); columns past D are masked
+  loads (zeros), never copies.
 
 Numerics: the softmax runs in fp32 with ``exp2``; ``log2(e)`` is folded into the scale.
 The forward stores the natural-log log-sum-exp ``lse`` (fp32, ``[B, H, N]``) for the
@@ -66,6 +67,15 @@ def _store(ptrs, x, mask_a, mask_b, USE_B: tl.constexpr):
 
 
 @triton.jit
+def _a8(stride):
+    """``stride`` rounded down to a multiple of 8: a no-op where the launcher checked it is one
+    (STRIDE8), and the way to tell the compiler so. At D = 72 or 88 the token strides are
+    multiples of 8 but not of 16, so Triton's specialisation gives no divisibility hint and every
+    load becomes scalar and unpipelined; tl.multiple_of does not restore it (sm_90 builds)."""
+    return (stride // 8) * 8
+
+
+@triton.jit
 def _program_tile(N, H, BLOCK: tl.constexpr):
     """Split the flat program id into (batch, head, first row of this tile)."""
     pid = tl.program_id(0)
@@ -76,15 +86,25 @@ def _program_tile(N, H, BLOCK: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- forward
+# Head dims are handled in up to two column chunks: BLOCK_D (a power of two) and, with SPLIT_D,
+# BLOCK_D1 more columns starting at BLOCK_D (a power of two >= 16, masked past HEAD_DIM). D = 80
+# runs as 64 + 16 and D = 72 as 64 + 16 (8 masked) instead of a 128-wide tile: each dot is split
+# in two and the padded work drops from 60% / 78% to 0% / 11% (see d_chunks). Without SPLIT_D the
+# *1 arguments are unused placeholders and the code is the single-chunk kernel.
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale, offs_d,
+def _fwd_inner(acc, acc1, l_i, m_i, q, q1, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale, offs_d, offs_d1,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
-               MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+               MASK_D: tl.constexpr, SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
                    offs_n[None, :] < N, offs_d[:, None] < HEAD_DIM, MASK_N, MASK_D)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, kT, input_precision=PRECISION)
+        if SPLIT_D:
+            kT1 = _load(K + offs_n[None, :] * stride_kn + offs_d1[:, None],
+                        offs_n[None, :] < N, offs_d1[:, None] < HEAD_DIM, MASK_N, MASK_D1)
+            s += tl.dot(q1, kT1, input_precision=PRECISION)
+        s = s * qk_scale
         if MASK_N:
             s = tl.where(offs_n[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -94,8 +114,12 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale
         v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :],
                   offs_n[:, None] < N, offs_d[None, :] < HEAD_DIM, MASK_N, MASK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if SPLIT_D:
+            v1 = _load(V + offs_n[:, None] * stride_vn + offs_d1[None, :],
+                       offs_n[:, None] < N, offs_d1[None, :] < HEAD_DIM, MASK_N, MASK_D1)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc1, l_i, m_i
 
 
 @triton.jit
@@ -104,10 +128,17 @@ def _attn_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     H, N, N_BUCKET, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+    STRIDE8: tl.constexpr = False,
 ):
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM  # pad a non-power-of-two D with masked loads
+    MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM  # one chunk wider than D: masked loads (zeros)
+    MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
+    if STRIDE8:
+        stride_qb, stride_qh, stride_qn = _a8(stride_qb), _a8(stride_qh), _a8(stride_qn)
+        stride_kb, stride_kh, stride_kn = _a8(stride_kb), _a8(stride_kh), _a8(stride_kn)
+        stride_vb, stride_vh, stride_vn = _a8(stride_vb), _a8(stride_vh), _a8(stride_vn)
+        stride_ob, stride_oh, stride_on = _a8(stride_ob), _a8(stride_oh), _a8(stride_on)
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -115,9 +146,15 @@ def _attn_fwd_kernel(
     O += b * stride_ob + h * stride_oh
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
     mask_m = offs_m[:, None] < N
     mask_d = offs_d[None, :] < HEAD_DIM
+    mask_d1 = offs_d1[None, :] < HEAD_DIM
     q = _load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask_m, mask_d, True, MASK_D)
+    if SPLIT_D:
+        q1 = _load(Q + offs_m[:, None] * stride_qn + offs_d1[None, :], mask_m, mask_d1, True, MASK_D1)
+    else:
+        q1 = q
 
     # fp32 even when the caller passes a float64 scalar (Inductor types Python floats given to
     # user Triton kernels as fp64): otherwise the scores, and the loop-carried accumulators, turn fp64
@@ -126,15 +163,22 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, 0, n_full, N,
-                               qk_scale, offs_d, HEAD_DIM, BLOCK_N, False, MASK_D, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, n_full, N, N,
-                               qk_scale, offs_d, HEAD_DIM, TAIL, True, MASK_D, PRECISION)
+    acc, acc1, l_i, m_i = _fwd_inner(acc, acc1, l_i, m_i, q, q1, K, V, stride_kn, stride_vn, 0, n_full, N,
+                                     qk_scale, offs_d, offs_d1, HEAD_DIM, BLOCK_N, False, MASK_D, SPLIT_D,
+                                     MASK_D1, PRECISION)
+    acc, acc1, l_i, m_i = _fwd_inner(acc, acc1, l_i, m_i, q, q1, K, V, stride_kn, stride_vn, n_full, N, N,
+                                     qk_scale, offs_d, offs_d1, HEAD_DIM, TAIL, True, MASK_D, SPLIT_D,
+                                     MASK_D1, PRECISION)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     _store(O + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(O.dtype.element_ty),
            mask_m, mask_d, MASK_D)
+    if SPLIT_D:
+        acc1 = acc1 / l_i[:, None]
+        _store(O + offs_m[:, None] * stride_on + offs_d1[None, :], acc1.to(O.dtype.element_ty),
+               mask_m, mask_d1, MASK_D1)
     tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
 
 
@@ -160,9 +204,10 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, lo, hi, N,
-                    qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASK_M: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, dk1, dv1, k, v, k1, v1, Q, DO, LSE, DELTA, stride_qn, stride_don, lo, hi, N,
+                    qk_scale, offs_d, offs_d1, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASK_M: tl.constexpr, MASK_D: tl.constexpr, SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr,
+                    PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT = _load(Q + offs_m[None, :] * stride_qn + offs_d[:, None],
@@ -173,15 +218,27 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, lo, 
         else:
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
-        sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+        sT = tl.dot(k, qT, input_precision=PRECISION)
+        if SPLIT_D:
+            qT1 = _load(Q + offs_m[None, :] * stride_qn + offs_d1[:, None],
+                        offs_m[None, :] < N, offs_d1[:, None] < HEAD_DIM, MASK_M, MASK_D1)
+            sT += tl.dot(k1, qT1, input_precision=PRECISION)
+        sT = sT * qk_scale
         pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
         do = _load(DO + offs_m[:, None] * stride_don + offs_d[None, :],
                    offs_m[:, None] < N, offs_d[None, :] < HEAD_DIM, MASK_M, MASK_D)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if SPLIT_D:
+            do1 = _load(DO + offs_m[:, None] * stride_don + offs_d1[None, :],
+                        offs_m[:, None] < N, offs_d1[None, :] < HEAD_DIM, MASK_M, MASK_D1)
+            dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PRECISION)
+            dpT += tl.dot(v1, tl.trans(do1), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
-    return dk, dv
+        if SPLIT_D:
+            dk1 += tl.dot(dsT.to(qT1.dtype), tl.trans(qT1), input_precision=PRECISION)
+    return dk, dv, dk1, dv1
 
 
 @triton.jit
@@ -191,20 +248,36 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, N, N_BUCKET, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+    STRIDE8: tl.constexpr = False,
 ):
     """One program owns BLOCK_N keys and loops over every query (BLOCK_M, then TAIL)."""
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM  # pad a non-power-of-two D with masked loads
+    MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM
+    MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
+    if STRIDE8:  # see _a8
+        stride_qb, stride_qh, stride_qn = _a8(stride_qb), _a8(stride_qh), _a8(stride_qn)
+        stride_kb, stride_kh, stride_kn = _a8(stride_kb), _a8(stride_kh), _a8(stride_kn)
+        stride_vb, stride_vh, stride_vn = _a8(stride_vb), _a8(stride_vh), _a8(stride_vn)
+        stride_dob, stride_doh, stride_don = _a8(stride_dob), _a8(stride_doh), _a8(stride_don)
+        stride_dkb, stride_dkh, stride_dkn = _a8(stride_dkb), _a8(stride_dkh), _a8(stride_dkn)
+        stride_dvb, stride_dvh, stride_dvn = _a8(stride_dvb), _a8(stride_dvh), _a8(stride_dvn)
     b, h, bh, start_n = _program_tile(N, H, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
     mask_n = offs_n[:, None] < N
     mask_d = offs_d[None, :] < HEAD_DIM
-    k = _load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-              mask_n, mask_d, True, MASK_D)
-    v = _load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-              mask_n, mask_d, True, MASK_D)
+    mask_d1 = offs_d1[None, :] < HEAD_DIM
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    k = _load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask_n, mask_d, True, MASK_D)
+    v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask_n, mask_d, True, MASK_D)
+    if SPLIT_D:
+        k1 = _load(K + offs_n[:, None] * stride_kn + offs_d1[None, :], mask_n, mask_d1, True, MASK_D1)
+        v1 = _load(V + offs_n[:, None] * stride_vn + offs_d1[None, :], mask_n, mask_d1, True, MASK_D1)
+    else:
+        k1, v1 = k, v
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
     LSE += bh * N
@@ -213,36 +286,57 @@ def _attn_bwd_dkdv_kernel(
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, 0, m_full,
-                             N, qk_scale, offs_d, HEAD_DIM, BLOCK_M, False, MASK_D, PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, m_full, N,
-                             N, qk_scale, offs_d, HEAD_DIM, TAIL, True, MASK_D, PRECISION)
+    dk, dv, dk1, dv1 = _bwd_dkdv_inner(dk, dv, dk1, dv1, k, v, k1, v1, Q, DO, LSE, DELTA, stride_qn, stride_don,
+                                       0, m_full, N, qk_scale, offs_d, offs_d1, HEAD_DIM, BLOCK_M, False, MASK_D,
+                                       SPLIT_D, MASK_D1, PRECISION)
+    dk, dv, dk1, dv1 = _bwd_dkdv_inner(dk, dv, dk1, dv1, k, v, k1, v1, Q, DO, LSE, DELTA, stride_qn, stride_don,
+                                       m_full, N, N, qk_scale, offs_d, offs_d1, HEAD_DIM, TAIL, True, MASK_D,
+                                       SPLIT_D, MASK_D1, PRECISION)
+    DK += b * stride_dkb + h * stride_dkh
+    DV += b * stride_dvb + h * stride_dvh
     dk *= scale
-    _store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-           dk.to(DK.dtype.element_ty), mask_n, mask_d, MASK_D)
-    _store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-           dv.to(DV.dtype.element_ty), mask_n, mask_d, MASK_D)
+    _store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask_n, mask_d, MASK_D)
+    _store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask_n, mask_d, MASK_D)
+    if SPLIT_D:
+        dk1 *= scale
+        _store(DK + offs_n[:, None] * stride_dkn + offs_d1[None, :], dk1.to(DK.dtype.element_ty),
+               mask_n, mask_d1, MASK_D1)
+        _store(DV + offs_n[:, None] * stride_dvn + offs_d1[None, :], dv1.to(DV.dtype.element_ty),
+               mask_n, mask_d1, MASK_D1)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
-                  offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
-                  MASK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dq_inner(dq, dq1, q, do, q1, do1, lse2, delta, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
+                  offs_d, offs_d1, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+                  MASK_D: tl.constexpr, SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
                    offs_n[None, :] < N, offs_d[:, None] < HEAD_DIM, MASK_N, MASK_D)
         vT = _load(V + offs_n[None, :] * stride_vn + offs_d[:, None],
                    offs_n[None, :] < N, offs_d[:, None] < HEAD_DIM, MASK_N, MASK_D)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, kT, input_precision=PRECISION)
+        if SPLIT_D:
+            kT1 = _load(K + offs_n[None, :] * stride_kn + offs_d1[:, None],
+                        offs_n[None, :] < N, offs_d1[:, None] < HEAD_DIM, MASK_N, MASK_D1)
+            vT1 = _load(V + offs_n[None, :] * stride_vn + offs_d1[:, None],
+                        offs_n[None, :] < N, offs_d1[:, None] < HEAD_DIM, MASK_N, MASK_D1)
+            s += tl.dot(q1, kT1, input_precision=PRECISION)
+        s = s * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASK_N:
             p = tl.where(offs_n[None, :] < N, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
+        if SPLIT_D:
+            dp += tl.dot(do1, vT1, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
-    return dq
+        if SPLIT_D:
+            dq1 += tl.dot(ds.to(kT1.dtype), tl.trans(kT1), input_precision=PRECISION)
+    return dq, dq1
 
 
 @triton.jit
@@ -252,20 +346,35 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     H, N, N_BUCKET, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+    STRIDE8: tl.constexpr = False,
 ):
     """One program owns BLOCK_M queries and loops over every key (BLOCK_N, then TAIL)."""
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM  # pad a non-power-of-two D with masked loads
+    MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM
+    MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
+    if STRIDE8:  # see _a8
+        stride_qb, stride_qh, stride_qn = _a8(stride_qb), _a8(stride_qh), _a8(stride_qn)
+        stride_kb, stride_kh, stride_kn = _a8(stride_kb), _a8(stride_kh), _a8(stride_kn)
+        stride_vb, stride_vh, stride_vn = _a8(stride_vb), _a8(stride_vh), _a8(stride_vn)
+        stride_dob, stride_doh, stride_don = _a8(stride_dob), _a8(stride_doh), _a8(stride_don)
+        stride_dqb, stride_dqh, stride_dqn = _a8(stride_dqb), _a8(stride_dqh), _a8(stride_dqn)
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
     mask_m = offs_m[:, None] < N
     mask_d = offs_d[None, :] < HEAD_DIM
-    q = _load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-              mask_m, mask_d, True, MASK_D)
-    do = _load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-               mask_m, mask_d, True, MASK_D)
+    mask_d1 = offs_d1[None, :] < HEAD_DIM
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    q = _load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask_m, mask_d, True, MASK_D)
+    do = _load(DO + offs_m[:, None] * stride_don + offs_d[None, :], mask_m, mask_d, True, MASK_D)
+    if SPLIT_D:
+        q1 = _load(Q + offs_m[:, None] * stride_qn + offs_d1[None, :], mask_m, mask_d1, True, MASK_D1)
+        do1 = _load(DO + offs_m[:, None] * stride_don + offs_d1[None, :], mask_m, mask_d1, True, MASK_D1)
+    else:
+        q1, do1 = q, do
     # rows past N: lse = +inf makes P = 0, so they contribute nothing
     lse2 = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
@@ -274,14 +383,19 @@ def _attn_bwd_dq_kernel(
     scale = tl.cast(scale, tl.float32)  # fp32 also from a float64 scalar (see the forward)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, 0, n_full, N,
-                       qk_scale, offs_d, HEAD_DIM, BLOCK_N, False, MASK_D, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, n_full, N, N,
-                       qk_scale, offs_d, HEAD_DIM, TAIL, True, MASK_D, PRECISION)
+    dq, dq1 = _bwd_dq_inner(dq, dq1, q, do, q1, do1, lse2, delta, K, V, stride_kn, stride_vn, 0, n_full, N,
+                            qk_scale, offs_d, offs_d1, HEAD_DIM, BLOCK_N, False, MASK_D, SPLIT_D, MASK_D1, PRECISION)
+    dq, dq1 = _bwd_dq_inner(dq, dq1, q, do, q1, do1, lse2, delta, K, V, stride_kn, stride_vn, n_full, N, N,
+                            qk_scale, offs_d, offs_d1, HEAD_DIM, TAIL, True, MASK_D, SPLIT_D, MASK_D1, PRECISION)
+    DQ += b * stride_dqb + h * stride_dqh
     dq *= scale
-    _store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-           dq.to(DQ.dtype.element_ty), mask_m, mask_d, MASK_D)
+    _store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask_m, mask_d, MASK_D)
+    if SPLIT_D:
+        dq1 *= scale
+        _store(DQ + offs_m[:, None] * stride_dqn + offs_d1[None, :], dq1.to(DQ.dtype.element_ty),
+               mask_m, mask_d1, MASK_D1)
 
 
 # ------------------------------------------------------------------- configs, tuning
@@ -368,7 +482,8 @@ def _fits(kind: str, own: int, loop: int, block_d: int, warps: int, stages: int,
 def _make_prune(kind: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        n, block_d = args["N_BUCKET"], args["BLOCK_D"]
+        n = args["N_BUCKET"]
+        block_d = args["BLOCK_D"] + (args["BLOCK_D1"] if args.get("SPLIT_D") else 0)  # both column chunks
         el = args["Q"].dtype.itemsize
         n_cap = max(16, triton.next_power_of_2(int(n)))
         def survivors(candidates):
@@ -413,8 +528,40 @@ def n_bucket(n: int) -> int:
     return (n + 255) // 256 * 256
 
 
+def d_chunks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D1) column chunks covering ``head_dim``: one power-of-two chunk (BLOCK_D1 =
+    0), or a power of two plus a second power-of-two chunk >= 16 when the two are narrower than
+    the next power of two: 80 = 64 + 16, 72 -> 64 + 16, 88 -> 64 + 32, 96 = 64 + 32, 48 = 32 + 16,
+    160 = 128 + 32; 104, 112 and 120 stay 128 (64 + 64 would be no narrower)."""
+    full = max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
+    if full == head_dim or head_dim <= MIN_HEAD_DIM:
+        return full, 0
+    d0 = full // 2
+    d1 = max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim - d0))
+    return (full, 0) if d0 + d1 >= full else (d0, d1)
+
+
 def block_d(head_dim: int) -> int:
-    return max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
+    """Columns the kernels compute for ``head_dim`` (both chunks; the rest of a chunk is masked)."""
+    return sum(d_chunks(head_dim))
+
+
+def stride8(*tensors: torch.Tensor) -> bool:
+    """True when every (batch, head, token) stride is a multiple of 8 elements and every base
+    pointer 16-byte aligned, but some stride is not a multiple of 16 (else Triton's own
+    specialisation already knows): then the kernels may round the strides (``_a8``) to tell the
+    compiler, which restores 16-byte, pipelined loads at D = 72 and 88."""
+    strides = [st for t in tensors for st in t.stride()[:3]]
+    if all(st % 16 == 0 for st in strides):
+        return False
+    return all(st % 8 == 0 for st in strides) and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _d_meta(head_dim: int) -> dict:
+    """The head-dim constexprs of the attention kernels (BLOCK_D1 = 16 is an unused placeholder
+    without a second chunk)."""
+    d0, d1 = d_chunks(head_dim)
+    return dict(HEAD_DIM=head_dim, BLOCK_D=d0, SPLIT_D=d1 > 0, BLOCK_D1=d1 or MIN_HEAD_DIM)
 
 
 def grid_size(batch_heads: int, n: int, block: int) -> tuple[int]:
@@ -464,7 +611,7 @@ def launch_fwd(q, k, v, out, lse, scale: float, config: Optional[dict] = None) -
     kernel, meta = _pick(_attn_fwd_kernel, _attn_fwd_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
         q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out), H, N, n_bucket(N), scale,
-        HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), **meta,
+        PRECISION=dot_precision(q.dtype), STRIDE8=stride8(q, k, v, out), **_d_meta(D), **meta,
     )
 
 
@@ -474,7 +621,8 @@ def launch_bwd_preprocess(out, dout) -> torch.Tensor:
     delta = torch.empty((B, H, N), device=out.device, dtype=torch.float32)
     pre_block = 64 if not INTERPRET else 32
     _wrap(_bwd_preprocess_kernel)[grid_size(B * H, N, pre_block)](
-        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=pre_block,
+        out, dout, delta, *_s(out), *_s(dout), H, N, HEAD_DIM=D,
+        BLOCK_D=max(MIN_HEAD_DIM, triton.next_power_of_2(D)), BLOCK_M=pre_block,
     )
     return delta
 
@@ -485,7 +633,8 @@ def launch_bwd_dkdv(dout, q, k, v, lse, delta, dk, dv, scale: float, config: Opt
     kernel, meta = _pick(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_N"])](
         q, k, v, dout, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dk), *_s(dv),
-        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), **meta,
+        H, N, n_bucket(N), scale, PRECISION=dot_precision(q.dtype), STRIDE8=stride8(q, k, v, dout, dk, dv),
+        **_d_meta(D), **meta,
     )
 
 
@@ -495,7 +644,8 @@ def launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale: float, config: Optional[
     kernel, meta = _pick(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
         q, k, v, dout, lse, delta, dq, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq),
-        H, N, n_bucket(N), scale, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), **meta,
+        H, N, n_bucket(N), scale, PRECISION=dot_precision(q.dtype), STRIDE8=stride8(q, k, v, dout, dq),
+        **_d_meta(D), **meta,
     )
 
 
@@ -514,7 +664,7 @@ def candidate_configs(kind: str, q: torch.Tensor) -> list[dict]:
     B, H, N, D = q.shape
     previous = set_autotune(True)
     try:
-        kept = _make_prune(kind)(configs, {"N_BUCKET": n_bucket(N), "BLOCK_D": block_d(D), "Q": q})
+        kept = _make_prune(kind)(configs, {"N_BUCKET": n_bucket(N), "Q": q, **_d_meta(D)})
     finally:
         set_autotune(previous)
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
