@@ -17,6 +17,9 @@ from .models.convert import from_hf, from_timm, from_torchvision, to_timm  # noq
 from .models.weights import load_weights  # noqa: E402
 from .inference import optimize_for_inference  # noqa: E402
 from .integrations.timm import patch_timm, unpatch_timm  # noqa: E402
+from . import dispatch  # noqa: E402
+
+dispatch.table()  # read now: the ops' choice must never read a file while torch.compile traces
 
 __all__ = [
     "FastViT",

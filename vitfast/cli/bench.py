@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import difflib
 import gc
+import os
 import sys
 import time
 import traceback
@@ -41,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dispatch
 from . import benchmarking as bu
 from .report import e2e_display_rows, format_text_table, impl_label, plot_e2e
 
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV (a folder: <date>_<device>_e2e.csv in it)")
     p.add_argument("--plot", metavar="PATH.png", help="bar chart of img/s per model and implementation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dispatch", choices=dispatch.OVERRIDES, default=None,
+                   help="where FastViT's ops run on CUDA: the measured table (default), always the kernels, or "
+                        "always PyTorch (sets VITFAST_DISPATCH for this run; each row records the paths taken)")
     bu.add_noise_args(p)
     return p
 
@@ -325,9 +330,12 @@ def prepare_entry(
         if cuda:  # the peak over the warm-up steps, less what the other entries hold
             _sync(cfg.device)
             torch.cuda.reset_peak_memory_stats(cfg.device)
-        for i in range(max(cfg.warmup, 1)):
-            step(i)
-            on_step()
+        with dispatch.record() as seen:  # which path each vitfast op took (the dispatch table's choices)
+            for i in range(max(cfg.warmup, 1)):
+                step(i)
+                on_step()
+        row["dispatch"] = {f"{op}:{choice}": n for (op, choice, _source), n in sorted(seen.items())}
+        row["dispatch_mode"] = dispatch.override()
         if cuda:
             _sync(cfg.device)
             row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(cfg.device) - entry.resident) / 2**30
@@ -452,7 +460,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.device.type == "cuda":
         # the baselines' patch-embedding convolution gets cuDNN's measured best algorithm
         torch.backends.cudnn.benchmark = True
+    if getattr(args, "dispatch", None):
+        os.environ["VITFAST_DISPATCH"] = args.dispatch
+        dispatch.reload()
     env = bu.env_info(cfg.device, argv)
+    env["dispatch"] = dispatch.override()
+    env["dispatch_sources"] = dispatch.table().sources
     writes = bool(args.json or args.csv or args.plot)
     try:
         bu.check_load(env, args.allow_noisy, "vitfast bench", writes)

@@ -224,6 +224,22 @@ def render_checks(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _dispatch_summary(show_all: bool = False) -> str:
+    """The dispatch table in force: its sources, and the entries for this GPU (all with --dispatch)."""
+    from .. import dispatch
+
+    try:
+        import torch
+
+        here = dispatch.device_key(torch.device("cuda")) if torch.cuda.is_available() else None
+    except Exception:  # a broken CUDA setup is reported above, not here
+        here = None
+    text = dispatch.describe(device=None if show_all else here or "(no GPU here)")
+    if not show_all and here is None:
+        text += f"\n  (no GPU here: `vitfast info --dispatch` lists all {len(dispatch.table())} entries)"
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vitfast info", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,6 +249,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-interpreter", action="store_true",
                         help="with --check: skip the Triton-interpreter checks on the CPU (the slow part)")
     parser.add_argument("--check-worker", choices=["cpu-triton"], help=argparse.SUPPRESS)
+    parser.add_argument("--dispatch", action="store_true",
+                        help="print every entry of the measured dispatch table in force (default: this GPU's only)")
     args = parser.parse_args(argv)
     if args.check_worker:
         print(json.dumps(run_checks(args.check_worker)))
@@ -240,9 +258,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = collect()
     results = check_all(interpreter=not args.no_interpreter) if args.check else None
     if args.json:
+        from .. import dispatch
+
+        info = {**info, "dispatch": {"override": dispatch.override(), "sources": dispatch.table().sources,
+                                     "entries": len(dispatch.table())}}
         print(json.dumps({**info, "checks": results} if results is not None else info, indent=2))
     else:
         print(render(info))
+        print(_dispatch_summary(show_all=args.dispatch))
         if results is not None:
             print(render_checks(results))
     return 1 if results is not None and not all(r["ok"] for r in results) else 0

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._dispatch import BACKENDS, auto_is_reference, canonical_backend, module_uses_kernel
-from ..ops.attention import attention, attention_not_supported_reasons, attention_packed, split_packed_qkv
+from ..ops.attention import attention, attention_not_supported_reasons, attention_packed, split_packed_qkv, table_choice
 
 __all__ = ["Attention", "attention_forward", "attention_core", "attention_fallback_reasons", "MODULE_BACKENDS"]
 
@@ -92,6 +92,8 @@ def attention_core(
     use_kernel = backend != "reference" and not (backend == "auto" and auto_is_reference(qkv.device)) and module_uses_kernel(
         "FastViT.attention", backend, attention_fallback_reasons(mod, qkv, backend, attn_mask, is_causal)
     )
+    if use_kernel and backend == "auto":  # the measured dispatch table (vitfast.dispatch) may prefer SDPA
+        use_kernel = table_choice("attention", *split_packed_qkv(qkv, mod.num_heads)) == "kernel"
     o = _kernel(mod, qkv) if use_kernel else _reference(mod, qkv, attn_mask, is_causal)
     norm = getattr(mod, "norm", None)  # timm's scale_norm (Identity unless enabled)
     return norm(o) if norm is not None else o

@@ -95,22 +95,24 @@ def _eager(mod, x, attn_mask, is_causal):
     return x + mod.drop_path2(mod.ls2(mod.mlp(mod.norm2(x))))
 
 
-def _fused(mod, x, attn_backend, attn_mask, is_causal):
+def _fused(mod, x, attn_backend, attn_mask, is_causal, op_backend="kernel"):
+    # op_backend "auto" (the model's auto): each op follows the measured dispatch table (the block
+    # already checked the kernels can serve it, so no op falls back with a warning)
     n1, n2, attn, mlp = mod.norm1, mod.norm2, mod.attn, mod.mlp
     od = _autocast_dtype(x)
-    h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend="kernel")
+    h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend=op_backend)
     o = attention_core(attn, h, attn_backend, attn_mask, is_causal)
     if _active(mod.drop_path1) or _active(attn.proj_drop):
         x = x + mod.drop_path1(mod.ls1(attn.proj_drop(attn.proj(o))))
-        h = layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=od, backend="kernel")
+        h = layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=od, backend=op_backend)
     else:
         x, h = add_layer_norm(x, F.linear(o, attn.proj.weight), _gamma(mod.ls1), n2.weight, n2.bias, n2.eps,
-                              y_bias=attn.proj.bias, out_dtype=od, backend="kernel")
-    a = bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias, _gelu_approximate(mlp.act), backend="kernel")
+                              y_bias=attn.proj.bias, out_dtype=od, backend=op_backend)
+    a = bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias, _gelu_approximate(mlp.act), backend=op_backend)
     a = getattr(mlp, "norm", nn.Identity())(mlp.drop1(a))
     if _active(mod.drop_path2) or _active(mlp.drop2):
         return x + mod.drop_path2(mod.ls2(mlp.drop2(mlp.fc2(a))))
-    return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2), backend="kernel")
+    return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2), backend=op_backend)
 
 
 def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_mask: Optional[torch.Tensor] = None,
@@ -121,7 +123,7 @@ def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_m
     if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
         return _eager(mod, x, attn_mask, is_causal)
     if module_uses_kernel("FastViT.block", backend, block_fallback_reasons(mod, x)):
-        return _fused(mod, x, attn_backend, attn_mask, is_causal)
+        return _fused(mod, x, attn_backend, attn_mask, is_causal, "auto" if backend == "auto" else "kernel")
     return _eager(mod, x, attn_mask, is_causal)
 
 

@@ -111,14 +111,26 @@ def kernel_reasons(problems: Problems, tensors: dict, extra_dtypes: Sequence[tor
     return reasons
 
 
-def choose_backend(op: str, backend: str, device: torch.device, reasons: Callable[[], list[str]]) -> str:
+def choose_backend(op: str, backend: str, device: torch.device, reasons: Callable[[], list[str]],
+                   rows_of: Optional[Tensor] = None, *grad_inputs: Optional[Tensor]) -> str:
     """``"kernel"`` or ``"reference"``. ``auto`` on a non-CUDA tensor is the reference path
     by definition (no warning); on CUDA it is the kernel unless ``reasons()`` says why not
-    (then a one-time warning). A forced ``"kernel"`` raises with every reason."""
+    (then a one-time warning) or the measured dispatch table (:mod:`vitfast.dispatch`, keyed by
+    ``rows_of``'s width C, row count and dtype, training when any of ``grad_inputs`` needs a
+    gradient) says the plain-PyTorch path was faster there. A forced ``"kernel"`` raises with
+    every reason."""
     b = canonical_backend(op, backend)
     if b == "reference" or (b == "auto" and auto_is_reference(device)):
         return "reference"
-    return resolve_backend(op, backend, reasons())
+    chosen = resolve_backend(op, backend, reasons())
+    if chosen == "kernel" and b == "auto" and rows_of is not None and rows_of.dim() >= 1:
+        from .. import dispatch
+
+        C = rows_of.shape[-1]
+        shape = {"C": C, "rows": max(1, rows_of.numel() // max(C, 1))}
+        if dispatch.choose(op, device, rows_of.dtype, dispatch.training_call(*grad_inputs), shape) == "torch":
+            return "reference"
+    return chosen
 
 
 def as_rows(t: Optional[Tensor], C: int) -> Optional[Tensor]:

@@ -115,11 +115,24 @@ def attention_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str
 
 
 def _choose_backend(op: str, backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
-    """``"kernel"`` (the Triton kernel) or ``"reference"`` (torch's SDPA)."""
+    """``"kernel"`` (the Triton kernel) or ``"reference"`` (torch's SDPA); ``auto`` on CUDA
+    follows the measured dispatch table (:func:`table_choice`) where the kernel can serve."""
     b = canonical_backend(op, backend)
     if b == "reference" or (b == "auto" and auto_is_reference(q.device)):
         return "reference"
-    return resolve_backend(op, backend, attention_not_supported_reasons(q, k, v))
+    chosen = resolve_backend(op, backend, attention_not_supported_reasons(q, k, v))
+    if chosen == "kernel" and b == "auto" and table_choice(op, q, k, v) == "torch":
+        return "reference"
+    return chosen
+
+
+def table_choice(op: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    """:func:`vitfast.dispatch.choose` for q, k, v ``[B, H, N, D]``: keyed by D, N and B * H."""
+    from .. import dispatch
+
+    B, H, N, D = q.shape
+    return dispatch.choose(op, q.device, q.dtype, dispatch.training_call(q, k, v),
+                           {"D": D, "N": max(N, 1), "BH": max(B * H, 1)})
 
 
 def _default_scale(op: str, scale: Optional[float], head_dim: int) -> float:

@@ -125,7 +125,8 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     bias."""
     raise_first(_problems(x, bias))
     _check_approximate(approximate)
-    if choose_backend("bias_gelu", backend, x.device, lambda: bias_gelu_not_supported_reasons(x, bias)) == "reference":
+    if choose_backend("bias_gelu", backend, x.device, lambda: bias_gelu_not_supported_reasons(x, bias),
+                      x, x, bias) == "reference":
         return bias_gelu_ref(x, bias, approximate)
     return _bias_gelu_fwd(x, bias, approximate)
 

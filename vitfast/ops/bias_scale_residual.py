@@ -137,7 +137,7 @@ def bias_scale_residual(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, gam
     Returns x's dtype; differentiable in every tensor argument."""
     raise_first(_problems(x, y, bias, gamma))
     chosen = choose_backend("bias_scale_residual", backend, x.device,
-                            lambda: bias_scale_residual_not_supported_reasons(x, y, bias, gamma))
+                            lambda: bias_scale_residual_not_supported_reasons(x, y, bias, gamma), x, x, y, bias, gamma)
     if chosen == "reference":
         return bias_scale_residual_ref(x, y, bias, gamma)
     return _fwd(x, y, bias, gamma)

@@ -288,7 +288,7 @@ def add_layer_norm(x: Tensor, y: Tensor, gamma: Optional[Tensor] = None, weight:
     check_out_dtype("add_layer_norm", out_dtype)
     eps = check_eps("add_layer_norm", eps)
     chosen = choose_backend("add_layer_norm", backend, x.device, lambda: add_layer_norm_not_supported_reasons(
-        x, y, gamma, weight, bias, y_bias=y_bias, out_dtype=out_dtype))
+        x, y, gamma, weight, bias, y_bias=y_bias, out_dtype=out_dtype), x, x, y, gamma, y_bias, weight, bias)
     if chosen == "reference":
         return add_layer_norm_ref(x, y, gamma, weight, bias, eps, y_bias=y_bias, out_dtype=out_dtype)
     x_out, h, _, _ = _add_ln_fwd(x, y, gamma, y_bias, weight, bias, eps, out_dtype)
@@ -304,7 +304,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     check_out_dtype("layer_norm", out_dtype)
     eps = check_eps("layer_norm", eps)
     chosen = choose_backend("layer_norm", backend, x.device, lambda: layer_norm_not_supported_reasons(
-        x, weight, bias, out_dtype=out_dtype))
+        x, weight, bias, out_dtype=out_dtype), x, x, weight, bias)
     if chosen == "reference":
         return layer_norm_ref(x, weight, bias, eps, out_dtype=out_dtype)
     return _ln_fwd(x, weight, bias, eps, out_dtype)[0]
