@@ -242,15 +242,11 @@ def autotuned_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:
     return rows
 
 
-def _shape(text: str) -> tuple:
-    return ab._shape(text)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     start = time.monotonic()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", type=_shape, nargs="+", default=None, help="B,H,N,D (default: the ViT shapes)")
+    p.add_argument("--shapes", type=ab._shape, nargs="+", default=None, help="B,H,N,D (default: the ViT shapes)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(ab.DTYPES), default=["bf16", "fp16"])
     p.add_argument("--json", default=None, help="write the rows here (a folder: <date>_<device>_attention_candidates.json)")
     p.add_argument("--deadline", type=float, default=None, help="seconds from the start after which no new shape starts")

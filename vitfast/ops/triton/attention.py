@@ -76,6 +76,12 @@ def _a8(stride):
 
 
 @triton.jit
+def _a8x3(stride_b, stride_h, stride_n):
+    """One tensor's (batch, head, token) strides through :func:`_a8`."""
+    return _a8(stride_b), _a8(stride_h), _a8(stride_n)
+
+
+@triton.jit
 def _program_tile(N, H, BLOCK: tl.constexpr):
     """Split the flat program id into (batch, head, first row of this tile)."""
     pid = tl.program_id(0)
@@ -135,10 +141,10 @@ def _attn_fwd_kernel(
     MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM  # one chunk wider than D: masked loads (zeros)
     MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
     if STRIDE8:
-        stride_qb, stride_qh, stride_qn = _a8(stride_qb), _a8(stride_qh), _a8(stride_qn)
-        stride_kb, stride_kh, stride_kn = _a8(stride_kb), _a8(stride_kh), _a8(stride_kn)
-        stride_vb, stride_vh, stride_vn = _a8(stride_vb), _a8(stride_vh), _a8(stride_vn)
-        stride_ob, stride_oh, stride_on = _a8(stride_ob), _a8(stride_oh), _a8(stride_on)
+        stride_qb, stride_qh, stride_qn = _a8x3(stride_qb, stride_qh, stride_qn)
+        stride_kb, stride_kh, stride_kn = _a8x3(stride_kb, stride_kh, stride_kn)
+        stride_vb, stride_vh, stride_vn = _a8x3(stride_vb, stride_vh, stride_vn)
+        stride_ob, stride_oh, stride_on = _a8x3(stride_ob, stride_oh, stride_on)
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -256,12 +262,12 @@ def _attn_bwd_dkdv_kernel(
     MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM
     MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
     if STRIDE8:  # see _a8
-        stride_qb, stride_qh, stride_qn = _a8(stride_qb), _a8(stride_qh), _a8(stride_qn)
-        stride_kb, stride_kh, stride_kn = _a8(stride_kb), _a8(stride_kh), _a8(stride_kn)
-        stride_vb, stride_vh, stride_vn = _a8(stride_vb), _a8(stride_vh), _a8(stride_vn)
-        stride_dob, stride_doh, stride_don = _a8(stride_dob), _a8(stride_doh), _a8(stride_don)
-        stride_dkb, stride_dkh, stride_dkn = _a8(stride_dkb), _a8(stride_dkh), _a8(stride_dkn)
-        stride_dvb, stride_dvh, stride_dvn = _a8(stride_dvb), _a8(stride_dvh), _a8(stride_dvn)
+        stride_qb, stride_qh, stride_qn = _a8x3(stride_qb, stride_qh, stride_qn)
+        stride_kb, stride_kh, stride_kn = _a8x3(stride_kb, stride_kh, stride_kn)
+        stride_vb, stride_vh, stride_vn = _a8x3(stride_vb, stride_vh, stride_vn)
+        stride_dob, stride_doh, stride_don = _a8x3(stride_dob, stride_doh, stride_don)
+        stride_dkb, stride_dkh, stride_dkn = _a8x3(stride_dkb, stride_dkh, stride_dkn)
+        stride_dvb, stride_dvh, stride_dvn = _a8x3(stride_dvb, stride_dvh, stride_dvn)
     b, h, bh, start_n = _program_tile(N, H, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -354,11 +360,11 @@ def _attn_bwd_dq_kernel(
     MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM
     MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
     if STRIDE8:  # see _a8
-        stride_qb, stride_qh, stride_qn = _a8(stride_qb), _a8(stride_qh), _a8(stride_qn)
-        stride_kb, stride_kh, stride_kn = _a8(stride_kb), _a8(stride_kh), _a8(stride_kn)
-        stride_vb, stride_vh, stride_vn = _a8(stride_vb), _a8(stride_vh), _a8(stride_vn)
-        stride_dob, stride_doh, stride_don = _a8(stride_dob), _a8(stride_doh), _a8(stride_don)
-        stride_dqb, stride_dqh, stride_dqn = _a8(stride_dqb), _a8(stride_dqh), _a8(stride_dqn)
+        stride_qb, stride_qh, stride_qn = _a8x3(stride_qb, stride_qh, stride_qn)
+        stride_kb, stride_kh, stride_kn = _a8x3(stride_kb, stride_kh, stride_kn)
+        stride_vb, stride_vh, stride_vn = _a8x3(stride_vb, stride_vh, stride_vn)
+        stride_dob, stride_doh, stride_don = _a8x3(stride_dob, stride_doh, stride_don)
+        stride_dqb, stride_dqh, stride_dqn = _a8x3(stride_dqb, stride_dqh, stride_dqn)
     b, h, bh, start_m = _program_tile(N, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
