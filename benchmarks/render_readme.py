@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from vitfast.cli.report import e2e_display_rows, format_markdown_table, plot_e2e
+from vitfast.cli.report import NOISY_SPREAD, e2e_display_rows, format_markdown_table, mfu_shown, plot_e2e, spread
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -84,8 +84,10 @@ def _caption(doc: dict, readme: Path) -> str:
     text = "; ".join(bits) + "."
     text += f" Command: `{env.get('command')}`; data: [`{_rel(doc['path'], readme)}`]({_rel(doc['path'], readme)})."
     peak = doc.get("peak")
-    if peak:
+    if peak and peak.get("tflops") and any(mfu_shown(r) is not None for r in rows):
         text += f" MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']})."
+    if any((spread(r) or 0) > NOISY_SPREAD for r in rows if r.get("status", "ok") == "ok"):
+        text += (f" Rows marked noisy have a p20-p80 spread above {100 * NOISY_SPREAD:.0f}% of their median time.")
     return text
 
 

@@ -26,7 +26,7 @@ E2E_FIELDS = {
     "device", "device_kind", "label", "cpu_threads", "torch", "triton", "vitfast", "date", "command",
     "model", "impl", "compiled", "mode", "dtype", "batch_size", "img_size", "input", "status", "precision",
     "img_per_s", "ms_median", "ms_p20", "ms_p80", "speedup_vs_reference", "flops_per_image", "tflops",
-    "peak_tflops", "mfu", "peak_mem_gib",
+    "peak_tflops", "mfu", "peak_mem_gib", "spread", "spread_noisy", "peak_documented",
 }
 
 
@@ -70,9 +70,11 @@ def test_exits_0_and_table_names_every_implementation(tiny_run):
     for impl in ("reference", "fastvit", "timm"):
         for mode in ("infer", "train"):
             assert any(impl in line and mode in line and "vit_tiny_patch16_224" in line for line in table), (impl, mode)
-    for header in ("img/s", "ms/batch", "speedup vs reference", "TFLOP/s", "MFU", "peak mem GiB"):
+    for header in ("img/s", "ms/batch", "spread p20-p80", "speedup vs reference", "TFLOP/s", "peak mem GiB"):
         assert header in stdout
     assert "CPU" in stdout  # CPU figures are labelled CPU
+    assert "MFU" not in stdout.split("\n")[1]  # no MFU column on the CPU without a measured or given peak
+    assert "No MFU: no peak measured on the CPU (--measure-peak" in stdout
 
 
 def test_json_rows_have_documented_fields(tiny_run):
@@ -89,7 +91,9 @@ def test_json_rows_have_documented_fields(tiny_run):
         assert r["img_size"] == 32 and r["depth"] == 2 and r["batch_size"] == 2 and r["n_timed"] == 2
         assert r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
         assert r["img_per_s"] == pytest.approx(2 / (r["ms_median"] * 1e-3))
-        assert r["mfu"] == pytest.approx(r["tflops"] / r["peak_tflops"])
+        assert r["mfu"] is None and r["peak_tflops"] is None and r["peak_documented"] is False
+        assert r["spread"] == pytest.approx((r["ms_p80"] - r["ms_p20"]) / r["ms_median"])
+        assert r["spread_noisy"] == (r["spread"] > 0.10)
     ref = [r for r in rows if r["impl"] == "reference"]
     assert all(r["speedup_vs_reference"] == 1.0 for r in ref)
     infer, train = ({r["flops_per_image"] for r in rows if r["mode"] == m} for m in ("infer", "train"))
@@ -121,6 +125,50 @@ def test_uint8_input(tmp_path):
     assert {r["input"] for r in rows} == {"uint8"}
     for r in rows:  # FastViT's fused normalisation and timm's separate pass agree with the reference
         assert r["max_rel_err_vs_reference"] < 1e-4, r["impl"]
+
+
+def test_mfu_above_100_percent_is_flagged_and_warned(tmp_path, capsys):
+    """A peak given far below what the step reaches: MFU > 100% is marked in the table and warned
+    about; the JSON keeps the figure and its source."""
+    rc = bench.main(TINY + ["--impl", "reference", "--peak-tflops", "1e-9", "--json", str(tmp_path / "m.json")])
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "MFU" in out.out.split("\n")[1] and "(>100%!)" in out.out and "MFU above 100%" in out.out
+    assert "warning: MFU above 100% in 1 row(s)" in out.err and "--peak-tflops" in out.err
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["peak"] == {"tflops": 1e-9, "source": "given with --peak-tflops", "documented": True}
+    assert doc["rows"][0]["mfu"] > 1
+
+
+def test_device_peak_is_a_documented_large_gemm(monkeypatch):
+    """GPU: a bf16 GEMM of 8192^3; CPU: none unless asked for, then a large fp32 GEMM (made small
+    here to keep the test quick), the fastest call; the source says which."""
+    assert bu.GPU_PEAK_GEMM >= 8192 and bu.CPU_PEAK_GEMM >= 4096
+    none = bu.device_peak(torch.device("cpu"))
+    assert none["tflops"] is None and not none["documented"]
+    monkeypatch.setattr(bu, "CPU_PEAK_GEMM", 256)
+    p = bu.device_peak(torch.device("cpu"), measure_cpu=True, iters=2)
+    assert p["tflops"] > 0 and p["documented"] and p["source"].startswith("measured 256^3 float32 GEMM")
+    assert "fastest of 2" in p["source"]
+
+
+def test_spread_column_marks_noisy_rows_and_old_cpu_peaks_get_no_mfu():
+    """The table shows each row's p20-p80 spread and marks it noisy above 10% of the median. Rows
+    from older files: a GPU peak (a large GEMM) keeps its MFU; a CPU one (a 1024^3 GEMM) does not."""
+    from vitfast.cli.report import e2e_display_rows, table_notes
+
+    base = dict(model="vit_tiny_patch16_224", impl="fastvit", mode="infer", status="ok", img_per_s=10.0,
+                tflops=0.2, mfu=1.74, peak_tflops=0.11)
+    steady = dict(base, ms_median=100.0, ms_p20=99.0, ms_p80=104.0, device_kind="cpu")
+    shaky = dict(base, ms_median=100.0, ms_p20=90.0, ms_p80=120.0, device_kind="cpu")
+    headers, cells = e2e_display_rows([steady, shaky])
+    assert "MFU" not in headers
+    col = headers.index("spread p20-p80")
+    assert [c[col] for c in cells] == ["5.0%", "30.0% noisy"]
+    assert any("1 row(s) marked noisy" in n for n in table_notes([steady, shaky], None))
+    gpu = dict(steady, device_kind="cuda", mfu=0.42)
+    headers, cells = e2e_display_rows([gpu])
+    assert cells[0][headers.index("MFU")] == "42.0%"
 
 
 def test_json_folder_gets_date_and_cpu_in_the_name(tmp_path):

@@ -19,8 +19,11 @@ per-round ratios to the eager reference: on a shared machine the ratio of two me
 with the load, the per-round ratio much less. Results are written only from a quiet machine
 (1-minute load average at most the number of cores) unless ``--allow-noisy`` is given, which
 marks every row ``noisy: true``. FLOPs are analytic
-(:func:`vitfast.benchmark_utils.vit_step_flops`); MFU is against a matmul measured on the same
-device in the same dtype at the start of the run.
+(:func:`vitfast.benchmark_utils.vit_step_flops`). MFU is only given against a documented peak
+(:func:`vitfast.cli.benchmarking.device_peak`): on a GPU the bf16 rate of an 8192^3 GEMM measured
+at the start of the run; on the CPU none, unless ``--measure-peak`` (a 4096^3 fp32 GEMM) or
+``--peak-tflops``; an MFU above 100% is flagged and warned about. Every row shows its p20-p80
+spread, and rows whose spread exceeds 10% of the median are marked noisy.
 
 ``vitfast bench kernels`` runs the kernel microbenchmarks instead (:mod:`vitfast.cli.bench_kernels`).
 """
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from . import benchmarking as bu
-from .report import e2e_display_rows, format_text_table, impl_label, plot_e2e
+from .report import NOISY_SPREAD, e2e_display_rows, format_text_table, impl_label, plot_e2e, spread, table_notes
 
 __all__ = ["main", "run", "build_model", "IMPLS", "CPU_DEFAULTS", "GPU_DEFAULTS"]
 
@@ -80,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, help="timed steps; the median is reported (CPU 8, GPU 30)")
     p.add_argument("--device", default="auto", help="auto (GPU when visible), cpu or cuda[:N]")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); reported in every row")
-    p.add_argument("--peak-tflops", type=float, help="use this peak for MFU instead of measuring a matmul")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (e.g. the datasheet's), "
+                   "instead of measuring it")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="CPU: measure the peak for MFU with a 4096^3 fp32 GEMM (several seconds); without it or "
+                   "--peak-tflops there is no MFU on the CPU. GPU: always measured (8192^3 bf16 GEMM)")
     p.add_argument("--no-check", action="store_true", help="skip comparing each implementation's outputs with the reference")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON (a folder: <date>_<device>_e2e.json in it)")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV (a folder: <date>_<device>_e2e.csv in it)")
@@ -110,6 +117,7 @@ class Config:
     device: torch.device
     check: bool
     peak_tflops: Optional[float]
+    measure_peak: bool = False
 
 
 def _fail(parser: argparse.ArgumentParser, msg: str) -> None:
@@ -167,6 +175,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, **
         modes=["infer", "train"] if val["mode"] == "both" else [val["mode"]],
         impls=impls, compile=args.compile, uint8=args.uint8, warmup=val["warmup"], iters=val["iters"],
         device=device, check=not args.no_check, peak_tflops=args.peak_tflops,
+        measure_peak=bool(getattr(args, "measure_peak", False)),
     )
 
 
@@ -370,7 +379,10 @@ def time_group(cfg: Config, entries: dict, peak: dict, on_step: Callable[[], Non
         row["tflops"] = row["flops_per_image"] * row["img_per_s"] / 1e12
         row["peak_tflops"] = peak["tflops"]
         row["peak_source"] = peak["source"]
-        row["mfu"] = row["tflops"] / peak["tflops"]
+        row["peak_documented"] = peak["documented"]
+        row["mfu"] = row["tflops"] / peak["tflops"] if peak["tflops"] else None
+        row["spread"] = spread(row)
+        row["spread_noisy"] = (row["spread"] or 0.0) > NOISY_SPREAD
         row["speedup_vs_reference"] = bu.paired_speedup(times, ("reference", False), k)
 
 
@@ -383,10 +395,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def _peak(cfg: Config) -> dict:
-    if cfg.peak_tflops:
-        return {"tflops": cfg.peak_tflops, "source": "given with --peak-tflops"}
-    m = bu.measure_peak_tflops(cfg.device, cfg.dtype)
-    return {"tflops": m["tflops"], "source": f"measured {m['n']}^3 {m['dtype']} matmul, {m['ms']:.3f} ms"}
+    return bu.device_peak(cfg.device, given=cfg.peak_tflops, measure_cpu=cfg.measure_peak)
 
 
 def run(cfg: Config, progress: bool = True, on_row: Optional[Callable[[list[dict], dict], None]] = None
@@ -400,7 +409,7 @@ def run(cfg: Config, progress: bool = True, on_row: Optional[Callable[[list[dict
     # the reference goes first in each (model, mode) so its output is there to compare with
     plan.sort(key=lambda p: (cfg.models.index(p[0]), cfg.modes.index(p[1]), p[3], p[2] != "reference"))
     peak = _peak(cfg)
-    print(f"peak for MFU: {peak['tflops']:.3g} TFLOP/s ({peak['source']})", file=sys.stderr)
+    print(f"peak for MFU: {_peak_text(peak)}", file=sys.stderr)
     rows: list[dict] = []
     bar = tqdm(total=len(plan) * (max(cfg.warmup, 1) + 1 + cfg.iters), unit="step", delay=3, file=sys.stderr,
                disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
@@ -441,6 +450,10 @@ def run(cfg: Config, progress: bool = True, on_row: Optional[Callable[[list[dict
         bar.close()
     add_speedups(rows)
     return rows, peak
+
+
+def _peak_text(peak: dict) -> str:
+    return f"{peak['tflops']:.3g} TFLOP/s ({peak['source']})" if peak.get("tflops") else f"{peak['source']}"
 
 
 def _title(env: dict, cfg: Config) -> str:
@@ -489,8 +502,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_text_table(headers, cells))
     if cfg.device.type == "cpu":
         print("CPU figures (labelled CPU): peak memory is not tracked by the CPU allocator (n/a).")
-    print(f"MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']}); speedup against the eager reference "
-          "(median of the per-round ratios).")
+    for note in table_notes(rows, peak):
+        print(note)
+    over = [r for r in rows if (r.get("mfu") or 0) > 1]
+    if over:
+        print(f"vitfast bench: warning: MFU above 100% in {len(over)} row(s): the peak ({_peak_text(peak)}) is below "
+              "what these steps reached, so it is not this device's peak; give the real one with --peak-tflops",
+              file=sys.stderr)
     if refused:
         if json_path and json_path.exists():
             json_path.unlink()  # saved along the way, before the load was known

@@ -12,8 +12,10 @@
   ``--allow-noisy`` (:func:`add_noise_args`) is given; then every row says ``noisy: true``.
 * :func:`vit_forward_flops` / :func:`vit_step_flops` -- analytic matmul FLOPs of a ViT
   (timm's or FastViT: the same module names), the convention MFU is quoted in.
-* :func:`measure_peak_tflops` -- a short square matmul on the same device and dtype: the
-  peak MFU is measured against.
+* :func:`measure_peak_tflops` -- a short square matmul on the same device and dtype (the
+  microbenchmarks' reference rate); :func:`device_peak` -- the documented peak MFU is quoted
+  against: on a GPU the bf16 rate of a large GEMM (8192^3), on the CPU none unless asked for
+  (a 4096^3 fp32 GEMM) or given.
 * :func:`results_path`, :func:`write_json`, :func:`write_csv` -- results as data.
 
 Kernel microbenchmarks use these too, so every results file has the same shape.
@@ -67,6 +69,7 @@ __all__ = [
     "vit_step_flops",
     "vit_patch_embed_flops",
     "measure_peak_tflops",
+    "device_peak",
     "results_path",
     "write_json",
     "write_csv",
@@ -451,6 +454,42 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, n: Optional[in
     times = time_steps(lambda i: torch.mm(a, b, out=out), warmup=3, iters=iters, device=device)
     ms = statistics.median(times)
     return {"tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms}
+
+
+GPU_PEAK_GEMM = 8192  # bf16: about 1.1 TFLOP a call, long enough for the clocks to settle
+CPU_PEAK_GEMM = 4096  # fp32: 137 GFLOP a call, large enough for every core's vector units to stay busy
+
+
+def device_peak(device: torch.device, given: Optional[float] = None, measure_cpu: bool = False,
+                iters: Optional[int] = None) -> dict:
+    """The peak MFU is quoted against, and where it comes from: ``{"tflops", "source",
+    "documented"}``; ``tflops`` is None when there is none (no MFU is then given).
+
+    * ``given`` (``--peak-tflops``, e.g. the datasheet's): used as it is.
+    * GPU: the bf16 rate of an 8192^3 GEMM (``torch.mm``), the fastest of ``iters`` calls after
+      warm-up, whatever dtype the benchmark runs in (MFU is quoted against the bf16 peak).
+    * CPU: none unless ``measure_cpu``; then a 4096^3 fp32 GEMM, the fastest of ``iters``. A
+      small GEMM (the 1024^3 one used before) runs far below the cores' peak, which gave MFUs
+      above 100%.
+    """
+    if given:
+        return {"tflops": float(given), "source": "given with --peak-tflops", "documented": True}
+    if device.type == "cuda":
+        n, dtype, iters = GPU_PEAK_GEMM, torch.bfloat16, iters or 10
+    elif measure_cpu:
+        n, dtype, iters = CPU_PEAK_GEMM, torch.float32, iters or 5
+    else:
+        return {"tflops": None, "documented": False,
+                "source": "no peak measured on the CPU (--measure-peak measures a 4096^3 fp32 GEMM; "
+                          "--peak-tflops gives one)"}
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    ms = min(time_steps(lambda i: torch.mm(a, b, out=out), warmup=2, iters=iters, device=device))
+    where = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return {"tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "documented": True,
+            "source": f"measured {n}^3 {str(dtype).replace('torch.', '')} GEMM{where}, fastest of {iters}: {ms:.3f} ms"}
 
 
 # ------------------------------------------------------------------------ results files

@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-__all__ = ["E2E_COLUMNS", "impl_label", "model_label", "e2e_display_rows", "format_text_table", "format_markdown_table", "plot_e2e"]
+__all__ = ["E2E_COLUMNS", "impl_label", "model_label", "e2e_display_rows", "table_notes", "mfu_shown", "spread", "NOISY_SPREAD",
+           "format_text_table", "format_markdown_table", "plot_e2e"]
+
+NOISY_SPREAD = 0.10  # a row whose p20-p80 spread exceeds 10% of its median time is marked noisy
 
 
 def impl_label(row: Mapping[str, Any]) -> str:
@@ -34,8 +37,26 @@ def _speedup(v: Any) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def mfu_shown(row: Mapping[str, Any]) -> Optional[float]:
+    """The row's MFU when its peak is a documented one (new rows say so in ``peak_documented``;
+    older files: GPU peaks were an 8192^3 GEMM, CPU peaks a 1024^3 one, far below the cores' peak)."""
+    if not row.get("peak_documented", row.get("device_kind") == "cuda"):
+        return None
+    return row.get("mfu")
+
+
 def _mfu(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+    return "-" if v is None else f"{100 * v:.1f}%" + (" (>100%!)" if v > 1 else "")
+
+
+def spread(row: Mapping[str, Any]) -> Optional[float]:
+    """``(p80 - p20) / median`` of a timed row (None without timings)."""
+    lo, mid, hi = row.get("ms_p20"), row.get("ms_median"), row.get("ms_p80")
+    return None if lo is None or hi is None or not mid else (hi - lo) / mid
+
+
+def _spread(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%" + (" noisy" if v > NOISY_SPREAD else "")
 
 
 def _mem(v: Any) -> str:
@@ -49,14 +70,18 @@ E2E_COLUMNS: Sequence[tuple[str, Any, Callable[[Any], str]]] = (
     ("mode", "mode", str),
     ("img/s", "img_per_s", _num(",.1f")),
     ("ms/batch", "ms_median", _num(".2f")),
+    ("spread p20-p80", spread, _spread),
     ("speedup vs reference", "speedup_vs_reference", _speedup),
     ("TFLOP/s", "tflops", _num(".3g")),
-    ("MFU", "mfu", _mfu),
+    ("MFU", mfu_shown, _mfu),
     ("peak mem GiB", "peak_mem_gib", _mem),
 )
 
 
 def e2e_display_rows(rows: Sequence[Mapping[str, Any]], columns=E2E_COLUMNS) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells; the MFU column only when some row has a documented peak."""
+    if not any(mfu_shown(r) is not None for r in rows):
+        columns = [c for c in columns if c[0] != "MFU"]
     headers = [c[0] for c in columns]
     out = []
     for r in rows:
@@ -70,6 +95,24 @@ def e2e_display_rows(rows: Sequence[Mapping[str, Any]], columns=E2E_COLUMNS) -> 
                 cells.append(fmt(v))
         out.append(cells)
     return headers, out
+
+
+def table_notes(rows: Sequence[Mapping[str, Any]], peak: Optional[Mapping[str, Any]]) -> list[str]:
+    """The lines under an end-to-end table: what MFU is against (or why there is none), noisy rows."""
+    notes = []
+    if peak and peak.get("tflops") and any(mfu_shown(r) is not None for r in rows):
+        notes.append(f"MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']}).")
+    elif peak:
+        notes.append(f"No MFU: {peak.get('source')}.")
+    if any((mfu_shown(r) or 0) > 1 for r in rows):
+        notes.append("MFU above 100% (marked !): the peak is below what the step reached, so it is not the device's "
+                     "real peak.")
+    noisy = [r for r in rows if (spread(r) or 0) > NOISY_SPREAD and r.get("status", "ok") == "ok"]
+    if noisy:
+        notes.append(f"{len(noisy)} row(s) marked noisy: their p20-p80 spread exceeds {100 * NOISY_SPREAD:.0f}% of the "
+                     "median; treat their times and speed-ups with care (more --iters, a quieter machine).")
+    notes.append("Speed-up against the eager reference: the median of the per-round ratios.")
+    return notes
 
 
 def format_text_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
