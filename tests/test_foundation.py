@@ -30,10 +30,13 @@ def test_patch_embed_registered_for_cuda():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("vitfast::patch_embed", "CUDA")
 
 
-def test_missing_extension_is_a_clear_import_error():
-    code = "import sys; sys.modules['vitfast._C'] = None\ntry:\n import vitfast\nexcept ImportError as e:\n print(e)"
+def test_missing_extension_is_explained_not_fatal():
+    """Without vitfast._C, import works and the reason and fix are at hand (tests/test_packaging.py
+    checks the fallback paths)."""
+    code = ("import sys; sys.modules['vitfast._C'] = None\nimport torch, vitfast\nfrom vitfast import _ext\n"
+            "print(_ext.status().message())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "vitfast._C could not be loaded" in out and "rebuild" in out
+    assert "vitfast._C is not built" in out and "--no-build-isolation" in out
 
 
 def test_info_tells_the_truth():

@@ -32,7 +32,7 @@ DISPATCH_KEYS = (
 
 def vitfast_ops() -> list[str]:
     """Names of the ops registered in torch.ops.vitfast (C++ and Python registrations)."""
-    import vitfast  # noqa: F401  (loads _C and the Python registrations)
+    import vitfast.ops  # noqa: F401  (loads _C, when it can be used, and the Python registrations)
 
     names = set()
     for schema in torch._C._jit_get_all_schemas():
@@ -54,9 +54,23 @@ def op_dispatch_keys(op: str) -> list[str]:
     return keys
 
 
+def extension_facts() -> dict:
+    """What was built. ``usable`` False with the ``reason`` (and the fix) when vitfast._C cannot be
+    used (``built`` False: there is none; else it fails to load or was built for another torch):
+    vitfast then runs without it, the patch embedding on its PyTorch reference."""
+    from .. import _ext
+
+    st = _ext.status()
+    if not st.ok:
+        return {"built": st.built, "usable": False, "reason": st.reason, "fix": st.fix, "built_for_torch": st.built_for_torch,
+                "cuda_kernels": False, "cuda_version": None, "path": None}
+    _C = st.module
+    return {"built": True, "usable": True, "reason": None, "fix": None, "built_for_torch": _C.torch_version, "cuda_kernels": bool(_C.with_cuda),
+            "cuda_version": _C.cuda_version or None, "path": _C.__file__}
+
+
 def collect() -> dict:
     import vitfast
-    from vitfast import _C
 
     try:
         import triton
@@ -71,12 +85,7 @@ def collect() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
-        "extension": {
-            "built_for_torch": _C.torch_version,
-            "cuda_kernels": bool(_C.with_cuda),
-            "cuda_version": _C.cuda_version or None,
-            "path": _C.__file__,
-        },
+        "extension": extension_facts(),
         "ops": {op: op_dispatch_keys(op) for op in vitfast_ops()},
         "cuda_available": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -93,9 +102,17 @@ def render(info: dict) -> str:
         f"python         {info['python']}  ({info['platform']})",
         f"torch          {info['torch']}  (CUDA {info['torch_cuda'] or 'none: CPU build'})",
         f"triton         {info['triton'] or 'not installed'}",
-        f"extension      {ext['path']}",
-        f"  built for    torch {ext['built_for_torch']}",
-        f"  CUDA kernels {'yes (CUDA ' + ext['cuda_version'] + ')' if ext['cuda_kernels'] else 'no (CPU only build)'}",
+    ]
+    if ext["usable"]:
+        lines += [
+            f"extension      {ext['path']}",
+            f"  built for    torch {ext['built_for_torch']}",
+            f"  CUDA kernels {'yes (CUDA ' + ext['cuda_version'] + ')' if ext['cuda_kernels'] else 'no (CPU only build)'}",
+        ]
+    else:  # the patch embedding runs its PyTorch reference
+        why = f"{ext['reason']}; {ext['fix']}" if ext["built"] else ext["fix"]
+        lines.append(f"extension      {'not usable' if ext['built'] else 'not built'} ({why})")
+    lines += [
         f"GPU            {', '.join(info['gpus']) if info['gpus'] else 'none visible (torch.cuda.is_available() is False)'}",
         "ops (torch.ops.vitfast) and their dispatch keys:",
     ]

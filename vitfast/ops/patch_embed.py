@@ -3,6 +3,8 @@
 The schemas and the CPU/CUDA kernels live in ``csrc/`` (forward ``vitfast::patch_embed``,
 backward ``vitfast::patch_embed_backward``); this module holds the typed wrapper, the argument
 checks shared with the fake (meta) implementations, and the registrations (fake, autograd).
+Without a usable compiled extension (``vitfast._ext.status()``: not built, or built for another
+torch) the op is not registered and ``backend="auto"`` runs the reference, warning once why.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .._dispatch import BACKENDS, canonical_backend, resolve_backend, shape_of
-from .._ext import load_extension
+from .. import _ext
 from .reference import patch_embed_ref
 from .spec import BadInput, OpSpec, Sample, declare, randn
 
-_C = load_extension()
+_C = _ext.load_extension()  # None when the extension cannot be used (the reason: _ext.status())
 
 __all__ = ["patch_embed", "patch_embed_not_supported_reasons", "check_patch_embed_args", "BACKENDS"]
 
@@ -149,6 +151,8 @@ def patch_embed_not_supported_reasons(images, weight, bias=None, *, cls_token=No
         check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
     except (TypeError, ValueError) as e:
         return [str(e)]
+    if _C is None:
+        return [_ext.status().message()]
     device = images.device.type
     if device not in ("cpu", "cuda", "meta"):
         return [f"images are on {images.device}; vitfast's patch-embedding kernels run on CPU and CUDA tensors"]
@@ -192,7 +196,8 @@ def patch_embed(
 
     ``backend``: ``"kernel"`` (the registered C++/CUDA op; raises with the reasons when it
     cannot serve the inputs), ``"reference"`` (the eager chain, :func:`patch_embed_ref`) or
-    ``"auto"`` (the kernel, else the reference with a one-time warning listing the reasons).
+    ``"auto"`` (the kernel, else the reference with a one-time warning listing the reasons, e.g.
+    that vitfast's compiled extension is not built).
 
     Raises:
         ValueError / TypeError naming the argument for any shape, dtype or device it cannot
@@ -208,7 +213,6 @@ def patch_embed(
     )
 
 
-@torch.library.register_fake("vitfast::patch_embed")
 def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
     B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
     return images.new_empty((B, T, D), dtype=weight.dtype)
@@ -218,7 +222,6 @@ def _grad_acc_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("vitfast::patch_embed_backward")
 def _patch_embed_backward_fake(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask):
     cls_stub = weight.new_empty((1, 1, weight.shape[0])) if has_cls else None
     B, N, T, D = check_patch_embed_args(images, weight, None, cls_stub, None, mean, std)
@@ -273,7 +276,15 @@ def _backward(ctx, grad_out):
     return g_images, g_weight, g_bias, g_cls, g_pos, None, None
 
 
-torch.library.register_autograd("vitfast::patch_embed", _backward, setup_context=_setup_context)
+def _register() -> None:
+    """The Python side of the C++ schemas (they exist only once vitfast._C is loaded)."""
+    torch.library.register_fake("vitfast::patch_embed")(_patch_embed_fake)
+    torch.library.register_fake("vitfast::patch_embed_backward")(_patch_embed_backward_fake)
+    torch.library.register_autograd("vitfast::patch_embed", _backward, setup_context=_setup_context)
+
+
+if _C is not None:
+    _register()
 
 
 # ---------------------------------------------------------------------- declaration
