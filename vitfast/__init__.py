@@ -1,25 +1,46 @@
-"""vitfast: fused kernels (Triton attention, CUDA patch embedding) and a drop-in ViT for PyTorch."""
+"""vitfast: fused kernels (Triton attention, CUDA patch embedding) and a drop-in ViT for PyTorch.
 
-__version__ = "0.1.0"
+``import vitfast`` is light: the public names (``FastViT``, ``from_timm``, ``ops``, ...) load on
+first use (PEP 562), so ``vitfast --help`` and ``vitfast --version`` start without torch. When
+torch is already imported, everything loads at once as it always did, so
+``import torch; import vitfast`` leaves ``torch.ops.vitfast.*`` registered. Every submodule that
+needs the ops registers them itself (``import vitfast.ops`` loads the compiled extension and reads
+the dispatch table).
+"""
 
-from ._ext import load_extension as _load_extension
+from __future__ import annotations
 
-_load_extension()  # registers torch.ops.vitfast.*; raises a clear ImportError when the build is missing
+import sys as _sys
 
-from . import _compat  # noqa: E402
+
+def _version() -> str:
+    """The installed distribution's version; in a source checkout nobody installed, the one
+    written in pyproject.toml (the only place the version is written)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vitfast")
+    except metadata.PackageNotFoundError:
+        pass
+    import os
+    import re
+
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    try:
+        with open(pyproject) as f:
+            m = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    return "0+unknown"
+
+
+__version__ = _version()
+
+from . import _compat  # noqa: E402  (no torch)
 
 _compat.install()  # the module paths from before 0.2 (vitfast.convert, vitfast.bench, ...)
-
-from . import ops  # noqa: E402
-from .models import FastViT, convert, create_model, list_models  # noqa: E402
-from .models import weights as checkpoint  # noqa: E402  (the old name of vitfast.models.weights)
-from .models.convert import from_hf, from_timm, from_torchvision, to_timm  # noqa: E402
-from .models.weights import load_weights  # noqa: E402
-from .inference import optimize_for_inference  # noqa: E402
-from .integrations.timm import patch_timm, unpatch_timm  # noqa: E402
-from . import dispatch  # noqa: E402
-
-dispatch.table()  # read now: the ops' choice must never read a file while torch.compile traces
 
 __all__ = [
     "FastViT",
@@ -38,3 +59,53 @@ __all__ = [
     "ops",
     "__version__",
 ]
+
+# name -> (module, attribute in it; None: the module itself), imported on first use
+_LAZY = {
+    "FastViT": ("vitfast.models", "FastViT"),
+    "create_model": ("vitfast.models", "create_model"),
+    "list_models": ("vitfast.models", "list_models"),
+    "from_timm": ("vitfast.models.convert", "from_timm"),
+    "to_timm": ("vitfast.models.convert", "to_timm"),
+    "from_torchvision": ("vitfast.models.convert", "from_torchvision"),
+    "from_hf": ("vitfast.models.convert", "from_hf"),
+    "load_weights": ("vitfast.models.weights", "load_weights"),
+    "patch_timm": ("vitfast.integrations.timm", "patch_timm"),
+    "unpatch_timm": ("vitfast.integrations.timm", "unpatch_timm"),
+    "optimize_for_inference": ("vitfast.inference", "optimize_for_inference"),
+    "convert": ("vitfast.models.convert", None),
+    "checkpoint": ("vitfast.models.weights", None),  # the old name of vitfast.models.weights
+    "ops": ("vitfast.ops", None),  # registers torch.ops.vitfast.* and reads the dispatch table
+    "dispatch": ("vitfast.dispatch", None),
+    "models": ("vitfast.models", None),
+    "modules": ("vitfast.modules", None),
+    "inference": ("vitfast.inference", None),
+    "integrations": ("vitfast.integrations", None),
+}
+
+
+def __getattr__(name: str):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'vitfast' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(target[0])
+    value = module if target[1] is None else getattr(module, target[1])
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def _load() -> None:
+    """Everything ``import vitfast`` did before it was lazy: the compiled extension (when it can be
+    used), every op's registration, the dispatch table, the models, conversions and the timm patcher."""
+    for name in _LAZY:
+        __getattr__(name)
+
+
+if "torch" in _sys.modules:  # torch is loaded anyway: register the ops now, as before
+    _load()

@@ -2,7 +2,8 @@
 
 The tools (``vitfast.cli.*``) sit apart from the library (``ops``, ``modules``, ``models``,
 ``training``, ...). Each command lives in its own module with a ``main(argv) -> int``; this
-file only routes, two-word commands (``bench kernels``) included.
+file only routes, two-word commands (``bench kernels``) included, and answers ``--help`` and
+``--version`` without importing torch (well under a second).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: vitfast <command> [options]", "", "commands:"]
+    lines = ["usage: vitfast [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`vitfast <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -32,6 +33,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(f"vitfast {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if rest and f"{name} {rest[0]}" in COMMANDS:  # a two-word command
         name, rest = f"{name} {rest[0]}", rest[1:]
