@@ -11,8 +11,14 @@ Several processes / machines::
         -m vitfast.cli train --dist fsdp --amp bf16 --data-dir /data/imagenet --output-dir /shared/run1
 
 Without ``--data-dir`` it trains on scikit-learn's digits (real images, no network), upscaled to
-32x32 with 4x4 patches. Images go into the model as uint8: FastViT normalises them inside its
-patch-embedding op. Exit codes: 0 done, 2 bad arguments/data/checkpoint.
+32x32 with 4x4 patches; with it, through timm's dataset and transform factories, with timm's
+training augmentation (``vitfast.training.augment``). Images go into the model as uint8: FastViT
+normalises them inside its patch-embedding op.
+
+Work is never lost: a non-empty ``--output-dir`` is refused unless ``--resume`` or
+``--overwrite`` says what to do with it, and SIGINT/SIGTERM save a checkpoint at the current step
+before exiting. Exit codes: 0 done, 2 bad arguments/data/checkpoint, 130/143 stopped by
+SIGINT/SIGTERM (checkpoint saved when there is an ``--output-dir``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,12 +40,16 @@ import torch.nn.functional as F
 
 from ..integrations.timm import patch_timm
 from ..training.checkpoint import CheckpointError, find_latest, resume_checkpoint, save_checkpoint
+from ..training.augment import AugConfig, BatchAugment, StepKeys, StepSeeded, data_config, image_transforms
+from ..training.checkpoint import checkpoint_step, list_checkpoints
 from ..training.data import (
     DataError, StepBatchSampler, TensorImages, TrainData, eval_indices, load_digits, load_image_folder,
 )
 from ..training.dist import DistEnv, cleanup, setup, unwrap, wrap_model
+from ..training.interrupt import Interrupted, StopSignals, ignore_sigint
 
-__all__ = ["main", "run", "parse_args", "build_model", "evaluate", "lr_lambda", "TrainResult", "UsageError"]
+__all__ = ["main", "run", "parse_args", "build_model", "evaluate", "lr_lambda", "TrainResult", "UsageError",
+           "Interrupted"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,8 +59,38 @@ class UsageError(ValueError):
 
 
 # -- arguments ----------------------------------------------------------------------------------
+def _number(kind, test, what):
+    """An argparse ``type``: ``kind(text)`` that must pass ``test`` (else "must be <what>")."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not test(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POS_INT = _number(int, lambda v: v > 0, "a positive integer")
+NONNEG_INT = _number(int, lambda v: v >= 0, "an integer >= 0")
+POS_FLOAT = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+NONNEG_FLOAT = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+PROB = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+FRACTION = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """argparse's ``prog: error: message`` and exit code 2, on one line (no 30-line usage)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vitfast train",
         description="Train FastViT (or a timm ViT through vitfast.patch_timm) with DDP or FSDP2; "
         "start with torchrun for several processes.",
@@ -60,37 +101,50 @@ def _parser() -> argparse.ArgumentParser:
                    help="a vitfast.list_models() name, or timm:<name> for a timm model patched by vitfast.patch_timm")
     g.add_argument("--backend", choices=("vitfast", "reference"), default="vitfast",
                    help="vitfast's kernels, or plain PyTorch (the baseline)")
-    g.add_argument("--img-size", type=int, default=None, help="default: 32 for digits, the model's for --data-dir")
-    g.add_argument("--patch-size", type=int, default=None, help="default: 4 for digits, the model's otherwise")
-    g.add_argument("--embed-dim", type=int, default=None)
-    g.add_argument("--depth", type=int, default=None)
-    g.add_argument("--num-heads", type=int, default=None)
-    g.add_argument("--mlp-ratio", type=float, default=None)
+    g.add_argument("--img-size", type=POS_INT, default=None, help="default: 32 for digits, the model's for --data-dir")
+    g.add_argument("--patch-size", type=POS_INT, default=None, help="default: 4 for digits, the model's otherwise")
+    g.add_argument("--embed-dim", type=POS_INT, default=None)
+    g.add_argument("--depth", type=POS_INT, default=None)
+    g.add_argument("--num-heads", type=POS_INT, default=None)
+    g.add_argument("--mlp-ratio", type=POS_FLOAT, default=None)
     g.add_argument("--global-pool", choices=("token", "avg", "max", "avgmax"), default=None,
                    help="how tokens become the head's input (default: the model's)")
     g.add_argument("--qk-norm", action="store_true", help="LayerNorm on q and k (steadier at high learning rates)")
-    g.add_argument("--drop-path", type=float, default=0.0)
+    g.add_argument("--drop-path", type=FRACTION, default=0.0)
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile the wrapped model")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None,
-                   help="ImageFolder root (<dir>/<class>/<img>, or <dir>/train and <dir>/val); default: digits")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="held out when --data-dir has no train/ val/")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers per process (--data-dir only)")
+                   help="image folder root (<dir>/<class>/<img>, or <dir>/train and <dir>/val), read through timm; "
+                   "default: scikit-learn's digits")
+    g.add_argument("--val-fraction", type=FRACTION, default=0.1, help="held out when --data-dir has no train/ val/")
+    g.add_argument("--workers", type=NONNEG_INT, default=4, help="DataLoader workers per process (--data-dir only)")
+
+    g = p.add_argument_group("augmentation (timm's train.py options and defaults; per image with --data-dir only)")
+    g.add_argument("--no-aug", action="store_true", help="no per-image augmentation: resize and centre crop only")
+    g.add_argument("--aa", default=None, metavar="POLICY", help="auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
+    g.add_argument("--color-jitter", type=NONNEG_FLOAT, default=None, help="colour jitter factor (default 0.4)")
+    g.add_argument("--hflip", type=PROB, default=0.5, help="horizontal flip probability")
+    g.add_argument("--mixup", type=NONNEG_FLOAT, default=0.0, help="mixup alpha (0: off); soft-target cross-entropy")
+    g.add_argument("--cutmix", type=NONNEG_FLOAT, default=0.0, help="cutmix alpha (0: off)")
+    g.add_argument("--mixup-prob", type=PROB, default=1.0, help="probability of mixing a batch (mixup or cutmix)")
+    g.add_argument("--mixup-switch-prob", type=PROB, default=0.5, help="probability of cutmix when both are on")
+    g.add_argument("--reprob", type=PROB, default=0.0, help="random erasing probability (0: off)")
+    g.add_argument("--remode", choices=("const", "rand", "pixel"), default="pixel", help="random erasing fill")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=64, help="per process; the global batch is this x world size")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs worth)")
-    g.add_argument("--epochs", type=float, default=10.0)
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="cosine floor, as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: 5%% of the steps)")
-    g.add_argument("--opt-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
-    g.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="max global grad norm (0: off)")
+    g.add_argument("--batch-size", type=POS_INT, default=64, help="per process; the global batch is this x world size")
+    g.add_argument("--steps", type=POS_INT, default=None, help="optimizer steps (default: --epochs worth)")
+    g.add_argument("--epochs", type=POS_FLOAT, default=10.0)
+    g.add_argument("--lr", type=POS_FLOAT, default=1e-3, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=PROB, default=0.01, help="cosine floor, as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=NONNEG_INT, default=None, help="linear warm-up (default: 5%% of the steps)")
+    g.add_argument("--opt-betas", type=FRACTION, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
+    g.add_argument("--opt-eps", type=POS_FLOAT, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.05)
+    g.add_argument("--label-smoothing", type=FRACTION, default=0.0)
+    g.add_argument("--clip-grad", type=NONNEG_FLOAT, default=1.0, help="max global grad norm (0: off)")
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("distributed and precision")
@@ -101,46 +155,65 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
 
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--output-dir", default=None, help="checkpoints/ and metrics.jsonl go here")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest N kept (0: all)")
+    g.add_argument("--output-dir", default=None,
+                   help="checkpoints/ and metrics.jsonl go here; a non-empty folder needs --resume or --overwrite")
     g.add_argument("--resume", default=None, help="a step_<N> checkpoint directory, or 'auto' for the newest")
-    g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (and at the end)")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty --output-dir: deletes its checkpoints/ and metrics.jsonl")
+    g.add_argument("--save-every", type=NONNEG_INT, default=0, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=NONNEG_INT, default=2, help="newest N kept (0: all)")
+    g.add_argument("--eval-every", type=NONNEG_INT, default=0, help="validate every N steps (and at the end)")
+    g.add_argument("--log-every", type=POS_INT, default=10)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (there is one only on a terminal)")
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return _parser().parse_args(argv)
+    """The parsed arguments; a bad one (or combination) exits with argparse's one-line error, code 2."""
+    p = _parser()
+    a = p.parse_args(argv)
+    problem = _check_args(a)
+    if problem:
+        p.error(problem)
+    return a
 
 
-def _check_args(a: argparse.Namespace) -> None:
-    positive = ("batch_size", "steps", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "log_every")
-    for name in positive:
-        v = getattr(a, name)
-        if v is not None and v <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    for name in ("save_every", "eval_every", "keep_checkpoints", "workers", "weight_decay", "clip_grad", "drop_path"):
-        if getattr(a, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
-    if a.epochs <= 0 and a.steps is None:
-        raise ValueError(f"--epochs must be positive, got {a.epochs}")
-    if not 0 <= a.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
+def _check_args(a: argparse.Namespace) -> Optional[str]:
+    """What is wrong with a combination of arguments (None: nothing)."""
     if a.save_every and not a.output_dir:
-        raise ValueError("--save-every needs --output-dir (checkpoints go to <output-dir>/checkpoints)")
+        return "--save-every needs --output-dir (checkpoints go to <output-dir>/checkpoints)"
     if a.resume == "auto" and not a.output_dir:
-        raise ValueError("--resume auto needs --output-dir (it resumes from <output-dir>/checkpoints)")
+        return "--resume auto needs --output-dir (it resumes from <output-dir>/checkpoints)"
+    if a.overwrite and not a.output_dir:
+        return "--overwrite needs --output-dir"
+    if a.overwrite and a.resume:
+        return "--overwrite starts over and --resume continues: give one of them"
+    if a.data_dir is None:
+        for flag, given in (("--aa", a.aa), ("--color-jitter", a.color_jitter), ("--no-aug", a.no_aug)):
+            if given:
+                return f"{flag} augments the images of --data-dir (the digits are used as they are)"
+    if a.no_aug and (a.aa or a.color_jitter):
+        return "--no-aug turns per-image augmentation off: drop --aa / --color-jitter, or --no-aug"
+    if (a.mixup or a.cutmix) and a.batch_size % 2:
+        return f"--mixup/--cutmix mix each batch with itself reversed: --batch-size must be even, got {a.batch_size}"
+    return None
+
+
+def aug_config(a: argparse.Namespace) -> AugConfig:
+    return AugConfig(no_aug=a.no_aug, aa=a.aa, color_jitter=0.4 if a.color_jitter is None else a.color_jitter,
+                     hflip=a.hflip, mixup=a.mixup, cutmix=a.cutmix, mixup_prob=a.mixup_prob,
+                     mixup_switch_prob=a.mixup_switch_prob, reprob=a.reprob, remode=a.remode,
+                     label_smoothing=a.label_smoothing)
 
 
 # -- model --------------------------------------------------------------------------------------
 def build_model(a: argparse.Namespace, data: TrainData) -> Tuple[nn.Module, Optional[Tuple[tuple, tuple]]]:
     """The model on the CPU, and ``(mean, std)`` when the model takes normalised float images
-    (timm models) rather than uint8 (FastViT normalises inside its embedding)."""
+    (timm models) rather than uint8 (FastViT normalises inside its embedding). On the digits
+    every model normalises with 0.5; on ``--data-dir`` with its pretrained config's statistics."""
     import vitfast
 
-    stats = ((0.5,) * data.in_chans, (0.5,) * data.in_chans)
+    stats = ((0.5,) * data.in_chans, (0.5,) * data.in_chans) if a.data_dir is None else None
     over: Dict[str, Any] = dict(img_size=data.img_size, in_chans=data.in_chans, num_classes=data.num_classes)
     for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"):
         if getattr(a, k) is not None:
@@ -157,13 +230,23 @@ def build_model(a: argparse.Namespace, data: TrainData) -> Tuple[nn.Module, Opti
         except ImportError as e:
             raise ValueError("--model timm:... needs timm: pip install 'vitfast[timm]'") from e
         model = timm.create_model(a.model[5:], pretrained=False, **over)
+        if stats is None:
+            cfg = data_config(model, data.img_size)
+            stats = (tuple(cfg["mean"]), tuple(cfg["std"]))
         if a.backend == "vitfast":
             model = patch_timm(model)
         return model, stats  # float input: timm's own forward and the patched one both take it
-    model = vitfast.create_model(
-        a.model, mean=stats[0], std=stats[1], backend="auto" if a.backend == "vitfast" else "reference", **over
-    )
+    if stats is not None:
+        over.update(mean=stats[0], std=stats[1])
+    model = vitfast.create_model(a.model, backend="auto" if a.backend == "vitfast" else "reference", **over)
     return model, None
+
+
+def _pixel_stats(model: nn.Module, stats) -> Tuple[List[float], List[float]]:
+    """The mean/std (0..1 scale) the model's input is normalised with."""
+    if stats is not None:
+        return list(stats[0]), list(stats[1])
+    return unwrap(model).pixel_mean.tolist(), unwrap(model).pixel_std.tolist()
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -190,16 +273,28 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 # -- data ---------------------------------------------------------------------------------------
-def _batches(ds, sampler, env: DistEnv, workers: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def _batches(ds, sampler, env: DistEnv, workers: int, seed: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     pin = env.device.type == "cuda"
     if isinstance(ds, TensorImages):
         for idx in sampler:
             x, y = ds.batch(idx)
             yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
         return
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
-                                         persistent_workers=False)
+    # every image's augmentation is seeded by (seed, step, index), and the loader draws its worker
+    # seeds from its own generator: the training's random streams do not depend on the workers
+    loader = torch.utils.data.DataLoader(StepSeeded(ds, seed), batch_sampler=StepKeys(sampler), num_workers=workers,
+                                         pin_memory=pin, worker_init_fn=ignore_sigint,
+                                         generator=torch.Generator().manual_seed(seed))
     yield from loader
+
+
+def _eval_batches(ds, idx: List[int], batch_size: int, workers: int):
+    if isinstance(ds, TensorImages):
+        for lo in range(0, len(idx), batch_size):
+            yield ds.batch(idx[lo : lo + batch_size])
+        return
+    yield from torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
+                                           num_workers=workers, worker_init_fn=ignore_sigint)
 
 
 def _to_input(x: torch.Tensor, env: DistEnv, stats) -> torch.Tensor:
@@ -212,21 +307,17 @@ def _to_input(x: torch.Tensor, env: DistEnv, stats) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, ds, env: DistEnv, batch_size: int, autocast, stats) -> Dict[str, float]:
+def evaluate(model, ds, env: DistEnv, batch_size: int, autocast, stats, workers: int = 0) -> Dict[str, float]:
     """Loss and accuracy on ``ds``, split over the ranks (every rank runs the same number of
     forwards, so FSDP's all-gathers line up)."""
     model.eval()
     idx, n_real = eval_indices(len(ds), env.rank, env.world_size)
     totals = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, correct, count
-    for lo in range(0, len(idx), batch_size):
-        chunk = idx[lo : lo + batch_size]
-        if isinstance(ds, TensorImages):
-            x, y = ds.batch(chunk)
-        else:
-            items = [ds[i] for i in chunk]
-            x, y = torch.stack([t for t, _ in items]), torch.tensor([c for _, c in items])
+    lo = 0
+    for x, y in _eval_batches(ds, idx, batch_size, workers):
         y = y.to(env.device)
-        real = (torch.arange(lo, lo + len(chunk), device=env.device) < n_real)
+        real = (torch.arange(lo, lo + len(y), device=env.device) < n_real)
+        lo += len(y)
         with autocast():
             logits = model(_to_input(x, env, stats))
         loss = F.cross_entropy(logits.float(), y, reduction="none")
@@ -237,6 +328,60 @@ def evaluate(model, ds, env: DistEnv, batch_size: int, autocast, stats) -> Dict[
     model.train()
     loss_sum, correct, count = totals.tolist()
     return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
+
+
+# -- output folder ------------------------------------------------------------------------------
+def _output_dir_problem(a: argparse.Namespace) -> Optional[str]:
+    """Why training into ``--output-dir`` could lose work (None: it cannot)."""
+    out = a.output_dir
+    if not out or not os.path.exists(out):
+        return None
+    if not os.path.isdir(out):
+        return f"--output-dir {out!r} is a file, not a folder"
+    entries = sorted(os.listdir(out))
+    if not entries or a.overwrite:
+        return None
+    ckpt_root = os.path.join(out, "checkpoints")
+    found = list_checkpoints(ckpt_root)
+    if not a.resume:
+        held = f"checkpoints up to {found[-1]}" if found else ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        return (f"--output-dir {out!r} is not empty ({held}): continue that run with --resume auto, start over "
+                f"with --overwrite (deletes its checkpoints and metrics.jsonl), or choose another --output-dir")
+    if a.resume == "auto":
+        if not found:
+            return (f"--resume auto: {out!r} is not empty but holds no complete checkpoint: start over with "
+                    f"--overwrite, or choose another --output-dir")
+        return None
+    step = checkpoint_step(a.resume)
+    later = [d for d in found if step is not None and checkpoint_step(d) > step]
+    if later:
+        return (f"--resume {a.resume}: {ckpt_root!r} already holds later checkpoints (up to {later[-1]}), which "
+                f"checkpoint rotation would keep over this run's: continue from the newest with --resume auto, "
+                f"or choose another --output-dir")
+    return None
+
+
+def _prepare_output_dir(a: argparse.Namespace, env: DistEnv) -> None:
+    """Refuse an --output-dir that would lose work (every rank agrees on it); with --overwrite,
+    delete the previous run's checkpoints and metrics."""
+    problem = _output_dir_problem(a)
+    if env.world_size > 1:  # every rank looks before any writes; they must take the same way
+        seen: List[Optional[str]] = [None] * env.world_size
+        dist.all_gather_object(seen, problem)
+        problem = next((p for p in seen if p), None)
+    if problem:
+        raise UsageError(problem)
+    if a.overwrite and env.is_main and os.path.isdir(a.output_dir):
+        gone = [p for p in ("checkpoints", "metrics.jsonl") if os.path.exists(os.path.join(a.output_dir, p))]
+        shutil.rmtree(os.path.join(a.output_dir, "checkpoints"), ignore_errors=True)
+        if "metrics.jsonl" in gone:
+            os.remove(os.path.join(a.output_dir, "metrics.jsonl"))
+        if gone:
+            print(f"vitfast train: --overwrite: deleted {' and '.join(gone)} in {a.output_dir}", file=sys.stderr)
+    if not a.output_dir and env.is_main:
+        print("vitfast train: no --output-dir: nothing will be saved (no checkpoints, no metrics.jsonl)",
+              file=sys.stderr, flush=True)
+    dist.barrier()
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -251,7 +396,7 @@ class TrainResult:
 
 
 class _Log:
-    """Rank 0's tqdm bar, log lines, and ``metrics.jsonl``."""
+    """Rank 0's progress bar (on a terminal only), log lines, and ``metrics.jsonl``."""
 
     def __init__(self, a, env: DistEnv, start: int, total: int):
         self.on = env.is_main
@@ -259,7 +404,7 @@ class _Log:
         self.file = None
         if not self.on:
             return
-        if not a.no_progress:
+        if not a.no_progress and sys.stderr.isatty():  # in a log file a bar is carriage-return noise
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
@@ -294,12 +439,16 @@ class _Log:
 
 def run(a: argparse.Namespace) -> TrainResult:
     """Train with the parsed arguments (the process group is set up here and torn down by
-    :func:`main`). Raises DataError / CheckpointError / ValueError for bad input."""
+    :func:`main`). Raises DataError / CheckpointError / UsageError for bad input, and
+    :class:`Interrupted` after saving a checkpoint when SIGINT/SIGTERM stops the run."""
+    problem = _check_args(a)
+    if problem:
+        raise UsageError(problem)
     try:
-        _check_args(a)
         env = setup(a.device)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    _prepare_output_dir(a, env)
     data = load_image_folder(a.data_dir, a.img_size or _model_img_size(a), a.val_fraction) if a.data_dir \
         else load_digits(a.img_size or 32)
     if a.data_dir is None and a.patch_size is None:
@@ -314,10 +463,14 @@ def run(a: argparse.Namespace) -> TrainResult:
         raise UsageError(f"--model {a.model}: {e}") from e
     if a.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    aug = aug_config(a)
+    if a.data_dir:  # timm's transforms from the model's data config; images stay uint8
+        data.set_transforms(*image_transforms(data_config(model, data.img_size), aug))
     amp_dtype = AMP_DTYPES[a.amp]
     model = wrap_model(model, a.dist, env, param_dtype=amp_dtype if a.dist == "fsdp" else None)
     optimizer = torch.optim.AdamW(_param_groups(unwrap(model), a.weight_decay), lr=a.lr, betas=tuple(a.opt_betas),
                                   eps=a.opt_eps)
+    batch_aug = BatchAugment(aug, data.num_classes, *_pixel_stats(model, stats), env.device, a.seed, env.rank)
 
     sampler_args = dict(n=len(data.train), batch_size=a.batch_size, rank=env.rank, world_size=env.world_size,
                         seed=a.seed)
@@ -357,70 +510,103 @@ def run(a: argparse.Namespace) -> TrainResult:
              f"{sum(p.numel() for p in unwrap(model).parameters()) / 1e6:.2f}M params); {a.dist} x {env.world_size} "
              f"on {env.device.type} ({env.backend}); amp {a.amp}; global batch {a.batch_size * env.world_size}; "
              f"steps {start}->{total} ({steps_per_epoch}/epoch)")
+    if a.data_dir or batch_aug.active:
+        log.line(f"augmentation: {aug.describe()}")
     if resume:
         log.line(f"resumed from {resume} at step {start}")
+
+    def save(step: int) -> str:
+        path = save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               env=env, mode=a.dist, args=vars(a), keep=a.keep_checkpoints)
+        log.line(f"saved {path}")
+        return path
 
     sampler = StepBatchSampler(total_steps=total, start_step=start, **sampler_args)
     pending: List[torch.Tensor] = []  # per-step [loss, correct, count] not yet reduced
     t_last, step_last = time.perf_counter(), start
+    state = {"lr": a.lr}
+
+    def flush(step: int) -> None:
+        nonlocal pending, t_last, step_last
+        if not pending:
+            return
+        stats_t = torch.stack(pending)
+        dist.all_reduce(stats_t)
+        now = time.perf_counter()
+        ips = stats_t[:, 2].sum().item() / max(now - t_last, 1e-9)
+        for i, (ls, corr, cnt) in enumerate(stats_t.tolist()):
+            rec = {"step": step - len(pending) + i + 1, "loss": ls / cnt, "acc": corr / cnt}
+            res.history.append(rec)
+            log.record(rec)
+        rec = res.history[-1]
+        log.record({"step": step, "lr": state["lr"], "img_per_s": ips})
+        log.line(f"step {step:>6}/{total}  loss {rec['loss']:.4f}  acc {rec['acc']:.3f}  "
+                 f"lr {state['lr']:.2e}  {ips:,.0f} img/s")
+        log.advance(step - step_last, {"loss": f"{rec['loss']:.3f}", "img/s": f"{ips:,.0f}"})
+        pending, t_last, step_last = [], time.perf_counter(), step
+
+    # a gloo group for the per-step stop flag: agreeing on it costs no device synchronisation
+    flag_group = dist.new_group(backend="gloo") if env.world_size > 1 and env.backend != "gloo" else None
     model.train()
     step = start
-    for x, y in _batches(data.train, sampler, env, a.workers):
-        y = y.to(env.device, non_blocking=True)
-        with autocast():
-            logits = train_model(_to_input(x, env, stats))
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=a.label_smoothing)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if a.clip_grad:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        with torch.no_grad():
-            pending.append(torch.stack([loss.detach().double() * y.numel(),
-                                        (logits.argmax(-1) == y).sum().double(),
-                                        torch.tensor(float(y.numel()), dtype=torch.float64, device=env.device)]))
-        last = step == total
-        if step % a.log_every == 0 or last:
-            stats_t = torch.stack(pending)
-            dist.all_reduce(stats_t)
-            now = time.perf_counter()
-            ips = stats_t[:, 2].sum().item() / max(now - t_last, 1e-9)
-            for i, (ls, corr, cnt) in enumerate(stats_t.tolist()):
-                rec = {"step": step - len(pending) + i + 1, "loss": ls / cnt, "acc": corr / cnt}
-                res.history.append(rec)
-                log.record(rec)
-            rec = res.history[-1]
-            log.record({"step": step, "lr": lr, "img_per_s": ips})
-            log.line(f"step {step:>6}/{total}  loss {rec['loss']:.4f}  acc {rec['acc']:.3f}  "
-                     f"lr {lr:.2e}  {ips:,.0f} img/s")
-            log.advance(step - step_last, {"loss": f"{rec['loss']:.3f}", "img/s": f"{ips:,.0f}"})
-            pending, t_last, step_last = [], time.perf_counter(), step
-        if (a.eval_every and step % a.eval_every == 0) or last:
-            ev = {"step": step, **evaluate(train_model, data.val, env, a.batch_size, autocast, stats)}
-            res.evals.append(ev)
-            log.record(ev)
-            log.line(f"step {step:>6}  val loss {ev['val_loss']:.4f}  val acc {ev['val_acc']:.4f}")
-            t_last = time.perf_counter()
-        if ckpt_root and ((a.save_every and step % a.save_every == 0) or last):
-            res.checkpoint = save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                             scaler=scaler, env=env, mode=a.dist, args=vars(a),
-                                             keep=a.keep_checkpoints)
-            log.line(f"saved {res.checkpoint}")
-            t_last = time.perf_counter()
+    batches = _batches(data.train, sampler, env, a.workers, a.seed)
+    try:
+        with StopSignals(flag_group) as stop:
+            for x, y in batches:
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                x, target = batch_aug(x, y, step)
+                with autocast():
+                    logits = train_model(_to_input(x, env, stats))
+                if target.dim() == 2:  # mixup/cutmix: soft targets (timm's SoftTargetCrossEntropy)
+                    loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                else:
+                    loss = F.cross_entropy(logits.float(), target, label_smoothing=a.label_smoothing)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                if a.clip_grad:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["lr"] = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                with torch.no_grad():
+                    pending.append(torch.stack([loss.detach().double() * y.numel(),
+                                                (logits.argmax(-1) == y).sum().double(),
+                                                torch.tensor(float(y.numel()), dtype=torch.float64,
+                                                             device=env.device)]))
+                last = step == total
+                if step % a.log_every == 0 or last:
+                    flush(step)
+                if (a.eval_every and step % a.eval_every == 0) or last:
+                    ev = {"step": step, **evaluate(train_model, data.val, env, a.batch_size, autocast, stats,
+                                                   a.workers)}
+                    res.evals.append(ev)
+                    log.record(ev)
+                    log.line(f"step {step:>6}  val loss {ev['val_loss']:.4f}  val acc {ev['val_acc']:.4f}")
+                    t_last = time.perf_counter()
+                if ckpt_root and ((a.save_every and step % a.save_every == 0) or last):
+                    res.checkpoint = save(step)
+                    t_last = time.perf_counter()
+                signum = stop.agreed(env.world_size) if not last else 0
+                if signum:  # every rank stops here, after the same step
+                    flush(step)
+                    if ckpt_root and checkpoint_step(res.checkpoint or "") != step:
+                        res.checkpoint = save(step)
+                    res.final_step = step
+                    raise Interrupted(signum, step, total, res.checkpoint if ckpt_root else None, res)
+    finally:
+        batches.close()
+        log.close()
     res.final_step = step
-    log.close()
     return res
 
 
@@ -434,15 +620,34 @@ def _model_img_size(a: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = parse_args(argv)
+    try:
+        a = parse_args(argv)
+    except SystemExit as e:  # argparse: 0 for --help, 2 for a bad option (already said in one line)
+        return int(e.code or 0)
     try:
         run(a)
     except (UsageError, DataError, CheckpointError) as e:
         print(f"vitfast train: error: {_first_message(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(_interrupted_message(e), file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:  # before the first step (the handlers are installed for the loop)
+        print("vitfast train: interrupted before training started; nothing to save", file=sys.stderr)
+        return 130
     finally:
         cleanup()
     return 0
+
+
+def _interrupted_message(e: Interrupted) -> str:
+    import signal
+
+    head = f"vitfast train: stopped by {signal.Signals(e.signum).name} after step {e.step}/{e.total}"
+    if e.checkpoint is None:
+        return f"{head}; nothing saved (no --output-dir)"
+    return f"{head}; saved {e.checkpoint}; continue with the same command and --resume auto"
 
 
 def _first_message(e: BaseException) -> str:

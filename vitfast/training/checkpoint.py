@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from .dist import DistEnv, unwrap
 
-__all__ = ["save_checkpoint", "resume_checkpoint", "find_latest", "CheckpointError"]
+__all__ = ["save_checkpoint", "resume_checkpoint", "find_latest", "list_checkpoints", "checkpoint_step",
+           "CheckpointError"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -207,14 +208,15 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if keep > 0:
-            for old in _list_checkpoints(root)[:-keep]:
+            for old in list_checkpoints(root)[:-keep]:
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     dist.barrier()
     return final
 
 
-def _list_checkpoints(root: str) -> list:
-    if not os.path.isdir(root):
+def list_checkpoints(root: str) -> list:
+    """The complete ``step_<N>`` directory names under ``root``, oldest first."""
+    if not root or not os.path.isdir(root):
         return []
     found = [d for d in os.listdir(root) if _STEP_DIR.match(d) and os.path.isfile(os.path.join(root, d, "meta.pt"))]
     return sorted(found, key=lambda d: int(_STEP_DIR.match(d).group(1)))
@@ -222,8 +224,14 @@ def _list_checkpoints(root: str) -> list:
 
 def find_latest(root: str) -> Optional[str]:
     """The newest complete ``step_<N>`` directory under ``root`` (None when there is none)."""
-    found = _list_checkpoints(root)
+    found = list_checkpoints(root)
     return os.path.join(root, found[-1]) if found else None
+
+
+def checkpoint_step(name: str) -> Optional[int]:
+    """N of a ``step_<N>`` directory name or path (None for anything else)."""
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(name)))
+    return int(m.group(1)) if m else None
 
 
 def read_meta(path: str) -> Dict[str, Any]:

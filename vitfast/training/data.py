@@ -5,8 +5,9 @@ Two sources:
 * :func:`load_digits` - scikit-learn's 1,797 real 8x8 handwritten digits (shipped inside the
   package, no network), upscaled to ``img_size`` and stored as one uint8 tensor, with a fixed
   train/validation split that does not depend on the training seed.
-* :class:`ImageFolderData` - the user's ``root/<class>/<image>`` folder, decoded with PIL to
-  uint8 ``[3, img_size, img_size]`` (shorter side resized, centre crop).
+* :func:`load_image_folder` - the user's ``root/<class>/<image>`` folder through timm's dataset
+  factory (files listed, not opened, at start-up), with timm's transforms
+  (:mod:`vitfast.training.augment`) producing uint8 ``[3, img_size, img_size]``.
 
 Images stay uint8 up to the model: FastViT normalises them inside its patch-embedding op.
 
@@ -18,9 +19,10 @@ batch ``b`` see exactly the images one process with batch ``W*b`` sees.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +31,14 @@ from torch.utils.data import Dataset, Sampler
 __all__ = [
     "DataError",
     "TensorImages",
-    "ImageFolderData",
+    "FolderData",
     "TrainData",
     "load_digits",
     "load_image_folder",
     "StepBatchSampler",
     "eval_indices",
-    "IMG_EXTENSIONS",
 ]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_SPLIT_SEED = 0  # the train/val split is fixed, whatever --seed is
 DIGITS_VAL = 297  # 1,500 train / 297 validation images
 
@@ -79,6 +79,12 @@ class TrainData:
     classes: List[str]
     description: str
 
+    def set_transforms(self, train, val) -> None:
+        """Per-image transforms of the two splits (folder data; in-memory tensors take none)."""
+        for ds, tf in ((self.train, train), (self.val, val)):
+            if isinstance(ds, FolderData):
+                ds.base.transform = tf
+
 
 def load_digits(img_size: int = 32) -> TrainData:
     """scikit-learn's digits (16 grey levels, 8x8), bilinearly upscaled to ``img_size`` uint8."""
@@ -109,7 +115,8 @@ def load_digits(img_size: int = 32) -> TrainData:
 
 
 # -- ImageFolder --------------------------------------------------------------------------------
-def _scan_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
+def _check_root(root: str) -> List[str]:
+    """The class folders of ``root`` (reading directory entries only, never a file)."""
     if not os.path.exists(root):
         raise DataError(f"--data-dir {root!r} does not exist")
     if not os.path.isdir(root):
@@ -120,91 +127,72 @@ def _scan_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
             f"--data-dir {root!r} has no class sub-folders: expected the ImageFolder layout "
             f"{root}/<class name>/<image files>"
         )
-    samples: List[Tuple[str, int]] = []
-    for label, cls in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
-    if not samples:
+    return classes
+
+
+def _folder_dataset(root: str, class_map=None):
+    """timm's folder dataset (``timm.data.create_dataset``): files listed by name and extension,
+    none opened until it is read; an unreadable image is skipped with a warning when read."""
+    classes = _check_root(root)
+    try:
+        from timm.data import create_dataset
+    except ImportError as e:
+        raise DataError("--data-dir reads images through timm: pip install timm (or 'vitfast[train]')") from e
+    try:
+        return create_dataset("", root=root, search_split=False, class_map=class_map)
+    except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+        if "Found 0 images" not in str(e):
+            raise
+        from timm.data.readers.img_extensions import get_img_extensions
+
         raise DataError(
             f"--data-dir {root!r} has {len(classes)} class folder(s) ({', '.join(classes[:5])}"
             f"{', ...' if len(classes) > 5 else ''}) but no image files in them "
-            f"(looked for {', '.join(IMG_EXTENSIONS)})"
-        )
-    return classes, samples
+            f"(looked for {', '.join(sorted(get_img_extensions()))})"
+        ) from e
 
 
-def _check_headers(samples: Sequence[Tuple[str, int]]) -> None:
-    """Open every file's header (PIL reads no pixels here) so that a non-image is reported by
-    name before training starts rather than from inside a DataLoader worker."""
-    from PIL import Image, UnidentifiedImageError
+class FolderData(Dataset):
+    """Part of a timm folder dataset (``indices``, all of it when None) with its own transform
+    (set by :meth:`TrainData.set_transforms` once the model's data config is known)."""
 
-    bad = []
-    for path, _ in samples:
-        try:
-            with Image.open(path) as im:
-                im.size  # noqa: B018 - parsed from the header
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            bad.append(f"{path} ({type(e).__name__})")
-    if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(f"--data-dir: {len(bad)} file(s) are not readable images: {'; '.join(bad[:5])}{more}")
-
-
-class ImageFolderData(Dataset):
-    """``(path, label)`` samples decoded with PIL to uint8 ``[3, size, size]``:
-    RGB, shorter side resized to ``size`` (bilinear), centre crop."""
-
-    def __init__(self, samples: Sequence[Tuple[str, int]], img_size: int):
-        self.samples, self.img_size = list(samples), img_size
+    def __init__(self, base, indices: Optional[Sequence[int]] = None):
+        self.base, self.indices = copy.copy(base), None if indices is None else list(indices)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.base) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        import numpy as np
-        from PIL import Image
-
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                s = self.img_size / min(w, h)
-                im = im.resize((max(self.img_size, round(w * s)), max(self.img_size, round(h * s))), Image.BILINEAR)
-                w, h = im.size
-                left, top = (w - self.img_size) // 2, (h - self.img_size) // 2
-                im = im.crop((left, top, left + self.img_size, top + self.img_size))
-                arr = np.asarray(im, dtype=np.uint8).copy()
-        except OSError as e:
-            raise DataError(f"cannot decode image {path}: {e}") from e
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label
+    def __getitem__(self, i: int):
+        return self.base[i if self.indices is None else self.indices[i]]
 
 
-def load_image_folder(root: str, img_size: int, val_fraction: float = 0.1, check_images: bool = True) -> TrainData:
-    """``root/<class>/<image>``; ``root/train`` + ``root/val`` when both exist, otherwise a fixed
-    ``val_fraction`` split (seeded, stratified by nothing: a random permutation)."""
+def load_image_folder(root: str, img_size: int, val_fraction: float = 0.1) -> TrainData:
+    """``root/<class>/<image>`` through timm's dataset factory; ``root/train`` + ``root/val`` when
+    both exist, otherwise a fixed ``val_fraction`` split (a seeded random permutation). Start-up
+    lists the files and opens none of them. Images come out as PIL images until
+    :meth:`TrainData.set_transforms` gives the splits their transforms."""
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if os.path.isdir(train_dir) and os.path.isdir(val_dir):
-        classes, train = _scan_folder(train_dir)
-        val_classes, val = _scan_folder(val_dir)
-        if val_classes != classes:
-            raise DataError(f"--data-dir {root!r}: train/ and val/ have different class folders")
+        base = _folder_dataset(train_dir)
+        class_to_idx = dict(base.reader.class_to_idx)
+        val_base = _folder_dataset(val_dir, class_map=class_to_idx)
+        train, val = FolderData(base), FolderData(val_base)
     else:
-        classes, samples = _scan_folder(root)
-        perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED)).tolist()
-        n_val = int(round(len(samples) * val_fraction)) if len(samples) > 1 else 0
-        val = [samples[i] for i in sorted(perm[:n_val])]
-        train = [samples[i] for i in sorted(perm[n_val:])]
-    if check_images:
-        _check_headers(train + val)
+        base = _folder_dataset(root)
+        class_to_idx = dict(base.reader.class_to_idx)
+        n = len(base)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED)).tolist()
+        n_val = int(round(n * val_fraction)) if n > 1 else 0
+        train, val = FolderData(base, sorted(perm[n_val:])), FolderData(base, sorted(perm[:n_val]))
+    classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
     return TrainData(
-        train=ImageFolderData(train, img_size),
-        val=ImageFolderData(val, img_size),
+        train=train,
+        val=val,
         num_classes=len(classes),
         in_chans=3,
         img_size=img_size,
         classes=classes,
-        description=f"ImageFolder {root}: {len(classes)} classes, {len(train)} train / {len(val)} val, "
+        description=f"image folder {root} (timm): {len(classes)} classes, {len(train)} train / {len(val)} val, "
         f"3x{img_size}x{img_size} uint8",
     )
 
