@@ -14,9 +14,9 @@
 #   BENCH_ARGS="--compile" bash benchmarks/gpu_check.sh
 #
 # Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
-# SKIP_TESTS, SKIP_CANDIDATES, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
+# SKIP_TESTS, SKIP_CANDIDATES, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, SKIP_NCU, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
 # "--models vit_base_patch16_224"), step limits in seconds T_BUILD (180) T_TESTS (120)
-# T_CANDIDATES (150) T_BENCH (180) T_KERNELS (200) T_PROFILE (45), and DEADLINE (390): no step runs past it, so
+# T_CANDIDATES (150) T_BENCH (180) T_KERNELS (200) T_PROFILE (45) T_NCU (60), and DEADLINE (390): no step runs past it, so
 # the summary prints by about 6.5 min. Measured on an H200 (2026-11-30, torch 2.11, triton 3.6):
 # build 43 s, info 7 s, bench 98 s, kernels (patch_embed + fused + memory) ~100 s; attention
 # autotuning all configs of three kernels did not finish one shape in 60 s, hence the
@@ -189,6 +189,14 @@ fi
 if [ -z "${SKIP_PROFILE:-}" ]; then
     run_step profile "${T_PROFILE:-45}" "$PYTHON" -m vitfast.cli profile --model vit_base_patch16_224 --batch-size 64 \
         --steps 2 --top 10 --trace "$OUT/trace_vit_base_patch16_224.json.gz" --json "$OUT/" --ncu || true
+fi
+
+# ---- 6. the CUDA patch embedding under ncu: shared-memory bank conflicts, DRAM bytes and time of
+# each patchify/unpatchify/prefill kernel (uint8 NCHW and channels_last, bf16 forward + backward)
+if [ -z "${SKIP_NCU:-}" ] && command -v ncu >/dev/null; then
+    run_step ncu "${T_NCU:-60}" ncu --clock-control none -k "regex:patchify|prefill" --metrics \
+        l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+        "$PYTHON" benchmarks/patch_embed_ncu.py || true
 fi
 
 print_summary

@@ -6,7 +6,10 @@
 //   2. patchify: the image is read once (16-byte loads where the layout allows, NCHW or
 //      channels_last or any strides), normalised on load (x * scale[c] + shift[c], i.e.
 //      (x/255 - mean)/std for uint8) and written as the patch matrix X [B*T, K] in the
-//      weight's dtype, K = C*p*p in (c, i, j) order, with a zero row at each class position;
+//      weight's dtype, K = C*p*p in (c, i, j) order, with a zero row at each class position.
+//      NCHW images in 16-byte chunks (p % (16 / element size) == 0, e.g. p 16 or 32) go
+//      straight to global memory with 16-byte stores (patchify_rows_kernel); other layouts
+//      stage tiles of the matrix in shared memory (patchify_tile_kernel);
 //   3. GEMM: out.view(B*T, D) += X @ W^T, one cuBLAS call (at::addmm_, beta = 1, tensor
 //      cores, fp32 accumulation) writing the finished tokens in place. The zero rows make
 //      the class rows pass through unchanged (0 * W + cls), so the GEMM writes the whole
@@ -32,6 +35,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "../patch_embed.h"
 
@@ -61,6 +65,74 @@ template <typename T>
 struct alignas(16) Vec16 {
   T v[16 / sizeof(T)];
 };
+
+// N contiguous values of T at dst/src (aligned to min(16, N * sizeof(T)) bytes, which the
+// callers' host checks guarantee): 16-byte accesses when the run is at least that long, one
+// narrower access otherwise. The values travel as raw bits (uint4, uint2, ...) so that the
+// compiler emits one vector instruction per access instead of one per (class-typed) element.
+// Raw bits of `bytes` bytes at p: one vector access for 16 (v4.b32) and 8 (v2.b32) bytes.
+// The stores are written in PTX: built from packed registers, nvcc otherwise splits them into
+// 32-bit stores even at 16-byte alignment (seen in the sm_90 SASS).
+template <int Bytes>
+__device__ __forceinline__ void store_bits(void* p, const void* x) {
+  if constexpr (Bytes == 16) {
+    unsigned w[4];
+    memcpy(w, x, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)), "r"(w[0]),
+                 "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else if constexpr (Bytes == 8) {
+    unsigned w[2];
+    memcpy(w, x, 8);
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(__cvta_generic_to_global(p)), "r"(w[0]), "r"(w[1])
+                 : "memory");
+  } else if constexpr (Bytes == 4) {
+    unsigned w;
+    memcpy(&w, x, 4);
+    *reinterpret_cast<unsigned*>(p) = w;
+  } else if constexpr (Bytes == 2) {
+    unsigned short w;
+    memcpy(&w, x, 2);
+    *reinterpret_cast<unsigned short*>(p) = w;
+  } else {
+    *reinterpret_cast<unsigned char*>(p) = *reinterpret_cast<const unsigned char*>(x);
+  }
+}
+
+template <int Bytes>
+__device__ __forceinline__ void load_bits(void* x, const void* p) {
+  if constexpr (Bytes == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+    memcpy(x, w, 16);
+  } else if constexpr (Bytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    const unsigned w[2] = {v.x, v.y};
+    memcpy(x, w, 8);
+  } else if constexpr (Bytes == 4) {
+    const unsigned w = *reinterpret_cast<const unsigned*>(p);
+    memcpy(x, &w, 4);
+  } else if constexpr (Bytes == 2) {
+    const unsigned short w = *reinterpret_cast<const unsigned short*>(p);
+    memcpy(x, &w, 2);
+  } else {
+    *reinterpret_cast<unsigned char*>(x) = *reinterpret_cast<const unsigned char*>(p);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_run(T* __restrict__ dst, const T (&x)[N]) {
+  constexpr int bytes = N * sizeof(T) < 16 ? N * sizeof(T) : 16, per = bytes / sizeof(T);
+#pragma unroll
+  for (int s = 0; s < N / per; ++s) store_bits<bytes>(dst + s * per, &x[s * per]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void load_run(const T* __restrict__ src, T (&x)[N]) {
+  constexpr int bytes = N * sizeof(T) < 16 ? N * sizeof(T) : 16, per = bytes / sizeof(T);
+#pragma unroll
+  for (int s = 0; s < N / per; ++s) load_bits<bytes>(&x[s * per], src + s * per);
+}
 
 enum Layout : int {
   kAnyStrides = 0,  // any strides: scalar accesses
@@ -96,6 +168,89 @@ __device__ __forceinline__ int tile_index(const Tile& g, int c, int i, int w) {
   return (w / g.p) * g.K + c * g.p * g.p + i * g.p + (w % g.p);
 }
 
+// The common case, NCHW images (stride(W) == 1) whose rows split into 16-byte chunks that
+// never straddle a patch (p % V == 0, strides and pointer aligned; host): no shared-memory
+// staging at all. Each thread reads V pixels of one image row with one 16-byte load; they are
+// one patch's row segment, i.e. V contiguous elements of the patch matrix, which the thread
+// writes with 16-byte stores (uint8 -> bf16: 16 pixels in, 32 contiguous bytes out). Reads
+// are fully coalesced; each write fills whole 32-byte sectors. The channel's scale/shift sit in
+// registers for the thread's V outputs. Per-image indices are 32-bit (host: C*H*W/V fits an
+// int); the batch runs over blockIdx.y. Class rows (the first g.off rows of each image) get zeros.
+template <typename in_t, typename mat_t>
+__global__ void __launch_bounds__(kThreads)
+    patchify_rows_kernel(const in_t* __restrict__ img, mat_t* __restrict__ mat, const Tile g, const int H,
+                         const double* __restrict__ mean, const double* __restrict__ stdv, const double base) {
+  using acc_t = typename Acc<mat_t>::type;
+  constexpr int V = vec16<in_t>();
+  extern __shared__ __align__(16) unsigned char vitfast_smem[];
+  acc_t* scale = reinterpret_cast<acc_t*>(vitfast_smem);
+  acc_t* shift = scale + g.C;
+  load_channel_affine(g, mean, stdv, base, scale, shift);
+  __syncthreads();
+
+  const int p = g.p, K = g.K, Wp = static_cast<int>(g.Wp);
+  const int chunks = Wp * p / V;  // 16-byte chunks per image row
+  const int per_image = g.C * H * chunks;
+  const int zero_elems = static_cast<int>(g.off) * K / vec16<mat_t>();  // class rows, in 16-byte units
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    const in_t* src_b = img + b * g.sB;
+    mat_t* mat_b = mat + b * g.R * K;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < per_image; e += gridDim.x * blockDim.x) {
+      const int ch = e % chunks, row = e / chunks, h = row % H, c = row / H;
+      const int w = ch * V, hp = h / p, i = h - hp * p, wp = w / p, j = w - wp * p;
+      const Vec16<in_t> v = *reinterpret_cast<const Vec16<in_t>*>(src_b + c * g.sC + h * g.sH + w);
+      const acc_t sc = scale[c], sh = shift[c];
+      mat_t x[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) x[k] = static_cast<mat_t>(static_cast<acc_t>(v.v[k]) * sc + sh);
+      store_run<mat_t, V>(mat_b + static_cast<int64_t>(g.off + hp * Wp + wp) * K + (c * p + i) * p + j, x);
+    }
+    if (blockIdx.x == 0) {
+      Vec16<mat_t> z;
+#pragma unroll
+      for (int k = 0; k < vec16<mat_t>(); ++k) z.v[k] = static_cast<mat_t>(acc_t(0));
+      for (int e = threadIdx.x; e < zero_elems; e += blockDim.x) reinterpret_cast<Vec16<mat_t>*>(mat_b)[e] = z;
+    }
+  }
+}
+
+// The backward of patchify_rows_kernel, same conditions on grad_images: each thread reads V
+// contiguous patch-matrix elements (one patch row segment; vector loads) and writes V pixels of
+// one image row with one 16-byte store. No shared-memory staging.
+template <typename mat_t, typename img_t>
+__global__ void __launch_bounds__(kThreads)
+    unpatchify_rows_kernel(const mat_t* __restrict__ dmat, img_t* __restrict__ gimg, const Tile g, const int H,
+                           const double* __restrict__ stdv, const double base) {
+  using acc_t = typename Acc<mat_t>::type;
+  constexpr int V = vec16<img_t>();
+  extern __shared__ __align__(16) unsigned char vitfast_smem[];
+  acc_t* scale = reinterpret_cast<acc_t*>(vitfast_smem);
+  acc_t* shift = scale + g.C;
+  load_channel_affine(g, nullptr, stdv, base, scale, shift);
+  __syncthreads();
+
+  const int p = g.p, K = g.K, Wp = static_cast<int>(g.Wp);
+  const int chunks = Wp * p / V;
+  const int per_image = g.C * H * chunks;
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    const mat_t* mat_b = dmat + b * g.R * K;
+    img_t* dst_b = gimg + b * g.sB;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < per_image; e += gridDim.x * blockDim.x) {
+      const int ch = e % chunks, row = e / chunks, h = row % H, c = row / H;
+      const int w = ch * V, hp = h / p, i = h - hp * p, wp = w / p, j = w - wp * p;
+      mat_t x[V];
+      load_run<mat_t, V>(mat_b + static_cast<int64_t>(g.off + hp * Wp + wp) * K + (c * p + i) * p + j, x);
+      const acc_t sc = scale[c];
+      img_t y[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) y[k] = static_cast<img_t>(static_cast<acc_t>(x[k]) * sc);
+      store_run<img_t, V>(dst_b + c * g.sC + h * g.sH + w, y);
+    }
+  }
+}
+
+// Any other layout (channels_last, strides that are not 16-byte multiples, patches that are
+// not whole 16-byte chunks): the tile of patch-matrix rows is staged in shared memory.
 template <typename in_t, typename mat_t>
 __global__ void __launch_bounds__(kThreads)
     patchify_tile_kernel(const in_t* __restrict__ img, mat_t* __restrict__ mat, const Tile g,
@@ -126,8 +281,9 @@ __global__ void __launch_bounds__(kThreads)
           const int ch = e % chunks, ci = e / chunks, i = ci % p, c = ci / p, w = ch * V;
           const Vec16<in_t> v = *reinterpret_cast<const Vec16<in_t>*>(src + c * g.sC + i * g.sH + w);
           mat_t* t = tile + tile_index(g, c, i, w);
+          const acc_t sc = scale[c], sh = shift[c];  // registers, not re-read after each store
 #pragma unroll
-          for (int k = 0; k < V; ++k) t[k] = static_cast<mat_t>(static_cast<acc_t>(v.v[k]) * scale[c] + shift[c]);
+          for (int k = 0; k < V; ++k) t[k] = static_cast<mat_t>(static_cast<acc_t>(v.v[k]) * sc + sh);
         }
       } else {
         for (int e = threadIdx.x; e < C * p * L; e += blockDim.x) {
@@ -307,32 +463,40 @@ __global__ void unpatchify_elementwise_kernel(const mat_t* __restrict__ dmat, im
 }
 
 // out[b, t, :] for t < rows: cls + pos[0] in the class row, bias + pos[t - pos_off] in patch rows.
-template <typename out_t>
+// VEC (host: D % V == 0, every pointer 16-byte aligned): each thread reads bias/cls/pos with
+// 16-byte loads and writes 16 bytes. index_t is int when the whole buffer fits one (the usual
+// case), so the divisions are 32-bit.
+template <typename out_t, typename index_t, bool VEC>
 __global__ void prefill_kernel(out_t* __restrict__ out, const out_t* __restrict__ bias, const out_t* __restrict__ cls,
-                               const out_t* __restrict__ pos, int64_t pos_off, int64_t B, int64_t T, int64_t D,
-                               int64_t off, int64_t rows, bool vec) {
+                               const out_t* __restrict__ pos, index_t pos_off, index_t B, index_t T, index_t D,
+                               index_t off, index_t rows) {
   using acc_t = typename Acc<out_t>::type;
-  constexpr int V = vec16<out_t>();
-  const int64_t per = vec ? V : 1;  // vec: D % V == 0 and out 16-byte aligned (host)
-  const int64_t total = B * rows * D / per;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = e * per, r = i0 / D, d0 = i0 % D, t = r % rows, b = r / rows;
+  constexpr int V = VEC ? vec16<out_t>() : 1;
+  const index_t dv = D / V, total = B * rows * dv;
+  for (index_t e = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = e / dv, d0 = (e - r * dv) * V, b = r / rows, t = r - b * rows;
     const out_t* first = t < off ? cls + d0 : (bias != nullptr ? bias + d0 : nullptr);
     const out_t* pe = (pos != nullptr && t >= pos_off) ? pos + (t - pos_off) * D + d0 : nullptr;
-    out_t* o = out + (b * T + t) * D + d0;
-    if (vec) {
-      Vec16<out_t> v;
+    acc_t x[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const acc_t x = (first ? static_cast<acc_t>(first[k]) : acc_t(0)) + (pe ? static_cast<acc_t>(pe[k]) : acc_t(0));
-        v.v[k] = static_cast<out_t>(x);
-      }
-      *reinterpret_cast<Vec16<out_t>*>(o) = v;
-    } else {
-      const acc_t x = (first ? static_cast<acc_t>(first[0]) : acc_t(0)) + (pe ? static_cast<acc_t>(pe[0]) : acc_t(0));
-      o[0] = static_cast<out_t>(x);
+    for (int k = 0; k < V; ++k) x[k] = acc_t(0);
+    if (first != nullptr) {
+      out_t f[V];
+      load_run<out_t, V>(first, f);
+#pragma unroll
+      for (int k = 0; k < V; ++k) x[k] += static_cast<acc_t>(f[k]);
     }
+    if (pe != nullptr) {
+      out_t q[V];
+      load_run<out_t, V>(pe, q);
+#pragma unroll
+      for (int k = 0; k < V; ++k) x[k] += static_cast<acc_t>(q[k]);
+    }
+    out_t y[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) y[k] = static_cast<out_t>(x[k]);
+    store_run<out_t, V>(out + (b * T + t) * D + d0, y);
   }
 }
 
@@ -375,6 +539,20 @@ bool make_tile(const PatchEmbedShape& s, const at::Tensor& img, const at::Tensor
   return smem <= kMaxSmemBytes;
 }
 
+// Whether the direct (unstaged) kernels serve this image and matrix: NCHW rows in 16-byte
+// chunks that stay inside a patch, a 16-byte-aligned matrix, and 32-bit per-image indices.
+// Sets the launch grid (x over one image's chunks, y over the batch) and shared memory.
+bool rows_launch(const PatchEmbedShape& s, const Tile& g, int64_t img_elem, int64_t acc_bytes, dim3& grid,
+                 int64_t& smem) {
+  if (s.N == 0 || g.layout != kRowsW || !g.vec_img || !g.vec_mat) return false;
+  const int64_t per_image = s.C * s.H * (s.W / (16 / img_elem));
+  const int64_t gx = (per_image + kThreads - 1) / kThreads;
+  smem = 2 * s.C * acc_bytes;
+  if (smem > kMaxSmemBytes || per_image + gx * kThreads >= INT_MAX) return false;
+  grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(std::min<int64_t>(s.B, 65535)));
+  return true;
+}
+
 // Writes the normalised patch matrix mat [B*T, K] (zero class rows) from images.
 void launch_patchify(const at::Tensor& images, at::Tensor& mat, const PatchEmbedShape& s, const at::Tensor& mean,
                      const at::Tensor& stdv) {
@@ -391,7 +569,13 @@ void launch_patchify(const at::Tensor& images, at::Tensor& mat, const PatchEmbed
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mat.scalar_type(), "vitfast_patchify_out", [&] {
       const in_t* src = images.const_data_ptr<in_t>();
       scalar_t* dst = mat.mutable_data_ptr<scalar_t>();
-      if (tiled) {
+      dim3 grid;
+      int64_t rows_smem = 0;
+      const int64_t acc_bytes = sizeof(typename Acc<scalar_t>::type);
+      if (rows_launch(s, g, sizeof(in_t), acc_bytes, grid, rows_smem)) {
+        patchify_rows_kernel<in_t, scalar_t>
+            <<<grid, kThreads, rows_smem, stream>>>(src, dst, g, static_cast<int>(s.H), m, sd, base);
+      } else if (tiled) {
         const int64_t tasks = s.B * s.Hp * g.tiles_w;
         patchify_tile_kernel<in_t, scalar_t><<<grid_for(tasks, 8), kThreads, smem, stream>>>(src, dst, g, m, sd, base);
       } else {
@@ -419,7 +603,13 @@ void launch_unpatchify(const at::Tensor& dmat, at::Tensor& grad_images, const Pa
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_images.scalar_type(), "vitfast_unpatchify_out", [&] {
       const mat_t* src = dmat.const_data_ptr<mat_t>();
       scalar_t* dst = grad_images.mutable_data_ptr<scalar_t>();
-      if (tiled) {
+      dim3 grid;
+      int64_t rows_smem = 0;
+      const int64_t acc_bytes = sizeof(typename Acc<mat_t>::type);
+      if (rows_launch(s, g, sizeof(scalar_t), acc_bytes, grid, rows_smem)) {
+        unpatchify_rows_kernel<mat_t, scalar_t>
+            <<<grid, kThreads, rows_smem, stream>>>(src, dst, g, static_cast<int>(s.H), sd, base);
+      } else if (tiled) {
         const int64_t tasks = s.B * s.Hp * g.tiles_w;
         unpatchify_tile_kernel<mat_t, scalar_t><<<grid_for(tasks, 8), kThreads, smem, stream>>>(src, dst, g, sd, base);
       } else {
@@ -440,10 +630,23 @@ void launch_prefill(at::Tensor& out, const at::Tensor& bias, const at::Tensor& c
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "vitfast_prefill", [&] {
     const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
-    const bool vec = s.D % vec16<scalar_t>() == 0 && aligned16(out.const_data_ptr());
+    const auto ok = [](const at::Tensor& t) { return !t.defined() || aligned16(t.const_data_ptr()); };
+    const bool vec = s.D % vec16<scalar_t>() == 0 && ok(out) && ok(bias) && ok(cls) && ok(pos);
     const int64_t work = s.B * rows * s.D / (vec ? vec16<scalar_t>() : 1);
-    prefill_kernel<scalar_t><<<grid_for((work + kThreads - 1) / kThreads, 32), kThreads, 0, stream>>>(
-        out.mutable_data_ptr<scalar_t>(), ptr(bias), ptr(cls), ptr(pos), pos_off, s.B, s.T, s.D, s.off(), rows, vec);
+    const int64_t grid = grid_for((work + kThreads - 1) / kThreads, 32);
+    // int32 indices when e + the grid stride cannot overflow, and every offset fits
+    const bool small = s.B * s.T * s.D + grid * kThreads < INT_MAX;
+    const auto launch = [&](auto index_tag, auto vec_tag) {
+      using index_t = decltype(index_tag);
+      prefill_kernel<scalar_t, index_t, decltype(vec_tag)::value><<<grid, kThreads, 0, stream>>>(
+          out.mutable_data_ptr<scalar_t>(), ptr(bias), ptr(cls), ptr(pos), static_cast<index_t>(pos_off),
+          static_cast<index_t>(s.B), static_cast<index_t>(s.T), static_cast<index_t>(s.D),
+          static_cast<index_t>(s.off()), static_cast<index_t>(rows));
+    };
+    if (small && vec) launch(int(0), std::true_type{});
+    else if (small) launch(int(0), std::false_type{});
+    else if (vec) launch(int64_t(0), std::true_type{});
+    else launch(int64_t(0), std::false_type{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
