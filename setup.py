@@ -8,16 +8,23 @@ Build switches (environment, never GPU presence):
 
 The CUDA sources are compiled when nvcc is found (CUDA_HOME) and torch is a CUDA build;
 no GPU is needed at build time.
+
+A C++ extension only loads with the exact torch it was compiled against, so build with the torch
+you will run: `pip install --no-build-isolation .` (torch installed first). A plain `pip install .`
+builds in an isolated environment with whatever torch pip downloads there; this script says so
+when it sees that. The torch used is recorded twice: `vitfast._C.torch_version`, and
+`vitfast/_build_info.json` beside the extension (readable even when the extension no longer
+loads), from which `import vitfast` names the torch to install.
 """
 
 import glob
+import json
 import os
+import shutil
 import site
 import sys
 
 from setuptools import setup
-
-import shutil
 
 import torch
 
@@ -72,6 +79,35 @@ def build_cuda() -> bool:
     return True
 
 
+def _installed_torch_version():
+    """The torch of the environment being installed into, when this build runs in an isolated
+    one (pip and `build` leave the target's site-packages off sys.path, not out of reach)."""
+    from importlib import metadata
+
+    paths = [p for p in site.getsitepackages() if os.path.isdir(p) and not os.path.dirname(torch.__file__).startswith(p)]
+    for dist in metadata.distributions(path=paths):
+        if (dist.metadata["Name"] or "").lower() == "torch":
+            return dist.version
+    return None
+
+
+def warn_if_isolated() -> None:
+    """Explain, loudly, a build against a torch from an isolated build environment (pip's
+    pip-build-env-*, pypa/build's build-env-*, uv's builds-v0): the extension will load only with
+    that exact torch, which need not be the one installed."""
+    where = os.path.dirname(torch.__file__)
+    if not any(mark in where for mark in ("pip-build-env-", os.sep + "build-env-", "builds-v0")):
+        return
+    installed = _installed_torch_version()
+    clash = (f"the torch installed here is {installed}, so `import vitfast` will run without it"
+             if installed and installed != torch.__version__ else
+             "it will load only where exactly that torch is installed")
+    bar = "=" * 78
+    print(f"\n{bar}\nvitfast: building vitfast._C against torch {torch.__version__} from an isolated build "
+          f"environment\n({where}); {clash}.\nInstall torch first, then `pip install --no-build-isolation .`, so "
+          f"the extension is built\nagainst the torch you run.\n{bar}\n", file=sys.stderr)
+
+
 def extensions():
     debug = _env_flag("DEBUG")
     with_cuda = build_cuda()
@@ -110,8 +146,23 @@ def extensions():
     ]
 
 
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's build_ext, plus the build record (``_build_info.json``) beside each extension."""
+
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.json")
+            cuda = dict(ext.define_macros).get("VITFAST_WITH_CUDA") == "1"
+            with open(path, "w") as f:
+                json.dump({"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+                           "cuda_kernels": cuda}, f)
+                f.write("\n")
+
+
+warn_if_isolated()
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
