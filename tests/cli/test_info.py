@@ -67,3 +67,23 @@ def test_json_includes_checks(capsys):
     data = json.loads(capsys.readouterr().out)
     assert {r["op"] for r in data["checks"]} == set(OPS) and all(r["ok"] for r in data["checks"])
     assert "ops" in data and "torch" in data
+
+
+def test_render_says_why_the_extension_is_not_there(monkeypatch):
+    """Without a usable vitfast._C, `vitfast info` says so with the reason and the fix instead of
+    a path (the patch embedding then runs its PyTorch reference)."""
+    from vitfast import _ext
+
+    facts = info.collect()
+    missing = _ext.ExtensionStatus(None, "vitfast._C is not built (no compiled extension was found in the package)",
+                                   "build it: `pip install --no-build-isolation ...`", built=False)
+    monkeypatch.setattr(_ext, "status", lambda: missing)
+    text = info.render({**facts, "extension": info.extension_facts()})
+    assert "extension      not built (build it: `pip install --no-build-isolation ...`)" in text.splitlines()
+    stale = _ext.ExtensionStatus(None, "vitfast._C was built for torch 2.0.0 but torch 2.1.0 is installed",
+                                 "install the torch it was built for", built_for_torch="2.0.0")
+    monkeypatch.setattr(_ext, "status", lambda: stale)
+    facts = {**facts, "extension": info.extension_facts()}
+    assert facts["extension"]["built"] and not facts["extension"]["usable"]
+    assert ("extension      not usable (vitfast._C was built for torch 2.0.0 but torch 2.1.0 is installed; "
+            "install the torch it was built for)") in info.render(facts).splitlines()
