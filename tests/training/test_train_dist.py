@@ -2,6 +2,8 @@
 against DDP, and FSDP2 (torch.distributed.checkpoint) resume."""
 
 import os
+import signal
+import subprocess
 import sys
 
 import torch
@@ -44,21 +46,42 @@ def test_ddp_two_processes_grads_equal_one_process(tmp_path):
     assert any(g.abs().max() > 0 for g in single.values())
 
 
-def test_fsdp_matches_ddp_and_resumes_exactly(tmp_path):
-    """FSDP2 (fully_shard per block, then the root) against DDP on the same two processes;
-    then an FSDP run resumed from its step-3 DCP checkpoint repeats steps 4-6 exactly."""
+def test_fsdp_matches_ddp_and_a_signalled_run_resumes_exactly(tmp_path):
+    """FSDP2 (fully_shard per block, then the root) against DDP on the same two processes. Then an
+    FSDP run in which only rank 1 gets SIGTERM: both ranks stop after the same step, save one DCP
+    checkpoint together (each its shards), exit 143; --resume auto repeats the rest exactly."""
     common = TINY + ["--steps", "6", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2"]
-    ddp_dir, fsdp_dir, resumed_dir = (str(tmp_path / d) for d in ("ddp", "fsdp", "resumed"))
+    ddp_dir, fsdp_dir, stopped_dir = (str(tmp_path / d) for d in ("ddp", "fsdp", "stopped"))
     torchrun(common + ["--dist", "ddp", "--output-dir", ddp_dir])
-    torchrun(common + ["--dist", "fsdp", "--output-dir", fsdp_dir, "--save-every", "3"])
+    torchrun(common + ["--dist", "fsdp", "--output-dir", fsdp_dir])
     ddp, fsdp = read_losses(ddp_dir), read_losses(fsdp_dir)
     assert sorted(ddp) == list(range(1, 7))
     assert_close_rel(fsdp, ddp, 1e-4, "FSDP2 vs DDP losses")
     assert len(set(ddp.values())) == 6  # the steps really trained (different batches, changing weights)
 
-    ckpt = os.path.join(fsdp_dir, "checkpoints", "step_00000003")
-    assert os.path.isdir(os.path.join(ckpt, "dcp")), os.listdir(ckpt)
-    torchrun(common + ["--dist", "fsdp", "--output-dir", resumed_dir, "--resume", ckpt])
-    resumed = read_losses(resumed_dir)
-    assert sorted(resumed) == [4, 5, 6]
-    assert {k: resumed[k] for k in resumed} == {k: fsdp[k] for k in (4, 5, 6)}
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::RuntimeWarning", SLOW_TRAIN_PIDS=str(pids))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "tests", "training", "_slow_train.py"), "0.3",
+           *common, "--dist", "fsdp", "--output-dir", stopped_dir]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in iter(launcher.stdout.readline, ""):
+            if line.startswith("step      1/6"):
+                os.kill(int((pids / "rank1").read_text()), signal.SIGTERM)
+                break
+        _, err = launcher.communicate(timeout=240)
+    finally:
+        launcher.kill()
+    (note,) = [x for x in err.splitlines() if "stopped by SIGTERM" in x]  # rank 0's line, once
+    (ckpt,) = os.listdir(os.path.join(stopped_dir, "checkpoints"))
+    stopped = int(ckpt.split("_")[1])
+    assert 1 <= stopped < 6 and f"after step {stopped}/6" in note and "--resume auto" in note
+    shards = os.listdir(os.path.join(stopped_dir, "checkpoints", ckpt, "dcp"))
+    assert ".metadata" in shards and len([f for f in shards if f.endswith(".distcp")]) == 2, shards
+
+    torchrun(common + ["--dist", "fsdp", "--output-dir", stopped_dir, "--resume", "auto"])
+    resumed = read_losses(stopped_dir)
+    assert sorted(resumed) == list(range(1, 7))
+    assert resumed == fsdp
