@@ -52,15 +52,21 @@ def _grads(m):
     return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(init_values=0.1, qk_norm=True), dict(act_layer="gelu_tanh")],
-                         ids=["plain", "layerscale_qknorm", "gelu_tanh"])
+@pytest.mark.parametrize("kw", [dict(), dict(init_values=0.1, qk_norm=True), dict(act_layer="gelu_tanh"),
+                                dict(depth=3, global_pool="avg", fc_norm=True, class_token=False)],
+                         ids=["plain", "layerscale_qknorm", "gelu_tanh", "depth3_fc_norm"])
 def test_fastvit_blocks_run_fused_and_match_timm(kw, monkeypatch, assert_grads_close):
     t = _timm(**kw)
     f = from_timm(t).set_backend("kernels")
     calls = _spy(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     out, ref = f(x), t(x)
-    assert calls == dict.fromkeys(FUSED_OPS, 2)  # one of each per block
+    depth, final_ln = len(f.blocks), isinstance(f.norm, torch.nn.LayerNorm)
+    # blocks_forward: norm1 of the first block alone; each block's norm2 with its first residual;
+    # each block boundary (last residual + next norm1) and the final norm (when it is a LayerNorm,
+    # not the fc_norm of an avg-pool head) in one add_layer_norm
+    assert calls == {"layer_norm": 1, "add_layer_norm": depth + (depth - 1) + final_ln, "bias_gelu": depth,
+                     "bias_scale_residual": 0 if final_ln else 1}
     assert rel_err(out, ref) <= RTOL
     out.square().sum().backward()
     ref.square().sum().backward()
@@ -92,9 +98,39 @@ def test_training_with_drop_path_fuses_what_it_can(monkeypatch):
     torch.manual_seed(5)
     ref = t(x)
     assert rel_err(out, ref) <= RTOL
-    # drop-path rates are linspace(0, 0.5, depth): block 0 has none (all fused); in block 1 the
-    # two residual steps run eagerly and norm2 becomes a plain layer_norm
-    assert calls == {"layer_norm": 3, "add_layer_norm": 1, "bias_gelu": 2, "bias_scale_residual": 1}
+    # drop-path rates are linspace(0, 0.5, depth): block 0 has none (all fused, its last residual
+    # and block 1's norm1 in one add_layer_norm); in block 1 the two residual steps run eagerly,
+    # norm2 becomes a plain layer_norm and the final norm runs eagerly
+    assert calls == {"layer_norm": 2, "add_layer_norm": 2, "bias_gelu": 2, "bias_scale_residual": 0}
+
+
+def test_blocks_forward_chains_only_fused_neighbours(monkeypatch, assert_grads_close):
+    """A block that cannot run fused (here: QuickGELU) between fused ones breaks the chain: its
+    neighbours end and start with their own residual / norm1, and the numbers still match."""
+    t = _timm(depth=3, init_values=0.1)
+    f = from_timm(t).set_backend("kernels")
+    for m in (t, f):
+        m.blocks[1].mlp.act = timm.layers.QuickGELU()
+    f.blocks[1].attn.backend = "reference"  # this block runs eagerly, the others fused
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    out, ref = f(x), t(x)
+    # block 0: norm1, norm2, its own last residual; block 2: norm1, norm2 + the final norm
+    assert calls == {"layer_norm": 2, "add_layer_norm": 3, "bias_gelu": 2, "bias_scale_residual": 1}
+    assert rel_err(out, ref) <= RTOL
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert_grads_close(_grads(f), _grads(t), RTOL)
+
+
+def test_grad_checkpointing_runs_block_by_block(monkeypatch):
+    t = _timm(depth=2)
+    f = from_timm(t).set_backend("kernels").train()
+    f.set_grad_checkpointing(True)
+    calls = _spy(monkeypatch)
+    out = f(torch.randn(2, 3, 32, 32))
+    assert calls == dict.fromkeys(FUSED_OPS, 2)  # one of each per block, no chain across checkpoints
+    out.sum().backward()
 
 
 def test_unsupported_structure_falls_back():

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..modules.attention import MODULE_BACKENDS, check_backend
-from ..modules.block import Block
+from ..modules.block import Block, blocks_forward
 from ..modules.layers import init_linear, trunc_normal_
 from ..modules.patch_embed import PatchEmbed, check_images, embed_images, grid_of
 
@@ -261,9 +261,13 @@ class FastViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        for blk in self.blocks:
-            x = self._run_block(blk, x)
-        return self.norm(x)
+        if (self.grad_checkpointing and torch.is_grad_enabled()) or torch.fx._symbolic_trace.is_fx_tracing():
+            for blk in self.blocks:  # one checkpoint / one graph leaf per block
+                x = self._run_block(blk, x)
+            return self.norm(x)
+        # fused blocks hand the residual stream to the next block's norm1 (and the last one to
+        # the final norm) in one add_layer_norm each (vitfast.modules.block.blocks_forward)
+        return blocks_forward(self.blocks, x, self.norm)[1]
 
     def forward_intermediates(
         self,

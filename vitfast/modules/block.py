@@ -33,7 +33,7 @@ from ..ops.bias_scale_residual import bias_scale_residual
 from .attention import Attention, attention_core
 from .layers import DropPath, LayerScale, Mlp
 
-__all__ = ["Block", "block_forward", "block_fallback_reasons", "block_structure_problems"]
+__all__ = ["Block", "block_forward", "blocks_forward", "block_fallback_reasons", "block_structure_problems"]
 
 _GELUS = {"GELU": "none", "GELUTanh": "tanh"}  # timm's activation classes -> approximate
 
@@ -95,12 +95,19 @@ def _eager(mod, x, attn_mask, is_causal):
     return x + mod.drop_path2(mod.ls2(mod.mlp(mod.norm2(x))))
 
 
-def _fused(mod, x, attn_backend, attn_mask, is_causal, op_backend="kernel"):
+def _fused(mod, x, attn_backend, attn_mask, is_causal, op_backend="kernel", h=None, next_norm=None,
+           next_dtype=None):
+    """The fused block. ``h``: norm1(x) when the previous block already made it. ``next_norm``:
+    a LayerNorm applied to the block's output (the next block's norm1, or the model's final
+    norm), made in the same pass as the last residual; then the result is ``(x, next_norm(x))``
+    (``next_norm(x)`` in ``next_dtype``, None: x's dtype) or ``(x, None)`` when active dropout
+    leaves the residual to eager code."""
     # op_backend "auto" (the model's auto): each op follows the measured dispatch table (the block
     # already checked the kernels can serve it, so no op falls back with a warning)
     n1, n2, attn, mlp = mod.norm1, mod.norm2, mod.attn, mod.mlp
     od = _autocast_dtype(x)
-    h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend=op_backend)
+    if h is None:
+        h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend=op_backend)
     o = attention_core(attn, h, attn_backend, attn_mask, is_causal)
     if _active(mod.drop_path1) or _active(attn.proj_drop):
         x = x + mod.drop_path1(mod.ls1(attn.proj_drop(attn.proj(o))))
@@ -111,8 +118,12 @@ def _fused(mod, x, attn_backend, attn_mask, is_causal, op_backend="kernel"):
     a = bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias, _gelu_approximate(mlp.act), backend=op_backend)
     a = getattr(mlp, "norm", nn.Identity())(mlp.drop1(a))
     if _active(mod.drop_path2) or _active(mlp.drop2):
-        return x + mod.drop_path2(mod.ls2(mlp.drop2(mlp.fc2(a))))
-    return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2), backend=op_backend)
+        x = x + mod.drop_path2(mod.ls2(mlp.drop2(mlp.fc2(a))))
+        return x if next_norm is None else (x, None)
+    if next_norm is None:
+        return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2), backend=op_backend)
+    return add_layer_norm(x, F.linear(a, mlp.fc2.weight), _gamma(mod.ls2), next_norm.weight, next_norm.bias,
+                          next_norm.eps, y_bias=mlp.fc2.bias, out_dtype=next_dtype, backend=op_backend)
 
 
 def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_mask: Optional[torch.Tensor] = None,
@@ -125,6 +136,49 @@ def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_m
     if module_uses_kernel("FastViT.block", backend, block_fallback_reasons(mod, x)):
         return _fused(mod, x, attn_backend, attn_mask, is_causal, "auto" if backend == "auto" else "kernel")
     return _eager(mod, x, attn_mask, is_causal)
+
+
+def _fuses(mod: nn.Module, backend: str, x: torch.Tensor) -> bool:
+    """Whether block_forward runs ``mod`` fused on ``x`` (warning or raising as it would)."""
+    if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
+        return False
+    return module_uses_kernel("FastViT.block", backend, block_fallback_reasons(mod, x))
+
+
+def _norm_joins(norm: Optional[nn.Module], mod: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``norm`` (applied to ``mod``'s output) can be made by ``mod``'s last add_layer_norm."""
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and not add_layer_norm_not_supported_reasons(x, x, _gamma(mod.ls2), norm.weight, norm.bias))
+
+
+def blocks_forward(blocks, x: torch.Tensor, final_norm: Optional[nn.Module] = None):
+    """The blocks one after another, and ``final_norm`` (None: none) of the result; returns
+    ``(x, final_norm(x))``. Each block runs as :func:`block_forward` would (its
+    ``attn.backend``), and where a fused block is followed by another fused block (or by the
+    final LayerNorm), its last residual (fc2 bias, LayerScale, residual add) and the next
+    block's norm1 (or the final norm) are one ``add_layer_norm``: the residual stream is read
+    and written once per sub-layer instead of once more at each block boundary."""
+    blocks = list(blocks)
+    fused = [_fuses(b, b.attn.backend, x) if hasattr(b, "attn") else False for b in blocks]
+    h = None
+    for i, blk in enumerate(blocks):
+        if not fused[i]:
+            x, h = blk(x), None
+            continue
+        op_backend = "auto" if blk.attn.backend == "auto" else "kernel"
+        last = i + 1 == len(blocks)
+        nxt = None if last else blocks[i + 1]
+        if nxt is not None and fused[i + 1] and _norm_joins(nxt.norm1, blk, x):
+            x, h = _fused(blk, x, blk.attn.backend, None, False, op_backend, h=h, next_norm=nxt.norm1,
+                          next_dtype=_autocast_dtype(x))
+        elif last and final_norm is not None and _norm_joins(final_norm, blk, x):
+            # the final norm's output dtype as eager LayerNorm gives it (fp32 under autocast)
+            x, h = _fused(blk, x, blk.attn.backend, None, False, op_backend, h=h, next_norm=final_norm,
+                          next_dtype=None)
+            return x, (h if h is not None else final_norm(x))
+        else:
+            x, h = _fused(blk, x, blk.attn.backend, None, False, op_backend, h=h), None
+    return x, (final_norm(x) if final_norm is not None else None)
 
 
 class Block(nn.Module):
