@@ -44,12 +44,14 @@ class ExtensionStatus:
         return f"{self.reason}; {self.fix}" if self.reason else "vitfast._C is loaded"
 
 
-def _fix(torch_version: str, built_for: Optional[str] = None) -> str:
+def _fix(torch_version: str, built_for: Optional[str] = None, verb: str = "build it") -> str:
+    """What to do: install the torch the extension was built for (when that is another one than
+    ``torch_version``) or (re)build it against ``torch_version``."""
     build = ("`pip install --no-build-isolation --no-deps --force-reinstall .` in the vitfast source tree (`make .venv` "
              f"in a checkout) compiles it against the installed torch {torch_version}; a plain `pip install .` would "
              "compile it in an isolated build environment against another torch")
-    if not built_for:
-        return "build it: " + build
+    if not built_for or built_for == torch_version:
+        return f"{verb}: {build}"
     base, _, local = built_for.partition("+")
     which = f"`pip install torch=={base}`" + (f" from the index of the {built_for} build" if local else "")
     return f"install the torch it was built for ({which}) or rebuild it: {build}"
@@ -85,8 +87,8 @@ def _probe() -> ExtensionStatus:
         if recorded and recorded != have:
             return ExtensionStatus(None, f"vitfast._C was built for torch {recorded} but torch {have} is installed "
                                          f"(it fails to load: {_first_line(e)})", _fix(have, recorded), recorded)
-        return ExtensionStatus(None, f"vitfast._C could not be loaded ({_first_line(e)})", _fix(have, recorded),
-                               recorded)
+        return ExtensionStatus(None, f"vitfast._C could not be loaded ({_first_line(e)})",
+                               _fix(have, recorded, verb="rebuild it"), recorded)
     built_for = getattr(module, "torch_version", None)
     if built_for != have:
         return ExtensionStatus(None, f"vitfast._C was built for torch {built_for} but torch {have} is installed",
