@@ -27,6 +27,7 @@ def _losses(res):
 
 
 def _main(argv, capsys):
+    capsys.readouterr()  # what earlier runs in the test printed
     rc = train.main(list(argv))
     return rc, capsys.readouterr()
 
@@ -62,13 +63,17 @@ def test_resume_auto_without_a_checkpoint_and_resume_behind_later_ones_are_refus
     assert rc == 2 and "later checkpoints" in io.err and "step_00000004" in io.err
 
 
-def test_without_output_dir_it_says_nothing_is_saved_and_draws_no_bar_off_a_terminal(capsys):
-    rc, io = _main(SHORT + ["--steps", "2"], capsys)
+def test_without_output_dir_it_says_nothing_is_saved_and_draws_a_bar_on_a_terminal_only(monkeypatch, capsys):
+    argv = [x for x in SHORT if x != "--no-progress"] + ["--steps", "2"]
+    rc, io = _main(argv, capsys)
     assert rc == 0
     notes = [line for line in io.err.splitlines() if "nothing will be saved" in line]
     assert len(notes) == 1 and "--output-dir" in notes[0]
     assert "\r" not in io.err and "\r" not in io.out  # no tqdm bar when stderr is not a terminal
     assert "step      2/2" in io.out  # plain periodic lines instead
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc, io = _main(argv, capsys)
+    assert rc == 0 and "\r" in io.err and "train:" in io.err  # on a terminal: the bar
 
 
 @pytest.mark.parametrize("argv, message", [

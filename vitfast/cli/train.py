@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("augmentation (timm's train.py options and defaults; per image with --data-dir only)")
     g.add_argument("--no-aug", action="store_true", help="no per-image augmentation: resize and centre crop only")
     g.add_argument("--aa", default=None, metavar="POLICY", help="auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
-    g.add_argument("--color-jitter", type=NONNEG_FLOAT, default=None, help="colour jitter factor (default 0.4)")
+    g.add_argument("--color-jitter", type=NONNEG_FLOAT, default=0.4,
+                   help="colour jitter factor (an --aa policy replaces it, as in timm)")
     g.add_argument("--hflip", type=PROB, default=0.5, help="horizontal flip probability")
     g.add_argument("--mixup", type=NONNEG_FLOAT, default=0.0, help="mixup alpha (0: off); soft-target cross-entropy")
     g.add_argument("--cutmix", type=NONNEG_FLOAT, default=0.0, help="cutmix alpha (0: off)")
@@ -189,18 +190,18 @@ def _check_args(a: argparse.Namespace) -> Optional[str]:
     if a.overwrite and a.resume:
         return "--overwrite starts over and --resume continues: give one of them"
     if a.data_dir is None:
-        for flag, given in (("--aa", a.aa), ("--color-jitter", a.color_jitter), ("--no-aug", a.no_aug)):
+        for flag, given in (("--aa", a.aa), ("--no-aug", a.no_aug)):
             if given:
                 return f"{flag} augments the images of --data-dir (the digits are used as they are)"
-    if a.no_aug and (a.aa or a.color_jitter):
-        return "--no-aug turns per-image augmentation off: drop --aa / --color-jitter, or --no-aug"
+    if a.no_aug and a.aa:
+        return "--no-aug turns per-image augmentation off: drop --aa, or --no-aug"
     if (a.mixup or a.cutmix) and a.batch_size % 2:
         return f"--mixup/--cutmix mix each batch with itself reversed: --batch-size must be even, got {a.batch_size}"
     return None
 
 
 def aug_config(a: argparse.Namespace) -> AugConfig:
-    return AugConfig(no_aug=a.no_aug, aa=a.aa, color_jitter=0.4 if a.color_jitter is None else a.color_jitter,
+    return AugConfig(no_aug=a.no_aug, aa=a.aa, color_jitter=a.color_jitter,
                      hflip=a.hflip, mixup=a.mixup, cutmix=a.cutmix, mixup_prob=a.mixup_prob,
                      mixup_switch_prob=a.mixup_switch_prob, reprob=a.reprob, remode=a.remode,
                      label_smoothing=a.label_smoothing)
