@@ -471,7 +471,10 @@ def run(a: argparse.Namespace) -> TrainResult:
     model = wrap_model(model, a.dist, env, param_dtype=amp_dtype if a.dist == "fsdp" else None)
     optimizer = torch.optim.AdamW(_param_groups(unwrap(model), a.weight_decay), lr=a.lr, betas=tuple(a.opt_betas),
                                   eps=a.opt_eps)
-    batch_aug = BatchAugment(aug, data.num_classes, *_pixel_stats(model, stats), env.device, a.seed, env.rank)
+    try:
+        batch_aug = BatchAugment(aug, data.num_classes, *_pixel_stats(model, stats), env.device, a.seed, env.rank)
+    except ImportError as e:
+        raise UsageError(f"--mixup/--cutmix/--reprob use timm's Mixup and RandomErasing: pip install timm ({e})") from e
 
     sampler_args = dict(n=len(data.train), batch_size=a.batch_size, rank=env.rank, world_size=env.world_size,
                         seed=a.seed)
