@@ -35,8 +35,23 @@ def test_a_wrong_candidate_shows_in_its_error(monkeypatch):
     real = K.launch_bwd_dq
     monkeypatch.setattr(K, "launch_bwd_dq", lambda *a, **k: real(*a[:7], a[7] * 1.5, **k))
     rows = ac.candidate_rows(ac.SMOKE_SHAPES[0], torch.float32, "cpu", warmup=0, iters=1)
+    rows = [r for r in rows if r["op"] == "attention_candidate"]
     assert all(r["err"] > 1e-2 for r in rows if r["kernel"] == "dq")
     assert all(r["err"] < 1e-4 for r in rows if r["kernel"] != "dq")
+
+
+def test_every_backward_variant_is_timed():
+    """The 5-matmul backward (deterministic and atomic) beside the 7-matmul pair: candidates of
+    each, and one summary row per variant naming the one auto takes."""
+    rows = ac.candidate_rows(ac.SMOKE_SHAPES[0], torch.float32, "cpu", warmup=0, iters=1)
+    cand = [r for r in rows if r["op"] == "attention_candidate"]
+    assert {r["bwd"] for r in cand} == {None, "split", "fused", "atomic"}
+    variants = {r["bwd"]: r for r in rows if r["op"] == "attention_bwd_variant"}
+    assert set(variants) == {"split", "fused", "atomic"}
+    best = lambda kind: min(r["ms"] for r in cand if r["kernel"] == kind)  # noqa: E731
+    assert variants["split"]["ms"] == round(best("dkdv") + best("dq"), 4)
+    assert variants["fused"]["auto"] and sum(r["auto"] for r in variants.values()) == 1
+    assert sum(r["best"] for r in variants.values()) == 1 and min(r["x_best"] for r in variants.values()) == 1.0
 
 
 def test_shapes_in_priority_order_fill_the_gpu():

@@ -96,11 +96,18 @@ def _leaf(shape, dtype):
 
 
 def attention_case(dtype: torch.dtype, D: int, N: int, B: int = 2, H: int = 3) -> None:
-    """The packed op (FastViT's qkv layout) and the [B, H, N, D] op, forward and backward."""
+    """The packed op (FastViT's qkv layout) and the [B, H, N, D] op, forward and backward, with
+    every backward variant (ak.BWD_VARIANTS: the 5-matmul kernel deterministic and atomic, the
+    7-matmul pair)."""
     scale = D ** -0.5
-    _fwd_bwd(torch.ops.vitfast.attention_packed_fwd, _leaf((B, N, 3 * H * D), dtype), H, scale)
-    q, k, v = (_leaf((B, H, N, D), dtype) for _ in range(3))
-    _fwd_bwd(torch.ops.vitfast.attention_fwd, q, k, v, scale)
+    for variant in [v for v in ak.BWD_VARIANTS if v != "auto"]:
+        previous = ak.set_backward_variant(variant)
+        try:
+            _fwd_bwd(torch.ops.vitfast.attention_packed_fwd, _leaf((B, N, 3 * H * D), dtype), H, scale)
+            q, k, v = (_leaf((B, H, N, D), dtype) for _ in range(3))
+            _fwd_bwd(torch.ops.vitfast.attention_fwd, q, k, v, scale)
+        finally:
+            ak.set_backward_variant(previous)
 
 
 def fused_case(dtype: torch.dtype, C: int, M: int = 2 * 197) -> None:
@@ -145,7 +152,7 @@ def candidates(kernel, args, kwargs):
         for c in configs:
             opts = c.all_kwargs()
             label = ",".join(f"{k}={v}" for k, v in opts.items() if k in ("num_warps", "num_stages") or k in c.kwargs)
-            yield fn, {**kwargs, **opts}, label
+            yield fn, {**kwargs, **opts}, ("ATOMIC," if kwargs.get("ATOMIC") else "") + label
     else:
         yield kernel, kwargs, ",".join(f"{k}={v}" for k, v in kwargs.items() if k in ("num_warps", "num_stages"))
 

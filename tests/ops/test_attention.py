@@ -246,7 +246,7 @@ def test_autotune_keys_and_pruning():
     assert kernels.n_bucket(197) == 208 and kernels.n_bucket(577) == 640 and kernels.n_bucket(4097) == 4352
     assert kernels.block_d(72) == 80 and kernels.block_d(16) == 16 and kernels.block_d(80) == 80
     q = torch.empty(1, 1, 1, 1, dtype=torch.float16)
-    for kind, configs in (("fwd", kernels._FWD_CONFIGS), ("dkdv", kernels._DKDV_CONFIGS), ("dq", kernels._DQ_CONFIGS)):
+    for kind, configs in kernels._CONFIGS.items():
         prune = kernels._make_prune(kind)
         previous = kernels.set_autotune(True)
         try:
@@ -315,7 +315,7 @@ def test_secondary_configs_only_where_no_primary_fits():
     short sequences and fp32 at large head dims, where no primary fits."""
     previous = kernels.set_autotune(True)
     try:
-        for kind, configs in (("fwd", kernels._FWD_CONFIGS), ("dkdv", kernels._DKDV_CONFIGS), ("dq", kernels._DQ_CONFIGS)):
+        for kind, configs in kernels._CONFIGS.items():
             prune = kernels._make_prune(kind)
             n = kernels.PRIMARY[kind]
             primary, secondary = configs[:n], configs[n:]
@@ -331,7 +331,7 @@ def test_secondary_configs_only_where_no_primary_fits():
 
 def test_candidate_configs_are_the_autotuner_survivors():
     q = torch.empty(2, 3, 197, 64, dtype=torch.float16)
-    for kind, configs in (("fwd", kernels._FWD_CONFIGS), ("dkdv", kernels._DKDV_CONFIGS), ("dq", kernels._DQ_CONFIGS)):
+    for kind, configs in kernels._CONFIGS.items():
         previous = kernels.set_autotune(True)
         try:
             kept = kernels._make_prune(kind)(configs, {"Q": q, "N_BUCKET": kernels.n_bucket(197)}, BLOCK_D=64)
@@ -343,13 +343,88 @@ def test_candidate_configs_are_the_autotuner_survivors():
         assert kernels.set_autotune(previous) == previous  # left as it was
 
 
+# ------------------------------------------------------------- backward variants
+@pytest.fixture
+def bwd_variant():
+    """Sets the backward variant for one test (kernels.set_backward_variant), then restores it."""
+    previous = kernels.set_backward_variant("auto")
+    yield kernels.set_backward_variant
+    kernels.set_backward_variant(previous)
+
+
+_VARIANTS = ["fused", "atomic", "split"]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("N,D", [(1, 64), (50, 80), (197, 72), (33, 88)])
+@pytest.mark.parametrize("variant", _VARIANTS)
+def test_backward_variants_match_reference(variant, N, D, dtype, bwd_variant):
+    """Every backward (5-matmul deterministic and atomic, 7-matmul split) within 2x SDPA's error:
+    one token, a tail, exact chunked head dims (80 = 64 + 16, 72 -> 64 + 16, 88 -> 64 + 32)."""
+    bwd_variant(variant)
+    _check_fwd_bwd(1, 2, N, D, dtype, scale=0.3 if N == 33 else None, seed=N)
+
+
+@pytest.mark.parametrize("variant", _VARIANTS)
+def test_backward_variants_on_packed_strides(variant, bwd_variant):
+    """Views of a packed qkv at D = 72 (token stride 648: the STRIDE8 path) written straight into
+    the packed gradient: every variant equals the 7-matmul pair to rounding, within 2x SDPA."""
+    B, N, H, D = 1, 41, 2, 72
+    qkv = torch.randn(B, N, 3 * H * D, generator=torch.Generator().manual_seed(3)).to(DEV, torch.float16)
+    dout = torch.randn(B, N, H * D, generator=torch.Generator().manual_seed(4)).to(DEV, torch.float16)
+    assert kernels.stride8(*_packed_views(qkv, H))
+    bwd_variant(variant)
+    x = qkv.clone().requires_grad_()
+    attention_packed(x, num_heads=H, backend="triton").backward(dout)
+    xd = qkv.double().requires_grad_()
+    attention_ref(*_packed_views(xd, H)).transpose(1, 2).reshape(B, N, H * D).backward(dout.double())
+    xs = qkv.clone().requires_grad_()
+    F.scaled_dot_product_attention(*_packed_views(xs, H)).transpose(1, 2).reshape(B, N, H * D).backward(dout)
+    _assert_close_2x("dqkv", x.grad, xs.grad, xd.grad, torch.float16)
+
+
+@pytest.mark.parametrize("variant", ["auto", "fused", "split"])
+def test_deterministic_variants_are_bitwise_reproducible(variant, bwd_variant):
+    """The default (the 5-matmul kernel at this N) and both deterministic variants: two backward
+    runs give the same bits (N = 97: three key tiles and a tail under the interpreter's tiles)."""
+    bwd_variant(variant)
+    q, k, v = _qkv(1, 2, 97, 80, torch.float16)
+    dout = torch.randn_like(q)
+    if variant == "auto":
+        assert kernels.backward_variant(q) == "fused"
+    run = lambda a, b, c: attention(a, b, c, backend="triton")  # noqa: E731
+    first, second = _grads(run, q, k, v, dout), _grads(run, q, k, v, dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_backward_variant_choice(bwd_variant):
+    """auto: the 5-matmul kernel up to FUSED_MAX_N, the 7-matmul pair beyond; atomic only when
+    asked for, and never under torch.use_deterministic_algorithms(True)."""
+    at = lambda n: torch.empty(2, 3, n, 64, device="meta")  # noqa: E731
+    assert kernels.backward_variant(at(1)) == kernels.backward_variant(at(1025 - 1)) == "fused"
+    assert kernels.backward_variant(at(kernels.FUSED_MAX_N + 1)) == "split"
+    assert kernels.backward_variant(at(4096), "atomic") == "atomic"
+    bwd_variant("atomic")
+    assert kernels.backward_variant(at(197)) == "atomic"
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kernels.backward_variant(at(197)) == "fused"
+        assert kernels.backward_variant(at(4096)) == "split"
+    finally:
+        torch.use_deterministic_algorithms(was)
+    with pytest.raises(ValueError, match="fused"):
+        kernels.set_backward_variant("fast")
+
+
 def test_split_backward_launchers_match_launch_bwd():
     q, k, v = _qkv(1, 2, 50, 32, torch.float32)
     dout = torch.randn_like(q)
     out, lse = torch.empty_like(q), torch.empty(1, 2, 50)
     kernels.launch_fwd(q, k, v, out, lse, 0.3)
     whole = [torch.empty_like(q) for _ in range(3)]
-    kernels.launch_bwd(dout, q, k, v, out, lse, *whole, 0.3)
+    kernels.launch_bwd(dout, q, k, v, out, lse, *whole, 0.3, variant="split")
     delta = kernels.launch_bwd_preprocess(out, dout)
     torch.testing.assert_close(delta, (out.double() * dout.double()).sum(-1).float())
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))

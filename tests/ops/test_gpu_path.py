@@ -59,7 +59,8 @@ print(json.dumps(out))
     if all(v is None for v in names.values()):
         pytest.skip("this torch has no triton_ops_to_kernels table")
     assert names["attention_fwd"] == ["_attn_fwd_kernel"]
-    assert names["attention_packed_bwd"] == ["_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    assert names["attention_packed_bwd"] == ["_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+                                             "_attn_bwd_fused_kernel"]
     assert names["add_layer_norm_bwd"] == ["_ln_bwd_kernel"] and names["bias_gelu_fwd"] == ["_bias_gelu_fwd_kernel"]
     assert all(names[op] for op in _OPS), names
 
@@ -82,7 +83,8 @@ def _sm90_cases() -> list[str]:
 
     return list(dict.fromkeys(case for spec in SPECS.values() for case in spec.sm90))
 
-KERNELS = {"attention": {"_attn_fwd_kernel", "_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
+KERNELS = {"attention": {"_attn_fwd_kernel", "_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+                         "_attn_bwd_fused_kernel"},
            "fused": {"_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel",
                      "_bias_scale_residual_fwd_kernel", "_bias_scale_residual_bwd_kernel"}}
 

@@ -23,6 +23,14 @@ an fp32 softmax. fp32 inputs use TF32 dots when ``torch.backends.cuda.matmul.all
 is True; otherwise (PyTorch's default) 3xTF32 dots, which keep close to fp32 accuracy on
 the tensor cores. (The Triton interpreter always multiplies in fp32.)
 
+Backward: by default one 5-matmul kernel (dq, dk, dv from one recomputation of P; one program
+per (batch, head), dq summed in a fixed order: bit-identical runs) where N <= 1024 and B*H fills
+the GPU, else the 7-matmul pair (a dK/dV kernel and a dQ kernel, also deterministic).
+``VITFAST_ATTENTION_BWD=auto|fused|atomic|split`` (or
+:func:`vitfast.ops.triton.attention.set_backward_variant`) forces one; ``atomic`` (5 matmuls,
+one program per key tile, dq by atomic adds, so not bit-reproducible) is only ever opt-in and is
+refused under ``torch.use_deterministic_algorithms(True)``.
+
 Registration: four ops in the ``vitfast`` namespace -- ``attention_fwd``/``attention_bwd``
 and ``attention_packed_fwd``/``attention_packed_bwd`` -- each with a fake (meta)
 implementation and the forward ops with autograd, so ``torch.compile(fullgraph=True)``
@@ -306,7 +314,8 @@ _attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_
 
 
 if not _k.INTERPRET:  # see record_triton_kernels: the AST scan of the op bodies finds none
-    _BWD_KERNELS = (_k._bwd_preprocess_kernel, _k._attn_bwd_dkdv_kernel, _k._attn_bwd_dq_kernel)
+    _BWD_KERNELS = (_k._bwd_preprocess_kernel, _k._attn_bwd_dkdv_kernel, _k._attn_bwd_dq_kernel,
+                    _k._attn_bwd_fused_kernel)
     for _op, _kernels in (("attention_fwd", (_k._attn_fwd_kernel,)), ("attention_bwd", _BWD_KERNELS),
                           ("attention_packed_fwd", (_k._attn_fwd_kernel,)), ("attention_packed_bwd", _BWD_KERNELS)):
         record_triton_kernels(f"vitfast::{_op}", _kernels)

@@ -1,12 +1,15 @@
 """Every attention kernel candidate, timed and checked: the data to prune configs and variants by.
 
 For each shape and dtype, every config that the autotuner of each Triton kernel (forward,
-backward dK/dV, backward dQ) would try there, i.e. every survivor of its pruning, is launched on
-its own and timed, the candidates of one kernel alternately, round by round (CUDA events, L2
+backward dK/dV, backward dQ, and the 5-matmul backward, deterministic "fused" and "atomic") would
+try there, i.e. every survivor of its pruning, is launched on its own and timed, the candidates of one kernel alternately, round by round (CUDA events, L2
 flushed before each timed call). Each candidate's result is checked against a float32 reference
 (``err``: max abs error of out, of dk and dv, or of dq) beside the same error of SDPA's flash
 backend in the same dtype (``sdpa_err``). ``dot_tflops`` counts the kernel's own matmuls at N^2
-(forward 2, dK/dV 4, dQ 3; tile waste not counted). After the candidates, one group times the
+(forward 2, dK/dV 4, dQ 3, fused and atomic 5; tile waste not counted). Each row's ``bwd`` names
+the backward variant the kernel belongs to ("split": dK/dV + dQ, "fused", "atomic"); after them,
+one ``attention_bwd_variant`` row per variant adds up its best candidates' medians (split: the
+best dK/dV plus the best dQ) and marks the variant ``auto`` takes there. After the candidates, one group times the
 autotuned kernel (forward, backward, forward+backward) beside SDPA's flash, efficient and cuDNN
 backends (rows as ``python -m vitfast.cli.kernels.attention`` writes them).
 
@@ -52,8 +55,9 @@ def _vit_shapes() -> list[tuple]:
 
 SHAPES = _vit_shapes()
 SMOKE_SHAPES = [(1, 2, 50, 32)]
-KINDS = ("fwd", "dkdv", "dq")
-DOTS = {"fwd": 2, "dkdv": 4, "dq": 3}  # matmuls of N x N x D per (batch, head)
+KINDS = ("fwd", "dkdv", "dq", "fused", "atomic")
+DOTS = {"fwd": 2, "dkdv": 4, "dq": 3, "fused": 5, "atomic": 5}  # matmuls of N x N x D per (batch, head)
+BWD = {"fwd": None, "dkdv": "split", "dq": "split", "fused": "fused", "atomic": "atomic"}  # backward variant
 
 
 def _config_str(c: dict) -> str:
@@ -92,7 +96,11 @@ def _launchers(t: dict, scale: float) -> dict[str, Callable[[dict], tuple]]:
         K.launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, config=c)
         return (dq,)
 
-    return {"fwd": fwd, "dkdv": dkdv, "dq": dq_}
+    def fused(c, atomic=False):
+        K.launch_bwd_fused(dout, q, k, v, lse, delta, dq, dk, dv, scale, config=c, atomic=atomic)
+        return dq, dk, dv
+
+    return {"fwd": fwd, "dkdv": dkdv, "dq": dq_, "fused": fused, "atomic": lambda c: fused(c, atomic=True)}
 
 
 def _reference(t: dict, scale: float, device: str) -> dict:
@@ -112,7 +120,8 @@ def _reference(t: dict, scale: float, device: str) -> dict:
     return {"ref": run(torch.float32, fp32), "sdpa": run(dtype, low if dtype != torch.float32 else fp32)}
 
 
-_OUTPUTS = {"fwd": ("out",), "dkdv": ("dk", "dv"), "dq": ("dq",)}
+_OUTPUTS = {"fwd": ("out",), "dkdv": ("dk", "dv"), "dq": ("dq",), "fused": ("dq", "dk", "dv"),
+            "atomic": ("dq", "dk", "dv")}
 
 
 def _err(got: Sequence[torch.Tensor], names: Sequence[str], ref: dict) -> float:
@@ -215,7 +224,8 @@ def candidate_rows(shape: tuple, dtype: torch.dtype, device: str, warmup: int, i
         medians = {n: statistics.median(ts) for n, ts in times.items()}
         best = min(medians, key=medians.get) if medians else None
         for name, r in results.items():
-            row = dict(base, mode=kind, kernel=kind, config=name, **{k: r["config"][k] for k in r["config"]})
+            row = dict(base, mode=kind, kernel=kind, bwd=BWD[kind], config=name,
+                       **{k: r["config"][k] for k in r["config"]})
             if name in medians:
                 ms = medians[name]
                 row.update(status="ok", ms=round(ms, 4), dot_tflops=round(flops / (ms * 1e-3) / 1e12, 3),
@@ -224,7 +234,26 @@ def candidate_rows(shape: tuple, dtype: torch.dtype, device: str, warmup: int, i
             else:
                 row.update(status=r["status"], ms=None)
             rows.append(row)
-    return rows
+    return rows + variant_rows(rows, K.backward_variant(t["q"], "auto"))
+
+
+def variant_rows(rows: list[dict], auto: str) -> list[dict]:
+    """One row per backward variant: the sum of its kernels' best candidate medians (the shared
+    delta pre-pass not counted), ``x_best`` against the fastest variant, and ``auto`` marking the
+    variant that ``backward_variant`` takes at this shape."""
+    best: dict = {}
+    for r in rows:
+        if r.get("bwd") and r.get("ms") is not None:
+            best[r["kernel"]] = min(best.get(r["kernel"], float("inf")), r["ms"])
+    parts = {"split": ("dkdv", "dq"), "fused": ("fused",), "atomic": ("atomic",)}
+    ms = {v: sum(best[k] for k in ks) for v, ks in parts.items() if all(k in best for k in ks)}
+    if not rows or not ms:
+        return []
+    fastest = min(ms.values())
+    base = {k: rows[0][k] for k in ("backend", "B", "H", "N", "D", "dtype")}
+    return [dict(base, op="attention_bwd_variant", mode="bwd", kernel="+".join(parts[v]), bwd=v, status="ok",
+                 ms=round(t, 4), x_best=round(t / fastest, 3), best=t == fastest, auto=v == auto)
+            for v, t in ms.items()]
 
 
 def autotuned_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:
@@ -236,9 +265,11 @@ def autotuned_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:
     rows = ab.bench_group(backends, shape, dtype, ab.MODES, device)
     ab._add_speedups(rows)
     picked = {kind: (_config_str(c) if (c := K.tuned_config(kind)) else None) for kind in KINDS}
+    variant = K.backward_variant(torch.empty(1, 1, 1, 1, device=device).expand(*shape))
     for r in rows:
         if r["backend"] == "vitfast":
             r["configs"] = picked
+            r["bwd"] = variant  # the backward these rows ran (auto's choice, or VITFAST_ATTENTION_BWD)
     return rows
 
 
@@ -309,6 +340,11 @@ def format_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         head = f"{r['B']:>4} {r['H']:>3} {r['N']:>5} {r['D']:>4} {r['dtype']:>8} {r['mode']:>8}"
+        if r["op"] == "attention_bwd_variant":
+            mark = "*" if r["best"] else " "
+            lines.append(f"{head} {'bwd ' + r['bwd'] + (' (auto)' if r['auto'] else ''):>36}{mark} {r['ms']:9.4f} ms "
+                         f"{'':>16} x{r['x_best']}")
+            continue
         if r["op"] == "attention_candidate":
             if r["status"] != "ok":
                 lines.append(f"{head} {r['config']:>36}  {r['status'][:80]}")

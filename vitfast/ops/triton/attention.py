@@ -23,7 +23,9 @@ tile and accumulates dQ over all keys, so two runs give bit-identical gradients.
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -404,6 +406,209 @@ def _attn_bwd_dq_kernel(
                mask_m, mask_d1, MASK_D1)
 
 
+
+# --------------------------------------------------------------- backward, 5 matmuls
+# One kernel computes dK, dV and dQ from one recomputation of P per (key tile, query tile): 5
+# matmuls (S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q, dQ += dS K) against the 7 of
+# the two kernels above (which recompute S and dP for dQ). dQ is summed over the key tiles in an
+# fp32 scratch [B*H, N, DP] (DP = both column chunks, so it needs no column masks):
+# * deterministic (ATOMIC=False): one program per (batch, head) walks the key tiles in order and,
+#   for each, the query tiles, adding each dQ tile to the scratch by a read-modify-write that no
+#   other program makes (a barrier after each key tile orders them), then converts the scratch to
+#   dq. Fixed order, no atomics: bit-identical runs. B*H programs, so meant for N up to ~1024
+#   with B*H filling the GPU (see backward_variant).
+# * ATOMIC: one program per (batch, head, key tile), dQ added with tl.atomic_add (the order of
+#   the additions, hence the rounding, varies between runs); the launcher converts the scratch.
+# The dQ dot takes dS already multiplied by the softmax scale, so the scratch holds dq itself.
+@triton.jit
+def _dq_add(ptrs, dq, mask, not_first, MASK_M: tl.constexpr, ATOMIC: tl.constexpr):
+    """scratch[ptrs] += dq: atomically, or as this program's own read-modify-write (on the first
+    key tile, not_first False, a plain store: the scratch starts uninitialised)."""
+    if ATOMIC:
+        if MASK_M:
+            tl.atomic_add(ptrs, dq, mask=mask, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, dq, sem="relaxed")
+    else:
+        if not_first:
+            if MASK_M:
+                dq += tl.load(ptrs, mask=mask, other=0.0)
+            else:
+                dq += tl.load(ptrs)
+        if MASK_M:
+            tl.store(ptrs, dq, mask=mask)
+        else:
+            tl.store(ptrs, dq)
+
+
+@triton.jit
+def _bwd_fused_inner(dk, dv, dk1, dv1, k, v, k1, v1, Q, DO, LSE, DELTA, DQA, stride_qn, stride_don, stride_an,
+                     lo, hi, N, qk_scale, scale, offs_n, offs_d, offs_d1, not_first,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
+                     MASK_D: tl.constexpr, SPLIT_D: tl.constexpr, MASK_D1: tl.constexpr, ATOMIC: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qT = _load(Q + offs_m[None, :] * stride_qn + offs_d[:, None],
+                   offs_m[None, :] < N, offs_d[:, None] < HEAD_DIM, MASK_M, MASK_D)
+        if MASK_M:  # rows past N get lse = +inf, hence P = 0
+            lse = tl.load(LSE + offs_m, mask=offs_m < N, other=float("inf"))
+            delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
+        else:
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        sT = tl.dot(k, qT, input_precision=PRECISION)
+        if SPLIT_D:
+            qT1 = _load(Q + offs_m[None, :] * stride_qn + offs_d1[:, None],
+                        offs_m[None, :] < N, offs_d1[:, None] < HEAD_DIM, MASK_M, MASK_D1)
+            sT += tl.dot(k1, qT1, input_precision=PRECISION)
+        sT = sT * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        if MASK_N:  # keys past N: P = 0 (their zero rows of K give S = 0, and exp(-lse) may overflow)
+            pT = tl.where(offs_n[:, None] < N, pT, 0.0)
+        do = _load(DO + offs_m[:, None] * stride_don + offs_d[None, :],
+                   offs_m[:, None] < N, offs_d[None, :] < HEAD_DIM, MASK_M, MASK_D)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if SPLIT_D:
+            do1 = _load(DO + offs_m[:, None] * stride_don + offs_d1[None, :],
+                        offs_m[:, None] < N, offs_d1[None, :] < HEAD_DIM, MASK_M, MASK_D1)
+            dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PRECISION)
+            dpT += tl.dot(v1, tl.trans(do1), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+        if SPLIT_D:
+            dk1 += tl.dot(dsT.to(qT1.dtype), tl.trans(qT1), input_precision=PRECISION)
+        ds = tl.trans((dsT * scale).to(k.dtype))
+        mask_m = offs_m[:, None] < N
+        _dq_add(DQA + offs_m[:, None] * stride_an + offs_d[None, :], tl.dot(ds, k, input_precision=PRECISION),
+                mask_m, not_first, MASK_M, ATOMIC)
+        if SPLIT_D:
+            _dq_add(DQA + offs_m[:, None] * stride_an + offs_d1[None, :], tl.dot(ds, k1, input_precision=PRECISION),
+                    mask_m, not_first, MASK_M, ATOMIC)
+    return dk, dv, dk1, dv1
+
+
+@triton.jit
+def _bwd_fused_key_tile(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
+                        stride_an, stride_dkn, stride_dvn, start_n, N, qk_scale, scale, not_first,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
+                        BLOCK_D1: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, TAIL: tl.constexpr, MASK_N: tl.constexpr, ATOMIC: tl.constexpr):
+    """dK, dV of the BLOCK_N keys from start_n (stored), and their share of dQ (to the scratch)."""
+    MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM
+    MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+    mask_n = offs_n[:, None] < N
+    mask_d = offs_d[None, :] < HEAD_DIM
+    mask_d1 = offs_d1[None, :] < HEAD_DIM
+    k = _load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask_n, mask_d, MASK_N, MASK_D)
+    v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask_n, mask_d, MASK_N, MASK_D)
+    if SPLIT_D:
+        k1 = _load(K + offs_n[:, None] * stride_kn + offs_d1[None, :], mask_n, mask_d1, MASK_N, MASK_D1)
+        v1 = _load(V + offs_n[:, None] * stride_vn + offs_d1[None, :], mask_n, mask_d1, MASK_N, MASK_D1)
+    else:
+        k1, v1 = k, v
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    m_full = (N // BLOCK_M) * BLOCK_M
+    dk, dv, dk1, dv1 = _bwd_fused_inner(dk, dv, dk1, dv1, k, v, k1, v1, Q, DO, LSE, DELTA, DQA, stride_qn,
+                                        stride_don, stride_an, 0, m_full, N, qk_scale, scale, offs_n, offs_d,
+                                        offs_d1, not_first, HEAD_DIM, BLOCK_M, False, MASK_N, MASK_D, SPLIT_D,
+                                        MASK_D1, ATOMIC, PRECISION)
+    dk, dv, dk1, dv1 = _bwd_fused_inner(dk, dv, dk1, dv1, k, v, k1, v1, Q, DO, LSE, DELTA, DQA, stride_qn,
+                                        stride_don, stride_an, m_full, N, N, qk_scale, scale, offs_n, offs_d,
+                                        offs_d1, not_first, HEAD_DIM, TAIL, True, MASK_N, MASK_D, SPLIT_D,
+                                        MASK_D1, ATOMIC, PRECISION)
+    dk *= scale
+    _store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask_n, mask_d, MASK_D)
+    _store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask_n, mask_d, MASK_D)
+    if SPLIT_D:
+        dk1 *= scale
+        _store(DK + offs_n[:, None] * stride_dkn + offs_d1[None, :], dk1.to(DK.dtype.element_ty),
+               mask_n, mask_d1, MASK_D1)
+        _store(DV + offs_n[:, None] * stride_dvn + offs_d1[None, :], dv1.to(DV.dtype.element_ty),
+               mask_n, mask_d1, MASK_D1)
+
+
+@triton.jit
+def _attn_bwd_fused_kernel(
+    Q, K, V, DO, LSE, DELTA, DQA, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_an, H, N, N_BUCKET, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+    ATOMIC: tl.constexpr = False, STRIDE8: tl.constexpr = False,
+):
+    """dq, dk, dv in 5 matmuls: one program per (batch, head) walking every key tile (BLOCK_N),
+    or with ATOMIC one per (batch, head, key tile); each loops over the queries (BLOCK_M, then
+    TAIL). dQ goes through the fp32 scratch DQA (row stride stride_an)."""
+    MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM
+    MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
+    if STRIDE8:  # see _a8
+        stride_qb, stride_qh, stride_qn = _a8x3(stride_qb, stride_qh, stride_qn)
+        stride_kb, stride_kh, stride_kn = _a8x3(stride_kb, stride_kh, stride_kn)
+        stride_vb, stride_vh, stride_vn = _a8x3(stride_vb, stride_vh, stride_vn)
+        stride_dob, stride_doh, stride_don = _a8x3(stride_dob, stride_doh, stride_don)
+        stride_dqb, stride_dqh, stride_dqn = _a8x3(stride_dqb, stride_dqh, stride_dqn)
+        stride_dkb, stride_dkh, stride_dkn = _a8x3(stride_dkb, stride_dkh, stride_dkn)
+        stride_dvb, stride_dvh, stride_dvn = _a8x3(stride_dvb, stride_dvh, stride_dvn)
+    if ATOMIC:
+        b, h, bh, start_n = _program_tile(N, H, BLOCK_N)
+    else:
+        bh = tl.program_id(0).to(tl.int64)
+        b, h = bh // H, bh % H
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DK += b * stride_dkb + h * stride_dkh
+    DV += b * stride_dvb + h * stride_dvh
+    LSE += bh * N
+    DELTA += bh * N
+    DQA += bh * N * stride_an
+    scale = tl.cast(scale, tl.float32)  # fp32 also from a float64 scalar (see the forward)
+    qk_scale = scale * 1.4426950408889634
+    if ATOMIC:
+        _bwd_fused_key_tile(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
+                            stride_an, stride_dkn, stride_dvn, start_n, N, qk_scale, scale, True, HEAD_DIM,
+                            BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, True, True)
+    else:
+        n_full = (N // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            _bwd_fused_key_tile(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
+                                stride_an, stride_dkn, stride_dvn, start_n, N, qk_scale, scale, start_n > 0,
+                                HEAD_DIM, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, False, False)
+            tl.debug_barrier()  # this key tile's dQ stores before the next one's loads, across threads
+        if n_full < N:
+            _bwd_fused_key_tile(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
+                                stride_an, stride_dkn, stride_dvn, n_full, N, qk_scale, scale, n_full > 0,
+                                HEAD_DIM, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, True, False)
+            tl.debug_barrier()
+        # the scratch, complete, to dq in its dtype and strides
+        DQ += b * stride_dqb + h * stride_dqh
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+        mask_d = offs_d[None, :] < HEAD_DIM
+        mask_d1 = offs_d1[None, :] < HEAD_DIM
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m[:, None] < N
+            dq = tl.load(DQA + offs_m[:, None] * stride_an + offs_d[None, :], mask=mask_m, other=0.0)
+            _store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                   mask_m, mask_d, MASK_D)
+            if SPLIT_D:
+                dq1 = tl.load(DQA + offs_m[:, None] * stride_an + offs_d1[None, :], mask=mask_m, other=0.0)
+                _store(DQ + offs_m[:, None] * stride_dqn + offs_d1[None, :], dq1.to(DQ.dtype.element_ty),
+                       mask_m, mask_d1, MASK_D1)
+
+
 # ------------------------------------------------------------------- configs, tuning
 INTERPRET = is_interpreted(_attn_fwd_kernel)
 # Autotuning on the GPU; off (first surviving config) when VITFAST_ATTENTION_AUTOTUNE=0
@@ -457,7 +662,18 @@ _DQ_CONFIGS = [
     _cfg(64, 64, 16, 8, 3), _cfg(64, 32, 32, 8, 2), _cfg(32, 32, 16, 4, 3), _cfg(32, 16, 16, 4, 3),
     _cfg(16, 16, 16, 2, 2),
 ]
-PRIMARY = {"fwd": 6, "dkdv": 5, "dq": 3}  # how many configs at the head of each list are primary
+# The 5-matmul backward (fused: one program per (batch, head); atomic: one per key tile): BLOCK_N
+# keys owned, loop over queries in BLOCK_M (then TAIL), as dK/dV, plus a [BLOCK_M, D] dQ tile.
+# Not yet measured on a GPU: the first is the dK/dV kernel's measured best, the others the tiles
+# that compiled for sm_90 without spills (the deterministic kernel needs 40-60 more registers
+# than the atomic one: its loop over key tiles; see _fits); cut them by the candidates' JSON.
+_FUSED_CONFIGS = [
+    _cfg(32, 64, 16, 4, 3), _cfg(16, 64, 16, 4, 3), _cfg(32, 128, 16, 8, 3), _cfg(64, 128, 16, 8, 2),
+    _cfg(16, 128, 16, 8, 3), _cfg(64, 64, 16, 8, 2),
+    # secondary
+    _cfg(32, 128, 16, 8, 2), _cfg(16, 64, 16, 8, 3), _cfg(16, 32, 16, 4, 3), _cfg(16, 16, 16, 2, 2),
+]
+PRIMARY = {"fwd": 6, "dkdv": 5, "dq": 3, "fused": 6, "atomic": 6}  # how many configs head each list
 MIN_TILE = 16  # smallest owned tile in any config (bounds the grid size)
 _SMEM_BYTES = 227 * 1024  # H100's per-block limit; configs over it would fail to compile
 
@@ -473,13 +689,23 @@ def _fits(kind: str, own: int, loop: int, block_d: int, warps: int, stages: int,
     per thread of the accumulators (one [own, D] tile, two for dK/dV) plus one [own, loop]
     score tile. ptxas spilled above 144 per thread for dK/dV, and at 128 per thread with 4
     warps for the other two (16-bit inputs; fp32 inputs spill in every config, see
-    ``dot_precision``).
+    ``dot_precision``). The 5-matmul kernels add the [loop, D] dQ tile to the registers and the
+    staged dS^T to shared memory (the estimate is rougher there: 15% under ptxas's shared
+    bytes); the deterministic one ("fused") has its own register limits (see below).
     """
     owned = (1 if kind == "fwd" else 2) * own * block_d * (2 if el == 4 else 1)
     smem = (owned + stages * 2 * loop * block_d) * el + 1024
-    per_thread = ((2 if kind == "dkdv" else 1) * own * block_d + own * loop) / (32 * warps)
+    two = kind in ("dkdv", "fused", "atomic")  # dK and dV accumulators
+    per_thread = ((2 if two else 1) * own * block_d + own * loop) / (32 * warps)
+    if kind in ("fused", "atomic"):  # + the dQ tile, and dS^T staged for the dQ dot
+        per_thread += loop * block_d / (32 * warps)
+        smem += own * loop * el
     if kind == "dkdv":
         regs_ok = per_thread <= 144
+    elif kind == "fused":  # fitted to 18 bf16 compiles at D = 64, 80, 96 (triton 3.8): 8 warps over
+        # 64 owned rows spill early, and a third stage costs registers
+        limit = 98 if warps == 4 else (64 if own < 128 else (112 if stages >= 3 else 124))
+        regs_ok = per_thread <= limit
     else:
         regs_ok = per_thread < 128 or (warps == 8 and per_thread <= 128)
     return smem <= _SMEM_BYTES and regs_ok
@@ -496,7 +722,7 @@ def _make_prune(kind: str):
             kept = []
             for c in candidates:
                 bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TAIL"]
-                own, loop = (bn, bm) if kind == "dkdv" else (bm, bn)
+                own, loop = (bn, bm) if kind in ("dkdv", "fused", "atomic") else (bm, bn)
                 if own > n_cap or loop > n_cap or tail > loop:
                     continue
                 if _fits(kind, own, loop, block_d, c.num_warps, c.num_stages, el):
@@ -521,6 +747,12 @@ def _autotune(configs, kind):
 _attn_fwd_tuned = _autotune(_FWD_CONFIGS, "fwd")(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = _autotune(_DKDV_CONFIGS, "dkdv")(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = _autotune(_DQ_CONFIGS, "dq")(_attn_bwd_dq_kernel)
+_attn_bwd_fused_tuned = _autotune(_FUSED_CONFIGS, "fused")(_attn_bwd_fused_kernel)
+_attn_bwd_atomic_tuned = _autotune(_FUSED_CONFIGS, "atomic")(_attn_bwd_fused_kernel)
+_CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS, "fused": _FUSED_CONFIGS,
+            "atomic": _FUSED_CONFIGS}
+_TUNED = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned,
+          "fused": _attn_bwd_fused_tuned, "atomic": _attn_bwd_atomic_tuned}
 
 
 # -------------------------------------------------------------------------- launchers
@@ -655,18 +887,92 @@ def launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale: float, config: Optional[
     )
 
 
+def launch_bwd_fused(dout, q, k, v, lse, delta, dq, dk, dv, scale: float, config: Optional[dict] = None,
+                     atomic: bool = False) -> None:
+    """dq, dk and dv in one 5-matmul kernel: one program per (batch, head), deterministic, or with
+    ``atomic`` one per BLOCK_N keys adding dq atomically (see _attn_bwd_fused_kernel)."""
+    B, H, N, D = q.shape
+    dp = block_d(D)
+    # fp32 dq scratch: the deterministic kernel's first key tile stores, the atomic one only adds
+    dqa = (torch.zeros if atomic else torch.empty)((B * H, N, dp), device=q.device, dtype=torch.float32)
+    kind = "atomic" if atomic else "fused"
+    kernel, meta = _pick(_attn_bwd_fused_kernel, _TUNED[kind], config)
+    grid = (lambda m: grid_size(B * H, N, m["BLOCK_N"])) if atomic else (lambda m: (B * H,))
+    kernel[grid](
+        q, k, v, dout, lse, delta, dqa, dq, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq), *_s(dk), *_s(dv),
+        dp, H, N, n_bucket(N), scale, PRECISION=dot_precision(q.dtype), ATOMIC=atomic,
+        STRIDE8=stride8(q, k, v, dout, dq, dk, dv), **_d_meta(D), **meta,
+    )
+    if atomic:
+        dq.copy_(dqa.view(B, H, N, dp)[..., :D])
+
+
+# --------------------------------------------------------------- backward variant
+BWD_VARIANTS = ("auto", "fused", "atomic", "split")
+FUSED_MAX_N = 1024  # longest N the one-program-per-(batch, head) backward takes under "auto"
+_BWD = os.environ.get("VITFAST_ATTENTION_BWD", "auto")
+if _BWD not in BWD_VARIANTS:
+    warnings.warn(f"VITFAST_ATTENTION_BWD={_BWD!r} is not one of {', '.join(BWD_VARIANTS)}; using 'auto'",
+                  RuntimeWarning, stacklevel=1)
+    _BWD = "auto"
+
+
+def set_backward_variant(variant: str) -> str:
+    """Choose the backward ("auto", "fused", "atomic" or "split"; VITFAST_ATTENTION_BWD sets it at
+    import); returns the previous choice."""
+    global _BWD
+    if variant not in BWD_VARIANTS:
+        raise ValueError(f"backward variant must be one of {', '.join(BWD_VARIANTS)}, got {variant!r}")
+    previous, _BWD = _BWD, variant
+    return previous
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def backward_variant(q: torch.Tensor, variant: Optional[str] = None) -> str:
+    """The backward that runs for q ([B, H, N, D]): "fused" (5 matmuls, one program per
+    (batch, head), deterministic), "atomic" (5 matmuls, dq by atomic adds: run-to-run rounding
+    differences) or "split" (7 matmuls: a dK/dV kernel and a dQ kernel, deterministic).
+
+    ``variant`` (default: set_backward_variant / VITFAST_ATTENTION_BWD) "auto" takes "fused" where
+    N <= FUSED_MAX_N and, on a GPU, B*H >= 2 programs per SM (fewer leave SMs idle: a guess,
+    not yet measured), else "split"; "atomic" is never automatic, and is refused (replaced by
+    "auto"'s choice) under torch.use_deterministic_algorithms(True)."""
+    variant = variant or _BWD
+    if variant == "atomic" and torch.are_deterministic_algorithms_enabled():
+        variant = "auto"
+    if variant != "auto":
+        return variant
+    B, H, N, _ = q.shape
+    if N > FUSED_MAX_N:
+        return "split"
+    if q.device.type == "cuda" and not INTERPRET:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        if B * H < 2 * _num_sms(index):
+            return "split"
+    return "fused"
+
+
 def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
-               config: Optional[dict] = None, dq_config: Optional[dict] = None) -> None:
-    """dq, dk, dv of attention given dout, the forward's out and lse."""
+               config: Optional[dict] = None, dq_config: Optional[dict] = None, variant: Optional[str] = None) -> None:
+    """dq, dk, dv of attention given dout, the forward's out and lse, by :func:`backward_variant`
+    (``config`` is the dK/dV kernel's or the fused kernel's, ``dq_config`` the dQ kernel's)."""
     delta = launch_bwd_preprocess(out, dout)
-    launch_bwd_dkdv(dout, q, k, v, lse, delta, dk, dv, scale, config)
-    launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, dq_config or config)
+    chosen = backward_variant(q, variant)
+    if chosen == "split":
+        launch_bwd_dkdv(dout, q, k, v, lse, delta, dk, dv, scale, config)
+        launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, dq_config or config)
+    else:
+        launch_bwd_fused(dout, q, k, v, lse, delta, dq, dk, dv, scale, config, atomic=chosen == "atomic")
 
 
 def candidate_configs(kind: str, q: torch.Tensor) -> list[dict]:
-    """Every config of kernel ``kind`` ("fwd", "dkdv", "dq") that the autotuner would try for
+    """Every config of kernel ``kind`` ("fwd", "dkdv", "dq", "fused", "atomic") that the autotuner would try for
     ``q`` ([B, H, N, D]): the survivors of its pruning, as launch dicts (benchmarks)."""
-    configs = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
+    configs = _CONFIGS[kind]
     B, H, N, D = q.shape
     previous = set_autotune(True)
     try:
@@ -678,6 +984,6 @@ def candidate_configs(kind: str, q: torch.Tensor) -> list[dict]:
 
 def tuned_config(kind: str) -> Optional[dict]:
     """The config the autotuner of ``kind`` chose last (None before the first tuned launch)."""
-    tuner = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned}[kind]
+    tuner = _TUNED[kind]
     c = getattr(tuner, "best_config", None)
     return None if c is None else dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
