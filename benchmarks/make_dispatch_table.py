@@ -29,9 +29,8 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vitfast.dispatch import DEFAULTS_PATH, SCHEMA, validate  # noqa: E402
+from vitfast.dispatch import DEFAULTS_PATH, MARGIN, SCHEMA, decide, validate  # noqa: E402
 
-MARGIN = 0.03
 FUSED_OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual")
 MODES = {"fwd": "infer", "fwd+bwd": "train"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -45,7 +44,7 @@ def _device(row: dict) -> Optional[str]:
 
 
 def _entry(op, device, row, shape, ratio, versus, source) -> dict:
-    choice = "torch" if ratio < 1 - MARGIN else "kernel"
+    choice = decide(ratio, MARGIN)
     return dict(op=op, device=device, dtype=DTYPES.get(row["dtype"], row["dtype"]), mode=MODES[row["mode"]],
                 shape=shape, choice=choice, source=f"shipped:{source}",
                 note=f"kernel {ratio:.2f}x {versus}, {str(row.get('date', ''))[:10]}")

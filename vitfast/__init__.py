@@ -54,6 +54,7 @@ __all__ = [
     "patch_timm",
     "unpatch_timm",
     "optimize_for_inference",
+    "tune",
     "convert",
     "checkpoint",
     "ops",
@@ -73,6 +74,7 @@ _LAZY = {
     "patch_timm": ("vitfast.integrations.timm", "patch_timm"),
     "unpatch_timm": ("vitfast.integrations.timm", "unpatch_timm"),
     "optimize_for_inference": ("vitfast.inference", "optimize_for_inference"),
+    "tune": ("vitfast.tuning", "tune"),
     "convert": ("vitfast.models.convert", None),
     "checkpoint": ("vitfast.models.weights", None),  # the old name of vitfast.models.weights
     "ops": ("vitfast.ops", None),  # registers torch.ops.vitfast.* and reads the dispatch table

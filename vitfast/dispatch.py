@@ -35,6 +35,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 SCHEMA = "vitfast-dispatch/1"
+# a measured kernel is kept unless it was more than MARGIN slower than the torch path (a paired
+# per-round ratio below 1 - MARGIN): a tie stays on the kernel (tuning and the shipped table)
+MARGIN = 0.03
 CHOICES = ("kernel", "torch")
 MODES = ("infer", "train")
 OVERRIDES = ("table", "kernel", "torch")
@@ -208,8 +211,52 @@ class record:
         _RECORD = self._saved
 
 
+_CAPTURE: Optional[Dict[tuple, dict]] = None
+
+
+class capture:
+    """``with dispatch.capture() as calls:`` collects the distinct calls that asked for a choice
+    inside, ``{key: dict(op, device, dtype, training, shape)}`` (what :mod:`vitfast.tuning` times)."""
+
+    def __enter__(self) -> Dict[tuple, dict]:
+        global _CAPTURE
+        self._saved, _CAPTURE = _CAPTURE, {}
+        return _CAPTURE
+
+    def __exit__(self, *exc) -> None:
+        global _CAPTURE
+        _CAPTURE = self._saved
+
+
+class forced:
+    """``with dispatch.forced("kernel" | "torch"):`` every choice inside takes that path, as
+    ``VITFAST_DISPATCH`` would (tuning times both paths of an op through the op itself)."""
+
+    def __init__(self, mode: str):
+        if mode not in OVERRIDES:
+            raise ValueError(f"dispatch.forced: mode must be one of {', '.join(OVERRIDES)}, got {mode!r}")
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        global _OVERRIDE
+        table()
+        self._saved, _OVERRIDE = _OVERRIDE, self.mode
+
+    def __exit__(self, *exc) -> None:
+        global _OVERRIDE
+        _OVERRIDE = self._saved
+
+
+def decide(speedup: float, margin: float = MARGIN) -> str:
+    """The choice for a kernel measured ``speedup`` times as fast as the torch path."""
+    return "torch" if speedup < 1 - margin else "kernel"
+
+
 def choose(op: str, device: torch.device, dtype: torch.dtype, training: bool, shape: Mapping[str, float]) -> str:
     """``"kernel"`` or ``"torch"`` for a call the kernel can serve (see the module docstring)."""
+    if _CAPTURE is not None and not torch.compiler.is_compiling():
+        ckey = (op, str(device), dtype, bool(training), tuple(sorted(shape.items())))
+        _CAPTURE.setdefault(ckey, dict(op=op, device=device, dtype=dtype, training=bool(training), shape=dict(shape)))
     mode = override()
     source = "VITFAST_DISPATCH"
     if mode == "table":

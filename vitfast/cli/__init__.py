@@ -1,4 +1,4 @@
-"""The ``vitfast`` command: ``vitfast info | bench | bench kernels | profile | train``.
+"""The ``vitfast`` command: ``vitfast info | bench | bench kernels | profile | train | tune``.
 
 The tools (``vitfast.cli.*``) sit apart from the library (``ops``, ``modules``, ``models``,
 ``training``, ...). Each command lives in its own module with a ``main(argv) -> int``; this
@@ -18,6 +18,7 @@ COMMANDS = {
     "bench kernels": ("vitfast.cli.bench_kernels", "the kernel microbenchmarks (attention, patch embedding, ...)"),
     "profile": ("vitfast.cli.profile", "where the kernel time goes (torch.profiler)"),
     "train": ("vitfast.cli.train", "train FastViT (or a patched timm ViT) under torchrun: DDP or FSDP2"),
+    "tune": ("vitfast.cli.tune", "measure kernel vs PyTorch per op at a model's shapes on this GPU; write the dispatch cache"),
 }
 
 

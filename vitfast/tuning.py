@@ -1,0 +1,156 @@
+"""Tuning: time every op's kernel and torch paths at a model's real shapes, write the dispatch cache.
+
+    import vitfast
+    model = vitfast.create_model("vit_base_patch16_224").cuda()
+    vitfast.tune(model, torch.randn(256, 3, 224, 224, device="cuda"), train=True, dtype=torch.bfloat16)
+
+or ``vitfast tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --train``.
+
+How: the model runs once (forward, and backward with ``train``) inside
+:func:`vitfast.dispatch.capture`, which collects every call that asked the dispatch for a path:
+op, device, dtype, mode and the shape signature (attention: head dim ``D``, length ``N`` and
+``BH`` = batch x heads; the fused epilogues: width ``C`` and ``rows``). Each distinct call is then
+timed through the op itself, its two paths forced in turn with :func:`vitfast.dispatch.forced`
+(CUDA events, warm-up, the paths alternating round by round, the median of the per-round
+ratios), on fresh random inputs of that signature. The result is one entry per call,
+``choice = "torch"`` only where the kernel was more than ``dispatch.MARGIN`` slower, written to
+the user's cache (``~/.cache/vitfast/dispatch.json``, ``VITFAST_DISPATCH_CACHE``), which then
+wins over the shipped table (:func:`vitfast.dispatch.load_table`). Nothing is timed inside a
+capture or a trace: tuning is a separate, explicit step.
+
+Tuning measures CUDA only: on the CPU ``backend="auto"`` always takes the reference path.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import dispatch
+
+__all__ = ["tune", "captured_calls", "time_call"]
+
+TUNABLE = ("attention", "attention_packed", "layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual")
+
+
+def captured_calls(model: torch.nn.Module, example_input: torch.Tensor, train: bool = False,
+                   dtype: Optional[torch.dtype] = None) -> List[dict]:
+    """The distinct dispatch calls one step of ``model`` makes (forward; with ``train`` also the
+    backward, grads enabled), under autocast to ``dtype`` when given."""
+    was_training = model.training
+    model.train(train)
+    try:
+        autocast = (torch.autocast(example_input.device.type, dtype=dtype) if dtype is not None
+                    else torch.autocast(example_input.device.type, enabled=False))
+        with dispatch.capture() as calls, torch.set_grad_enabled(train), autocast:
+            out = model(example_input)
+            if train:
+                out.float().sum().backward()
+    finally:
+        model.train(was_training)
+        if train:
+            model.zero_grad(set_to_none=True)
+    return list(calls.values())
+
+
+def _inputs(call: dict) -> Callable[[], Callable[[], object]]:
+    """A builder of one call of the op (fresh random inputs of the call's signature), returning a
+    function that runs it with ``backend="auto"`` (so the dispatch decides)."""
+    op, dev, dt, grad, s = call["op"], call["device"], call["dtype"], call["training"], call["shape"]
+    if op in ("attention", "attention_packed"):
+        from .ops.attention import attention, attention_packed
+
+        BH, N, D = int(s["BH"]), int(s["N"]), int(s["D"])
+        if op == "attention":
+            q, k, v = (torch.randn(1, BH, N, D, device=dev, dtype=dt).requires_grad_(grad) for _ in range(3))
+            return lambda: attention(q, k, v)
+        qkv = torch.randn(BH, N, 3 * D, device=dev, dtype=dt).requires_grad_(grad)
+        return lambda: attention_packed(qkv, num_heads=1)
+    from .cli.kernels.fused import make_inputs
+    from .ops.spec import SPECS
+
+    args, kwargs = make_inputs(op, int(s["rows"]), int(s["C"]), dt, dev, grad=grad)
+    fn = SPECS[op].fn
+    return lambda: fn(*args, **kwargs)
+
+
+def _step(run: Callable[[], object], mode: str, train: bool) -> Callable[[int], None]:
+    def once():
+        with dispatch.forced(mode):
+            return run()
+
+    if not train:
+        def step(i):
+            with torch.no_grad():
+                once()
+        return step
+    outs = once()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+    del outs
+
+    def step(i):
+        outs = once()
+        torch.autograd.backward(outs if isinstance(outs, tuple) else (outs,), grads)
+    return step
+
+
+def time_call(call: dict, warmup: int = 10, iters: int = 30) -> dict:
+    """Both paths of one captured call, timed alternately; the entry for the dispatch cache (with
+    the timings in its ``note``)."""
+    from .cli import benchmarking as bu
+
+    device = call["device"]
+    run = _inputs(call)
+    group = [dict(impl="kernel"), dict(impl="torch")]
+    times = bu.time_group(group, lambda impl: _step(run, impl, call["training"]), warmup=warmup, iters=iters,
+                          device=device)
+    failed = [f"{r['impl']}: {r['status']}" for r in group if r.get("status") != "ok"]
+    if failed:
+        raise RuntimeError(f"vitfast.tune: {call['op']} {call['shape']}: " + "; ".join(failed))
+    speedup = bu.paired_speedup(times, "torch", "kernel")
+    ms = {r["impl"]: r["ms"] for r in group}
+    key = dispatch.device_key(device)
+    return dict(op=call["op"], device=key, dtype=dispatch.dtype_name(call["dtype"]),
+                mode="train" if call["training"] else "infer", shape=dict(call["shape"]),
+                choice=dispatch.decide(speedup), source=f"tuned:{datetime.date.today().isoformat()}",
+                note=f"kernel {speedup:.2f}x torch (kernel {ms['kernel']:.4f} ms, torch {ms['torch']:.4f} ms)")
+
+
+def tune(model: torch.nn.Module, example_input: torch.Tensor, train: bool = False, *,
+         dtype: Optional[torch.dtype] = None, cache: Optional[Path] = None, write: bool = True,
+         warmup: int = 10, iters: int = 30) -> List[dict]:
+    """Time the kernel and torch paths of every op ``model`` calls on ``example_input`` (a CUDA
+    tensor, the real batch) and write the choices to the dispatch cache (``cache``, default
+    :func:`vitfast.dispatch.cache_path`; ``write=False`` only returns them). ``train``: the
+    forward+backward paths (training), else inference. ``dtype``: run under autocast to it (the
+    model's own dtype otherwise). Returns the entries written."""
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"vitfast.tune: example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    if example_input.device.type != "cuda":
+        raise ValueError(f"vitfast.tune: example_input is on {example_input.device}; the measured dispatch chooses "
+                         "between paths on CUDA only (on the CPU, backend='auto' always takes the reference path), "
+                         "so tuning needs the model and a CUDA input")
+    calls = [c for c in captured_calls(model, example_input, train, dtype) if c["op"] in TUNABLE]
+    entries = [time_call(c, warmup=warmup, iters=iters) for c in calls]
+    if write and entries:
+        dispatch.write_cache(entries, cache)
+    return entries
+
+
+def format_entries(entries: List[dict]) -> str:
+    lines = [f"{'op':<20} {'dtype':<9} {'mode':<5} {'shape':<28} {'choice':<6} note"]
+    for e in entries:
+        shape = ",".join(f"{k}={v}" for k, v in sorted(e["shape"].items()))
+        lines.append(f"{e['op']:<20} {e['dtype']:<9} {e['mode']:<5} {shape:<28} {e['choice']:<6} {e.get('note', '')}")
+    return "\n".join(lines)
+
+
+def calls_summary(calls: List[dict]) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for c in calls:
+        out[c["op"]] = out.get(c["op"], 0) + 1
+    return out
