@@ -43,6 +43,14 @@ def _take_indices(depth: int, indices: Optional[Union[int, Sequence[int]]]) -> T
     return take, max(take)
 
 
+def _fx_symbolic_tracing() -> bool:
+    """Inside torch.fx.symbolic_trace (torch >= 2.12 names it apart from torch.export's tracing,
+    whose is_fx_tracing() now warns on every call)."""
+    from torch.fx import _symbolic_trace as st
+
+    return (getattr(st, "is_fx_symbolic_tracing", None) or st.is_fx_tracing)()
+
+
 class FastViT(nn.Module):
     """A Vision Transformer with timm's constructor arguments, state_dict keys and forward API.
 
@@ -261,7 +269,7 @@ class FastViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        if (self.grad_checkpointing and torch.is_grad_enabled()) or torch.fx._symbolic_trace.is_fx_tracing():
+        if (self.grad_checkpointing and torch.is_grad_enabled()) or _fx_symbolic_tracing():
             for blk in self.blocks:  # one checkpoint / one graph leaf per block
                 x = self._run_block(blk, x)
             return self.norm(x)
