@@ -3,6 +3,7 @@ the FLOP count, `bench kernels` reporting missing microbenchmarks, the README re
 No timing thresholds: speed lives in the benchmarks themselves."""
 
 import contextlib
+import dataclasses
 import csv
 import importlib.util
 import io
@@ -458,3 +459,55 @@ def test_compile_adds_compiled_rows(tmp_path):
     assert [(r["impl"], r["compiled"]) for r in rows] == [("fastvit", False), ("fastvit", True)]
     assert rows[1]["compile_s"] > 0 and rows[1]["status"] == "ok"
     assert all(r["speedup_vs_reference"] is None for r in rows)  # no reference in this run: no speedup claimed
+
+
+def test_inference_rows_replay_a_cuda_graph_for_every_implementation(tmp_path, monkeypatch):
+    """GPU inference times every implementation (FastViT, reference, timm) replayed from one CUDA
+    graph unless --no-cuda-graphs. Here the graph's capture and replay run eagerly on the CPU
+    (the wrapper's logic; the capture itself is GPU-only), and the config is made to ask for it."""
+    from vitfast import inference
+
+    replays = []
+
+    class EagerGraph(inference.CUDAGraphModule):
+        def _capture(self, warmup):
+            with torch.no_grad():
+                return self.model(self.static_input)
+
+        def _replay(self):
+            replays.append(1)
+            with torch.no_grad():
+                self.static_output.copy_(self.model(self.static_input))
+
+    monkeypatch.setattr(inference, "CUDAGraphModule", EagerGraph)
+    real = bench.resolve_config
+    monkeypatch.setattr(bench, "resolve_config",
+                        lambda args, parser, **kw: dataclasses.replace(real(args, parser, **kw), cuda_graphs=True))
+    assert bench.main(TINY + ["--mode", "both", "--json", str(tmp_path / "g.json")]) == 0
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert {(r["impl"], r["mode"], r["cuda_graph"]) for r in rows} == (
+        {(i, "infer", True) for i in bench.IMPLS} | {(i, "train", False) for i in bench.IMPLS})
+    assert all(r["status"] == "ok" for r in rows) and replays
+    assert all(r["cuda_graph"] is False for r in json.loads((tmp_path / "g.json").read_text())["rows"]
+               if r["mode"] == "train")
+    infer = {r["impl"]: r for r in rows if r["mode"] == "infer"}
+    assert infer["fastvit"]["max_rel_err_vs_reference"] < 1e-4 and "CUDA graph" in infer["timm"]["precision"]
+
+
+def test_cuda_graphs_only_on_a_gpu_and_switched_off_by_the_flag():
+    p = bench.build_parser()
+    cfg = bench.resolve_config(p.parse_args(TINY), p)
+    assert cfg.device.type == "cpu" and cfg.cuda_graphs is False
+    assert p.parse_args(TINY + ["--no-cuda-graphs"]).no_cuda_graphs is True
+
+
+@pytest.mark.cuda
+def test_gpu_inference_with_and_without_cuda_graphs(tmp_path):
+    argv = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--depth", "2", "--batch-size", "4", "--warmup", "2",
+            "--iters", "3", "--mode", "infer", "--no-progress", "--allow-noisy"]
+    for extra, graph in (([], True), (["--no-cuda-graphs"], False)):
+        out = tmp_path / f"{graph}.json"
+        assert bench.main(argv + extra + ["--json", str(out)]) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert all(r["status"] == "ok" and r["cuda_graph"] is graph for r in rows), rows
+        assert max(r["max_rel_err_vs_reference"] for r in rows) < 2e-2

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("infer", "train", "both"), help="inference, training step, or both (CPU infer, GPU both)")
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to time (default: all three)")
     p.add_argument("--compile", action="store_true", help="also time each implementation under torch.compile")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="GPU inference: time the plain forward instead of replaying it from a CUDA graph (by default "
+                        "every implementation, FastViT, the reference and timm alike, is captured once and replayed)")
     p.add_argument("--uint8", action="store_true",
                    help="feed raw uint8 images: FastViT normalises inside its patch embedding, timm gets a normalisation pass")
     p.add_argument("--warmup", type=int, help="untimed steps before timing (CPU 2, GPU 10)")
@@ -118,6 +121,7 @@ class Config:
     check: bool
     peak_tflops: Optional[float]
     measure_peak: bool = False
+    cuda_graphs: bool = False  # inference on CUDA: every implementation replayed from a CUDA graph
 
 
 def _fail(parser: argparse.ArgumentParser, msg: str) -> None:
@@ -176,6 +180,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, **
         impls=impls, compile=args.compile, uint8=args.uint8, warmup=val["warmup"], iters=val["iters"],
         device=device, check=not args.no_check, peak_tflops=args.peak_tflops,
         measure_peak=bool(getattr(args, "measure_peak", False)),
+        cuda_graphs=device.type == "cuda" and not getattr(args, "no_cuda_graphs", True),
     )
 
 
@@ -328,6 +333,15 @@ def prepare_entry(
             step(0)
             _sync(cfg.device)
             row["compile_s"] = round(time.perf_counter() - t0, 2)
+        row["cuda_graph"] = bool(cfg.cuda_graphs and mode == "infer")
+        if row["cuda_graph"]:
+            # the same capture for every implementation (fair): warm-up outside the capture, then one
+            # graph for the whole forward; each step copies its input into the graph's buffer
+            from ..inference import CUDAGraphModule
+
+            runner = CUDAGraphModule(runner.eval(), torch.empty_like(xs[0]).copy_(xs[0]), clone_output=False)
+            step, row["precision"] = make_step(runner, cfg, mode, xs, ys)
+            row["precision"] += ", CUDA graph"
         if cfg.check and mode == "infer":
             out = step(0)
             key = (name,)
