@@ -8,7 +8,9 @@ Implementations (all from raw or float images to finished tokens, cls + pos incl
                  of flash-attention's PatchEmbed)
 Modes: ``fwd`` (no grad) and ``fwd+bwd`` (weight, bias, cls, pos require grad: training).
 Inputs: ``uint8`` raw pixels, or ``float`` images in the compute dtype, both normalised with
-ImageNet mean/std inside the op.
+ImageNet mean/std inside the op; ``float_raw``: float images already normalised by the loader (no
+mean/std: how most users call it), where the eager chain is plain conv2d + flatten/transpose +
+cat + add.
 
 Each row gives the median time, GB/s over the bytes the op must move at least (images in,
 tokens out, weight and pos read; in the backward grad_out and images read again, weight and
@@ -49,7 +51,7 @@ MODELS = {
 SMOKE_MODELS = {"smoke_patch16_32x48": (16, 32, (32, 48), 2, 2)}
 IMPLS = ("vitfast", "eager", "compile", "unfold_linear")
 MODES = ("fwd", "fwd+bwd")
-INPUTS = ("float", "uint8")
+INPUTS = ("float", "uint8", "float_raw")
 
 
 def unfold_linear(images, weight, bias=None, *, cls_token=None, pos_embed=None, mean=None, std=None):
@@ -84,7 +86,8 @@ def make_inputs(model: tuple, batch: int, input_kind: str, dtype: torch.dtype, d
         images = [torch.randint(0, 256, (batch, 3, H, W), generator=g, device=device, dtype=torch.uint8)
                   for _ in range(copies)]
     else:
-        images = [torch.rand(batch, 3, H, W, generator=g, device=device, dtype=dtype) for _ in range(copies)]
+        draw = torch.randn if input_kind == "float_raw" else torch.rand  # normalised / [0, 1] pixels
+        images = [draw(batch, 3, H, W, generator=g, device=device, dtype=dtype) for _ in range(copies)]
     N = (H // p) * (W // p)
     params = dict(
         weight=torch.randn(D, 3, p, p, generator=g, device=device, dtype=dtype) * (3 * p * p) ** -0.5,
@@ -92,7 +95,7 @@ def make_inputs(model: tuple, batch: int, input_kind: str, dtype: torch.dtype, d
         cls_token=torch.randn(1, 1, D, generator=g, device=device, dtype=dtype) * 0.02,
         pos_embed=torch.randn(1, N + 1, D, generator=g, device=device, dtype=dtype) * 0.02,
     )
-    return dict(images=images, params=params, B=batch, N=N, K=3 * p * p, D=D, T=N + 1)
+    return dict(images=images, params=params, B=batch, N=N, K=3 * p * p, D=D, T=N + 1, input=input_kind)
 
 
 def work(x: dict, mode: str, dtype: torch.dtype) -> tuple[float, float]:
@@ -111,7 +114,7 @@ def make_step(fn: Callable, x: dict, mode: str, device: torch.device) -> Callabl
     """One call of ``fn`` (forward, or forward + backward) on the i-th image buffer."""
     params = x["params"]
     images = x["images"]
-    kw = dict(mean=MEAN, std=STD)
+    kw = {} if x["input"] == "float_raw" else dict(mean=MEAN, std=STD)
     if mode == "fwd":
         def step(i):
             with torch.no_grad():
@@ -200,15 +203,15 @@ def _add_speedups(group: list[dict], times: dict) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<24} {'input':<6} {'mode':<8} {'impl':<14} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
+    head = (f"{'model':<24} {'input':<9} {'mode':<8} {'impl':<14} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
             f"{'vs eager':>8} {'vs comp':>8} {'vs unf':>7} {'x floor':>7}")
     lines = [head, "-" * len(head)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['model']:<24} {r['input']:<6} {r['mode']:<8} {r['impl']:<14} {r['status'][:80]}")
+            lines.append(f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<14} {r['status'][:80]}")
             continue
-        line = (f"{r['model']:<24} {r['input']:<6} {r['mode']:<8} {r['impl']:<14} {r['ms']:9.3f} "
+        line = (f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<14} {r['ms']:9.3f} "
                 f"{f(r['gbps'], '8.2f')} {f(r['tflops'], '8.4f')}")
         if r["impl"] == "vitfast":
             line += "".join(f" {f(r.get(k), w + '.2f')}x" for k, w in (("speedup_vs_eager", "7"),
