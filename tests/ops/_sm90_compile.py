@@ -174,8 +174,10 @@ def ptxas_usage(ptx: str, arch: str) -> dict:
                              capture_output=True, text=True)
     text = res.stdout + res.stderr
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
-    return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
-                spill_loads=num(r"(\d+) bytes spill loads"))
+    # spills summed over the kernel and the noinline functions it calls (one report each)
+    total = lambda pat: sum(map(int, found)) if (found := re.findall(pat, text)) else None  # noqa: E731
+    return dict(registers=num(r"Used (\d+) registers"), spill_stores=total(r"(\d+) bytes spill stores"),
+                spill_loads=total(r"(\d+) bytes spill loads"), stack=total(r"(\d+) bytes stack frame"))
 
 
 def compile_launch(fn, args, kwargs) -> dict:

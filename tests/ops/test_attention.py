@@ -661,6 +661,30 @@ def test_deterministic_and_packed_cuda(fixed_config):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", _VARIANTS)
+@pytest.mark.parametrize("B,H,N,D", [(8, 12, 197, 64), (4, 16, 257, 80), (2, 16, 577, 72), (2, 8, 1025, 88),
+                                     (1, 3, 1, 64)])
+def test_backward_variants_cuda(variant, B, H, N, D, bwd_variant, fixed_config):
+    """Every backward variant, forced, at ViT shapes in bf16 (auto would pick split at these B*H)."""
+    bwd_variant(variant)
+    _check_fwd_bwd(B, H, N, D, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_fused_backward_bitwise_reproducible_cuda(bwd_variant, fixed_config):
+    """The deterministic 5-matmul kernel's dq goes through its own read-modify-write in a fixed
+    order (a barrier between key tiles): the same bits on every run, on the GPU too."""
+    bwd_variant("fused")
+    q, k, v = _qkv(8, 12, 577, 80, torch.bfloat16, device="cuda")
+    dout = torch.randn_like(q)
+    run = lambda a, b, c: attention(a, b, c, backend="triton")  # noqa: E731
+    first = _grads(run, q, k, v, dout)
+    for _ in range(3):
+        for a, b in zip(first, _grads(run, q, k, v, dout)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
 def test_fallback_warns_once_cuda():
     reset_warnings()
     q, k, v = _qkv(1, 2, 10, 32, torch.float64, device="cuda")

@@ -152,6 +152,10 @@ def bench_group(backends: Sequence[str], shape: tuple, dtype: torch.dtype, modes
                 row.update(status="ok", ms=round(ms, 4), tflops=round(tflops, 2) if tflops >= 1 else round(tflops, 6))
                 if b == "vitfast":
                     row["configs"] = _chosen_configs()
+                    if mode != "fwd":  # the backward that ran (backward_variant's choice at this shape)
+                        from ...ops.triton import attention as K
+
+                        row["bwd"] = K.backward_variant(prepared[b]["q"])
             rows[(b, mode)] = row
             group.append(row)
         bu.add_paired_speedups(group, times, key="backend")
@@ -175,8 +179,7 @@ def _chosen_configs() -> dict:
 
     if K.INTERPRET:
         return {"all": str(K.INTERPRET_CONFIG)}
-    return {name: _config_str(getattr(t, "best_config", None)) for name, t in
-            (("fwd", K._attn_fwd_tuned), ("dkdv", K._attn_bwd_dkdv_tuned), ("dq", K._attn_bwd_dq_tuned))}
+    return {name: _config_str(getattr(t, "best_config", None)) for name, t in K._TUNED.items()}
 
 
 def tile_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:

@@ -535,6 +535,22 @@ def _bwd_fused_key_tile(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_
                mask_n, mask_d1, MASK_D1)
 
 
+# The deterministic kernel calls each key tile through this noinline function: what the compiler
+# hoists out of its loop over key tiles otherwise lives through all of it (40-60 more registers
+# than the atomic kernel's straight-line key tile: 24-80 bytes of spills at D = 72-88 on sm_90,
+# triton 3.6). Axis info (divisibility of strides and pointers) crosses the call: the same
+# 16-byte cp.async as inlined. The atomic kernel inlines the key tile.
+@triton.jit(noinline=True)
+def _bwd_fused_key_tile_call(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
+                             stride_an, stride_dkn, stride_dvn, start_n, N, qk_scale, scale, not_first,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
+                             BLOCK_D1: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, TAIL: tl.constexpr, MASK_N: tl.constexpr):
+    _bwd_fused_key_tile(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don, stride_an,
+                        stride_dkn, stride_dvn, start_n, N, qk_scale, scale, not_first, HEAD_DIM, BLOCK_D, SPLIT_D,
+                        BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, MASK_N, False)
+
+
 @triton.jit
 def _attn_bwd_fused_kernel(
     Q, K, V, DO, LSE, DELTA, DQA, DQ, DK, DV,
@@ -582,14 +598,14 @@ def _attn_bwd_fused_kernel(
     else:
         n_full = (N // BLOCK_N) * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
-            _bwd_fused_key_tile(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
-                                stride_an, stride_dkn, stride_dvn, start_n, N, qk_scale, scale, start_n > 0,
-                                HEAD_DIM, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, False, False)
+            _bwd_fused_key_tile_call(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
+                                     stride_an, stride_dkn, stride_dvn, start_n, N, qk_scale, scale, start_n > 0,
+                                     HEAD_DIM, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, False)
             tl.debug_barrier()  # this key tile's dQ stores before the next one's loads, across threads
         if n_full < N:
-            _bwd_fused_key_tile(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
-                                stride_an, stride_dkn, stride_dvn, n_full, N, qk_scale, scale, n_full > 0,
-                                HEAD_DIM, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, True, False)
+            _bwd_fused_key_tile_call(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, stride_qn, stride_kn, stride_vn, stride_don,
+                                     stride_an, stride_dkn, stride_dvn, n_full, N, qk_scale, scale, n_full > 0,
+                                     HEAD_DIM, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, True)
             tl.debug_barrier()
         # the scratch, complete, to dq in its dtype and strides
         DQ += b * stride_dqb + h * stride_dqh
@@ -689,15 +705,17 @@ def _fits(kind: str, own: int, loop: int, block_d: int, warps: int, stages: int,
     per thread of the accumulators (one [own, D] tile, two for dK/dV) plus one [own, loop]
     score tile. ptxas spilled above 144 per thread for dK/dV, and at 128 per thread with 4
     warps for the other two (16-bit inputs; fp32 inputs spill in every config, see
-    ``dot_precision``). The 5-matmul kernels add the [loop, D] dQ tile to the registers and the
-    staged dS^T to shared memory (the estimate is rougher there: 15% under ptxas's shared
-    bytes); the deterministic one ("fused") has its own register limits (see below).
+    ``dot_precision``). The 5-matmul kernels add the [loop, D] dQ tile to the registers, and K
+    a second time (the dQ dot's operand, another layout) and the staged dS^T to shared memory
+    (16-bit, D = 64-96: within 5% of ptxas, but 10-16% under at BLOCK_M = 64; fp32 over); the
+    deterministic one ("fused") has its own register limits (see below).
     """
-    owned = (1 if kind == "fwd" else 2) * own * block_d * (2 if el == 4 else 1)
+    five = kind in ("fused", "atomic")  # the 5-matmul kernels also hold K a second time (dQ's operand)
+    owned = (1 if kind == "fwd" else 3 if five else 2) * own * block_d * (2 if el == 4 else 1)
     smem = (owned + stages * 2 * loop * block_d) * el + 1024
     two = kind in ("dkdv", "fused", "atomic")  # dK and dV accumulators
     per_thread = ((2 if two else 1) * own * block_d + own * loop) / (32 * warps)
-    if kind in ("fused", "atomic"):  # + the dQ tile, and dS^T staged for the dQ dot
+    if five:  # + the dQ tile, and dS^T staged for the dQ dot
         per_thread += loop * block_d / (32 * warps)
         smem += own * loop * el
     if kind == "dkdv":
