@@ -404,6 +404,9 @@ def test_backward_variant_choice(bwd_variant):
     at = lambda n: torch.empty(2, 3, n, 64, device="meta")  # noqa: E731
     assert kernels.backward_variant(at(1)) == kernels.backward_variant(at(1025 - 1)) == "fused"
     assert kernels.backward_variant(at(kernels.FUSED_MAX_N + 1)) == "split"
+    assert kernels.backward_variant(torch.empty(2, 3, 197, 88, device="meta")) == "fused"  # 64 + 32 columns
+    assert kernels.backward_variant(torch.empty(2, 3, 197, 128, device="meta")) == "split"
+    assert kernels.backward_variant(torch.empty(2, 3, 197, 128, device="meta"), "fused") == "fused"
     assert kernels.backward_variant(at(4096), "atomic") == "atomic"
     bwd_variant("atomic")
     assert kernels.backward_variant(at(197)) == "atomic"

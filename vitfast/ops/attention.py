@@ -24,8 +24,8 @@ is True; otherwise (PyTorch's default) 3xTF32 dots, which keep close to fp32 acc
 the tensor cores. (The Triton interpreter always multiplies in fp32.)
 
 Backward: by default one 5-matmul kernel (dq, dk, dv from one recomputation of P; one program
-per (batch, head), dq summed in a fixed order: bit-identical runs) where N <= 1024 and B*H fills
-the GPU, else the 7-matmul pair (a dK/dV kernel and a dQ kernel, also deterministic).
+per (batch, head), dq summed in a fixed order: bit-identical runs) where N <= 1024, D <= 96 and
+B*H fills the GPU, else the 7-matmul pair (a dK/dV kernel and a dQ kernel, also deterministic).
 ``VITFAST_ATTENTION_BWD=auto|fused|atomic|split`` (or
 :func:`vitfast.ops.triton.attention.set_backward_variant`) forces one; ``atomic`` (5 matmuls,
 one program per key tile, dq by atomic adds, so not bit-reproducible) is only ever opt-in and is

@@ -928,6 +928,9 @@ def launch_bwd_fused(dout, q, k, v, lse, delta, dq, dk, dv, scale: float, config
 # --------------------------------------------------------------- backward variant
 BWD_VARIANTS = ("auto", "fused", "atomic", "split")
 FUSED_MAX_N = 1024  # longest N the one-program-per-(batch, head) backward takes under "auto"
+# widest head dim (both column chunks) it takes under "auto": beyond, only a 16 x 32 tile without
+# wgmma compiles without spills (sm_90, D = 128: 213-219 registers)
+FUSED_MAX_BLOCK_D = 96
 _BWD = os.environ.get("VITFAST_ATTENTION_BWD", "auto")
 if _BWD not in BWD_VARIANTS:
     warnings.warn(f"VITFAST_ATTENTION_BWD={_BWD!r} is not one of {', '.join(BWD_VARIANTS)}; using 'auto'",
@@ -956,16 +959,16 @@ def backward_variant(q: torch.Tensor, variant: Optional[str] = None) -> str:
     differences) or "split" (7 matmuls: a dK/dV kernel and a dQ kernel, deterministic).
 
     ``variant`` (default: set_backward_variant / VITFAST_ATTENTION_BWD) "auto" takes "fused" where
-    N <= FUSED_MAX_N and, on a GPU, B*H >= 2 programs per SM (fewer leave SMs idle: a guess,
-    not yet measured), else "split"; "atomic" is never automatic, and is refused (replaced by
+    N <= FUSED_MAX_N, the head dim's chunks are at most FUSED_MAX_BLOCK_D wide and, on a GPU,
+    B*H >= 2 programs per SM (fewer leave SMs idle: a guess, not yet measured), else "split"; "atomic" is never automatic, and is refused (replaced by
     "auto"'s choice) under torch.use_deterministic_algorithms(True)."""
     variant = variant or _BWD
     if variant == "atomic" and torch.are_deterministic_algorithms_enabled():
         variant = "auto"
     if variant != "auto":
         return variant
-    B, H, N, _ = q.shape
-    if N > FUSED_MAX_N:
+    B, H, N, D = q.shape
+    if N > FUSED_MAX_N or block_d(D) > FUSED_MAX_BLOCK_D:
         return "split"
     if q.device.type == "cuda" and not INTERPRET:
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
