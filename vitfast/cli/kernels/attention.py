@@ -149,7 +149,7 @@ def bench_group(backends: Sequence[str], shape: tuple, dtype: torch.dtype, modes
             else:
                 ms = statistics.median(times[b])
                 tflops = attention_flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12
-                row.update(status="ok", ms=round(ms, 4), tflops=round(tflops, 2) if tflops >= 1 else round(tflops, 6))
+                row.update(status="ok", ms=round(ms, 4), tflops=float(f"{tflops:.4g}"))  # 4 significant digits: never 0
                 if b == "vitfast":
                     row["configs"] = _chosen_configs()
                     if mode != "fwd":  # the backward that ran (backward_variant's choice at this shape)
