@@ -421,6 +421,107 @@ def test_backward_variant_choice(bwd_variant):
         kernels.set_backward_variant("fast")
 
 
+# -------------------------------------------------------------- forward variants
+@pytest.fixture
+def fwd_variant():
+    """Sets the forward variant for one test (kernels.set_forward_variant), then restores it."""
+    previous = kernels.set_forward_variant("auto")
+    yield kernels.set_forward_variant
+    kernels.set_forward_variant(previous)
+    kernels._FWD_FROM_ENV = False
+
+
+_FWD_VARIANTS = ["tma", "tma_persistent"]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,N,D", [(2, 2, 1, 64), (1, 2, 50, 80), (2, 1, 197, 72), (2, 2, 50, 72),
+                                     (1, 1, 197, 80), (1, 2, 197, 64)])
+@pytest.mark.parametrize("variant", _FWD_VARIANTS)
+def test_tma_forward_variants_match_reference(variant, B, H, N, D, dtype, fwd_variant):
+    """The TMA forwards under the interpreter (which emulates device-side tensor descriptors and their
+    out-of-bounds zero fill): within 2x SDPA's error at one token, tails of 50 and 197 rows over
+    32-row tiles, and head dims in two chunks (80 = 64 + 16, 72 -> 64 + 16, the last 8 columns
+    zero-filled); the persistent one walks several tiles per program (3 programs)."""
+    fwd_variant(variant)
+    q, k, v = _qkv(B, H, N, D, dtype, seed=N + D)
+    assert kernels.forward_variant(q, k, v, torch.empty_like(q)) == variant
+    _check_fwd_bwd(B, H, N, D, dtype, backward=False, seed=N + D)
+    out, lse = torch.ops.vitfast.attention_fwd(q, k, v, 0.3)
+    ref = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 0.3, dim=-1)
+    assert _err(lse, ref) < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", _FWD_VARIANTS)
+def test_tma_forward_on_packed_strides(variant, fwd_variant):
+    """Views of a packed qkv (token stride 3*H*D = 432 halves: 864 bytes, a multiple of 16) in
+    place, and the packed op writing [B, N, H*D]: the same answer as the pointer kernel to rounding,
+    within 2x SDPA of float64."""
+    B, N, H, D = 2, 41, 2, 72
+    qkv = torch.randn(B, N, 3 * H * D, generator=torch.Generator().manual_seed(5)).to(DEV, torch.float16)
+    q, k, v = _packed_views(qkv, H)
+    assert not kernels.tma_not_supported_reasons(q, k, v, torch.empty_like(q))
+    fwd_variant(variant)
+    got = attention_packed(qkv, num_heads=H, backend="triton")
+    fwd_variant("pointer")
+    pointer = attention_packed(qkv, num_heads=H, backend="triton")
+    ref = attention_ref(*(t.double() for t in (q, k, v))).transpose(1, 2).reshape(B, N, H * D)
+    sdpa = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+    _assert_close_2x("out", got, sdpa, ref, torch.float16)
+    assert _err(got, pointer.double()) <= 2 * 9.8e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["fwd_tma", "fwd_tma_persistent"])
+def test_every_tma_candidate_config_matches_reference(kind):
+    """Every config the autotuner of each TMA forward may pick (warp-specialised ones included: the
+    interpreter runs the loop plainly), at N = 97 (tiles of 128 rows survive the pruning) and D = 80."""
+    B, H, N, D = 1, 2, 97, 80
+    q, k, v = _qkv(B, H, N, D, torch.float32, seed=9)
+    ref = attention_ref(q.double(), k.double(), v.double())
+    configs = kernels.candidate_configs(kind, q)
+    assert len(configs) >= 2 and any(c["BLOCK_M"] == 128 for c in configs)
+    for c in configs:
+        out, lse = torch.empty_like(q), torch.empty(B, H, N)
+        kernels.launch_fwd(q, k, v, out, lse, D**-0.5, config=c, variant=kind[4:])
+        assert _err(out, ref) < 2e-6, c
+
+
+def test_tma_reasons_and_forced_variant(fwd_variant):
+    """TMA's layout rules are reasons: a base pointer off 16 bytes, a token stride that is not a
+    multiple of 16 bytes, a head dim beyond 128; a forced variant raises with every reason, auto
+    takes the pointer kernel silently, a variant forced by VITFAST_ATTENTION_FWD warns once."""
+    base = torch.randn(1, 2, 50, 76, dtype=torch.float16)
+    q = base[..., 4:]  # D = 72 from column 4: 8 bytes off, token stride 152 bytes
+    k, v = _qkv(1, 2, 50, 72, torch.float16)[:2]
+    reasons = kernels.tma_not_supported_reasons(q, k, v, torch.empty_like(k))
+    assert len(reasons) == 2 and "q's data pointer" in reasons[0] and "multiples of 16 bytes" in reasons[1]
+    wide = torch.empty(1, 1, 4, 256)
+    assert any("checked up to 128" in r for r in kernels.tma_not_supported_reasons(wide, wide, wide, wide))
+    assert kernels.forward_variant(q, k, v, torch.empty_like(k)) == "pointer"  # auto, on the CPU
+    fwd_variant("tma")
+    with pytest.raises(KernelNotSupported, match="16-byte aligned") as info:
+        attention(q, k, v, backend="triton")
+    assert len(info.value.reasons) == 2
+    kernels._FWD_FROM_ENV = True  # as if VITFAST_ATTENTION_FWD=tma
+    reset_warnings()
+    with pytest.warns(RuntimeWarning, match="VITFAST_ATTENTION_FWD=tma"):
+        got = attention(q, k, v, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention(q, k, v, backend="triton")  # once only
+    _assert_close_2x("out", got, F.scaled_dot_product_attention(q, k, v),
+                     attention_ref(q.double(), k.double(), v.double()), torch.float16)
+    with pytest.raises(ValueError, match="tma_persistent"):
+        kernels.set_forward_variant("hopper")
+
+
+def test_tma_kernels_need_the_features_they_use(monkeypatch):
+    """A Triton without device-side descriptors is a reason, named with its version."""
+    monkeypatch.setitem(kernels._tma.triton_features(), "make_tensor_descriptor", False)
+    q = torch.empty(1, 1, 8, 64)
+    assert any("no make_tensor_descriptor" in r for r in kernels.tma_not_supported_reasons(q, q, q, q))
+
+
 def test_split_backward_launchers_match_launch_bwd():
     q, k, v = _qkv(1, 2, 50, 32, torch.float32)
     dout = torch.randn_like(q)
@@ -671,6 +772,44 @@ def test_backward_variants_cuda(variant, B, H, N, D, bwd_variant, fixed_config):
     """Every backward variant, forced, at ViT shapes in bf16 (auto would pick split at these B*H)."""
     bwd_variant(variant)
     _check_fwd_bwd(B, H, N, D, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["tma", "tma_persistent"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,N,D", [(8, 12, 197, 64), (4, 16, 257, 80), (4, 16, 145, 72), (2, 16, 785, 88),
+                                     (1, 16, 4097, 128), (1, 3, 1, 64)])
+def test_tma_forward_variants_cuda(variant, B, H, N, D, dtype, fwd_variant, fixed_config):
+    """The TMA forwards on an sm_90+ GPU (skipped below), forced, at ViT shapes and one long one."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90")
+    fwd_variant(variant)
+    _check_fwd_bwd(B, H, N, D, dtype, backward=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["fwd_tma", "fwd_tma_persistent"])
+def test_every_tma_config_cuda(kind):
+    """Every candidate config of each TMA forward (warp-specialised ones really specialised here)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90")
+    for B, H, N, D in ((4, 12, 197, 80), (1, 8, 1100, 128)):
+        q, k, v = _qkv(B, H, N, D, torch.bfloat16)
+        ref = attention_ref(q.double(), k.double(), v.double())
+        bound = 2 * _err(F.scaled_dot_product_attention(q, k, v), ref) + 2e-3 * ref.abs().max().item()
+        for c in kernels.candidate_configs(kind, q):
+            out, lse = torch.empty_like(q), torch.empty(B, H, N, device="cuda")
+            kernels.launch_fwd(q, k, v, out, lse, D**-0.5, config=c, variant=kind[4:])
+            assert _err(out, ref) <= bound, (c, _err(out, ref), bound)
+
+
+@pytest.mark.cuda
+def test_auto_forward_variant_cuda():
+    q = torch.empty(1, 2, kernels.AUTO_TMA_MIN_N, 64, device="cuda", dtype=torch.bfloat16)
+    short = q[:, :, :197]
+    want = "tma" if torch.cuda.get_device_capability() >= (9, 0) and not kernels._tma.missing_features() else "pointer"
+    assert kernels.forward_variant(q, q, q, q, "auto") == want
+    assert kernels.forward_variant(short, short, short, short, "auto") == "pointer"
 
 
 @pytest.mark.cuda

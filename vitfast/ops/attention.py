@@ -31,6 +31,14 @@ B*H fills the GPU, else the 7-matmul pair (a dK/dV kernel and a dQ kernel, also 
 one program per key tile, dq by atomic adds, so not bit-reproducible) is only ever opt-in and is
 refused under ``torch.use_deterministic_algorithms(True)``.
 
+Forward: the pointer kernel by default; on Hopper (sm_90+) with a Triton that has device-side
+tensor descriptors, a TMA kernel (``tma``: TMA copies with out-of-bounds zero fill instead of masks,
+warp-specialised configs) and a persistent one (``tma_persistent``).
+``VITFAST_ATTENTION_FWD=auto|pointer|tma|tma_persistent`` (or
+:func:`vitfast.ops.triton.attention.set_forward_variant`) picks one; ``auto`` takes ``tma`` only
+for N >= 1024 on a GPU and layout TMA can serve, until GPU timings say more (see
+``vitfast/ops/triton/attention.py``, ``forward_variant``).
+
 Registration: four ops in the ``vitfast`` namespace -- ``attention_fwd``/``attention_bwd``
 and ``attention_packed_fwd``/``attention_packed_bwd`` -- each with a fake (meta)
 implementation and the forward ops with autograd, so ``torch.compile(fullgraph=True)``
@@ -316,8 +324,9 @@ _attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_
 if not _k.INTERPRET:  # see record_triton_kernels: the AST scan of the op bodies finds none
     _BWD_KERNELS = (_k._bwd_preprocess_kernel, _k._attn_bwd_dkdv_kernel, _k._attn_bwd_dq_kernel,
                     _k._attn_bwd_fused_kernel)
-    for _op, _kernels in (("attention_fwd", (_k._attn_fwd_kernel,)), ("attention_bwd", _BWD_KERNELS),
-                          ("attention_packed_fwd", (_k._attn_fwd_kernel,)), ("attention_packed_bwd", _BWD_KERNELS)):
+    _FWD_KERNELS = (_k._attn_fwd_kernel, _k._tma._attn_fwd_tma_kernel, _k._tma._attn_fwd_tma_persistent_kernel)
+    for _op, _kernels in (("attention_fwd", _FWD_KERNELS), ("attention_bwd", _BWD_KERNELS),
+                          ("attention_packed_fwd", _FWD_KERNELS), ("attention_packed_bwd", _BWD_KERNELS)):
         record_triton_kernels(f"vitfast::{_op}", _kernels)
 
 

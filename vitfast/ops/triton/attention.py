@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import attention_tma as _tma
 from . import is_interpreted, wrap
 
 LOG2E = 1.4426950408889634
@@ -689,7 +690,37 @@ _FUSED_CONFIGS = [
     # secondary
     _cfg(32, 128, 16, 8, 2), _cfg(16, 64, 16, 8, 3), _cfg(16, 32, 16, 4, 3), _cfg(16, 16, 16, 2, 2),
 ]
-PRIMARY = {"fwd": 6, "dkdv": 5, "dq": 3, "fused": 6, "atomic": 6}  # how many configs head each list
+
+
+def _tcfg(bm: int, bn: int, warps: int, stages: int, ws: bool) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=ws), num_warps=warps, num_stages=stages)
+
+
+def _pcfg(bm: int, bn: int, warps: int, stages: int, per_sm: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, PER_SM=per_sm), num_warps=warps, num_stages=stages)
+
+
+# The TMA forward (attention_tma): (BLOCK_M, BLOCK_N, warps, stages, warp-specialised). No GPU
+# timing yet: the tiles are the pointer kernel's measured best shapes and the Hopper tutorial's,
+# each with and without warp specialisation, kept where they compile for sm_90 without spills
+# (tests/ops/_sm90_compile.py); the 64-row tiles fit two or more programs per SM, which short
+# sequences (N = 197, 257: 4 and 5 query tiles per head) need. Cut them by the candidates' JSON.
+_FWD_TMA_CONFIGS = [
+    _tcfg(64, 64, 4, 3, False), _tcfg(128, 64, 4, 3, True), _tcfg(128, 128, 4, 2, True), _tcfg(64, 64, 4, 3, True),
+    _tcfg(128, 64, 8, 3, False), _tcfg(64, 32, 4, 3, False), _tcfg(128, 128, 8, 2, False),
+    # secondary
+    _tcfg(64, 32, 4, 4, True), _tcfg(32, 32, 4, 3, False), _tcfg(16, 16, 2, 2, False),
+]
+# The persistent TMA forward: (BLOCK_M, BLOCK_N, warps, stages, programs per SM). PER_SM is what
+# the compiled kernel's registers and shared memory let an SM hold (the sm_90 table).
+_FWD_TMA_PERSISTENT_CONFIGS = [
+    _pcfg(64, 64, 4, 3, 2), _pcfg(128, 64, 8, 3, 1), _pcfg(64, 32, 4, 3, 3), _pcfg(128, 128, 8, 2, 1),
+    _pcfg(64, 64, 4, 3, 1), _pcfg(64, 32, 4, 3, 2),
+    # secondary
+    _pcfg(32, 32, 4, 3, 2), _pcfg(16, 16, 2, 2, 4),
+]
+PRIMARY = {"fwd": 6, "dkdv": 5, "dq": 3, "fused": 6, "atomic": 6,  # how many configs head each list
+           "fwd_tma": 7, "fwd_tma_persistent": 6}
 MIN_TILE = 16  # smallest owned tile in any config (bounds the grid size)
 _SMEM_BYTES = 227 * 1024  # H100's per-block limit; configs over it would fail to compile
 
@@ -730,7 +761,29 @@ def _fits(kind: str, own: int, loop: int, block_d: int, warps: int, stages: int,
     return smem <= _SMEM_BYTES and regs_ok
 
 
+def _fwd_smem(own: int, loop: int, block_d: int, stages: int, el: int) -> int:
+    """The forward's shared-memory estimate of :func:`_fits` (bytes)."""
+    return ((2 if el == 4 else 1) * own * block_d + stages * 2 * loop * block_d) * el + 1024
+
+
+_SMEM_PER_SM = 228 * 1024  # sm_90: what the blocks resident on one SM share
+# The TMA kernels' shared memory beyond _fits' estimate (triton 3.6 and 3.8 for sm_90: the
+# persistent kernel's rank-4 boxes and barriers, up to 16 KiB more): a persistent config keeps PER_SM
+# programs per SM only where that many fit, else it would run in waves.
+_TMA_SLACK = 16 * 1024
+
+
+def _fits_warp_specialized(own: int, loop: int, block_d: int, warps: int, stages: int, el: int) -> bool:
+    """A warp-specialised TMA forward config: Triton specialises only at 4 warps (384 threads: the
+    consumers get 232 registers by setmaxnreg, none spilled up to 128 x 128 at D = 128 on sm_90); at
+    8 it silently does not (256 threads, the plain kernel). Shared memory: the plain kernel's plus a
+    128-row [rows, D] buffer (measured: +16 KiB at D = 64, +32 KiB at D = 128, 16-bit)."""
+    return warps == 4 and _fwd_smem(own, loop, block_d, stages, el) + 128 * block_d * el <= _SMEM_BYTES
+
+
 def _make_prune(kind: str):
+    fits_kind = "fwd" if kind.startswith("fwd") else kind  # the TMA forwards hold what the pointer one does
+
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         n = args["N_BUCKET"]
@@ -740,11 +793,16 @@ def _make_prune(kind: str):
         def survivors(candidates):
             kept = []
             for c in candidates:
-                bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TAIL"]
+                bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("TAIL", 0)
                 own, loop = (bn, bm) if kind in ("dkdv", "fused", "atomic") else (bm, bn)
                 if own > n_cap or loop > n_cap or tail > loop:
                     continue
-                if _fits(kind, own, loop, block_d, c.num_warps, c.num_stages, el):
+                if c.kwargs.get("WARP_SPEC"):
+                    if _fits_warp_specialized(own, loop, block_d, c.num_warps, c.num_stages, el):
+                        kept.append(c)
+                elif _fits(fits_kind, own, loop, block_d, c.num_warps, c.num_stages, el) and (
+                        c.kwargs.get("PER_SM", 1) * (_fwd_smem(own, loop, block_d, c.num_stages, el) + _TMA_SLACK)
+                        <= _SMEM_PER_SM):
                     kept.append(c)
             return kept
 
@@ -768,10 +826,15 @@ _attn_bwd_dkdv_tuned = _autotune(_DKDV_CONFIGS, "dkdv")(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = _autotune(_DQ_CONFIGS, "dq")(_attn_bwd_dq_kernel)
 _attn_bwd_fused_tuned = _autotune(_FUSED_CONFIGS, "fused")(_attn_bwd_fused_kernel)
 _attn_bwd_atomic_tuned = _autotune(_FUSED_CONFIGS, "atomic")(_attn_bwd_fused_kernel)
+_attn_fwd_tma_tuned = _autotune(_FWD_TMA_CONFIGS, "fwd_tma")(_tma._attn_fwd_tma_kernel)
+_attn_fwd_tma_persistent_tuned = _autotune(_FWD_TMA_PERSISTENT_CONFIGS, "fwd_tma_persistent")(
+    _tma._attn_fwd_tma_persistent_kernel)
 _CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS, "fused": _FUSED_CONFIGS,
-            "atomic": _FUSED_CONFIGS}
+            "atomic": _FUSED_CONFIGS, "fwd_tma": _FWD_TMA_CONFIGS, "fwd_tma_persistent": _FWD_TMA_PERSISTENT_CONFIGS}
 _TUNED = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned,
-          "fused": _attn_bwd_fused_tuned, "atomic": _attn_bwd_atomic_tuned}
+          "fused": _attn_bwd_fused_tuned, "atomic": _attn_bwd_atomic_tuned, "fwd_tma": _attn_fwd_tma_tuned,
+          "fwd_tma_persistent": _attn_fwd_tma_persistent_tuned}
+_RAW = {"fwd_tma": _tma._attn_fwd_tma_kernel, "fwd_tma_persistent": _tma._attn_fwd_tma_persistent_kernel}
 
 
 # -------------------------------------------------------------------------- launchers
@@ -862,8 +925,13 @@ def _s(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def launch_fwd(q, k, v, out, lse, scale: float, config: Optional[dict] = None) -> None:
-    """out[b, h] = softmax(q k^T * scale) v and lse[b, h] = logsumexp(q k^T * scale)."""
+def launch_fwd(q, k, v, out, lse, scale: float, config: Optional[dict] = None,
+               variant: Optional[str] = None) -> None:
+    """out[b, h] = softmax(q k^T * scale) v and lse[b, h] = logsumexp(q k^T * scale), by the
+    forward :func:`forward_variant` picks (``config`` is that variant's)."""
+    chosen = forward_variant(q, k, v, out, variant)
+    if chosen != "pointer":
+        return _launch_fwd_tma(q, k, v, out, lse, scale, config, persistent=chosen == "tma_persistent")
     B, H, N, D = q.shape
     kernel, meta = _pick(_attn_fwd_kernel, _attn_fwd_tuned, config)
     kernel[lambda m: grid_size(B * H, N, m["BLOCK_M"])](
@@ -926,6 +994,127 @@ def launch_bwd_fused(dout, q, k, v, lse, delta, dq, dk, dv, scale: float, config
         dq.copy_(dqa.view(B, H, N, dp)[..., :D])
 
 
+# ---------------------------------------------------------------- forward variant
+FWD_VARIANTS = ("auto", "pointer", "tma", "tma_persistent")
+TMA_MAX_BLOCK_D = 128  # widest head dim (both chunks) the TMA kernels are compiled and checked for
+# "auto" is conservative: no GPU has run the TMA kernels yet (neither numerics nor timings), so it
+# takes "tma" only for long sequences (N >= AUTO_TMA_MIN_N, where a pipelined, warp-specialised
+# loop over many key tiles is what Hopper rewards) and keeps the pointer kernel, whose configs were
+# measured, at the ViT lengths; never "tma_persistent", and never inside torch.compile (Inductor's
+# launch of device-side descriptors is unverified). Cut this by the candidates' JSON.
+AUTO_TMA_MIN_N = 1024
+_FWD = os.environ.get("VITFAST_ATTENTION_FWD", "auto")
+if _FWD not in FWD_VARIANTS:
+    warnings.warn(f"VITFAST_ATTENTION_FWD={_FWD!r} is not one of {', '.join(FWD_VARIANTS)}; using 'auto'",
+                  RuntimeWarning, stacklevel=1)
+    _FWD = "auto"
+_FWD_FROM_ENV = _FWD != "auto"  # forced by the environment: an input it cannot serve warns once
+
+
+def set_forward_variant(variant: str) -> str:
+    """Choose the forward ("auto", "pointer", "tma" or "tma_persistent"; VITFAST_ATTENTION_FWD sets
+    it at import); returns the previous choice. A variant forced here raises on an input it cannot
+    serve (one forced by the environment falls back to the pointer kernel with one warning)."""
+    global _FWD, _FWD_FROM_ENV
+    if variant not in FWD_VARIANTS:
+        raise ValueError(f"forward variant must be one of {', '.join(FWD_VARIANTS)}, got {variant!r}")
+    previous, _FWD, _FWD_FROM_ENV = _FWD, variant, False
+    return previous
+
+
+def tma_not_supported_reasons(q, k, v, out) -> list[str]:
+    """Why the TMA forwards cannot serve q, k, v -> out (empty: they can): the installed Triton's
+    features, the GPU (sm_90 or newer; under the interpreter, any), the head dim, and what TMA
+    asks of the layout (16-byte aligned base pointers, (batch, head, token) strides multiples of
+    16 bytes, the last stride 1)."""
+    reasons = list(_tma.missing_features()) + _tma_device_reasons(q.device)
+    D = q.shape[-1]
+    if block_d(D) > TMA_MAX_BLOCK_D:
+        reasons.append(f"head dim {D} is computed {block_d(D)} wide; the TMA kernels are checked up to "
+                       f"{TMA_MAX_BLOCK_D}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        el = t.element_size()
+        if t.stride(-1) != 1:
+            reasons.append(f"{name}.stride(-1) is {t.stride(-1)}; TMA needs 1")
+        if t.data_ptr() % 16:
+            reasons.append(f"{name}'s data pointer is not 16-byte aligned (TMA)")
+        bad = [st for st in t.stride()[:3] if (st * el) % 16 or st <= 0]
+        if bad:
+            reasons.append(f"{name} has strides {tuple(t.stride()[:3])} ({el}-byte elements); TMA needs the "
+                           "batch, head and token strides positive multiples of 16 bytes")
+    return reasons
+
+
+def _tma_device_reasons(device: torch.device) -> list[str]:
+    if INTERPRET:
+        return []
+    if device.type != "cuda":
+        return [f"q is on {device}; the TMA kernels need a CUDA GPU"]
+    major, minor = torch.cuda.get_device_capability(device)
+    return [] if major >= 9 else [f"the GPU is sm_{major}{minor}; TMA needs sm_90 or newer"]
+
+
+def forward_variant(q, k, v, out, variant: Optional[str] = None) -> str:
+    """The forward that runs for q, k, v -> out ([B, H, N, D]): "pointer" (the kernel above),
+    "tma" or "tma_persistent" (attention_tma).
+
+    ``variant`` (default: set_forward_variant / VITFAST_ATTENTION_FWD) "auto" takes "tma" on a CUDA
+    GPU of sm_90 or newer where :func:`tma_not_supported_reasons` has none and N >= AUTO_TMA_MIN_N,
+    else "pointer", silently. A forced TMA variant that cannot serve the input raises
+    :class:`~vitfast._dispatch.KernelNotSupported` listing every reason; forced by the environment
+    it falls back to "pointer" with a one-time warning instead."""
+    from ..._dispatch import KernelNotSupported, warn_fallback_once
+
+    forced_by_env = variant is None and _FWD_FROM_ENV
+    variant = variant or _FWD
+    if variant not in FWD_VARIANTS:
+        raise ValueError(f"forward variant must be one of {', '.join(FWD_VARIANTS)}, got {variant!r}")
+    if variant == "pointer":
+        return "pointer"
+    if variant == "auto":
+        if (INTERPRET or q.device.type != "cuda" or q.shape[2] < AUTO_TMA_MIN_N or torch.compiler.is_compiling()
+                or tma_not_supported_reasons(q, k, v, out)):
+            return "pointer"
+        return "tma"
+    reasons = tma_not_supported_reasons(q, k, v, out)
+    if not reasons:
+        return variant
+    if forced_by_env:
+        warn_fallback_once("attention", [f"VITFAST_ATTENTION_FWD={variant}: {r}" for r in reasons],
+                           fallback="pointer-kernel forward")
+        return "pointer"
+    raise KernelNotSupported("attention", f"kernel (forward variant {variant!r})", reasons)
+
+
+def _launch_fwd_tma(q, k, v, out, lse, scale: float, config: Optional[dict], persistent: bool) -> None:
+    """The TMA forwards (attention_tma); their descriptors need triton's allocator (set once)."""
+    B, H, N, D = q.shape
+    kind = "fwd_tma_persistent" if persistent else "fwd_tma"
+    if config is None and INTERPRET:
+        config = INTERPRET_TMA_CONFIGS[kind]
+    if config is None:
+        kernel, meta = _wrap(_TUNED[kind]), {}
+    else:
+        kernel, meta = _pick(_RAW[kind], _TUNED[kind], config)
+    if not INTERPRET:
+        _tma.ensure_allocator()
+    args = (q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out))
+    if persistent:
+        sms = INTERPRET_PROGRAMS if INTERPRET else _device_sms(q.device)
+        grid = lambda m: (min(grid_size(B * H, N, m["BLOCK_M"])[0], sms * m["PER_SM"]),)  # noqa: E731
+        args += (B,)
+    else:
+        grid = lambda m: grid_size(B * H, N, m["BLOCK_M"])  # noqa: E731
+    kernel[grid](*args, H, N, n_bucket(N), scale, PRECISION=dot_precision(q.dtype), **_d_meta(D), **meta)
+
+
+# Under the interpreter: small tiles (several per head at the test lengths), and a persistent grid of
+# INTERPRET_PROGRAMS programs each walking several tiles.
+INTERPRET_TMA_CONFIGS = {"fwd_tma": dict(BLOCK_M=32, BLOCK_N=32, WARP_SPEC=False, num_warps=4, num_stages=1),
+                         "fwd_tma_persistent": dict(BLOCK_M=32, BLOCK_N=32, PER_SM=1, num_warps=4, num_stages=1)}
+INTERPRET_PROGRAMS = 3
+
+
 # --------------------------------------------------------------- backward variant
 BWD_VARIANTS = ("auto", "fused", "atomic", "split")
 FUSED_MAX_N = 1024  # longest N the one-program-per-(batch, head) backward takes under "auto"
@@ -954,6 +1143,10 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_sms(device: torch.device) -> int:
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def backward_variant(q: torch.Tensor, variant: Optional[str] = None) -> str:
     """The backward that runs for q ([B, H, N, D]): "fused" (5 matmuls, one program per
     (batch, head), deterministic), "atomic" (5 matmuls, dq by atomic adds: run-to-run rounding
@@ -972,8 +1165,7 @@ def backward_variant(q: torch.Tensor, variant: Optional[str] = None) -> str:
     if N > FUSED_MAX_N or block_d(D) > FUSED_MAX_BLOCK_D:
         return "split"
     if q.device.type == "cuda" and not INTERPRET:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        if B * H < 2 * _num_sms(index):
+        if B * H < 2 * _device_sms(q.device):
             return "split"
     return "fused"
 
@@ -992,7 +1184,8 @@ def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
 
 
 def candidate_configs(kind: str, q: torch.Tensor) -> list[dict]:
-    """Every config of kernel ``kind`` ("fwd", "dkdv", "dq", "fused", "atomic") that the autotuner would try for
+    """Every config of kernel ``kind`` ("fwd", "fwd_tma", "fwd_tma_persistent", "dkdv", "dq", "fused", "atomic")
+    that the autotuner would try for
     ``q`` ([B, H, N, D]): the survivors of its pruning, as launch dicts (benchmarks)."""
     configs = _CONFIGS[kind]
     B, H, N, D = q.shape
