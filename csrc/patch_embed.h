@@ -36,6 +36,10 @@ PatchEmbedShape check_patch_embed_backward_args(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& std, bool has_cls,
                                                 int64_t pos_tokens, std::array<bool, 5> output_mask);
 
+// A given patch matrix (the `patches` argument): [B*T, K], contiguous, `dtype`, on `device`.
+void check_patches(const std::optional<at::Tensor>& patches, const PatchEmbedShape& s, at::ScalarType dtype,
+                   const at::Device& device, const char* op);
+
 // mean/std as contiguous float64 [C] (what the kernels read), or an undefined tensor.
 at::Tensor channel_stat(const std::optional<at::Tensor>& t);
 

@@ -20,7 +20,7 @@ using OptTensor = std::optional<at::Tensor>;
 template <c10::DeviceType device_type>
 at::Tensor patch_embed_autocast(const at::Tensor& images, const at::Tensor& weight, const OptTensor& bias,
                                 const OptTensor& cls_token, const OptTensor& pos_embed, const OptTensor& mean,
-                                const OptTensor& std) {
+                                const OptTensor& std, const OptTensor& patches) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto dtype = at::autocast::get_autocast_dtype(device_type);
   auto cast = [dtype](const at::Tensor& t) { return t.is_floating_point() ? t.to(dtype) : t; };
@@ -28,8 +28,9 @@ at::Tensor patch_embed_autocast(const at::Tensor& images, const at::Tensor& weig
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("vitfast::patch_embed", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                         const OptTensor&, const OptTensor&, const OptTensor&)>();
-  return op.call(images, cast(weight), cast_opt(bias), cast_opt(cls_token), cast_opt(pos_embed), mean, std);
+                                         const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&)>();
+  // patches: the op's compute dtype for the cast weight (patch_embed_patches under the same autocast)
+  return op.call(images, cast(weight), cast_opt(bias), cast_opt(cls_token), cast_opt(pos_embed), mean, std, patches);
 }
 
 }  // namespace

@@ -116,6 +116,18 @@ PatchEmbedShape check_patch_embed_backward_args(const at::Tensor& grad_out, cons
   return s;
 }
 
+void check_patches(const std::optional<at::Tensor>& patches, const PatchEmbedShape& s, at::ScalarType dtype,
+                   const at::Device& device, const char* op) {
+  if (!patches.has_value()) return;
+  const at::Tensor& P = *patches;
+  TORCH_CHECK_VALUE(P.dim() == 2 && P.size(0) == s.B * s.T && P.size(1) == s.K, op, ": patches must be [",
+                    s.B * s.T, ", ", s.K, "] (patch_embed_patches of these images), got ", shape_str(P));
+  TORCH_CHECK_VALUE(P.device() == device, op, ": patches is on ", P.device(), " but images are on ", device);
+  TORCH_CHECK_TYPE(P.scalar_type() == dtype, op, ": patches must be ", dtype, " (patch_embed_patches of these "
+                   "images and weight), got ", P.scalar_type());
+  TORCH_CHECK_VALUE(P.is_contiguous(), op, ": patches must be contiguous");
+}
+
 at::Tensor channel_stat(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return at::Tensor();
   return t->reshape({-1}).to(at::kDouble).contiguous();

@@ -1,10 +1,12 @@
 // CPU implementation of vitfast::patch_embed and vitfast::patch_embed_backward.
 //
 // Forward: one pass over the image (any layout, uint8 or float) builds the patch matrix
-// [B*N, K] with the normalisation applied on load, one GEMM (at::mm, MKL/oneDNN) makes the
-// patch tokens, and one epilogue pass writes the token buffer: bias, class token and
-// positional embedding added, cast to the weight's dtype. Compute in float32 (float64 for
-// float64 weights).
+// [B*T, K] with the normalisation applied on load (zero rows where class tokens sit), one
+// pass fills the token buffer with bias + positional embedding (class token + pos[0] in the
+// class rows), and one GEMM (addmm with beta = 1, MKL/oneDNN) adds the patch tokens onto it.
+// Compute in float32 (float64 for float64 weights), rounded once to the weight's dtype. A
+// given `patches` (patch_embed_patches, which the autograd path keeps for the backward, as
+// a Linear keeps its input) replaces the first pass.
 //
 // Backward: with G = grad_out [B*T, D] and X the normalised patch matrix with a zero row
 // where each class token sits, grad_weight = G^T X, grad_images = unpatchify(G W) * scale,
@@ -93,29 +95,26 @@ void unpatchify_cpu(const acc_t* dpatches, int64_t B, const PatchGeom& g, const 
   });
 }
 
-// out[b, t, :] = (t is the class token) ? cls + pos[0] : tokens[b*N + t - off] + bias + pos[t - pos_off]
-template <typename out_t, typename acc_t>
-void epilogue_cpu(const acc_t* tokens, const acc_t* bias, const acc_t* cls, const acc_t* pos, int64_t pos_off,
-                  const PatchEmbedShape& s, out_t* out) {
+// out[b, t, :] = (t is the class token) ? cls + pos[0] : bias + pos[t - pos_off]: what the GEMM
+// then adds the patch tokens to (beta = 1), so that it writes finished tokens in one pass.
+template <typename acc_t>
+void prefill_cpu(const acc_t* bias, const acc_t* cls, const acc_t* pos, int64_t pos_off, const PatchEmbedShape& s,
+                 acc_t* out) {
   const int64_t D = s.D, off = s.off();
   at::parallel_for(0, s.B * s.T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / s.T, t = r % s.T;
-      out_t* o = out + r * D;
+      const int64_t t = r % s.T;
+      acc_t* o = out + r * D;
       const acc_t* pe = (pos != nullptr && t >= pos_off) ? pos + (t - pos_off) * D : nullptr;
-      if (t < off) {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(cls[d] + (pe ? pe[d] : acc_t(0)));
-        continue;
-      }
-      const acc_t* x = tokens + (b * s.N + t - off) * D;
-      if (bias && pe) {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d] + bias[d] + pe[d]);
-      } else if (bias) {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d] + bias[d]);
+      const acc_t* first = t < off ? cls : bias;
+      if (first && pe) {
+        for (int64_t d = 0; d < D; ++d) o[d] = first[d] + pe[d];
+      } else if (first) {
+        std::copy_n(first, D, o);
       } else if (pe) {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d] + pe[d]);
+        std::copy_n(pe, D, o);
       } else {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d]);
+        std::fill_n(o, D, acc_t(0));
       }
     }
   });
@@ -150,28 +149,45 @@ at::Tensor patches_cpu(const at::Tensor& images, const PatchEmbedShape& s, at::S
   return P;
 }
 
+at::Tensor patch_embed_patches_cpu(const at::Tensor& images, const at::Tensor& weight, bool has_cls,
+                                   const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
+  const PatchEmbedShape s = check_images_weight(images, weight, mean, std, has_cls, "vitfast.patch_embed_patches");
+  return patches_cpu(images, s, compute_type(weight), channel_stat(mean), channel_stat(std), /*class_rows=*/true);
+}
+
+// The patch matrix X [B*T, K] (zero class rows) and the GEMM onto a prefilled token buffer:
+// out = prefill + X W^T, written once by the GEMM. No [B*N, D] intermediate and no epilogue
+// pass over the tokens.
 at::Tensor patch_embed_cpu(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
-                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
+                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
+                           const std::optional<at::Tensor>& patches) {
   const PatchEmbedShape s = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std);
   const auto ct = compute_type(weight);
-  const at::Tensor P = patches_cpu(images, s, ct, channel_stat(mean), channel_stat(std), /*class_rows=*/false);
+  check_patches(patches, s, ct, images.device(), "vitfast.patch_embed");
+  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor X = patches ? *patches
+                               : patches_cpu(images, s, ct, channel_stat(mean), channel_stat(std), /*class_rows=*/true);
   const at::Tensor w = weight.to(ct).contiguous().view({s.D, s.K});
-  const at::Tensor tokens = at::mm(P, w.t()).contiguous();  // [B*N, D]
   const auto as_ct = [&](const std::optional<at::Tensor>& t) {
     return t ? t->to(ct).contiguous() : at::Tensor();
   };
   const at::Tensor b = as_ct(bias), cls = as_ct(cls_token), pos = as_ct(pos_embed);
   const int64_t pos_off = (pos.defined() && pos.size(1) != s.T) ? s.off() : 0;
-  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(ct, "vitfast_patch_embed_epilogue_acc", [&] {
-    using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "vitfast_patch_embed_epilogue", [&] {
-      epilogue_cpu<scalar_t, acc_t>(tokens.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(b), ptr_or_null<acc_t>(cls),
-                                    ptr_or_null<acc_t>(pos), pos_off, s, out.mutable_data_ptr<scalar_t>());
+  // float16/bfloat16 weights: accumulate in float32, round once at the end
+  at::Tensor acc = weight.scalar_type() == ct ? out : at::empty({s.B, s.T, s.D}, weight.options().dtype(ct));
+  at::Tensor acc2d = acc.view({s.B * s.T, s.D});
+  if (b.defined() || cls.defined() || pos.defined()) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "vitfast_patch_embed_prefill", [&] {
+      prefill_cpu<scalar_t>(ptr_or_null<scalar_t>(b), ptr_or_null<scalar_t>(cls), ptr_or_null<scalar_t>(pos), pos_off,
+                            s, acc.mutable_data_ptr<scalar_t>());
     });
-  });
+    acc2d.addmm_(X, w.t());
+  } else {
+    at::mm_out(acc2d, X, w.t());
+  }
+  if (!acc.is_same(out)) out.copy_(acc);
   return out;
 }
 
@@ -180,17 +196,19 @@ using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, s
 
 Grads patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
                                const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
-                               bool has_cls, int64_t pos_tokens, std::array<bool, 5> output_mask) {
+                               bool has_cls, int64_t pos_tokens, std::array<bool, 5> output_mask,
+                               const std::optional<at::Tensor>& patches) {
   const PatchEmbedShape s =
       check_patch_embed_backward_args(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask);
   const auto ct = compute_type(weight);
+  check_patches(patches, s, ct, images.device(), "vitfast.patch_embed_backward");
   const at::Tensor go = grad_out.to(ct).contiguous();  // [B, T, D]
   const at::Tensor G = go.view({s.B * s.T, s.D});
   const at::Tensor mean64 = channel_stat(mean), std64 = channel_stat(std);
   std::optional<at::Tensor> g_images, g_weight, g_bias, g_cls, g_pos;
 
   if (output_mask[1]) {
-    const at::Tensor X = patches_cpu(images, s, ct, mean64, std64, /*class_rows=*/true);  // [B*T, K]
+    const at::Tensor X = patches ? *patches : patches_cpu(images, s, ct, mean64, std64, /*class_rows=*/true);
     g_weight = at::mm(G.t(), X).view({s.D, s.C, s.p, s.p}).to(weight.scalar_type());
   }
   if (output_mask[0]) {
@@ -225,6 +243,7 @@ Grads patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ima
 TORCH_LIBRARY_IMPL(vitfast, CPU, m) {
   m.impl("patch_embed", &patch_embed_cpu);
   m.impl("patch_embed_backward", &patch_embed_backward_cpu);
+  m.impl("patch_embed_patches", &patch_embed_patches_cpu);
 }
 
 }  // namespace vitfast

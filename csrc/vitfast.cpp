@@ -30,15 +30,24 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(vitfast, m) {
   // images [B, C, H, W] (float or uint8) -> tokens [B, (1+)N, D]; see vitfast/ops/patch_embed.py
+  // patches: optional, the patch matrix of these images (patch_embed_patches), to skip making it.
   m.def(
       "patch_embed(Tensor images, Tensor weight, Tensor? bias=None, Tensor? cls_token=None, "
-      "Tensor? pos_embed=None, Tensor? mean=None, Tensor? std=None) -> Tensor");
+      "Tensor? pos_embed=None, Tensor? mean=None, Tensor? std=None, Tensor? patches=None) -> Tensor");
   // Gradients of patch_embed for (images, weight, bias, cls_token, pos_embed), each computed
   // when its output_mask entry is set (None otherwise). has_cls: a class token was given;
   // pos_tokens: pos_embed.shape[1] (T or N), 0 without pos_embed. mean/std get no gradient.
   // grad_images/grad_weight come in the images'/weight's dtype, grad_bias [D], grad_cls [D]
   // and grad_pos [1, pos_tokens, D] in float32 (float64 for float64 weights).
+  // patches: optional, as for patch_embed (the weight gradient then reads it instead of
+  // re-making it from the images).
   m.def(
       "patch_embed_backward(Tensor grad_out, Tensor images, Tensor weight, Tensor? mean, Tensor? std, "
-      "bool has_cls, int pos_tokens, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+      "bool has_cls, int pos_tokens, bool[5] output_mask, Tensor? patches=None) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // The normalised patch matrix [B*T, C*p*p] of the images for this weight (p, C): row
+  // b*T + off + patch, zero rows where class tokens sit (has_cls). In the op's compute dtype:
+  // float32 on the CPU (float64 for float64 weights), the weight's dtype on CUDA. The CPU
+  // autograd path keeps it for the weight gradient, as a Linear keeps its input.
+  m.def("patch_embed_patches(Tensor images, Tensor weight, bool has_cls, Tensor? mean=None, Tensor? std=None) -> Tensor");
 }

@@ -27,6 +27,11 @@
 // Backward (same patch matrix, G = grad_out [B*T, D]): grad_weight = G^T X (the zero rows
 // drop the class rows out of the sum), grad_images = unpatchify(G W) * scale[c],
 // grad_bias / grad_cls / grad_pos = sums of grad_out over the batch (float32 accumulation).
+//
+// vitfast::patch_embed_patches is step 2 alone; a `patches` argument (its result) replaces step
+// 2 in the forward and the weight gradient's patchify in the backward. The Python autograd path
+// passes it on the CPU only: on CUDA re-making X is a cheap streaming pass and keeping it would
+// cost B*T*K elements of activation memory.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -659,9 +664,11 @@ void check_cuda_inputs(const PatchEmbedShape& s, const at::Tensor& images, const
 
 at::Tensor patch_embed_cuda(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
-                            const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
+                            const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
+                            const std::optional<at::Tensor>& patches) {
   const PatchEmbedShape s = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std);
   check_cuda_inputs(s, images, "vitfast.patch_embed");
+  check_patches(patches, s, weight.scalar_type(), images.device(), "vitfast.patch_embed");
   const c10::cuda::CUDAGuard guard(images.device());
   const auto wt = weight.scalar_type();
   at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
@@ -669,8 +676,8 @@ at::Tensor patch_embed_cuda(const at::Tensor& images, const at::Tensor& weight, 
   const auto as_w = [&](const std::optional<at::Tensor>& t) { return t ? t->to(wt).contiguous() : at::Tensor(); };
   const at::Tensor b = as_w(bias), cls = as_w(cls_token), pos = as_w(pos_embed);
 
-  at::Tensor mat = at::empty({s.B * s.T, s.K}, weight.options());
-  launch_patchify(images, mat, s, channel_stat(mean), channel_stat(std));
+  at::Tensor mat = patches ? *patches : at::empty({s.B * s.T, s.K}, weight.options());
+  if (!patches) launch_patchify(images, mat, s, channel_stat(mean), channel_stat(std));
   const at::Tensor w = weight.contiguous().view({s.D, s.K});
   at::Tensor out2d = out.view({s.B * s.T, s.D});
   if (b.defined() || pos.defined()) {
@@ -683,15 +690,27 @@ at::Tensor patch_embed_cuda(const at::Tensor& images, const at::Tensor& weight, 
   return out;
 }
 
+at::Tensor patch_embed_patches_cuda(const at::Tensor& images, const at::Tensor& weight, bool has_cls,
+                                    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
+  const PatchEmbedShape s = check_images_weight(images, weight, mean, std, has_cls, "vitfast.patch_embed_patches");
+  check_cuda_inputs(s, images, "vitfast.patch_embed_patches");
+  const c10::cuda::CUDAGuard guard(images.device());
+  at::Tensor mat = at::empty({s.B * s.T, s.K}, weight.options());
+  if (mat.numel() > 0) launch_patchify(images, mat, s, channel_stat(mean), channel_stat(std));
+  return mat;
+}
+
 using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                          std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
 Grads patch_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
-                                bool has_cls, int64_t pos_tokens, std::array<bool, 5> output_mask) {
+                                bool has_cls, int64_t pos_tokens, std::array<bool, 5> output_mask,
+                                const std::optional<at::Tensor>& patches) {
   const PatchEmbedShape s =
       check_patch_embed_backward_args(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask);
   check_cuda_inputs(s, images, "vitfast.patch_embed_backward");
+  check_patches(patches, s, weight.scalar_type(), images.device(), "vitfast.patch_embed_backward");
   const c10::cuda::CUDAGuard guard(images.device());
   const auto wt = weight.scalar_type();
   const auto acc = wt == at::kDouble ? at::kDouble : at::kFloat;
@@ -699,8 +718,8 @@ Grads patch_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor& im
   std::optional<at::Tensor> g_images, g_weight, g_bias, g_cls, g_pos;
 
   if (output_mask[1]) {
-    at::Tensor X = at::empty({s.B * s.T, s.K}, weight.options());
-    launch_patchify(images, X, s, channel_stat(mean), channel_stat(std));
+    at::Tensor X = patches ? *patches : at::empty({s.B * s.T, s.K}, weight.options());
+    if (!patches) launch_patchify(images, X, s, channel_stat(mean), channel_stat(std));
     g_weight = at::mm(G.t(), X).view({s.D, s.C, s.p, s.p});
   }
   if (output_mask[0]) {
@@ -725,6 +744,7 @@ Grads patch_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor& im
 TORCH_LIBRARY_IMPL(vitfast, CUDA, m) {
   m.impl("patch_embed", &patch_embed_cuda);
   m.impl("patch_embed_backward", &patch_embed_backward_cuda);
+  m.impl("patch_embed_patches", &patch_embed_patches_cuda);
 }
 
 }  // namespace vitfast

@@ -208,23 +208,51 @@ def patch_embed(
         images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
     if resolve_backend("patch_embed", backend, reasons) == "reference":
         return patch_embed_ref(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
-    return torch.ops.vitfast.patch_embed(
-        images, weight, bias, cls_token, pos_embed, _stats(mean, images.device), _stats(std, images.device)
-    )
+    mean_t, std_t = _stats(mean, images.device), _stats(std, images.device)
+    patches = None
+    if images.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled():
+        # Keep the patch matrix for the weight gradient, as a Linear keeps its input, instead of
+        # re-making it from the images in the backward (on the CPU that pass is ~4% of a
+        # forward + backward). On CUDA the backward re-makes it: cheap there, and memory is not.
+        patches = torch.ops.vitfast.patch_embed_patches(images.detach(), weight.detach(), cls_token is not None,
+                                                        mean_t, std_t)
+    return torch.ops.vitfast.patch_embed(images, weight, bias, cls_token, pos_embed, mean_t, std_t, patches)
 
 
-def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
+def _patches_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of patch_embed_patches: the CPU kernels' compute dtype, the weight's on CUDA."""
+    return weight.dtype if weight.device.type == "cuda" else _grad_acc_dtype(weight)
+
+
+def _check_patches(patches, images, weight, B: int, T: int) -> None:
+    if patches is None:
+        return
+    K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    torch._check(list(patches.shape) == [B * T, K], lambda: f"patches must be [{B * T}, {K}], got {shape_of(patches)}")
+    torch._check(patches.dtype == _patches_dtype(weight), lambda: f"patches must be {_patches_dtype(weight)}")
+
+
+def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None, patches=None):
     B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    _check_patches(patches, images, weight, B, T)
     return images.new_empty((B, T, D), dtype=weight.dtype)
+
+
+def _patch_embed_patches_fake(images, weight, has_cls, mean=None, std=None):
+    cls_stub = weight.new_empty((1, 1, weight.shape[0])) if has_cls else None
+    B, N, T, D = check_patch_embed_args(images, weight, None, cls_stub, None, mean, std)
+    K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    return images.new_empty((B * T, K), dtype=_patches_dtype(weight))
 
 
 def _grad_acc_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def _patch_embed_backward_fake(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask):
+def _patch_embed_backward_fake(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask, patches=None):
     cls_stub = weight.new_empty((1, 1, weight.shape[0])) if has_cls else None
     B, N, T, D = check_patch_embed_args(images, weight, None, cls_stub, None, mean, std)
+    _check_patches(patches, images, weight, B, T)
     torch._check(list(grad_out.shape) == [B, T, D], lambda: f"grad_out must be [{B}, {T}, {D}]")
     torch._check(pos_tokens in (0, N, T), lambda: f"pos_tokens must be 0, {N} or {T}")
     acc = _grad_acc_dtype(weight)
@@ -238,8 +266,8 @@ def _patch_embed_backward_fake(grad_out, images, weight, mean, std, has_cls, pos
 
 def _setup_context(ctx, inputs, output):
     # (padded like needs_input_grad in _backward, in case trailing Nones are dropped here too)
-    images, weight, bias, cls_token, pos_embed, mean, std = tuple(inputs) + (None,) * (7 - len(inputs))
-    ctx.save_for_backward(images, weight, mean, std)
+    images, weight, bias, cls_token, pos_embed, mean, std, patches = tuple(inputs) + (None,) * (8 - len(inputs))
+    ctx.save_for_backward(images, weight, mean, std, patches)
     ctx.has_cls = cls_token is not None
     ctx.pos_tokens = 0 if pos_embed is None else pos_embed.shape[1]
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -248,11 +276,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    images, weight, mean, std = ctx.saved_tensors
+    images, weight, mean, std, patches = ctx.saved_tensors
     # The dispatcher drops trailing None arguments from the call it records, so
     # needs_input_grad has one entry per argument actually passed (2 when only images and
     # weight are given); the missing optionals need no gradient.
-    need = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
+    need = tuple(ctx.needs_input_grad) + (False,) * (8 - len(ctx.needs_input_grad))
     mask = [
         bool(need[0]) and images.is_floating_point(),
         bool(need[1]),
@@ -261,9 +289,9 @@ def _backward(ctx, grad_out):
         bool(need[4]) and ctx.pos_tokens > 0,
     ]
     if not any(mask):
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     g_images, g_weight, g_bias, g_cls, g_pos = torch.ops.vitfast.patch_embed_backward(
-        grad_out, images, weight, mean, std, ctx.has_cls, ctx.pos_tokens, mask
+        grad_out, images, weight, mean, std, ctx.has_cls, ctx.pos_tokens, mask, patches
     )
     if g_bias is not None:
         g_bias = g_bias.to(ctx.bias_dtype)
@@ -272,14 +300,16 @@ def _backward(ctx, grad_out):
         g_cls = g_cls.reshape(shape).to(dtype)
     if g_pos is not None:
         g_pos = g_pos.to(ctx.pos_dtype)
-    # mean and std: constants of the data pipeline, no gradient
-    return g_images, g_weight, g_bias, g_cls, g_pos, None, None
+    # mean and std: constants of the data pipeline, no gradient; patches: a function of the images
+    # (their gradient flows through g_images)
+    return g_images, g_weight, g_bias, g_cls, g_pos, None, None, None
 
 
 def _register() -> None:
     """The Python side of the C++ schemas (they exist only once vitfast._C is loaded)."""
     torch.library.register_fake("vitfast::patch_embed")(_patch_embed_fake)
     torch.library.register_fake("vitfast::patch_embed_backward")(_patch_embed_backward_fake)
+    torch.library.register_fake("vitfast::patch_embed_patches")(_patch_embed_patches_fake)
     torch.library.register_autograd("vitfast::patch_embed", _backward, setup_context=_setup_context)
 
 
