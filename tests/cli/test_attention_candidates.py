@@ -54,6 +54,30 @@ def test_every_backward_variant_is_timed():
     assert sum(r["best"] for r in variants.values()) == 1 and min(r["x_best"] for r in variants.values()) == 1.0
 
 
+def test_every_forward_variant_is_timed():
+    """The TMA forwards (the interpreter emulates their descriptors) beside the pointer kernel: every
+    candidate of each, checked against the reference, and one summary row per forward variant."""
+    rows = ac.candidate_rows(ac.SMOKE_SHAPES[0], torch.float32, "cpu", warmup=0, iters=1)
+    cand = [r for r in rows if r["op"] == "attention_candidate" and r["bwd"] is None]
+    q = torch.empty(ac.SMOKE_SHAPES[0])
+    for kind, variant in ac.FWD.items():
+        mine = [r for r in cand if r["kernel"] == kind]
+        assert [r["config"] for r in mine] == [ac._config_str(c) for c in K.candidate_configs(kind, q)]
+        assert mine and all(r["fwd"] == variant and r["status"] == "ok" and r["err"] < 1e-4 for r in mine)
+    assert any(" ws," in r["config"] for r in cand if r["kernel"] == "fwd_tma")
+    assert all("/SM," in r["config"] for r in cand if r["kernel"] == "fwd_tma_persistent")
+    variants = {r["fwd"]: r for r in rows if r["op"] == "attention_fwd_variant"}
+    assert set(variants) == {"pointer", "tma", "tma_persistent"}
+    assert variants["pointer"]["ms"] == min(r["ms"] for r in cand if r["kernel"] == "fwd")
+    assert variants["pointer"]["auto"] and sum(r["auto"] for r in variants.values()) == 1  # auto on the CPU
+    assert sum(r["best"] for r in variants.values()) == 1
+
+
+def test_tma_forwards_are_left_out_where_they_cannot_run(monkeypatch):
+    monkeypatch.setattr(K, "tma_not_supported_reasons", lambda *a: ["no TMA here"])
+    assert ac._kinds(torch.empty(ac.SMOKE_SHAPES[0])) == ["fwd", "dkdv", "dq", "fused", "atomic"]
+
+
 def test_shapes_in_priority_order_fill_the_gpu():
     assert ac.SHAPES[0] == (256, 12, 197, 64) and ac.SHAPES[-1] == (8, 16, 4096, 128)
     assert {(N, D) for _, _, N, D in ac.SHAPES[:-1]} == {(N, D) for N in (197, 257, 577, 1025) for D in (64, 80)}

@@ -1,7 +1,9 @@
 """Every attention kernel candidate, timed and checked: the data to prune configs and variants by.
 
-For each shape and dtype, every config that the autotuner of each Triton kernel (forward,
-backward dK/dV, backward dQ, and the 5-matmul backward, deterministic "fused" and "atomic") would
+For each shape and dtype, every config that the autotuner of each Triton kernel (the forward
+variants: the pointer kernel "fwd", and where the GPU and Triton allow TMA, "fwd_tma" and
+"fwd_tma_persistent"; backward dK/dV, backward dQ, and the 5-matmul backward, deterministic "fused"
+and "atomic") would
 try there, i.e. every survivor of its pruning, is launched on its own and timed, the candidates of one kernel alternately, round by round (CUDA events, L2
 flushed before each timed call). Each candidate's result is checked against a float32 reference
 (``err``: max abs error of out, of dk and dv, or of dq) beside the same error of SDPA's flash
@@ -9,7 +11,9 @@ backend in the same dtype (``sdpa_err``). ``dot_tflops`` counts the kernel's own
 (forward 2, dK/dV 4, dQ 3, fused and atomic 5; tile waste not counted). Each row's ``bwd`` names
 the backward variant the kernel belongs to ("split": dK/dV + dQ, "fused", "atomic"); after them,
 one ``attention_bwd_variant`` row per variant adds up its best candidates' medians (split: the
-best dK/dV plus the best dQ) and marks the variant ``auto`` takes there. After the candidates, one group times the
+best dK/dV plus the best dQ) and marks the variant ``auto`` takes there; one
+``attention_fwd_variant`` row per forward variant does the same for the forward (each row's ``fwd``
+names it: "pointer", "tma", "tma_persistent"). After the candidates, one group times the
 autotuned kernel (forward, backward, forward+backward) beside SDPA's flash, efficient and cuDNN
 backends (rows as ``python -m vitfast.cli.kernels.attention`` writes them).
 
@@ -55,13 +59,28 @@ def _vit_shapes() -> list[tuple]:
 
 SHAPES = _vit_shapes()
 SMOKE_SHAPES = [(1, 2, 50, 32)]
-KINDS = ("fwd", "dkdv", "dq", "fused", "atomic")
-DOTS = {"fwd": 2, "dkdv": 4, "dq": 3, "fused": 5, "atomic": 5}  # matmuls of N x N x D per (batch, head)
-BWD = {"fwd": None, "dkdv": "split", "dq": "split", "fused": "fused", "atomic": "atomic"}  # backward variant
+KINDS = ("fwd", "fwd_tma", "fwd_tma_persistent", "dkdv", "dq", "fused", "atomic")
+DOTS = {"fwd": 2, "fwd_tma": 2, "fwd_tma_persistent": 2, "dkdv": 4, "dq": 3, "fused": 5,
+        "atomic": 5}  # matmuls of N x N x D per (batch, head)
+BWD = {"fwd": None, "fwd_tma": None, "fwd_tma_persistent": None, "dkdv": "split", "dq": "split", "fused": "fused",
+       "atomic": "atomic"}  # backward variant
+# forward variant of each forward kernel (ops.triton.attention.FWD_VARIANTS)
+FWD = {"fwd": "pointer", "fwd_tma": "tma", "fwd_tma_persistent": "tma_persistent"}
 
 
 def _config_str(c: dict) -> str:
-    return f"{c['BLOCK_M']}x{c['BLOCK_N']} tail {c['TAIL']}, {c['num_warps']} warps, {c['num_stages']} stages"
+    extra = (f" tail {c['TAIL']}" if "TAIL" in c else "") + (" ws" if c.get("WARP_SPEC") else "") + (
+        f" {c['PER_SM']}/SM" if "PER_SM" in c else "")
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}{extra}, {c['num_warps']} warps, {c['num_stages']} stages"
+
+
+def _kinds(q: torch.Tensor) -> list[str]:
+    """The kernels timed at q's shape: every backward one, and every forward variant that can serve
+    it here (the TMA ones need sm_90 and a Triton with device-side descriptors)."""
+    from ...ops.triton import attention as K
+
+    tma_ok = not K.tma_not_supported_reasons(q, q, q, q)
+    return [k for k in KINDS if FWD.get(k, "pointer") == "pointer" or tma_ok]
 
 
 def _tensors(shape: tuple, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -79,13 +98,13 @@ def _launchers(t: dict, scale: float) -> dict[str, Callable[[dict], tuple]]:
     B, H, N, D = q.shape
     out, lse = torch.empty_like(q), torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     first = K.candidate_configs("fwd", q)[0]
-    K.launch_fwd(q, k, v, out, lse, scale, config=first)  # lse and delta for the backward kernels
+    K.launch_fwd(q, k, v, out, lse, scale, config=first, variant="pointer")  # lse and delta for the backward
     delta = K.launch_bwd_preprocess(out, dout)
     o2, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
     lse2 = torch.empty_like(lse)  # the candidates' own: lse stays the backward kernels' input
 
-    def fwd(c):
-        K.launch_fwd(q, k, v, o2, lse2, scale, config=c)
+    def fwd(c, variant="pointer"):
+        K.launch_fwd(q, k, v, o2, lse2, scale, config=c, variant=variant)
         return (o2,)
 
     def dkdv(c):
@@ -100,7 +119,8 @@ def _launchers(t: dict, scale: float) -> dict[str, Callable[[dict], tuple]]:
         K.launch_bwd_fused(dout, q, k, v, lse, delta, dq, dk, dv, scale, config=c, atomic=atomic)
         return dq, dk, dv
 
-    return {"fwd": fwd, "dkdv": dkdv, "dq": dq_, "fused": fused, "atomic": lambda c: fused(c, atomic=True)}
+    return {"fwd": fwd, "fwd_tma": lambda c: fwd(c, "tma"), "fwd_tma_persistent": lambda c: fwd(c, "tma_persistent"),
+            "dkdv": dkdv, "dq": dq_, "fused": fused, "atomic": lambda c: fused(c, atomic=True)}
 
 
 def _reference(t: dict, scale: float, device: str) -> dict:
@@ -120,8 +140,8 @@ def _reference(t: dict, scale: float, device: str) -> dict:
     return {"ref": run(torch.float32, fp32), "sdpa": run(dtype, low if dtype != torch.float32 else fp32)}
 
 
-_OUTPUTS = {"fwd": ("out",), "dkdv": ("dk", "dv"), "dq": ("dq",), "fused": ("dq", "dk", "dv"),
-            "atomic": ("dq", "dk", "dv")}
+_OUTPUTS = {"fwd": ("out",), "fwd_tma": ("out",), "fwd_tma_persistent": ("out",), "dkdv": ("dk", "dv"),
+            "dq": ("dq",), "fused": ("dq", "dk", "dv"), "atomic": ("dq", "dk", "dv")}
 
 
 def _err(got: Sequence[torch.Tensor], names: Sequence[str], ref: dict) -> float:
@@ -164,8 +184,8 @@ def precompile(groups: Sequence[tuple[tuple, str]], jobs: int, deadline: Optiona
     seen, work = set(), []
     for shape, dtype_name in groups:
         _, H, N, D = shape
-        q = torch.empty(1, H, N, D, dtype=ab.DTYPES[dtype_name], device="meta")
-        for kind in KINDS:
+        q = torch.empty(1, H, N, D, dtype=ab.DTYPES[dtype_name], device=device)
+        for kind in _kinds(q):
             for c in K.candidate_configs(kind, q):
                 key = (_specialisation(shape, dtype_name), kind, tuple(sorted(c.items())))
                 if key not in seen:
@@ -205,7 +225,7 @@ def candidate_rows(shape: tuple, dtype: torch.dtype, device: str, warmup: int, i
     base = dict(op="attention_candidate", backend="vitfast", B=B, H=H, N=N, D=D,
                 dtype=str(dtype).replace("torch.", ""))
     rows = []
-    for kind in KINDS:
+    for kind in _kinds(t["q"]):
         names = _OUTPUTS[kind]
         configs = K.candidate_configs(kind, t["q"])
         steps, results = {}, {}
@@ -224,7 +244,7 @@ def candidate_rows(shape: tuple, dtype: torch.dtype, device: str, warmup: int, i
         medians = {n: statistics.median(ts) for n, ts in times.items()}
         best = min(medians, key=medians.get) if medians else None
         for name, r in results.items():
-            row = dict(base, mode=kind, kernel=kind, bwd=BWD[kind], config=name,
+            row = dict(base, mode=kind, kernel=kind, bwd=BWD[kind], fwd=FWD.get(kind), config=name,
                        **{k: r["config"][k] for k in r["config"]})
             if name in medians:
                 ms = medians[name]
@@ -234,7 +254,8 @@ def candidate_rows(shape: tuple, dtype: torch.dtype, device: str, warmup: int, i
             else:
                 row.update(status=r["status"], ms=None)
             rows.append(row)
-    return rows + variant_rows(rows, K.backward_variant(t["q"], "auto"))
+    auto_fwd = K.forward_variant(t["q"], t["k"], t["v"], torch.empty_like(t["q"]), "auto")
+    return rows + variant_rows(rows, K.backward_variant(t["q"], "auto")) + forward_variant_rows(rows, auto_fwd)
 
 
 def variant_rows(rows: list[dict], auto: str) -> list[dict]:
@@ -254,6 +275,22 @@ def variant_rows(rows: list[dict], auto: str) -> list[dict]:
     return [dict(base, op="attention_bwd_variant", mode="bwd", kernel="+".join(parts[v]), bwd=v, status="ok",
                  ms=round(t, 4), x_best=round(t / fastest, 3), best=t == fastest, auto=v == auto)
             for v, t in ms.items()]
+
+
+def forward_variant_rows(rows: list[dict], auto: str) -> list[dict]:
+    """One row per forward variant timed: its best candidate's median, ``x_best`` against the fastest
+    variant, and ``auto`` marking the variant that ``forward_variant`` takes at this shape."""
+    best: dict = {}
+    for r in rows:
+        if r.get("fwd") and r.get("ms") is not None:
+            best[r["fwd"]] = min(best.get(r["fwd"], float("inf")), r["ms"])
+    if not best:
+        return []
+    fastest = min(best.values())
+    base = {k: rows[0][k] for k in ("backend", "B", "H", "N", "D", "dtype")}
+    return [dict(base, op="attention_fwd_variant", mode="fwd", kernel=kind, fwd=v, status="ok", ms=round(t, 4),
+                 x_best=round(t / fastest, 3), best=t == fastest, auto=v == auto)
+            for kind, v in FWD.items() if (t := best.get(v)) is not None]
 
 
 def autotuned_rows(shape: tuple, dtype: torch.dtype, device: str) -> list[dict]:
@@ -340,9 +377,10 @@ def format_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         head = f"{r['B']:>4} {r['H']:>3} {r['N']:>5} {r['D']:>4} {r['dtype']:>8} {r['mode']:>8}"
-        if r["op"] == "attention_bwd_variant":
+        if r["op"] in ("attention_bwd_variant", "attention_fwd_variant"):
             mark = "*" if r["best"] else " "
-            lines.append(f"{head} {'bwd ' + r['bwd'] + (' (auto)' if r['auto'] else ''):>36}{mark} {r['ms']:9.4f} ms "
+            name = "bwd " + r["bwd"] if r["op"] == "attention_bwd_variant" else "fwd " + r["fwd"]
+            lines.append(f"{head} {name + (' (auto)' if r['auto'] else ''):>36}{mark} {r['ms']:9.4f} ms "
                          f"{'':>16} x{r['x_best']}")
             continue
         if r["op"] == "attention_candidate":
