@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import triton
 
 from _fused_testing import CPU_DTYPES, DEV, GPU_DTYPES, check, randn
 from vitfast._dispatch import KernelNotSupported, reset_warnings
@@ -61,8 +62,10 @@ def _check_add_ln(lead, C, dtype, parts=NAMES, backward=True, **kw):
 # ----------------------------------------------------------------- numerics on the CPU
 # (leading dims, C): tiny and odd hidden sizes, ViT widths (192 ViT-Ti, 768 ViT-B,
 # 1408 ViT-g, 1664 ViT-bigG), 1-D to 4-D inputs, rows not a multiple of the row block.
-SHAPES = [((3, 17), 1), ((3, 17), 7), ((2, 50), 192), ((37,), 768), ((1, 23), 1408), ((2, 7), 1664),
-          ((2, 3, 5), 100), ((5,), 4100)]
+# Every row is split into up to three power-of-two column chunks (ln_chunks): one (1, 4100 = 4096 + 4
+# has two), two (192, 768, 1280 = 1024 + 256, 1408 -> 1024 + 512), three (7, 100, 1664).
+SHAPES = [((3, 17), 1), ((3, 17), 7), ((2, 50), 192), ((37,), 768), ((2, 9), 1280), ((1, 23), 1408),
+          ((2, 7), 1664), ((2, 3, 5), 100), ((5,), 4100)]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -81,6 +84,13 @@ def test_optional_parts(parts):
     _check_add_ln((2, 29), 200, torch.float16, parts)
 
 
+@pytest.mark.parametrize("parts", [("x", "y"), ("x", "y", "gamma", "weight", "bias"), ("x", "y", "y_bias", "weight")],
+                         ids=lambda p: "+".join(p))
+def test_optional_parts_two_chunks(parts):
+    """Each optional tensor's gradient in the second column chunk too (1280 = 1024 + 256)."""
+    _check_add_ln((3, 5), 1280, torch.float32, parts)
+
+
 def test_autocast_style_mixed_dtypes():
     """fp32 residual stream and parameters, fp16 branch, fp16 h (what autocast feeds)."""
     _check_add_ln((2, 19), 192, torch.float32, y_dtype=torch.float16, out_dtype=torch.float16)
@@ -88,7 +98,7 @@ def test_autocast_style_mixed_dtypes():
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("lead,C", [((2, 50), 192), ((1, 23), 1408), ((3, 17), 7)], ids=str)
+@pytest.mark.parametrize("lead,C", [((2, 50), 192), ((2, 9), 1280), ((1, 23), 1408), ((3, 17), 7)], ids=str)
 def test_layer_norm_matches_reference(lead, C, dtype):
     x, _, _, _, w, b = _inputs(lead, C, dtype)
     check(lambda x, w, b: layer_norm(x, w, b, 1e-5, backend="triton"),
@@ -228,6 +238,21 @@ def test_tile_heuristics_cover_all_sizes():
         assert bc >= C and bc & (bc - 1) == 0 and bm >= 1
         bm, bc = _fused_kernels.ew_block(C)
         assert bc >= 1 and bm >= 1
+    for C in list(range(1, 2100)) + [4100, 8191, MAX_LN_HIDDEN]:
+        chunks = _fused_kernels.ln_chunks(C)
+        used = [c for c in chunks if c]
+        # powers of two, largest first, zeros only at the end, covering C with at most 1/8 of the
+        # lanes idle (or C's own power of two, when that wastes no more)
+        assert len(chunks) == 3 and used == list(chunks[:len(used)]) and used == sorted(used, reverse=True), C
+        assert all(c & (c - 1) == 0 for c in used) and sum(used) >= C, (C, chunks)
+        assert 8 * (sum(used) - C) <= sum(used) or sum(used) <= triton.next_power_of_2(C), (C, chunks)
+        assert sum(used) - used[-1] < C, (C, chunks)  # the last chunk is needed
+        for itemsize in (2, 4, 8):
+            bm, ch, warps = _fused_kernels.ln_bwd_config(C, itemsize)
+            assert ch == chunks and bm >= 1 and bm & (bm - 1) == 0 and warps in (4, 8, 16)
+    assert _fused_kernels.ln_chunks(1280) == (1024, 256, 0) and _fused_kernels.ln_chunks(768) == (512, 256, 0)
+    assert _fused_kernels.ln_chunks(1408) == (1024, 512, 0) and _fused_kernels.ln_chunks(1664) == (1024, 512, 128)
+    assert _fused_kernels.ln_chunks(1024) == (1024, 0, 0) and _fused_kernels.ln_chunks(1000) == (1024, 0, 0)
     assert _fused_kernels._row_chunks(10, 4, 3) == (3, 4)
     P, per = _fused_kernels._row_chunks(1000, 16, 3)
     assert P * per >= 1000 and per % 16 == 0 and (P - 1) * per < 1000

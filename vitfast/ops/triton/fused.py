@@ -12,7 +12,11 @@ dimension contiguous; row offsets are 64-bit, so M * C may exceed 2**31.
 * ``_ln_bwd_kernel``: the LayerNorm backward plus the residual branch's gradients. Each
   program walks a contiguous chunk of rows and keeps the column sums (dweight, dbias,
   dgamma, dy_bias) in registers, then writes one row of a ``[P, C]`` partial buffer; the
-  launcher sums the P rows. No atomics: results are bit-identical run to run.
+  launcher sums the P rows. No atomics: results are bit-identical run to run. A row is held
+  as up to three power-of-two column chunks (``ln_chunks``: 1280 = 1024 + 256, not 2048 with
+  37.5% of the lanes masked off), and weight, gamma and y_bias are re-read from L1 for each
+  row tile rather than held, so that with ``ln_bwd_config``'s warps and rows per tile every
+  ViT width stays under 128 registers on sm_90 (16+ resident warps per SM, no spills).
 * ``_bias_gelu_*``: ``act(x + bias)`` (exact or tanh GELU) and its backward with dbias;
   ``_bias_scale_residual_*``: ``residual + gamma * (y + bias)`` and its backward. These tile the
   columns too (``BLOCK_C`` < C is fine), on a 2-D grid (row blocks, column blocks).
@@ -125,62 +129,136 @@ def _ln_fwd_kernel(
 
 
 @triton.jit
+def _ln_bwd_load(XO, DH, W, r, mask_m, mean, rstd, C, stride_xo, stride_dh,
+                 OFF: tl.constexpr, CH: tl.constexpr, HAS_W: tl.constexpr, FP64: tl.constexpr):
+    """Columns [OFF, OFF + CH) of a row tile: (xhat, dh, weight * dh), zero outside the rows."""
+    cols = OFF + tl.arange(0, CH)
+    mask_c = cols < C
+    mask = mask_m[:, None] & mask_c[None, :]
+    xo = _up(tl.load(XO + r * stride_xo + cols[None, :], mask=mask, other=0.0), FP64)
+    xhat = tl.where(mask, (xo - mean[:, None]) * rstd[:, None], 0.0)
+    dh = _up(tl.load(DH + r * stride_dh + cols[None, :], mask=mask, other=0.0), FP64)
+    return xhat, dh, dh * _vec(W, cols, mask_c, HAS_W, 1.0, FP64)
+
+
+@triton.jit
+def _ln_bwd_store(DXO, Y, YB, G, DX, DY, r, mask_m, C, stride_dxo, stride_y, stride_dx, stride_dy,
+                  xhat, dh, wdh, c1, c2, rstd, acc_dw, acc_db, acc_dg, acc_dyb,
+                  OFF: tl.constexpr, CH: tl.constexpr, HAS_DXO: tl.constexpr, HAS_Y: tl.constexpr,
+                  NEED_DY: tl.constexpr, HAS_YB: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr,
+                  HAS_B: tl.constexpr, FP64: tl.constexpr):
+    """Columns [OFF, OFF + CH) of a row tile: dx (and dy) stored, the column sums accumulated."""
+    cols = OFF + tl.arange(0, CH)
+    mask_c = cols < C
+    mask = mask_m[:, None] & mask_c[None, :]
+    dx = tl.where(mask, (wdh - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None], 0.0)
+    if HAS_DXO:
+        dx += _up(tl.load(DXO + r * stride_dxo + cols[None, :], mask=mask, other=0.0), FP64)
+    tl.store(DX + r * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_Y:
+        g = _vec(G, cols, mask_c, HAS_G, 1.0, FP64)
+        if NEED_DY:
+            tl.store(DY + r * stride_dy + cols[None, :], (dx * g).to(DY.dtype.element_ty), mask=mask)
+        if HAS_G:
+            y = _up(tl.load(Y + r * stride_y + cols[None, :], mask=mask, other=0.0), FP64)
+            acc_dg += tl.sum(dx * (y + _vec(YB, cols, mask_c, HAS_YB, 0.0, FP64)), axis=0)
+        if HAS_YB:
+            acc_dyb += tl.sum(dx * g, axis=0)
+    if HAS_W:
+        acc_dw += tl.sum(dh * xhat, axis=0)
+    if HAS_B:
+        acc_db += tl.sum(dh, axis=0)
+    return acc_dw, acc_db, acc_dg, acc_dyb
+
+
+@triton.jit
+def _ln_bwd_partials(DW_P, DB_P, DG_P, DYB_P, pid, C, acc_dw, acc_db, acc_dg, acc_dyb,
+                     OFF: tl.constexpr, CH: tl.constexpr, HAS_Y: tl.constexpr, HAS_YB: tl.constexpr,
+                     HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Columns [OFF, OFF + CH) of this program's row of the [P, C] partial sums."""
+    cols = OFF + tl.arange(0, CH)
+    mask_c = cols < C
+    out = pid.to(tl.int64) * C + cols
+    if HAS_W:
+        tl.store(DW_P + out, acc_dw, mask=mask_c)
+    if HAS_B:
+        tl.store(DB_P + out, acc_db, mask=mask_c)
+    if HAS_Y:
+        if HAS_G:
+            tl.store(DG_P + out, acc_dg, mask=mask_c)
+        if HAS_YB:
+            tl.store(DYB_P + out, acc_dyb, mask=mask_c)
+
+
+@triton.jit
 def _ln_bwd_kernel(
     DH, DXO, XO, Y, YB, G, W, MEAN, RSTD, DX, DY,
     DW_P, DB_P, DG_P, DYB_P,
     M, C, rows_per_prog, stride_dh, stride_dxo, stride_xo, stride_y, stride_dx, stride_dy,
     HAS_DXO: tl.constexpr, HAS_Y: tl.constexpr, NEED_DY: tl.constexpr, HAS_YB: tl.constexpr,
     HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr,
 ):
+    # A row is up to three power-of-two column chunks (ln_chunks), each its own tiles: e.g.
+    # 1280 = 1024 + 256, not one 2048-wide tile with 37.5% of its lanes masked off.
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    w = _vec(W, cols, mask_c, HAS_W, 1.0, FP64)
-    g = _vec(G, cols, mask_c, HAS_G, 1.0, FP64)
-    yb = _vec(YB, cols, mask_c, HAS_YB, 0.0, FP64)
-    zero = _up(tl.zeros([BLOCK_C], tl.float32), FP64)
-    acc_dw, acc_db, acc_dg, acc_dyb = zero, zero, zero, zero
+    OFF1: tl.constexpr = CHUNK0
+    OFF2: tl.constexpr = CHUNK0 + CHUNK1
+    dw0 = _up(tl.zeros([CHUNK0], tl.float32), FP64)
+    db0, dg0, dyb0 = dw0, dw0, dw0
+    if CHUNK1 > 0:
+        dw1 = _up(tl.zeros([CHUNK1], tl.float32), FP64)
+        db1, dg1, dyb1 = dw1, dw1, dw1
+    if CHUNK2 > 0:
+        dw2 = _up(tl.zeros([CHUNK2], tl.float32), FP64)
+        db2, dg2, dyb2 = dw2, dw2, dw2
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for start in range(row_start, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         mask_m = rows < row_end
-        mask = mask_m[:, None] & mask_c[None, :]
         r = rows.to(tl.int64)[:, None]
-        xo = _up(tl.load(XO + r * stride_xo + cols[None, :], mask=mask, other=0.0), FP64)
         mean = tl.load(MEAN + rows, mask=mask_m, other=0.0)
         rstd = tl.load(RSTD + rows, mask=mask_m, other=0.0)
-        xhat = tl.where(mask, (xo - mean[:, None]) * rstd[:, None], 0.0)
-        dh = _up(tl.load(DH + r * stride_dh + cols[None, :], mask=mask, other=0.0), FP64)
-        wdh = dh * w
-        c1 = tl.sum(xhat * wdh, axis=1) / C
-        c2 = tl.sum(wdh, axis=1) / C
-        dx = tl.where(mask, (wdh - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None], 0.0)
-        if HAS_DXO:
-            dx += _up(tl.load(DXO + r * stride_dxo + cols[None, :], mask=mask, other=0.0), FP64)
-        tl.store(DX + r * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_Y:
-            if NEED_DY:
-                tl.store(DY + r * stride_dy + cols[None, :], (dx * g).to(DY.dtype.element_ty), mask=mask)
-            if HAS_G:
-                y = _up(tl.load(Y + r * stride_y + cols[None, :], mask=mask, other=0.0), FP64)
-                acc_dg += tl.sum(dx * (y + yb), axis=0)
-            if HAS_YB:
-                acc_dyb += tl.sum(dx * g, axis=0)
-        if HAS_W:
-            acc_dw += tl.sum(dh * xhat, axis=0)
-        if HAS_B:
-            acc_db += tl.sum(dh, axis=0)
-    out = pid.to(tl.int64) * C + cols
-    if HAS_W:
-        tl.store(DW_P + out, acc_dw, mask=mask_c)
-    if HAS_B:
-        tl.store(DB_P + out, acc_db, mask=mask_c)
-    if HAS_G:
-        tl.store(DG_P + out, acc_dg, mask=mask_c)
-    if HAS_YB:
-        tl.store(DYB_P + out, acc_dyb, mask=mask_c)
+        # the row sums of xhat * w * dh and w * dh, over every chunk
+        xhat0, dh0, wdh0 = _ln_bwd_load(XO, DH, W, r, mask_m, mean, rstd, C, stride_xo, stride_dh, 0, CHUNK0,
+                                        HAS_W, FP64)
+        s1 = tl.sum(xhat0 * wdh0, axis=1)
+        s2 = tl.sum(wdh0, axis=1)
+        if CHUNK1 > 0:
+            xhat1, dh1, wdh1 = _ln_bwd_load(XO, DH, W, r, mask_m, mean, rstd, C, stride_xo, stride_dh, OFF1,
+                                            CHUNK1, HAS_W, FP64)
+            s1 += tl.sum(xhat1 * wdh1, axis=1)
+            s2 += tl.sum(wdh1, axis=1)
+        if CHUNK2 > 0:
+            xhat2, dh2, wdh2 = _ln_bwd_load(XO, DH, W, r, mask_m, mean, rstd, C, stride_xo, stride_dh, OFF2,
+                                            CHUNK2, HAS_W, FP64)
+            s1 += tl.sum(xhat2 * wdh2, axis=1)
+            s2 += tl.sum(wdh2, axis=1)
+        c1 = s1 / C
+        c2 = s2 / C
+        dw0, db0, dg0, dyb0 = _ln_bwd_store(
+            DXO, Y, YB, G, DX, DY, r, mask_m, C, stride_dxo, stride_y, stride_dx, stride_dy,
+            xhat0, dh0, wdh0, c1, c2, rstd, dw0, db0, dg0, dyb0,
+            0, CHUNK0, HAS_DXO, HAS_Y, NEED_DY, HAS_YB, HAS_G, HAS_W, HAS_B, FP64)
+        if CHUNK1 > 0:
+            dw1, db1, dg1, dyb1 = _ln_bwd_store(
+                DXO, Y, YB, G, DX, DY, r, mask_m, C, stride_dxo, stride_y, stride_dx, stride_dy,
+                xhat1, dh1, wdh1, c1, c2, rstd, dw1, db1, dg1, dyb1,
+                OFF1, CHUNK1, HAS_DXO, HAS_Y, NEED_DY, HAS_YB, HAS_G, HAS_W, HAS_B, FP64)
+        if CHUNK2 > 0:
+            dw2, db2, dg2, dyb2 = _ln_bwd_store(
+                DXO, Y, YB, G, DX, DY, r, mask_m, C, stride_dxo, stride_y, stride_dx, stride_dy,
+                xhat2, dh2, wdh2, c1, c2, rstd, dw2, db2, dg2, dyb2,
+                OFF2, CHUNK2, HAS_DXO, HAS_Y, NEED_DY, HAS_YB, HAS_G, HAS_W, HAS_B, FP64)
+    _ln_bwd_partials(DW_P, DB_P, DG_P, DYB_P, pid, C, dw0, db0, dg0, dyb0, 0, CHUNK0,
+                     HAS_Y, HAS_YB, HAS_G, HAS_W, HAS_B)
+    if CHUNK1 > 0:
+        _ln_bwd_partials(DW_P, DB_P, DG_P, DYB_P, pid, C, dw1, db1, dg1, dyb1, OFF1, CHUNK1,
+                         HAS_Y, HAS_YB, HAS_G, HAS_W, HAS_B)
+    if CHUNK2 > 0:
+        _ln_bwd_partials(DW_P, DB_P, DG_P, DYB_P, pid, C, dw2, db2, dg2, dyb2, OFF2, CHUNK2,
+                         HAS_Y, HAS_YB, HAS_G, HAS_W, HAS_B)
 
 
 # ----------------------------------------------------------------------- bias + GELU
@@ -348,14 +426,50 @@ def launch_ln_fwd(x, y, y_bias, gamma, weight, bias, x_out, h, mean, rstd, eps: 
     )
 
 
+def _floor_pow2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def ln_chunks(C: int) -> tuple[int, int, int]:
+    """A row of C columns as up to three power-of-two chunks (zeros for absent ones): the
+    fewest whose padding leaves at most 1/8 of the lanes idle (three chunks when none do).
+    1280 = 1024 + 256, 1408 -> 1024 + 512, 1664 = 1024 + 512 + 128, 768 = 512 + 256."""
+    for n in (1, 2, 3):
+        chunks, rest = [], C
+        while len(chunks) < n - 1 and rest & (rest - 1):  # rest not a power of two: split off the top
+            top = 1 << (rest.bit_length() - 1)
+            chunks.append(top)
+            rest -= top
+        chunks.append(triton.next_power_of_2(rest))
+        if 8 * (sum(chunks) - C) <= sum(chunks) or n == 3:
+            return tuple(chunks + [0] * (3 - len(chunks)))
+    raise AssertionError("unreachable")
+
+
+def ln_bwd_config(C: int, itemsize: int) -> tuple[int, tuple[int, int, int], int]:
+    """(BLOCK_M, chunks, num_warps) of the LayerNorm backward. Each thread holds its part of
+    a row tile of every input plus four column sums, all in fp32, so the warps grow with the
+    padded row: 4 up to 768 columns, then 8, and 16 beyond 2048 columns (beyond 1280 for
+    fp32 rows: 8 warps at 1408-1536 need 128 registers, 16 need 60). A tile holds about 4
+    values per thread and tensor (one row from 384 columns on). Measured on sm_90 (``make
+    sm90-compile``, triton 3.6 and 3.8): every ViT width 192-1664, every dtype and every
+    combination of optional tensors at most 128 registers and no spills, so 16 or more
+    warps resident per SM (2-3x what one whole 2048-column tile at 4 warps allowed)."""
+    chunks = ln_chunks(C)
+    padded = sum(chunks)
+    if INTERPRET:
+        return max(2, min(INTERPRET_ROWS, _floor_pow2(16384 // padded))), chunks, 4
+    warps = 4 if padded <= 768 else 8 if padded <= (2048 if itemsize <= 2 else 1280) else 16
+    return _floor_pow2(max(1, min(16, 32 * warps * 4 // padded))), chunks, warps
+
+
 def launch_ln_bwd(dh, dx_out, x_out, y, y_bias, gamma, weight, has_bias: bool, mean, rstd, dx, dy,
                   has_y: bool) -> dict:
     """LayerNorm (+ residual branch) backward. Rows: dh, dx_out, x_out, y, dx, dy. Returns
     the column sums as {"dweight", "dbias", "dgamma", "dy_bias"} in the arithmetic dtype
     (only the ones that exist)."""
     M, C = x_out.shape
-    block_m, block_c = ln_block(C)
-    block_m = max(1, block_m // 2) if not INTERPRET else block_m  # more live tiles than the forward
+    block_m, chunks, warps = ln_bwd_config(C, x_out.element_size())
     P, per = _row_chunks(M, block_m, _programs_target(x_out.device))
     adt = mean.dtype
     want = {"dweight": weight is not None, "dbias": has_bias,
@@ -371,7 +485,8 @@ def launch_ln_bwd(dh, dx_out, x_out, y, y_bias, gamma, weight, has_bias: bool, m
         y.stride(0) if y is not None else 0, dx.stride(0), dy.stride(0) if need_dy else 0,
         HAS_DXO=dx_out is not None, HAS_Y=has_y, NEED_DY=need_dy, HAS_YB=y_bias is not None,
         HAS_G=gamma is not None, HAS_W=weight is not None, HAS_B=has_bias, FP64=adt == torch.float64,
-        BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
+        BLOCK_M=block_m, CHUNK0=chunks[0], CHUNK1=chunks[1], CHUNK2=chunks[2],
+        **({} if INTERPRET else {"num_warps": warps}),
     )
     return {k: part[k].sum(0) for k, v in want.items() if v}
 
