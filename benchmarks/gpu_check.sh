@@ -14,9 +14,9 @@
 #   BENCH_ARGS="--compile" bash benchmarks/gpu_check.sh
 #
 # Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
-# SKIP_TESTS, SKIP_CANDIDATES, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, SKIP_NCU, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
+# SKIP_TESTS, SKIP_CANDIDATES, SKIP_TUNE, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, SKIP_NCU, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
 # "--models vit_base_patch16_224"), step limits in seconds T_BUILD (180) T_TESTS (120)
-# T_CANDIDATES (150) T_BENCH (180) T_KERNELS (200) T_PROFILE (45) T_NCU (60), and DEADLINE (390): no step runs past it, so
+# T_CANDIDATES (150) T_TUNE (40, each of two) T_BENCH (180) T_KERNELS (200) T_PROFILE (45) T_NCU (60), and DEADLINE (390): no step runs past it, so
 # the summary prints by about 6.5 min. Measured on an H200 (2026-11-30, torch 2.11, triton 3.6):
 # build 43 s, info 7 s, bench 98 s, kernels (patch_embed + fused + memory) ~100 s; attention
 # autotuning all configs of three kernels did not finish one shape in 60 s, hence the
@@ -172,6 +172,20 @@ if [ -z "${SKIP_CANDIDATES:-}" ]; then
     # shellcheck disable=SC2086
     run_step candidates "$t_cand" "$PYTHON" -m vitfast.cli.kernels.attention_candidates --json "$OUT/" \
         --deadline "$((t_cand - 30))" ${CANDIDATE_ARGS:-} || true
+fi
+
+# ---- 2c. the measured dispatch: `vitfast tune` at ViT-B/16, batch 256, bf16, inference then training,
+# into a cache the bench step below then runs with (its FastViT rows are "FastViT (table)" and
+# record each op's path). VITFAST_GELU_EPILOGUE=1 here only, so that the inference tune also times
+# cuBLASLt's tanh-GELU epilogue for fc1 (op linear_bias_gelu); the exact-GELU models of the bench
+# never take it (it needs the same opt-in there). Each entry is printed with both timings.
+TUNE_CACHE=${TUNE_CACHE:-$(mktemp -d)/dispatch_tuned.json}
+if [ -z "${SKIP_TUNE:-}" ]; then
+    run_step tune-inf "${T_TUNE:-40}" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" VITFAST_GELU_EPILOGUE=1 \
+        "$PYTHON" -m vitfast.cli tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --iters 20 || true
+    run_step tune-trn "${T_TUNE:-40}" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" \
+        "$PYTHON" -m vitfast.cli tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --iters 20 --train || true
+    [ -f "$TUNE_CACHE" ] && export VITFAST_DISPATCH_CACHE="$TUNE_CACHE"
 fi
 
 # ---- 3. end-to-end benchmark (GPU defaults: ViT-S/B/L at 224, bf16, batch 256, infer + train)

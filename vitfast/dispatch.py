@@ -44,7 +44,7 @@ OVERRIDES = ("table", "kernel", "torch")
 DEFAULTS_PATH = Path(__file__).resolve().parent / "data" / "dispatch_defaults.json"
 # per op: the signature entries that must match exactly; the others are matched by nearest log2
 EXACT = {"attention": ("D",), "attention_packed": ("D",), "layer_norm": ("C",), "add_layer_norm": ("C",),
-         "bias_gelu": ("C",), "bias_scale_residual": ("C",)}
+         "bias_gelu": ("C",), "bias_scale_residual": ("C",), "linear_bias_gelu": ("C", "K")}
 
 
 def cache_path() -> Path:

@@ -33,7 +33,8 @@ from . import dispatch
 
 __all__ = ["tune", "captured_calls", "time_call"]
 
-TUNABLE = ("attention", "attention_packed", "layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual")
+TUNABLE = ("attention", "attention_packed", "layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual",
+           "linear_bias_gelu")
 
 
 def captured_calls(model: torch.nn.Module, example_input: torch.Tensor, train: bool = False,
@@ -69,6 +70,13 @@ def _inputs(call: dict) -> Callable[[], Callable[[], object]]:
             return lambda: attention(q, k, v)
         qkv = torch.randn(BH, N, 3 * D, device=dev, dtype=dt).requires_grad_(grad)
         return lambda: attention_packed(qkv, num_heads=1)
+    if op == "linear_bias_gelu":  # asks the table only where cuBLASLt's tanh-GELU epilogue may serve it
+        from .ops.bias_gelu import linear_bias_gelu
+
+        rows, C, K = int(s["rows"]), int(s["C"]), int(s["K"])
+        h = torch.randn(rows, K, device=dev, dtype=dt)
+        w, b = torch.randn(C, K, device=dev, dtype=dt) * K ** -0.5, torch.randn(C, device=dev, dtype=dt)
+        return lambda: linear_bias_gelu(h, w, b, "tanh")
     from .cli.kernels.fused import make_inputs
     from .ops.spec import SPECS
 

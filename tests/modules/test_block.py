@@ -1,5 +1,5 @@
 """FastViT's and patch_timm's blocks on the fused epilogue ops (layer_norm, add_layer_norm,
-bias_gelu, bias_scale_residual): same numbers and gradients as timm, the ops really run,
+linear_bias_gelu, bias_scale_residual): same numbers and gradients as timm, the ops really run,
 and the fallbacks (structure, dropout/drop-path, CPU auto) behave as documented."""
 
 import copy
@@ -16,7 +16,7 @@ from vitfast.models.convert import from_timm  # noqa: E402
 from vitfast.integrations.timm import patch_timm  # noqa: E402
 
 RTOL = 1e-4
-FUSED_OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual")
+FUSED_OPS = ("layer_norm", "add_layer_norm", "linear_bias_gelu", "bias_scale_residual")
 
 
 def rel_err(a, b):
@@ -65,7 +65,7 @@ def test_fastvit_blocks_run_fused_and_match_timm(kw, monkeypatch, assert_grads_c
     # blocks_forward: norm1 of the first block alone; each block's norm2 with its first residual;
     # each block boundary (last residual + next norm1) and the final norm (when it is a LayerNorm,
     # not the fc_norm of an avg-pool head) in one add_layer_norm
-    assert calls == {"layer_norm": 1, "add_layer_norm": depth + (depth - 1) + final_ln, "bias_gelu": depth,
+    assert calls == {"layer_norm": 1, "add_layer_norm": depth + (depth - 1) + final_ln, "linear_bias_gelu": depth,
                      "bias_scale_residual": 0 if final_ln else 1}
     assert rel_err(out, ref) <= RTOL
     out.square().sum().backward()
@@ -101,7 +101,7 @@ def test_training_with_drop_path_fuses_what_it_can(monkeypatch):
     # drop-path rates are linspace(0, 0.5, depth): block 0 has none (all fused, its last residual
     # and block 1's norm1 in one add_layer_norm); in block 1 the two residual steps run eagerly,
     # norm2 becomes a plain layer_norm and the final norm runs eagerly
-    assert calls == {"layer_norm": 2, "add_layer_norm": 2, "bias_gelu": 2, "bias_scale_residual": 0}
+    assert calls == {"layer_norm": 2, "add_layer_norm": 2, "linear_bias_gelu": 2, "bias_scale_residual": 0}
 
 
 def test_blocks_forward_chains_only_fused_neighbours(monkeypatch, assert_grads_close):
@@ -116,7 +116,7 @@ def test_blocks_forward_chains_only_fused_neighbours(monkeypatch, assert_grads_c
     x = torch.randn(2, 3, 32, 32)
     out, ref = f(x), t(x)
     # block 0: norm1, norm2, its own last residual; block 2: norm1, norm2 + the final norm
-    assert calls == {"layer_norm": 2, "add_layer_norm": 3, "bias_gelu": 2, "bias_scale_residual": 1}
+    assert calls == {"layer_norm": 2, "add_layer_norm": 3, "linear_bias_gelu": 2, "bias_scale_residual": 1}
     assert rel_err(out, ref) <= RTOL
     out.square().sum().backward()
     ref.square().sum().backward()

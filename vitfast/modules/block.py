@@ -7,7 +7,8 @@ patches) runs the block on vitfast's fused epilogue ops, keeping every Parameter
     o      = attention before its output projection
     x, h   = add_layer_norm(x, o @ proj.W^T, ls1.gamma, norm2,   residual 1 + LayerScale
                             y_bias=proj.b)                       + proj bias + norm2, one pass
-    a      = bias_gelu(h @ fc1.W^T, fc1.b)                       fc1 epilogue
+    a      = bias_gelu(h @ fc1.W^T, fc1.b)                       fc1 epilogue (or cuBLASLt's
+                                                                 GELU_BIAS: linear_bias_gelu)
     x      = bias_scale_residual(x, a @ fc2.W^T, fc2.b, ls2.gamma)  fc2 epilogue + residual 2
 
 Under autocast, h comes out in the autocast dtype (no extra cast pass) while the residual
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._dispatch import module_uses_kernel
-from ..ops.bias_gelu import bias_gelu
+from ..ops.bias_gelu import linear_bias_gelu
 from ..ops.layer_norm import add_layer_norm, add_layer_norm_not_supported_reasons, layer_norm
 from ..ops.bias_scale_residual import bias_scale_residual
 from .attention import Attention, attention_core
@@ -115,7 +116,7 @@ def _fused(mod, x, attn_backend, attn_mask, is_causal, op_backend="kernel", h=No
     else:
         x, h = add_layer_norm(x, F.linear(o, attn.proj.weight), _gamma(mod.ls1), n2.weight, n2.bias, n2.eps,
                               y_bias=attn.proj.bias, out_dtype=od, backend=op_backend)
-    a = bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias, _gelu_approximate(mlp.act), backend=op_backend)
+    a = linear_bias_gelu(h, mlp.fc1.weight, mlp.fc1.bias, _gelu_approximate(mlp.act), backend=op_backend)
     a = getattr(mlp, "norm", nn.Identity())(mlp.drop1(a))
     if _active(mod.drop_path2) or _active(mlp.drop2):
         x = x + mod.drop_path2(mod.ls2(mlp.drop2(mlp.fc2(a))))

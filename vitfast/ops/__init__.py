@@ -8,7 +8,7 @@ from .patch_embed import patch_embed  # noqa: F401
 from .attention import attention, attention_packed, attention_not_supported_reasons  # noqa: F401
 from .layer_norm import (add_layer_norm, add_layer_norm_not_supported_reasons, add_layer_norm_ref,  # noqa: F401
                          layer_norm, layer_norm_not_supported_reasons, layer_norm_ref)
-from .bias_gelu import bias_gelu, bias_gelu_not_supported_reasons, bias_gelu_ref  # noqa: F401
+from .bias_gelu import bias_gelu, bias_gelu_not_supported_reasons, bias_gelu_ref, linear_bias_gelu  # noqa: F401
 from .bias_scale_residual import bias_scale_residual, bias_scale_residual_not_supported_reasons, bias_scale_residual_ref  # noqa: F401
 
 from .. import dispatch as _dispatch_table  # noqa: E402

@@ -13,10 +13,22 @@ Shapes: x ``[..., C]`` (any leading dims, any C >= 1), bias ``[C]`` or None. The
 x's dtype (float16/bfloat16/float32, and float64); bias may be in another float dtype (an
 fp32 parameter under autocast). Arithmetic is fp32.
 
-A matmul with a fused GELU epilogue is not here: on the GPU, cuBLAS plus this one elementwise
-pass is the baseline a Triton GEMM would have to beat, to be measured on an H100 first
-(``python -m vitfast.cli.kernels.fused``). cuBLASLt's GELU_BIAS epilogue computes the tanh
-approximation, so it could serve only ``approximate="tanh"``.
+* :func:`linear_bias_gelu` -- ``gelu(h @ weight^T + bias)``, the whole fc1: the GEMM plus this
+  op, or, where allowed and measured faster, one cuBLASLt GEMM with its GELU_BIAS epilogue.
+
+The GEMM epilogue path is ``torch._addmm_activation(bias, h, weight^T, use_gelu=True)``, which on
+CUDA reaches cuBLASLt's GELU_BIAS epilogue (or, where cuBLASLt does not take the call, a GEMM and
+a tanh GELU). That epilogue computes the **tanh approximation** of GELU, so it serves only
+
+* models whose activation is tanh GELU (``approximate="tanh"``), or
+* a user who accepts tanh for an exact-GELU model: ``allow_tanh_epilogue=True`` or
+  ``VITFAST_GELU_EPILOGUE=1`` (never chosen silently);
+
+and only in inference: ``_addmm_activation`` has no derivative in PyTorch, and the
+pre-activation a backward would need (cuBLASLt's GELU_AUX epilogue) is not exposed. Among the
+eligible calls, the measured dispatch table (op ``linear_bias_gelu``, keys C = out features,
+K = in features, rows; "kernel" = GEMM + the Triton epilogue, "torch" = the cuBLASLt epilogue)
+decides; without an entry it stays on GEMM + Triton. ``vitfast tune`` times both.
 
 Backends, registration: as :mod:`vitfast.ops.layer_norm` (``"auto"``, ``"kernel"``,
 ``"reference"``; ``vitfast::bias_gelu_fwd``/``_bwd`` with fake and autograd).
@@ -24,18 +36,21 @@ Backends, registration: as :mod:`vitfast.ops.layer_norm` (``"auto"``, ``"kernel"
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._dispatch import canonical_backend
 from .triton import fused as _k
 from ._fused_common import (ATOL, CHECK_TOL, ROW_SHAPES, SM90, as_rows, choose_backend, empty0, input_problems,
                             kernel_reasons, raise_first, record_kernels, register)
 from .spec import BadInput, OpSpec, Sample, declare, randn
 
-__all__ = ["bias_gelu", "bias_gelu_ref", "bias_gelu_not_supported_reasons", "APPROXIMATIONS"]
+__all__ = ["bias_gelu", "bias_gelu_ref", "bias_gelu_not_supported_reasons", "APPROXIMATIONS", "linear_bias_gelu",
+           "gelu_epilogue_reasons"]
 
 APPROXIMATIONS = tuple(_k.ACT_CODES)  # ("none", "tanh")
 
@@ -129,6 +144,67 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
                       x, x, bias) == "reference":
         return bias_gelu_ref(x, bias, approximate)
     return _bias_gelu_fwd(x, bias, approximate)
+
+
+GELU_EPILOGUE_ENV = "VITFAST_GELU_EPILOGUE"
+_EPILOGUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _tanh_allowed(allow: Optional[bool]) -> bool:
+    if allow is not None:
+        return bool(allow)
+    return os.environ.get(GELU_EPILOGUE_ENV, "0").strip().lower() in ("1", "true", "yes", "tanh")
+
+
+def gelu_epilogue_reasons(h: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str = "none",
+                          allow_tanh_epilogue: Optional[bool] = None, dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Why ``gelu(h @ weight^T + bias)`` may not take cuBLASLt's GELU_BIAS epilogue (empty: it
+    may, subject to the dispatch table). ``dtype``: the compute dtype (autocast's), default h's."""
+    dtype = dtype or h.dtype
+    reasons = []
+    if h.device.type != "cuda":
+        reasons.append(f"h is on {h.device}; the cuBLASLt epilogue is a CUDA path")
+    if approximate != "tanh" and not _tanh_allowed(allow_tanh_epilogue):
+        reasons.append("the activation is exact (erf) GELU and cuBLASLt's GELU_BIAS epilogue computes the tanh "
+                       f"approximation; allow_tanh_epilogue=True or {GELU_EPILOGUE_ENV}=1 accepts it")
+    if bias is None:
+        reasons.append("no bias (the epilogue is GELU_BIAS)")
+    if dtype not in _EPILOGUE_DTYPES:
+        reasons.append(f"dtype {dtype} (the epilogue path takes float16, bfloat16, float32)")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias)):
+        reasons.append("a gradient is needed: torch._addmm_activation has no derivative and cuBLASLt's "
+                       "pre-activation output (GELU_AUX) is not exposed, so the epilogue path is inference only")
+    if h.dim() < 1 or weight.dim() != 2 or h.shape[-1] != weight.shape[1]:
+        reasons.append(f"h {list(h.shape)} and weight {list(weight.shape)} do not make h @ weight^T")
+    return reasons
+
+
+def _gelu_epilogue(h: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    C, K = weight.shape
+    out = torch._addmm_activation(bias.to(dtype), h.to(dtype).reshape(-1, K), weight.to(dtype).t(), use_gelu=True)
+    return out.view(*h.shape[:-1], C)
+
+
+def linear_bias_gelu(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none", *,
+                     backend: str = "auto", allow_tanh_epilogue: Optional[bool] = None) -> Tensor:
+    """``gelu(h @ weight^T + bias)`` (an MLP's fc1 and its activation) for h ``[..., K]``, weight
+    ``[C, K]``, bias ``[C]`` or None. ``approximate`` as in :func:`bias_gelu`.
+
+    ``backend="auto"`` on CUDA: cuBLASLt's GELU_BIAS epilogue where it may serve the call (see
+    :func:`gelu_epilogue_reasons`: tanh GELU or ``allow_tanh_epilogue``, inference) and the
+    dispatch table measured it faster; otherwise ``bias_gelu(F.linear(h, weight), bias)`` with
+    that op's own dispatch. ``"kernel"`` / ``"reference"``: the GEMM, then :func:`bias_gelu`'s
+    kernel / reference."""
+    _check_approximate(approximate)
+    if canonical_backend("bias_gelu", backend) == "auto" and h.device.type == "cuda":
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        if not gelu_epilogue_reasons(h, weight, bias, approximate, allow_tanh_epilogue, dtype):
+            from .. import dispatch
+
+            shape = {"C": weight.shape[0], "K": weight.shape[1], "rows": max(1, h.numel() // max(1, h.shape[-1]))}
+            if dispatch.choose("linear_bias_gelu", h.device, dtype, False, shape) == "torch":
+                return _gelu_epilogue(h, weight, bias, dtype)
+    return bias_gelu(F.linear(h, weight), bias, approximate, backend=backend)
 
 
 # ---------------------------------------------------------------------- declaration
