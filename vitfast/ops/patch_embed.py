@@ -1,10 +1,23 @@
 """Patch embedding: raw or float images to ViT tokens in one op (``torch.ops.vitfast.patch_embed``).
 
-The schemas and the CPU/CUDA kernels live in ``csrc/`` (forward ``vitfast::patch_embed``,
-backward ``vitfast::patch_embed_backward``); this module holds the typed wrapper, the argument
-checks shared with the fake (meta) implementations, and the registrations (fake, autograd).
-Without a usable compiled extension (``vitfast._ext.status()``: not built, or built for another
-torch) the op is not registered and ``backend="auto"`` runs the reference, warning once why.
+Two implementations on CUDA, one on the CPU:
+
+* the C++ op (schemas and CPU/CUDA kernels in ``csrc/``: forward ``vitfast::patch_embed``,
+  backward ``vitfast::patch_embed_backward``); on CUDA three launches (patchify to a patch
+  matrix, bias + pos prefill, cuBLAS GEMM with beta = 1): ``backend="gemm"`` forces it;
+* on CUDA, the fused Triton implicit GEMM (``vitfast::patch_embed_fused`` and
+  ``vitfast::patch_embed_fused_backward``, kernels in :mod:`vitfast.ops.triton.patch_embed`):
+  one launch forward, the weight gradient over recomputed patches backward; ``backend="fused"``
+  forces it (also on CPU tensors under ``TRITON_INTERPRET=1``, for the tests).
+
+``backend="kernel"``/``"auto"`` on CUDA take the fused kernel where it can serve the input
+(:func:`patch_embed_fused_not_supported_reasons`) unless the measured dispatch table
+(:mod:`vitfast.dispatch`, op ``patch_embed``: ``kernel`` = fused, ``torch`` = the cuBLAS path;
+``vitfast tune`` times both) chose the three-kernel path there, else the C++ op. This module
+holds the typed wrapper, the argument checks shared with the fake (meta) implementations, and
+the registrations (fake, autograd). Without a usable compiled extension (``vitfast._ext.status()``:
+not built, or built for another torch) the C++ op is not registered and ``backend="auto"`` runs
+the fused kernel on CUDA, else the reference, warning once why.
 """
 
 from __future__ import annotations
@@ -13,14 +26,22 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .._dispatch import BACKENDS, canonical_backend, resolve_backend, shape_of
+from .._dispatch import (BACKENDS, KernelNotSupported, canonical_backend, record_triton_kernels, resolve_backend,
+                         shape_of, triton_op_registrar)
 from .. import _ext
 from .reference import patch_embed_ref
+from .triton import patch_embed as _tk
 from .spec import BadInput, OpSpec, Sample, declare, randn
 
 _C = _ext.load_extension()  # None when the extension cannot be used (the reason: _ext.status())
 
-__all__ = ["patch_embed", "patch_embed_not_supported_reasons", "check_patch_embed_args", "BACKENDS"]
+__all__ = ["patch_embed", "patch_embed_not_supported_reasons", "patch_embed_fused_not_supported_reasons",
+           "check_patch_embed_args", "BACKENDS", "IMPLEMENTATIONS"]
+
+# backend= names that force one CUDA implementation of the kernel (besides BACKENDS): the fused
+# Triton implicit GEMM (vitfast::patch_embed_fused) or the C++ three-kernel path (vitfast::patch_embed:
+# patchify, bias + pos prefill, cuBLAS GEMM)
+IMPLEMENTATIONS = ("fused", "gemm")
 
 
 ChannelStats = Optional[Union[torch.Tensor, Sequence[float]]]
@@ -194,16 +215,24 @@ def patch_embed(
     registered ``vitfast::patch_embed_backward``). mean and std are constants of the data
     pipeline and get no gradient. No double backward.
 
-    ``backend``: ``"kernel"`` (the registered C++/CUDA op; raises with the reasons when it
-    cannot serve the inputs), ``"reference"`` (the eager chain, :func:`patch_embed_ref`) or
-    ``"auto"`` (the kernel, else the reference with a one-time warning listing the reasons, e.g.
-    that vitfast's compiled extension is not built).
+    ``backend``: ``"kernel"`` (vitfast's kernel: on CUDA the fused Triton kernel where it can
+    serve the inputs and the dispatch table does not prefer the three-kernel path, else the
+    registered C++/CUDA op; raises with the reasons when neither can), ``"fused"`` / ``"gemm"``
+    (force one CUDA implementation, see the module docstring), ``"reference"`` (the eager chain,
+    :func:`patch_embed_ref`) or ``"auto"`` (the kernel, else the reference with a one-time
+    warning listing the reasons, e.g. that vitfast's compiled extension is not built).
 
     Raises:
         ValueError / TypeError naming the argument for any shape, dtype or device it cannot
         take, before any kernel runs.
     """
     check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    if backend in IMPLEMENTATIONS or (images.device.type == "cuda"
+                                      and canonical_backend("patch_embed", backend) != "reference"):
+        out = _try_fused(images, weight, bias, cls_token, pos_embed, mean, std, backend)
+        if out is not None:
+            return out
+        backend = "kernel" if backend in IMPLEMENTATIONS else backend  # "gemm": the C++ op below
     reasons = [] if canonical_backend("patch_embed", backend) == "reference" else patch_embed_not_supported_reasons(
         images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
     if resolve_backend("patch_embed", backend, reasons) == "reference":
@@ -315,6 +344,206 @@ def _register() -> None:
 
 if _C is not None:
     _register()
+
+
+# ------------------------------------------------------------- the fused Triton kernel (CUDA)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def patch_embed_fused_not_supported_reasons(images, weight, bias=None, *, cls_token=None, pos_embed=None,
+                                            mean=None, std=None) -> list[str]:
+    """Why the fused Triton kernel cannot serve these inputs (empty list: it can). Never raises;
+    inputs no backend accepts are reported here too."""
+    try:
+        B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    except (TypeError, ValueError) as e:
+        return [str(e)]
+    reasons = []
+    if images.device.type != "cuda" and not (_tk.INTERPRET and images.device.type == "cpu"):
+        reasons.append(f"images are on {images.device}; the fused Triton kernel needs CUDA tensors (on the CPU it "
+                       "runs only with TRITON_INTERPRET=1 set before vitfast is imported)")
+    if weight.dtype not in _FUSED_DTYPES:
+        reasons.append(f"weight has dtype {weight.dtype}; the fused kernel computes in float16, bfloat16 or float32 "
+                       "(the C++ op serves float64)")
+    if _tk.INTERPRET:
+        for name, t in (("images", images), ("weight", weight), ("bias", bias), ("cls_token", cls_token),
+                        ("pos_embed", pos_embed)):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
+                reasons.append(f"{name} has dtype torch.bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) "
+                               "does not support")
+    C, H, W = images.shape[1:]
+    if C * H * W >= 2**31:
+        reasons.append(f"one image has {C * H * W} >= 2**31 elements; the fused kernel's offsets inside an image "
+                       "are 32-bit")
+    if B * T >= 2**31:
+        reasons.append(f"B*T = {B * T} token rows >= 2**31; the fused kernel's row indices are 32-bit")
+    return reasons
+
+
+def _autocast_params(device, weight, bias, cls_token, pos_embed):
+    """(weight, bias, cls_token, pos_embed), cast to the autocast dtype when autocast is on for
+    ``device`` (what the C++ op's Autocast kernel does; images and mean/std stay as they are)."""
+    params = (weight, bias, cls_token, pos_embed)
+    if device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device.type):
+        return params
+    dt = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in params)
+
+
+def _fused_chosen(images, weight, bias, cls_token, pos_embed) -> bool:
+    """The measured dispatch's choice between the fused kernel (``"kernel"``) and the C++
+    three-kernel cuBLAS path (``"torch"``) for this call; the fused kernel where nothing was measured."""
+    from .. import dispatch
+
+    B, _, H, W = images.shape
+    D, C, p, _ = weight.shape
+    T = (H // p) * (W // p) + (1 if cls_token is not None else 0)
+    shape = {"D": D, "K": C * p * p, "rows": max(1, B * T), "u8": 2 if images.dtype == torch.uint8 else 1}
+    training = dispatch.training_call(images, weight, bias, cls_token, pos_embed)
+    return dispatch.choose("patch_embed", images.device, weight.dtype, training, shape) == "kernel"
+
+
+def _try_fused(images, weight, bias, cls_token, pos_embed, mean, std, backend):
+    """The fused kernel's tokens, or None when the C++ op (or the reference) is to run instead:
+    ``backend="gemm"``, or ``auto``/``kernel`` where the fused kernel cannot serve the inputs or the
+    dispatch table chose the three-kernel path. ``backend="fused"`` raises with the reasons."""
+    params = _autocast_params(images.device, weight, bias, cls_token, pos_embed)
+    if backend == "gemm":
+        reasons = patch_embed_not_supported_reasons(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed,
+                                                    mean=mean, std=std)
+        if reasons:
+            raise KernelNotSupported("patch_embed", "gemm", reasons)
+        return None
+    reasons = patch_embed_fused_not_supported_reasons(images, params[0], params[1], cls_token=params[2],
+                                                      pos_embed=params[3], mean=mean, std=std)
+    if backend == "fused":
+        if reasons:
+            raise KernelNotSupported("patch_embed", "fused", reasons)
+    elif reasons or not _fused_chosen(images, *params):
+        return None
+    return _patch_embed_fused(images, *params, _stats(mean, images.device), _stats(std, images.device))
+
+
+_register_triton = triton_op_registrar(_tk.INTERPRET)
+
+
+def _pos_rows(pos_embed, N: int, T: int):
+    """pos_embed as contiguous [rows, D] and its mode for the kernel (0 none, 1 every token,
+    2 the patches only)."""
+    if pos_embed is None:
+        return None, 0
+    D = pos_embed.shape[-1]
+    return pos_embed.reshape(-1, D).contiguous(), (1 if pos_embed.shape[1] == T else 2)
+
+
+@_register_triton("vitfast::patch_embed_fused", mutates_args=())
+def _patch_embed_fused(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       cls_token: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor],
+                       mean: Optional[torch.Tensor], std: Optional[torch.Tensor]) -> torch.Tensor:
+    """The tokens [B, T, D] (weight's dtype) from the fused implicit-GEMM kernel; mean/std
+    float64 [C] or None (as :func:`_stats` makes them)."""
+    B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    out = weight.new_empty((B, T, D))
+    if out.numel() == 0:
+        return out
+    pos, mode = _pos_rows(pos_embed, N, T)
+    _tk.launch_fwd(images, weight.reshape(D, -1).contiguous(), bias,
+                   None if cls_token is None else cls_token.reshape(-1), pos, mode, mean, std, out, weight.shape[-1])
+    return out
+
+
+@_patch_embed_fused.register_fake
+def _(images, weight, bias, cls_token, pos_embed, mean, std):
+    B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+    return weight.new_empty((B, T, D))
+
+
+def _empty0(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+@_register_triton("vitfast::patch_embed_fused_backward", mutates_args=())
+def _patch_embed_fused_backward(grad_out: torch.Tensor, images: torch.Tensor, weight: torch.Tensor,
+                                mean: Optional[torch.Tensor], std: Optional[torch.Tensor], has_cls: bool,
+                                pos_tokens: int, output_mask: list[bool]
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dimages (images' dtype and strides), dweight (weight's), dbias [D], dcls [D],
+    dpos [1, pos_tokens, D] (fp32)) for the gradients ``output_mask`` asks for; a 0-element
+    tensor for the others."""
+    D, C, p, _ = weight.shape
+    B, _, H, W = images.shape
+    N = (H // p) * (W // p)
+    T = N + (1 if has_cls else 0)
+    K = C * p * p
+    dout = grad_out.to(weight.dtype).contiguous()
+    w2d = weight.reshape(D, K).contiguous()
+    g_images, g_weight, g_bias, g_cls, g_pos = (_empty0(weight, torch.float32) for _ in range(5))  # distinct
+    if output_mask[0]:
+        g_images = torch.empty_like(images)
+        if g_images.numel():
+            _tk.launch_dimages(dout, w2d, std, g_images, has_cls, p)
+    if output_mask[1]:
+        if B * N:
+            g_weight = _tk.launch_dweight(dout, images, mean, std, has_cls, p, D, K).to(weight.dtype).reshape(weight.shape)
+        else:
+            g_weight = torch.zeros_like(weight)
+    if any(output_mask[2:]):
+        # one pass over dOut: G[t] = sum_b dOut[b, t]; the class token, position and bias
+        # gradients are slices and one [N, D] column sum of it
+        G = _tk.launch_token_sums(dout) if B * T else dout.new_zeros((T, D), dtype=torch.float32)
+        first = 1 if has_cls else 0
+        if output_mask[2]:
+            g_bias = G[first:].sum(0)
+        if output_mask[3]:
+            g_cls = G[0].clone()
+        if output_mask[4]:
+            g_pos = (G if pos_tokens == T else G[first:]).reshape(1, pos_tokens, D).clone()
+    return g_images, g_weight, g_bias, g_cls, g_pos
+
+
+@_patch_embed_fused_backward.register_fake
+def _(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask):
+    D = weight.shape[0]
+    f32 = torch.float32
+    return (torch.empty_like(images) if output_mask[0] else _empty0(weight, f32),
+            weight.new_empty(weight.shape) if output_mask[1] else _empty0(weight, f32),
+            weight.new_empty((D,), dtype=f32) if output_mask[2] else _empty0(weight, f32),
+            weight.new_empty((D,), dtype=f32) if output_mask[3] else _empty0(weight, f32),
+            weight.new_empty((1, pos_tokens, D), dtype=f32) if output_mask[4] else _empty0(weight, f32))
+
+
+def _fused_setup(ctx, inputs, output):
+    images, weight, bias, cls_token, pos_embed, mean, std = tuple(inputs) + (None,) * (7 - len(inputs))
+    ctx.save_for_backward(images, weight, mean, std)
+    ctx.has_cls = cls_token is not None
+    ctx.pos_tokens = 0 if pos_embed is None else pos_embed.shape[1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.cls_meta = None if cls_token is None else (cls_token.shape, cls_token.dtype)
+    ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
+
+
+def _fused_backward(ctx, grad_out):
+    images, weight, mean, std = ctx.saved_tensors
+    need = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
+    mask = [bool(need[0]) and images.is_floating_point(), bool(need[1]), bool(need[2]) and ctx.bias_dtype is not None,
+            bool(need[3]) and ctx.has_cls, bool(need[4]) and ctx.pos_tokens > 0]
+    if not any(mask):
+        return None, None, None, None, None, None, None
+    g = _patch_embed_fused_backward(grad_out, images, weight, mean, std, ctx.has_cls, ctx.pos_tokens, mask)
+    g_images, g_weight, g_bias, g_cls, g_pos = (t if m else None for t, m in zip(g, mask))
+    if g_bias is not None:
+        g_bias = g_bias.to(ctx.bias_dtype)
+    if g_cls is not None:
+        g_cls = g_cls.reshape(ctx.cls_meta[0]).to(ctx.cls_meta[1])
+    if g_pos is not None:
+        g_pos = g_pos.to(ctx.pos_dtype)
+    return g_images, g_weight, g_bias, g_cls, g_pos, None, None  # mean, std: constants, no gradient
+
+
+_patch_embed_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+if not _tk.INTERPRET:  # triton_op's own scan of the op bodies finds no kernel (see record_triton_kernels)
+    record_triton_kernels("vitfast::patch_embed_fused", [_tk._pe_fwd_kernel])
+    record_triton_kernels("vitfast::patch_embed_fused_backward", _tk.KERNELS["bwd"])
 
 
 # ---------------------------------------------------------------------- declaration

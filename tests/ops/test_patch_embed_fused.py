@@ -1,0 +1,225 @@
+"""The fused Triton patch embedding (vitfast::patch_embed_fused and its backward).
+
+On the CPU under the Triton interpreter (fp32 and fp16: the interpreter has no bf16): forward
+and every gradient against the float64 reference by the 2x rule (the kernel's error at most
+twice eager PyTorch's own error in the same dtype, plus a small floor), uint8 and float images,
+with and without mean/std, class token and both position layouts, NCHW (vector loads) and
+channels_last; opcheck of both ops; the dispatch between the fused kernel and the C++ op. GPU
+(``cuda`` mark): the same rule in bf16 at a ViT-B/16 shape for every config the forward
+autotunes over, and the fused kernel against the three-kernel C++ path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitfast._dispatch import KernelNotSupported
+from vitfast.ops.patch_embed import (_patch_embed_fused, _patch_embed_fused_backward, _stats, patch_embed,
+                                     patch_embed_fused_not_supported_reasons)
+from vitfast.ops.reference import patch_embed_ref
+from vitfast.ops.triton import patch_embed as tk
+
+from test_patch_embed import Case, call, make_inputs, max_err
+
+# the floor on top of 2x PyTorch's own error, relative to max(1, |ref|max)
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LOW = [torch.float32, torch.float16]  # what the interpreter runs
+
+CASES = [
+    Case(B=2, H=32, W=48, p=16, D=48),  # float NCHW, p = 16: 16-wide vector loads
+    Case(B=1, H=32, W=32, p=16, D=32, uint8=True),  # raw pixels, ImageNet-normalised
+    Case(B=2, H=28, W=28, p=14, D=80, uint8=True, norm=False, pos="patches"),  # p = 14: K tail, no_embed_class
+    Case(B=2, H=48, W=32, p=16, D=32, cls=False, pos="full", norm=False, channels_last=True),
+    Case(B=1, H=28, W=42, p=14, D=48, bias=False, pos=None),
+]
+
+
+def _fused(a):
+    return call(lambda *x, **k: patch_embed(*x, backend="fused", **k), a)
+
+
+def _leaves(a, dtype):
+    out = dict(a)
+    for name in ("images", "weight", "bias", "cls_token", "pos_embed"):
+        t = a[name]
+        if t is not None and t.is_floating_point():
+            out[name] = t.to(dtype).detach().requires_grad_()
+    return out
+
+
+def _grads(fn, a, g):
+    out = call(fn, a)
+    out.backward(g.to(out.dtype))
+    return {k: a[k].grad for k in ("images", "weight", "bias", "cls_token", "pos_embed")
+            if isinstance(a[k], torch.Tensor) and a[k].requires_grad}
+
+
+def _check(name, got, torch_own, ref, dtype):
+    err, own = max_err(got, ref), max_err(torch_own, ref)
+    bound = 2 * own + ATOL[dtype] * max(1.0, ref.abs().max().item())
+    assert err <= bound, f"{name}: error {err:.3g} > 2 x torch's {own:.3g} + floor (bound {bound:.3g})"
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_2x_rule(case, dtype):
+    a64 = make_inputs(case)
+    a = make_inputs(case, dtype)
+    ref = call(patch_embed_ref, a64)
+    out = _fused(a)
+    assert out.dtype == dtype and out.shape == ref.shape
+    _check("tokens", out, call(patch_embed_ref, a), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("case", CASES[:3] + CASES[4:], ids=str)
+def test_gradients_2x_rule(case, dtype):
+    a64 = _leaves(make_inputs(case), torch.float64)
+    ref = call(patch_embed_ref, a64)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    want = _grads(patch_embed_ref, a64, g)
+    got = _grads(lambda *x, **k: patch_embed(*x, backend="fused", **k), _leaves(make_inputs(case, dtype), dtype), g)
+    own = _grads(patch_embed_ref, _leaves(make_inputs(case, dtype), dtype), g)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == own[k].dtype and got[k].shape == want[k].shape, k
+        _check(f"d{k}", got[k], own[k], want[k], dtype)
+
+
+def test_image_gradient_channels_last_and_weight_gradient_deterministic():
+    case = CASES[3]
+    a64 = _leaves(make_inputs(case), torch.float64)
+    g = torch.randn(call(patch_embed_ref, a64).shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = _grads(patch_embed_ref, a64, g)
+    runs = [_grads(lambda *x, **k: patch_embed(*x, backend="fused", **k),
+                   _leaves(make_inputs(case, torch.float32), torch.float32), g) for _ in range(2)]
+    own = _grads(patch_embed_ref, _leaves(make_inputs(case, torch.float32), torch.float32), g)
+    assert runs[0]["images"].is_contiguous(memory_format=torch.channels_last)
+    for k in want:
+        _check(f"d{k}", runs[0][k], own[k], want[k], torch.float32)
+        assert torch.equal(runs[0][k], runs[1][k]), f"d{k} differs between two runs"
+
+
+def test_mixed_dtypes_and_mean_std_tensors():
+    """fp32 images with fp16 parameters and fp32 bias/pos (an fp32 parameter under autocast),
+    mean/std as tensors: as the reference in the weight's dtype."""
+    case = Case(B=2, H=32, W=32, p=16, D=32)
+    a64 = make_inputs(case)
+    a = make_inputs(case, torch.float16, img_dtype=torch.float32)
+    a["bias"], a["pos_embed"] = a64["bias"].float(), a64["pos_embed"].float()
+    a["mean"], a["std"] = torch.tensor(a64["mean"]), torch.tensor(a64["std"], dtype=torch.float64)
+    out = _fused(a)
+    assert out.dtype == torch.float16
+    _check("tokens", out, call(patch_embed_ref, a), call(patch_embed_ref, a64), torch.float16)
+
+
+def test_batch_zero_and_class_rows_only():
+    a = make_inputs(Case(B=0, H=32, W=32, p=16, D=32), torch.float32)
+    assert _fused(a).shape == (0, 5, 32)
+    a = _leaves(make_inputs(Case(B=2, H=0, W=32, p=16, D=16, pos="full"), torch.float32), torch.float32)
+    out = _fused(a)  # no patches: the class token rows only
+    torch.testing.assert_close(out, (a["cls_token"] + a["pos_embed"]).expand(2, 1, 16), rtol=0, atol=0)
+    out.sum().backward()
+    assert torch.equal(a["weight"].grad, torch.zeros_like(a["weight"]))
+    assert torch.equal(a["cls_token"].grad, torch.full_like(a["cls_token"], 2.0))
+
+
+# ------------------------------------------------------------------ registration, dispatch
+def _op_args(a):
+    return (a["images"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"],
+            _stats(a["mean"], a["images"].device), _stats(a["std"], a["images"].device))
+
+
+@pytest.mark.parametrize("case", [Case(B=1, H=16, W=32, p=16, D=16),
+                                  Case(B=2, H=14, W=14, p=14, D=16, uint8=True, pos="patches")], ids=str)
+def test_opcheck(case):
+    a = _leaves(make_inputs(case, torch.float32), torch.float32)
+    args = _op_args(a)
+    torch.library.opcheck(_patch_embed_fused, args)
+    out = _patch_embed_fused(*args)
+    g = torch.randn_like(out)
+    mask = [a["images"].is_floating_point(), True, True, True, True]
+    P = a["pos_embed"].shape[1]
+    torch.library.opcheck(_patch_embed_fused_backward, (g, args[0].detach(), args[1].detach(), args[5], args[6],
+                                                        True, P, mask))
+
+
+def test_torch_compile_fullgraph():
+    case = Case(B=1, H=16, W=32, p=16, D=16, uint8=True)
+    a = make_inputs(case, torch.float32)
+    f = torch.compile(lambda *x, **k: patch_embed(*x, backend="fused", **k), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(call(f, a), _fused(a), rtol=0, atol=0)
+
+
+def test_dispatch_names_and_reasons():
+    a = make_inputs(Case(B=1, H=16, W=16, p=16, D=16))  # float64
+    reasons = patch_embed_fused_not_supported_reasons(a["images"], a["weight"], a["bias"], cls_token=a["cls_token"],
+                                                      pos_embed=a["pos_embed"], mean=a["mean"], std=a["std"])
+    assert any("weight has dtype torch.float64" in r for r in reasons)
+    with pytest.raises(KernelNotSupported, match="float64"):
+        _fused(a)
+    # "gemm" forces the C++ op (on the CPU: its CPU kernel), "auto" on CPU tensors takes it too
+    a32 = make_inputs(Case(B=1, H=16, W=16, p=16, D=16), torch.float32)
+    ref = call(patch_embed_ref, make_inputs(Case(B=1, H=16, W=16, p=16, D=16)))
+    for backend in ("gemm", "auto", "kernel"):
+        out = call(lambda *x, **k: patch_embed(*x, backend=backend, **k), a32)
+        assert max_err(out, ref) < 1e-4, backend
+    with pytest.raises(ValueError, match="backend"):
+        call(lambda *x, **k: patch_embed(*x, backend="cuda", **k), a32)
+
+
+def test_vec_width():
+    x = torch.zeros(2, 3, 32, 48)
+    assert tk.vec_width(x, 16) == 16 and tk.vec_width(x, 14) == 2 and tk.vec_width(x, 8) == 8
+    assert tk.vec_width(x.contiguous(memory_format=torch.channels_last), 16) == 1
+    assert tk.vec_width(torch.zeros(2, 3, 30, 30), 15) == 1
+    assert tk.vec_width(torch.zeros(2, 3, 40, 40)[..., 4:36], 16) == 8  # row stride 40
+
+
+def test_candidate_configs_fit_and_cover_narrow_widths():
+    vit_b = tk.candidate_configs(torch.empty(1, 3, 224, 224, dtype=torch.uint8), torch.empty(768, 3, 16, 16,
+                                                                                            dtype=torch.bfloat16))
+    assert len(vit_b) == tk.PRIMARY
+    narrow = tk.candidate_configs(torch.empty(1, 3, 32, 32), torch.empty(24, 3, 16, 16))
+    assert narrow and all(c["BLOCK_N"] <= 32 for c in narrow)
+
+
+# ------------------------------------------------------------------------------- GPU
+VIT_B = Case(B=4, H=224, W=224, p=16, D=768, uint8=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("uint8", [True, False])
+def test_cuda_every_config_2x_rule(uint8):
+    case = Case(B=4, H=224, W=224, p=16, D=768, uint8=uint8)
+    a64 = make_inputs(case, device="cuda")
+    a = make_inputs(case, torch.bfloat16, device="cuda")
+    ref, own = call(patch_embed_ref, a64), call(patch_embed_ref, a)
+    B, N, T, D = 4, 196, 197, 768
+    args = _op_args(a)
+    for cfg in tk.candidate_configs(a["images"], a["weight"]):
+        out = torch.empty((B, T, D), device="cuda", dtype=torch.bfloat16)
+        pos, mode = a["pos_embed"].reshape(T, D), 1
+        tk.launch_fwd(args[0], args[1].reshape(D, -1), args[2], args[3].reshape(-1), pos, mode, args[5], args[6],
+                      out, 16, config=cfg)
+        _check(f"tokens {cfg}", out, own, ref, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", [VIT_B, Case(B=3, H=28, W=42, p=14, D=80, pos="patches", channels_last=True)], ids=str)
+def test_cuda_fused_gradients_2x_rule_and_gemm_path(case, dtype):
+    a64 = _leaves(make_inputs(case, device="cuda"), torch.float64)
+    ref = call(patch_embed_ref, a64)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).cuda()
+    want = _grads(patch_embed_ref, a64, g)
+    fused = lambda *x, **k: patch_embed(*x, backend="fused", **k)  # noqa: E731
+    gemm = lambda *x, **k: patch_embed(*x, backend="gemm", **k)  # noqa: E731
+    got = _grads(fused, _leaves(make_inputs(case, dtype, device="cuda"), dtype), g)
+    own = _grads(patch_embed_ref, _leaves(make_inputs(case, dtype, device="cuda"), dtype), g)
+    a = make_inputs(case, dtype, device="cuda")
+    _check("tokens", call(fused, a), call(patch_embed_ref, a), ref, dtype)
+    _check("tokens (gemm)", call(gemm, a), call(patch_embed_ref, a), ref, dtype)
+    for k in want:
+        _check(f"d{k}", got[k], own[k], want[k], dtype)
