@@ -73,14 +73,25 @@ def test_fastvit_blocks_run_fused_and_match_timm(kw, monkeypatch, assert_grads_c
     assert_grads_close(_grads(f), _grads(t), RTOL)
 
 
-def test_patch_timm_fuses_blocks(monkeypatch):
+def test_patch_timm_fuses_blocks(monkeypatch, assert_grads_close):
     t = _timm(init_values=0.1)
     p = patch_timm(copy.deepcopy(t), backend="kernels")
     assert p.blocks[0].forward.__func__ is __import__("vitfast.integrations.timm", fromlist=["_"])._block_forward
     calls = _spy(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
+    out, ref = p(x), t(x)
+    assert rel_err(out, ref) <= RTOL
+    # the patched forward_features chains the blocks as FastViT does (blocks_forward): block
+    # boundaries and the final norm each in one add_layer_norm
+    assert calls == {"layer_norm": 1, "add_layer_norm": 2 + 1 + 1, "linear_bias_gelu": 2, "bias_scale_residual": 0}
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert_grads_close(_grads(p), _grads(t), RTOL)
+    # without the patched forward_features (patch_embed=False), timm's own loop: block by block
+    calls.update(dict.fromkeys(FUSED_OPS, 0))
+    e = patch_timm(copy.deepcopy(t), patch_embed=False, backend="kernels")
     with torch.no_grad():
-        assert rel_err(p(x), t(x)) <= RTOL
+        assert rel_err(e(x), ref) <= RTOL
     assert calls == dict.fromkeys(FUSED_OPS, 2)
     q = patch_timm(copy.deepcopy(t), fused=False, backend="kernels")
     assert "forward" not in q.blocks[0].__dict__

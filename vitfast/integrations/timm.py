@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .._dispatch import warn_fallback_once
 from ..modules.attention import attention_forward, check_backend
-from ..modules.block import block_forward, block_structure_problems
+from ..modules.block import block_forward, block_structure_problems, blocks_forward, fx_symbolic_tracing
 from ..modules.patch_embed import check_images, embed_images
 
 __all__ = ["patch_timm", "unpatch_timm", "is_patched", "RULES", "PatchRule"]
@@ -121,8 +121,21 @@ def _vit_forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tenso
     elif self.grad_checkpointing and not torch.jit.is_scripting():
         x = checkpoint_seq(self.blocks, x)
     else:
+        backends = [_fused_backends(blk) for blk in self.blocks]
+        if any(b is not None for b in backends) and not fx_symbolic_tracing():
+            # patched blocks hand the residual stream to the next block's norm1 (and the last one
+            # to the final norm) in one add_layer_norm each, as FastViT does (blocks_forward)
+            return blocks_forward(self.blocks, x, self.norm, backends)[1]
         x = self.blocks(x)
     return self.norm(x)
+
+
+def _fused_backends(blk: nn.Module) -> Optional[tuple]:
+    """(block backend, attention backend) of a block the "fused" rule patched, else None."""
+    marks = blk.__dict__.get(_MARK, {})
+    if "forward" not in marks or not hasattr(blk, "attn"):
+        return None
+    return marks["forward"], blk.attn.__dict__.get(_MARK, {}).get("forward", "reference")
 
 
 RULES = (

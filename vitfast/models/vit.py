@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..modules.attention import MODULE_BACKENDS, check_backend
-from ..modules.block import Block, blocks_forward
+from ..modules.block import Block, blocks_forward, fx_symbolic_tracing
 from ..modules.layers import init_linear, trunc_normal_
 from ..modules.patch_embed import PatchEmbed, check_images, embed_images, grid_of
 
@@ -41,14 +41,6 @@ def _take_indices(depth: int, indices: Optional[Union[int, Sequence[int]]]) -> T
         if bad:
             raise ValueError(f"indices {bad} are out of range for {depth} blocks")
     return take, max(take)
-
-
-def _fx_symbolic_tracing() -> bool:
-    """Inside torch.fx.symbolic_trace (torch >= 2.12 names it apart from torch.export's tracing,
-    whose is_fx_tracing() now warns on every call)."""
-    from torch.fx import _symbolic_trace as st
-
-    return (getattr(st, "is_fx_symbolic_tracing", None) or st.is_fx_tracing)()
 
 
 class FastViT(nn.Module):
@@ -269,7 +261,7 @@ class FastViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        if (self.grad_checkpointing and torch.is_grad_enabled()) or _fx_symbolic_tracing():
+        if (self.grad_checkpointing and torch.is_grad_enabled()) or fx_symbolic_tracing():
             for blk in self.blocks:  # one checkpoint / one graph leaf per block
                 x = self._run_block(blk, x)
             return self.norm(x)

@@ -21,7 +21,7 @@ documented reference path), with a one-time warning for ``"auto"`` on CUDA, and
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,8 @@ from ..ops.bias_scale_residual import bias_scale_residual
 from .attention import Attention, attention_core
 from .layers import DropPath, LayerScale, Mlp
 
-__all__ = ["Block", "block_forward", "blocks_forward", "block_fallback_reasons", "block_structure_problems"]
+__all__ = ["Block", "block_forward", "blocks_forward", "block_fallback_reasons", "block_structure_problems",
+           "fx_symbolic_tracing"]
 
 _GELUS = {"GELU": "none", "GELUTanh": "tanh"}  # timm's activation classes -> approximate
 
@@ -152,33 +153,50 @@ def _norm_joins(norm: Optional[nn.Module], mod: nn.Module, x: torch.Tensor) -> b
             and not add_layer_norm_not_supported_reasons(x, x, _gamma(mod.ls2), norm.weight, norm.bias))
 
 
-def blocks_forward(blocks, x: torch.Tensor, final_norm: Optional[nn.Module] = None):
+def fx_symbolic_tracing() -> bool:
+    """Inside torch.fx.symbolic_trace (torch >= 2.12 names it apart from torch.export's tracing,
+    whose is_fx_tracing() now warns on every call). Model loops run block by block then, so
+    that each block is one leaf of the graph, instead of :func:`blocks_forward`'s chain."""
+    from torch.fx import _symbolic_trace as st
+
+    return (getattr(st, "is_fx_symbolic_tracing", None) or st.is_fx_tracing)()
+
+
+def blocks_forward(blocks, x: torch.Tensor, final_norm: Optional[nn.Module] = None,
+                   backends: Optional[List[Optional[Tuple[str, str]]]] = None):
     """The blocks one after another, and ``final_norm`` (None: none) of the result; returns
-    ``(x, final_norm(x))``. Each block runs as :func:`block_forward` would (its
-    ``attn.backend``), and where a fused block is followed by another fused block (or by the
-    final LayerNorm), its last residual (fc2 bias, LayerScale, residual add) and the next
-    block's norm1 (or the final norm) are one ``add_layer_norm``: the residual stream is read
-    and written once per sub-layer instead of once more at each block boundary."""
+    ``(x, final_norm(x))``. Each block runs as :func:`block_forward` would, and where a fused
+    block is followed by another fused block (or by the final LayerNorm), its last residual (fc2
+    bias, LayerScale, residual add) and the next block's norm1 (or the final norm) are one
+    ``add_layer_norm``: the residual stream is read and written once per sub-layer instead of
+    once more at each block boundary.
+
+    ``backends``: per block ``(block backend, attention backend)``, or None for a block that runs
+    its own forward (e.g. a timm block ``patch_timm`` left unpatched); default: each vitfast
+    block's ``attn.backend`` for both."""
     blocks = list(blocks)
-    fused = [_fuses(b, b.attn.backend, x) if hasattr(b, "attn") else False for b in blocks]
+    if backends is None:
+        backends = [(b.attn.backend, b.attn.backend) if hasattr(b, "attn") else None for b in blocks]
+    fused = [be is not None and _fuses(b, be[0], x) for b, be in zip(blocks, backends)]
     h = None
     for i, blk in enumerate(blocks):
         if not fused[i]:
             x, h = blk(x), None
             continue
-        op_backend = "auto" if blk.attn.backend == "auto" else "kernel"
+        backend, attn_backend = backends[i]
+        op_backend = "auto" if backend == "auto" else "kernel"
         last = i + 1 == len(blocks)
         nxt = None if last else blocks[i + 1]
         if nxt is not None and fused[i + 1] and _norm_joins(nxt.norm1, blk, x):
-            x, h = _fused(blk, x, blk.attn.backend, None, False, op_backend, h=h, next_norm=nxt.norm1,
+            x, h = _fused(blk, x, attn_backend, None, False, op_backend, h=h, next_norm=nxt.norm1,
                           next_dtype=_autocast_dtype(x))
         elif last and final_norm is not None and _norm_joins(final_norm, blk, x):
             # the final norm's output dtype as eager LayerNorm gives it (fp32 under autocast)
-            x, h = _fused(blk, x, blk.attn.backend, None, False, op_backend, h=h, next_norm=final_norm,
+            x, h = _fused(blk, x, attn_backend, None, False, op_backend, h=h, next_norm=final_norm,
                           next_dtype=None)
             return x, (h if h is not None else final_norm(x))
         else:
-            x, h = _fused(blk, x, blk.attn.backend, None, False, op_backend, h=h), None
+            x, h = _fused(blk, x, attn_backend, None, False, op_backend, h=h), None
     return x, (final_norm(x) if final_norm is not None else None)
 
 
