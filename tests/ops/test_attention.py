@@ -486,6 +486,15 @@ def test_every_tma_candidate_config_matches_reference(kind):
         assert _err(out, ref) < 2e-6, c
 
 
+def test_tma_warp_specialised_configs_only_at_4_warps_in_16_bit():
+    """Triton specialises only at 4 warps (at 8 it silently runs the plain loop) and its pass crashes
+    on fp32's 3xTF32 dots: such configs are pruned."""
+    half = kernels.candidate_configs("fwd_tma", torch.empty(2, 12, 197, 64, dtype=torch.float16))
+    ws = [c for c in half if c["WARP_SPEC"]]
+    assert ws and all(c["num_warps"] == 4 for c in ws) and len(ws) < len(half)
+    assert not any(c["WARP_SPEC"] for c in kernels.candidate_configs("fwd_tma", torch.empty(2, 12, 197, 64)))
+
+
 def test_tma_reasons_and_forced_variant(fwd_variant):
     """TMA's layout rules are reasons: a base pointer off 16 bytes, a token stride that is not a
     multiple of 16 bytes, a head dim beyond 128; a forced variant raises with every reason, auto
@@ -495,6 +504,12 @@ def test_tma_reasons_and_forced_variant(fwd_variant):
     k, v = _qkv(1, 2, 50, 72, torch.float16)[:2]
     reasons = kernels.tma_not_supported_reasons(q, k, v, torch.empty_like(k))
     assert len(reasons) == 2 and "q's data pointer" in reasons[0] and "multiples of 16 bytes" in reasons[1]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:  # as torch.compile traces the op: no data pointer, the same reasons
+        fq, fk = mode.from_tensor(base)[..., 4:], mode.from_tensor(k)
+        assert kernels.tma_not_supported_reasons(fq, fk, fk, fk) == reasons
+        assert kernels.tma_not_supported_reasons(fk, fk, fk, fk) == []
     wide = torch.empty(1, 1, 4, 256)
     assert any("checked up to 128" in r for r in kernels.tma_not_supported_reasons(wide, wide, wide, wide))
     assert kernels.forward_variant(q, k, v, torch.empty_like(k)) == "pointer"  # auto, on the CPU

@@ -777,8 +777,10 @@ def _fits_warp_specialized(own: int, loop: int, block_d: int, warps: int, stages
     """A warp-specialised TMA forward config: Triton specialises only at 4 warps (384 threads: the
     consumers get 232 registers by setmaxnreg, none spilled up to 128 x 128 at D = 128 on sm_90); at
     8 it silently does not (256 threads, the plain kernel). Shared memory: the plain kernel's plus a
-    128-row [rows, D] buffer (measured: +16 KiB at D = 64, +32 KiB at D = 128, 16-bit)."""
-    return warps == 4 and _fwd_smem(own, loop, block_d, stages, el) + 128 * block_d * el <= _SMEM_BYTES
+    128-row [rows, D] buffer (measured: +16 KiB at D = 64, +32 KiB at D = 128, 16-bit). Not for fp32
+    inputs: their 3xTF32 dots crash the warp-specialisation pass (triton 3.8, sm_90)."""
+    return (warps == 4 and el == 2
+            and _fwd_smem(own, loop, block_d, stages, el) + 128 * block_d * el <= _SMEM_BYTES)
 
 
 def _make_prune(kind: str):
@@ -1036,13 +1038,23 @@ def tma_not_supported_reasons(q, k, v, out) -> list[str]:
         el = t.element_size()
         if t.stride(-1) != 1:
             reasons.append(f"{name}.stride(-1) is {t.stride(-1)}; TMA needs 1")
-        if t.data_ptr() % 16:
+        if not _base_aligned16(t):
             reasons.append(f"{name}'s data pointer is not 16-byte aligned (TMA)")
         bad = [st for st in t.stride()[:3] if (st * el) % 16 or st <= 0]
         if bad:
             reasons.append(f"{name} has strides {tuple(t.stride()[:3])} ({el}-byte elements); TMA needs the "
                            "batch, head and token strides positive multiples of 16 bytes")
     return reasons
+
+
+def _base_aligned16(t: torch.Tensor) -> bool:
+    """t's first element on a 16-byte boundary. A tensor without storage (a FakeTensor while
+    torch.compile traces the op) says it by its offset into a storage the allocator aligned."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t) or t.device.type == "meta":
+        return t.storage_offset() * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
 
 
 def _tma_device_reasons(device: torch.device) -> list[str]:
