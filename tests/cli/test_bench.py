@@ -83,7 +83,8 @@ def test_json_rows_have_documented_fields(tiny_run):
     doc = json.loads((out / "r.json").read_text())
     assert doc["schema"] == bu.SCHEMA and doc["kind"] == "e2e"
     rows = doc["rows"]
-    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in bench.IMPLS for m in ("infer", "train")}
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in bench.CPU_DEFAULTS["impl"]
+                                                     for m in ("infer", "train")}
     for r in rows:
         assert E2E_FIELDS <= set(r), E2E_FIELDS - set(r)
         assert r["status"] == "ok"
@@ -486,7 +487,7 @@ def test_inference_rows_replay_a_cuda_graph_for_every_implementation(tmp_path, m
     assert bench.main(TINY + ["--mode", "both", "--json", str(tmp_path / "g.json")]) == 0
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert {(r["impl"], r["mode"], r["cuda_graph"]) for r in rows} == (
-        {(i, "infer", True) for i in bench.IMPLS} | {(i, "train", False) for i in bench.IMPLS})
+        {(i, "infer", True) for i in bench.CPU_DEFAULTS["impl"]} | {(i, "train", False) for i in bench.CPU_DEFAULTS["impl"]})
     assert all(r["status"] == "ok" for r in rows) and replays
     assert all(r["cuda_graph"] is False for r in json.loads((tmp_path / "g.json").read_text())["rows"]
                if r["mode"] == "train")
@@ -511,3 +512,21 @@ def test_gpu_inference_with_and_without_cuda_graphs(tmp_path):
         rows = json.loads(out.read_text())["rows"]
         assert all(r["status"] == "ok" and r["cuda_graph"] is graph for r in rows), rows
         assert max(r["max_rel_err_vs_reference"] for r in rows) < 2e-2
+
+
+def test_fastvit_kernels_forces_the_kernels_for_its_own_steps_only(tmp_path):
+    """fastvit_kernels (default on a GPU): the same model with every dispatch choice forced onto
+    the kernels while its entry is built and stepped; fastvit beside it keeps the table."""
+    from vitfast import dispatch
+
+    assert bench.GPU_DEFAULTS["impl"] == list(bench.IMPLS) and "fastvit_kernels" not in bench.CPU_DEFAULTS["impl"]
+    before = dispatch.override()
+    rc = bench.main(TINY + ["--mode", "both", "--impl", "reference", "fastvit", "fastvit_kernels", "--json",
+                            str(tmp_path / "k.json")])
+    assert rc == 0 and dispatch.override() == before  # forced only inside its entry
+    rows = {(r["impl"], r["mode"]): r for r in json.loads((tmp_path / "k.json").read_text())["rows"]}
+    for mode in ("infer", "train"):
+        assert rows[("fastvit_kernels", mode)]["status"] == "ok"
+        assert rows[("fastvit_kernels", mode)]["dispatch_mode"] == "kernel"
+        assert rows[("fastvit", mode)]["dispatch_mode"] == before
+    assert rows[("fastvit_kernels", "infer")]["max_rel_err_vs_reference"] < 1e-4

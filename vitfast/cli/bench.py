@@ -51,11 +51,15 @@ from .report import NOISY_SPREAD, e2e_display_rows, format_text_table, impl_labe
 
 __all__ = ["main", "run", "build_model", "IMPLS", "CPU_DEFAULTS", "GPU_DEFAULTS"]
 
-IMPLS = ("reference", "fastvit", "timm")  # reference first: the others are compared with it
-CPU_DEFAULTS = dict(model=["vit_tiny_patch16_224"], batch_size=8, dtype="fp32", mode="infer", warmup=2, iters=8)
+# reference first: the others are compared with it. "fastvit" follows the measured dispatch table
+# (what users get); "fastvit_kernels" is the same model with every op forced onto vitfast's kernels
+# (VITFAST_DISPATCH=kernel for its steps only), so one run shows what the table saves.
+IMPLS = ("reference", "fastvit", "fastvit_kernels", "timm")
+CPU_DEFAULTS = dict(model=["vit_tiny_patch16_224"], batch_size=8, dtype="fp32", mode="infer", warmup=2, iters=8,
+                    impl=["reference", "fastvit", "timm"])  # no table on the CPU: fastvit_kernels == fastvit
 GPU_DEFAULTS = dict(
     model=["vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224"],
-    batch_size=256, dtype="bf16", mode="both", warmup=10, iters=30,
+    batch_size=256, dtype="bf16", mode="both", warmup=10, iters=30, impl=list(IMPLS),
 )
 N_INPUT_BUFFERS = 3
 
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="override the number of blocks (quick runs)")
     p.add_argument("--dtype", choices=sorted(bu.DTYPES), help="compute dtype (CPU fp32, GPU bf16)")
     p.add_argument("--mode", choices=("infer", "train", "both"), help="inference, training step, or both (CPU infer, GPU both)")
-    p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to time (default: all three)")
+    p.add_argument("--impl", nargs="+", choices=IMPLS, help="implementations to time (default: all on a GPU; on a CPU "
+                   "all but fastvit_kernels, which equals fastvit there)")
     p.add_argument("--compile", action="store_true", help="also time each implementation under torch.compile")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="GPU inference: time the plain forward instead of replaying it from a CUDA graph (by default "
@@ -157,7 +162,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, **
         patch = MODEL_CONFIGS[name]["patch_size"]
         if args.img_size is not None and args.img_size % patch:
             _fail(parser, f"--img-size {args.img_size} is not divisible by {name}'s patch size {patch}")
-    impls = list(dict.fromkeys(args.impl))
+    impls = list(dict.fromkeys(val["impl"]))
     if "timm" in impls:
         try:
             import timm
@@ -205,10 +210,10 @@ def build_model(name: str, impl: str, overrides: dict, device: torch.device, uin
     """The model of one implementation, built on ``device``. With ``uint8``, timm's model is
     preceded by a :class:`Normalize` pass (FastViT takes uint8 itself)."""
     with torch.device(device):
-        if impl in ("fastvit", "reference"):
+        if impl in ("fastvit", "fastvit_kernels", "reference"):
             import vitfast
 
-            return vitfast.create_model(name, backend="auto" if impl == "fastvit" else "reference", **overrides)
+            return vitfast.create_model(name, backend="reference" if impl == "reference" else "auto", **overrides)
         if impl == "timm":
             import timm
 
@@ -313,6 +318,25 @@ def prepare_entry(
                      warmup=cfg.warmup, iters=cfg.iters, status="ok")
     entry = Entry(row)
     cuda = cfg.device.type == "cuda"
+    # fastvit_kernels: every dispatch choice of this entry (build, compile, capture, steps) forced
+    # onto the kernels; compile traces and CUDA graphs capture the path chosen inside
+    with (dispatch.forced("kernel") if impl == "fastvit_kernels" else contextlib.nullcontext()):
+        _prepare(cfg, entry, name, impl, compiled, mode, weights, ref_out, on_step)
+    if impl == "fastvit_kernels" and entry.step is not None:
+        inner = entry.step
+
+        def forced_step(i: int, _inner=inner):
+            with dispatch.forced("kernel"):
+                return _inner(i)
+
+        entry.step = forced_step
+    return entry
+
+
+def _prepare(cfg: Config, entry: Entry, name: str, impl: str, compiled: bool, mode: str, weights: dict,
+             ref_out: dict, on_step: Callable[[], None]) -> None:
+    row = entry.row
+    cuda = cfg.device.type == "cuda"
     try:
         if cuda:
             _sync(cfg.device)
@@ -372,7 +396,6 @@ def prepare_entry(
             traceback.print_exc(file=sys.stderr)
         entry.step = entry.keep = None
         _free_device(cfg.device)
-    return entry
 
 
 def time_group(cfg: Config, entries: dict, peak: dict, on_step: Callable[[], None]) -> None:

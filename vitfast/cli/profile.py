@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="override the number of blocks")
     p.add_argument("--dtype", choices=sorted(bu.DTYPES), help="compute dtype (CPU fp32, GPU bf16)")
     p.add_argument("--mode", choices=("infer", "train"), default="infer")
-    p.add_argument("--impl", choices=IMPLS, default="fastvit", help="which implementation to profile (default fastvit)")
+    p.add_argument("--impl", choices=[i for i in IMPLS if i != "fastvit_kernels"], default="fastvit", help="which implementation to profile (default fastvit)")
     p.add_argument("--uint8", action="store_true", help="feed raw uint8 images")
     p.add_argument("--device", default="auto", help="auto (GPU when visible), cpu or cuda[:N]")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")

@@ -153,7 +153,7 @@ _EPILOGUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _tanh_allowed(allow: Optional[bool]) -> bool:
     if allow is not None:
         return bool(allow)
-    return os.environ.get(GELU_EPILOGUE_ENV, "0").strip().lower() in ("1", "true", "yes", "tanh")
+    return os.environ.get("VITFAST_GELU_EPILOGUE", "0").strip().lower() in ("1", "true", "yes", "tanh")
 
 
 def gelu_epilogue_reasons(h: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str = "none",
