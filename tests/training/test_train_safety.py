@@ -101,6 +101,16 @@ def test_bad_flags_get_a_one_line_error_and_exit_2(argv, message, capsys):
 
 
 # -- stopping on a signal -----------------------------------------------------------------------
+def _resume_repeats_the_run(args, out, stopped):
+    """--resume auto from the checkpoint at ``stopped`` gives the uninterrupted run's later losses
+    bit for bit (both runs in this process: same host, same threads)."""
+    resumed = run_inprocess(args + ["--output-dir", str(out), "--resume", "auto"])
+    full = run_inprocess(args)
+    assert resumed.start_step == stopped
+    assert _losses(resumed) == {k: v for k, v in _losses(full).items() if k > stopped}
+    return resumed, full
+
+
 def test_sigint_to_a_child_saves_and_resume_auto_repeats_the_uninterrupted_run(tmp_path):
     """A child `vitfast train` (each step slowed down so that it is still running) gets SIGINT
     once it has logged a step: one line naming --resume auto, exit code 130, no traceback, a
@@ -128,10 +138,7 @@ def test_sigint_to_a_child_saves_and_resume_auto_repeats_the_uninterrupted_run(t
     stopped = int(ckpt.split("_")[1])
     assert 1 <= stopped < total and f"after step {stopped}/{total}" in note and ckpt in note
 
-    resumed = run_inprocess(args + ["--output-dir", str(out), "--resume", "auto"])
-    full = run_inprocess(args)
-    assert resumed.start_step == stopped
-    assert _losses(resumed) == {k: v for k, v in _losses(full).items() if k > stopped}
+    resumed, full = _resume_repeats_the_run(args, out, stopped)
     assert read_losses(out) == _losses(full)  # metrics.jsonl: the two parts make the whole run
     assert resumed.evals[-1] == full.evals[-1]
 
@@ -157,10 +164,7 @@ def test_sigterm_saves_the_current_step_collectively_and_resumes_exactly(tmp_pat
     assert list_checkpoints(str(out / "checkpoints")) == ["step_00000002"]
     assert os.path.isdir(out / "checkpoints" / "step_00000002" / ("dcp" if mode == "fsdp" else "rng"))
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
-    resumed = run_inprocess(args + ["--output-dir", str(out), "--resume", "auto"])
-    full = run_inprocess(args)
-    assert resumed.start_step == 2
-    assert _losses(resumed) == {k: v for k, v in _losses(full).items() if k > 2}
+    _resume_repeats_the_run(args, out, 2)
 
 
 def test_a_signal_without_output_dir_says_nothing_was_saved(monkeypatch, capsys):
