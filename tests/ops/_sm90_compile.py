@@ -13,12 +13,15 @@ launch is compiled the way Triton's JIT would compile it on an H100/H200:
 * the launch options (warps, stages) of the launcher or the config.
 
 One JSON line per compiled kernel: case, kernel, config, shared bytes, registers, spill
-bytes (from ``ptxas -v`` on the kernel's PTX) and counts of the instructions that decide
-speed on Hopper (``wgmma``, ``cp.async``, TMA bulk copies, 16-byte global loads), or the
-error. ``--table`` prints the same as a table (``--both``: the lines, then the table). Used by tests/ops/test_gpu_path.py.
+bytes (from ``ptxas -v`` on the kernel's PTX), threads per block (the PTX's ``.maxntid``: warp
+specialisation adds producer warps), resident blocks per SM (from registers x threads and shared
+memory), counts of the instructions that decide speed on Hopper (``wgmma``, ``cp.async``, TMA bulk
+copies, 16-byte global loads) and the TMA copies issued before the first barrier wait
+(``tma_before_wait``), or the error. ``--table`` prints the same as a table (``--both``: the lines, then the table). Used by tests/ops/test_gpu_path.py.
 
     python tests/ops/_sm90_compile.py --table                      # every case the ops declare
     python tests/ops/_sm90_compile.py attention:bfloat16:64:197 fused:bfloat16:768 --table
+    python tests/ops/_sm90_compile.py attention_fwd:float16:80:4096 --table   # the TMA forwards only
 """
 
 from __future__ import annotations
@@ -73,14 +76,16 @@ class _Launch:
 def captured_launches():
     """Launches made by the ops inside the block are recorded (kernel, args, kwargs), not run."""
     log: list = []
-    saved = ak._wrap, fk._wrap, fk._programs_target, ak.set_autotune(True)
+    saved = ak._wrap, fk._wrap, fk._programs_target, ak._tma_device_reasons, ak._device_sms, ak.set_autotune(True)
     ak._wrap = fk._wrap = lambda kernel: _Launch(kernel, log)
     fk._programs_target = lambda device: 4 * H100_SMS
+    ak._tma_device_reasons = lambda device: []  # CPU tensors stand in for an sm_90 GPU's
+    ak._device_sms = lambda device: H100_SMS
     try:
         yield log
     finally:
-        ak._wrap, fk._wrap, fk._programs_target = saved[:3]
-        ak.set_autotune(saved[3])
+        ak._wrap, fk._wrap, fk._programs_target, ak._tma_device_reasons, ak._device_sms = saved[:5]
+        ak.set_autotune(saved[5])
 
 
 def _fwd_bwd(op, *args):
@@ -95,19 +100,43 @@ def _leaf(shape, dtype):
     return torch.randn(shape, dtype=dtype).requires_grad_()
 
 
+def _both_layouts(dtype, D, N, B, H, scale, backward=True):
+    call = _fwd_bwd if backward else (lambda op, *args: op(*args))
+    call(torch.ops.vitfast.attention_packed_fwd, _leaf((B, N, 3 * H * D), dtype), H, scale)
+    q, k, v = (_leaf((B, H, N, D), dtype) for _ in range(3))
+    call(torch.ops.vitfast.attention_fwd, q, k, v, scale)
+
+
 def attention_case(dtype: torch.dtype, D: int, N: int, B: int = 2, H: int = 3) -> None:
     """The packed op (FastViT's qkv layout) and the [B, H, N, D] op, forward and backward, with
     every backward variant (ak.BWD_VARIANTS: the 5-matmul kernel deterministic and atomic, the
-    7-matmul pair)."""
+    7-matmul pair), then the forward alone with every other forward variant (ak.FWD_VARIANTS:
+    the TMA kernels, plain and persistent)."""
     scale = D ** -0.5
-    for variant in [v for v in ak.BWD_VARIANTS if v != "auto"]:
-        previous = ak.set_backward_variant(variant)
-        try:
-            _fwd_bwd(torch.ops.vitfast.attention_packed_fwd, _leaf((B, N, 3 * H * D), dtype), H, scale)
-            q, k, v = (_leaf((B, H, N, D), dtype) for _ in range(3))
-            _fwd_bwd(torch.ops.vitfast.attention_fwd, q, k, v, scale)
-        finally:
-            ak.set_backward_variant(previous)
+    previous_fwd = ak.set_forward_variant("pointer")
+    try:
+        for variant in [v for v in ak.BWD_VARIANTS if v != "auto"]:
+            previous = ak.set_backward_variant(variant)
+            try:
+                _both_layouts(dtype, D, N, B, H, scale)
+            finally:
+                ak.set_backward_variant(previous)
+    finally:
+        ak.set_forward_variant(previous_fwd)
+    attention_fwd_case(dtype, D, N, B, H)
+
+
+def attention_fwd_case(dtype: torch.dtype, D: int, N: int, B: int = 2, H: int = 3) -> None:
+    """The forward alone, both layouts, with every forward variant but the pointer kernel (which
+    ``attention`` cases compile with their backward): the TMA kernels at any head dim and length."""
+    previous = ak.set_forward_variant("pointer")
+    try:
+        with torch.no_grad():
+            for variant in [v for v in ak.FWD_VARIANTS if v not in ("auto", "pointer")]:
+                ak.set_forward_variant(variant)
+                _both_layouts(dtype, D, N, B, H, D ** -0.5, backward=False)
+    finally:
+        ak.set_forward_variant(previous)
 
 
 def fused_case(dtype: torch.dtype, C: int, M: int = 2 * 197) -> None:
@@ -123,14 +152,18 @@ def fused_case(dtype: torch.dtype, C: int, M: int = 2 * 197) -> None:
 
 
 def cases(spec: str):
-    """``attention:<dtype>:<D>:<N>`` or ``fused:<dtype>:<C>`` -> a function making the launches."""
+    """``attention:<dtype>:<D>:<N>`` (every forward and backward variant), ``attention_fwd:<dtype>:<D>:<N>``
+    (the TMA forwards only) or ``fused:<dtype>:<C>`` -> a function making the launches."""
     kind, dt, *sizes = spec.split(":")
     dtype = getattr(torch, dt)
     if kind == "attention":
         return lambda: attention_case(dtype, *map(int, sizes))
+    if kind == "attention_fwd":
+        return lambda: attention_fwd_case(dtype, *map(int, sizes))
     if kind == "fused":
         return lambda: fused_case(dtype, *map(int, sizes))
-    raise ValueError(f"unknown case {spec!r}: expected attention:<dtype>:<D>:<N> or fused:<dtype>:<C>")
+    raise ValueError(f"unknown case {spec!r}: expected attention:<dtype>:<D>:<N>, attention_fwd:<dtype>:<D>:<N> "
+                     "or fused:<dtype>:<C>")
 
 
 def declared_cases() -> list[str]:
@@ -180,6 +213,34 @@ def ptxas_usage(ptx: str, arch: str) -> dict:
                 spill_loads=total(r"(\d+) bytes spill loads"), stack=total(r"(\d+) bytes stack frame"))
 
 
+SM90_REGS, SM90_SMEM, SM90_THREADS, SM90_BLOCKS = 65536, 228 * 1024, 2048, 32  # per SM (H100/H200)
+
+
+def _threads(ptx: str, num_warps: int) -> int:
+    """Threads per block: the PTX's .maxntid/.reqntid (warp specialisation adds warps), else num_warps."""
+    m = re.search(r"\.(?:maxntid|reqntid)\s+(\d+)", ptx)
+    return int(m.group(1)) if m else 32 * num_warps
+
+
+def blocks_per_sm(registers, threads: int, shared: int):
+    """Resident blocks per SM on sm_90: registers (allocated per warp in units of 256), shared
+    memory (+1 KiB reserved per block), threads and the 32-block limit."""
+    if not registers:
+        return None
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = SM90_REGS // (per_warp * -(-threads // 32))
+    return min(by_regs, SM90_SMEM // (shared + 1024), SM90_THREADS // threads, SM90_BLOCKS)
+
+
+def _tma_before_wait(ptx: str) -> int:
+    """TMA copies issued before the first barrier wait in the PTX: 1 where Q's copy is waited for
+    before the first K/V copies are issued; Q's and the first K/V tiles' copies in flight together
+    would count 3 or more (2-chunk head dims: more)."""
+    first_wait = re.search(r"\bmbarrier\.try_wait", ptx)
+    head = ptx[:first_wait.start()] if first_wait else ptx
+    return len(re.findall(INSTRUCTIONS["tma"], head))
+
+
 def compile_launch(fn, args, kwargs) -> dict:
     """Compile ``fn`` for sm_90 as the JIT would for ``fn[grid](*args, **kwargs)``."""
     backend = make_backend(TARGET)
@@ -195,7 +256,11 @@ def compile_launch(fn, args, kwargs) -> dict:
         return dict(error=f"{type(e).__name__}: {str(e)[-400:]}")
     ptx = ck.asm["ptx"]
     arch = m.group(1) if (m := re.search(r"^\.target\s+(\w+)", ptx, re.M)) else "sm_90a"
-    return dict(error=None, shared=ck.metadata.shared, **ptxas_usage(ptx, arch),
+    usage = ptxas_usage(ptx, arch)
+    threads = _threads(ptx, options.num_warps)
+    return dict(error=None, shared=ck.metadata.shared, **usage, threads=threads,
+                blocks_per_sm=blocks_per_sm(usage["registers"], threads, ck.metadata.shared),
+                tma_before_wait=_tma_before_wait(ptx),
                 divisible_16=sum(len(v) for v in attrs.values()) if isinstance(attrs, dict) else None,
                 **{name: len(re.findall(pat, ptx)) for name, pat in INSTRUCTIONS.items()})
 
@@ -219,16 +284,17 @@ def compile_case(spec: str):
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'case':<26} {'kernel':<24} {'config':<44} {'regs':>4} {'spill':>5} {'smem':>7} " \
-           f"{'wgmma':>5} {'cp.as':>5} {'tma':>3} {'ld.v4':>5}"
+    head = f"{'case':<26} {'kernel':<24} {'config':<44} {'regs':>4} {'thr':>4} {'spill':>5} {'smem':>7} " \
+           f"{'blk/SM':>6} {'wgmma':>5} {'cp.as':>5} {'tma':>3} {'tma<w':>5} {'ld.v4':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["error"]:
             lines.append(f"{r['spec']:<26} {r['kernel']:<24} {r['config']:<44} {r['error'][:80]}")
             continue
         spill = (r["spill_stores"] or 0) + (r["spill_loads"] or 0)
-        lines.append(f"{r['spec']:<26} {r['kernel']:<24} {r['config']:<44} {r['registers'] or '?':>4} {spill:>5} "
-                     f"{r['shared']:>7} {r['wgmma']:>5} {r['cp_async']:>5} {r['tma']:>3} {r['ld_global_v4']:>5}")
+        lines.append(f"{r['spec']:<26} {r['kernel']:<24} {r['config']:<44} {r['registers'] or '?':>4} "
+                     f"{r['threads']:>4} {spill:>5} {r['shared']:>7} {r['blocks_per_sm'] or '?':>6} {r['wgmma']:>5} "
+                     f"{r['cp_async']:>5} {r['tma']:>3} {r['tma_before_wait']:>5} {r['ld_global_v4']:>5}")
     lines.append(f"triton {triton.__version__}, torch {torch.__version__}, target sm_90; "
                  "spill = spill store + load bytes (ptxas -v)")
     return "\n".join(lines)

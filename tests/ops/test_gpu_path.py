@@ -58,7 +58,7 @@ print(json.dumps(out))
     names = json.loads(res.stdout.strip().splitlines()[-1])
     if all(v is None for v in names.values()):
         pytest.skip("this torch has no triton_ops_to_kernels table")
-    assert names["attention_fwd"] == ["_attn_fwd_kernel"]
+    assert names["attention_fwd"] == ["_attn_fwd_kernel", "_attn_fwd_tma_kernel", "_attn_fwd_tma_persistent_kernel"]
     assert names["attention_packed_bwd"] == ["_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
                                              "_attn_bwd_fused_kernel"]
     assert names["add_layer_norm_bwd"] == ["_ln_bwd_kernel"] and names["bias_gelu_fwd"] == ["_bias_gelu_fwd_kernel"]
@@ -83,8 +83,9 @@ def _sm90_cases() -> list[str]:
 
     return list(dict.fromkeys(case for spec in SPECS.values() for case in spec.sm90))
 
+TMA_KERNELS = {"_attn_fwd_tma_kernel", "_attn_fwd_tma_persistent_kernel"}
 KERNELS = {"attention": {"_attn_fwd_kernel", "_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-                         "_attn_bwd_fused_kernel"},
+                         "_attn_bwd_fused_kernel"} | TMA_KERNELS,
            "fused": {"_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel",
                      "_bias_scale_residual_fwd_kernel", "_bias_scale_residual_bwd_kernel"}}
 
@@ -125,6 +126,50 @@ def test_kernels_compile_for_sm90(triton_path):
     for r in half:
         assert r["cp_async"] or r["tma"], f"unpipelined: {r}"
         assert (r["spill_stores"] or 0) + (r["spill_loads"] or 0) == 0, f"spills: {r}"
+    _check_tma_rows([r for r in rows if r["kernel"] in TMA_KERNELS])
+
+
+def _check_tma_rows(rows: list[dict]) -> None:
+    """The TMA forwards as compiled for sm_90: every copy a TMA copy, wgmma wherever a tile has 64
+    rows or more, warp-specialised configs really specialised (more threads than num_warps: the
+    producer warps), within the shared memory one block may have, spills of a few bytes at most."""
+    assert rows, "no TMA forward compiled"
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["shared"] <= H100_SMEM_PER_BLOCK, r
+        if ":float32:" not in r["spec"]:  # fp32 (3xTF32 dots) spills, as in the pointer kernel
+            assert (r["spill_stores"] or 0) + (r["spill_loads"] or 0) <= 8, f"spills: {r}"
+        assert r["tma"] > 0 and r["cp_async"] == 0, f"not TMA: {r}"
+        cfg = dict(kv.split("=") for kv in r["config"].split(","))
+        if int(cfg["BLOCK_M"]) >= 64:
+            assert r["wgmma"] > 0, f"no wgmma: {r}"
+        if cfg.get("WARP_SPEC") == "True":
+            assert r["threads"] > 32 * int(cfg["num_warps"]), f"not warp-specialised: {r}"
+        assert r["blocks_per_sm"] >= 1, r
+        if "PER_SM" in cfg:  # the persistent grid assumes this many programs resident per SM
+            assert r["blocks_per_sm"] >= int(cfg["PER_SM"]), r
+
+
+# Every head dim the TMA forwards take in 16-bit, at a ViT length and a long one (N % 16 == 0: another
+# specialisation), both layouts; the declared cases add fp32 at D = 128.
+TMA_CASES = [f"attention_fwd:{dt}:{D}:{N}" for dt in ("float16", "bfloat16") for D in (64, 72, 80, 88, 128)
+             for N in (197, 4096)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
+@pytest.mark.parametrize("triton_path", _tritons())
+def test_tma_forwards_compile_for_sm90(triton_path):
+    """Every config of both TMA forwards at D = 64, 72, 80, 88, 128 in fp16 and bf16, N = 197 and
+    4096, compiled for sm_90 with the JIT's specialisation (see _check_tma_rows)."""
+    env = {"PYTHONPATH": triton_path} if triton_path else {}
+    res = _run_compiled([str(HERE / "_sm90_compile.py"), "--both", *TMA_CASES], env=env, timeout=3000)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    print("\n".join(line for line in res.stdout.splitlines() if not line.startswith("{")))
+    for case in TMA_CASES:
+        assert {r["kernel"] for r in rows if r["spec"] == case} == TMA_KERNELS, case
+    _check_tma_rows(rows)
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")

@@ -10,16 +10,18 @@ The forward variants (``attention.FWD_VARIANTS``) besides the pointer kernel:
   so the copy engine's out-of-bounds zero fill replaces every row and column mask: one loop
   over ``cdiv(N, BLOCK_N)`` key tiles (no tail loop), with the key columns past N set to -inf
   in the scores (zero-filled keys would otherwise score 0), and the output store drops the
-  rows past N by itself. Q is a TMA copy too, issued before the loop beside the pipeline's
-  first K/V copies instead of loaded through registers and stored to shared memory first.
-  With ``WARP_SPEC`` the key loop is ``tl.range(..., warp_specialize=True)``: a producer warp
+  rows past N by itself. Q is a TMA copy too, straight into shared memory instead of loaded
+  through registers and stored there; but as compiled for sm_90 (triton 3.6 and 3.8) the program
+  still waits for it before the pipeline's first K/V copies are issued (``tma_before_wait`` = 1 in
+  tests/ops/_sm90_compile.py), so at short N each program still pays one copy latency up front;
+  configs fitting two or more programs per SM hide it. With ``WARP_SPEC`` the key loop is ``tl.range(..., warp_specialize=True)``: a producer warp
   group issues the copies, the consumer warps do the dots and the softmax.
 * ``tma_persistent``: the same tile, with ``PER_SM`` programs per SM (grid = min(tiles,
   SMs x PER_SM)) each walking the flattened (batch, head, query tile) list in steps of the grid
   size. Its descriptors span the whole ``[B, H, N, D]`` tensor (rank 4, block ``[1, 1, rows,
   cols]``, zero fill still at each head's row N), so they are made once per program rather than
-  once per tile. Warp specialisation is not used here (nested inside the tile loop it is not
-  supported on Hopper by the Tritons we build with).
+  once per tile. No warp specialisation here (not tried nested inside the loop over tiles; the
+  ``tma`` kernel's configs carry it).
 
 Head dims are the pointer kernel's column chunks (``attention.d_chunks``): 80 = 64 + 16 through
 two descriptors over the same rows, one ``[rows, 64]`` box at column 0 and one ``[rows, 16]``
