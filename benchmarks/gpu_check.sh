@@ -96,7 +96,7 @@ for path in sorted(glob.glob(f"{out}/*_attention_candidates.json")):
         groups.setdefault(key, []).append(r)
     for key, rs in groups.items():
         parts = []
-        for kind in ("fwd", "dkdv", "dq", "fused", "atomic"):
+        for kind in ("fwd", "fwd_tma", "fwd_tma_persistent", "dkdv", "dq", "fused", "atomic"):
             ok = [r for r in rs if r["op"] == "attention_candidate" and r["kernel"] == kind and r["status"] == "ok"]
             if ok:
                 best = min(ok, key=lambda r: r["ms"])
@@ -110,6 +110,10 @@ for path in sorted(glob.glob(f"{out}/*_attention_candidates.json")):
                     for r in rs if r["op"] == "attention_bwd_variant"]
         if variants:
             print("    backward variants (best candidates summed): " + ", ".join(variants))
+        fwd = [f"{r['fwd']}{' (auto)' if r['auto'] else ''} {r['ms']:.3f} ms x{r['x_best']}"
+               for r in rs if r["op"] == "attention_fwd_variant"]
+        if fwd:
+            print("    forward variants (best candidate each): " + ", ".join(fwd))
 for path in sorted(glob.glob(f"{out}/*_kernels.json")):
     doc = json.load(open(path))
     print(f"kernels ({path}): {doc.get('benchmarks')}")
@@ -160,8 +164,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
         --durations=10 -p no:cacheprovider tests || true
 fi
 
-# ---- 2b. every attention kernel candidate (each autotune survivor of forward, dK/dV, dQ and the
-# 5-matmul backward, deterministic "fused" and "atomic", timed
+# ---- 2b. every attention kernel candidate (each autotune survivor of the forward variants, pointer,
+# TMA and persistent TMA, of dK/dV, dQ and the 5-matmul backward, deterministic "fused" and "atomic", timed
 # alone and checked against float32), then the autotuned kernel beside SDPA's flash, efficient and
 # cuDNN backends: the data the configs and variants are pruned by (issue: every GPU run a full
 # experiment). The script stops starting shapes 15 s before its limit and saves after each shape.
