@@ -234,8 +234,9 @@ def test_empty_rows():
 
 def test_tile_heuristics_cover_all_sizes():
     for C in (1, 7, 192, 768, 1408, 1664, 4100, MAX_LN_HIDDEN):
-        bm, bc = _fused_kernels.ln_block(C)
-        assert bc >= C and bc & (bc - 1) == 0 and bm >= 1
+        for itemsize in (2, 4):
+            bm, chunks, warps = _fused_kernels.ln_fwd_config(C, itemsize)
+            assert chunks == _fused_kernels.ln_chunks(C) and bm >= 1 and bm & (bm - 1) == 0 and warps in (4, 8, 16)
         bm, bc = _fused_kernels.ew_block(C)
         assert bc >= 1 and bm >= 1
     for C in list(range(1, 2100)) + [4100, 8191, MAX_LN_HIDDEN]:

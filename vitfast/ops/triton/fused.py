@@ -6,7 +6,8 @@ dimension contiguous; row offsets are 64-bit, so M * C may exceed 2**31.
 
 * ``_ln_fwd_kernel``: ``x_out = x + gamma * (y + y_bias)`` (each term optional) and
   ``h = LayerNorm(x_out) * weight + bias`` in one pass. A program owns ``BLOCK_M`` whole
-  rows (``BLOCK_C >= C``, padded to a power of two and masked). The statistics are taken
+  rows, each as up to three power-of-two column chunks (``ln_chunks``: 1280 = 1024 + 256,
+  1408 -> 1024 + 512; the last one masked). The statistics are taken
   from ``x_out`` *as stored* (rounded to its dtype), exactly like eager PyTorch, so the
   backward, which re-reads ``x_out``, sees the same normalised values as the forward.
 * ``_ln_bwd_kernel``: the LayerNorm backward plus the residual branch's gradients. Each
@@ -99,14 +100,14 @@ def _tile(pid_m, pid_c, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
 
 # ------------------------------------------------------------ residual + LayerNorm
 @triton.jit
-def _ln_fwd_kernel(
-    X, Y, YB, G, W, B, XO, H, MEAN, RSTD,
-    M, C, stride_x, stride_y, stride_xo, stride_h, eps,
-    HAS_Y: tl.constexpr, HAS_YB: tl.constexpr, HAS_G: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    r, cols, mask_m, mask_c, mask = _tile(tl.program_id(0), 0, M, C, BLOCK_M, BLOCK_C)
+def _ln_fwd_load(X, Y, YB, G, XO, r, mask_m, C, stride_x, stride_y, stride_xo,
+                 OFF: tl.constexpr, CH: tl.constexpr, HAS_Y: tl.constexpr, HAS_YB: tl.constexpr,
+                 HAS_G: tl.constexpr, FP64: tl.constexpr):
+    """Columns [OFF, OFF + CH) of a row tile: x, or x_out = x + gamma * (y + y_bias) stored and
+    read back as stored; zero outside the rows."""
+    cols = OFF + tl.arange(0, CH)
+    mask_c = cols < C
+    mask = mask_m[:, None] & mask_c[None, :]
     x = _up(tl.load(X + r * stride_x + cols[None, :], mask=mask, other=0.0), FP64)
     if HAS_Y:
         y = _up(tl.load(Y + r * stride_y + cols[None, :], mask=mask, other=0.0), FP64)
@@ -117,13 +118,65 @@ def _ln_fwd_kernel(
         xo = (x + y).to(XO.dtype.element_ty)
         tl.store(XO + r * stride_xo + cols[None, :], xo, mask=mask)
         x = _up(xo, FP64)  # normalise what was stored, as eager does
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    eps = tl.cast(eps, tl.float32)  # fp32 also from a float64 scalar (Inductor types Python floats fp64)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    return x
+
+
+@triton.jit
+def _ln_fwd_center(x, mean, mask_m, C, OFF: tl.constexpr, CH: tl.constexpr):
+    cols = OFF + tl.arange(0, CH)
+    return tl.where(mask_m[:, None] & (cols < C)[None, :], x - mean[:, None], 0.0)
+
+
+@triton.jit
+def _ln_fwd_store(W, B, H, xc, rstd, r, mask_m, C, stride_h, OFF: tl.constexpr, CH: tl.constexpr,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, FP64: tl.constexpr):
+    cols = OFF + tl.arange(0, CH)
+    mask_c = cols < C
     h = xc * rstd[:, None] * _vec(W, cols, mask_c, HAS_W, 1.0, FP64) + _vec(B, cols, mask_c, HAS_B, 0.0, FP64)
-    tl.store(H + r * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
+    tl.store(H + r * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    X, Y, YB, G, W, B, XO, H, MEAN, RSTD,
+    M, C, stride_x, stride_y, stride_xo, stride_h, eps,
+    HAS_Y: tl.constexpr, HAS_YB: tl.constexpr, HAS_G: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr,
+):
+    # rows as up to three power-of-two column chunks (ln_chunks), like the backward
+    OFF1: tl.constexpr = CHUNK0
+    OFF2: tl.constexpr = CHUNK0 + CHUNK1
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < M
+    r = rows.to(tl.int64)[:, None]
+    x0 = _ln_fwd_load(X, Y, YB, G, XO, r, mask_m, C, stride_x, stride_y, stride_xo, 0, CHUNK0,
+                      HAS_Y, HAS_YB, HAS_G, FP64)
+    total = tl.sum(x0, axis=1)
+    if CHUNK1 > 0:
+        x1 = _ln_fwd_load(X, Y, YB, G, XO, r, mask_m, C, stride_x, stride_y, stride_xo, OFF1, CHUNK1,
+                          HAS_Y, HAS_YB, HAS_G, FP64)
+        total += tl.sum(x1, axis=1)
+    if CHUNK2 > 0:
+        x2 = _ln_fwd_load(X, Y, YB, G, XO, r, mask_m, C, stride_x, stride_y, stride_xo, OFF2, CHUNK2,
+                          HAS_Y, HAS_YB, HAS_G, FP64)
+        total += tl.sum(x2, axis=1)
+    mean = total / C
+    xc0 = _ln_fwd_center(x0, mean, mask_m, C, 0, CHUNK0)
+    sq = tl.sum(xc0 * xc0, axis=1)
+    if CHUNK1 > 0:
+        xc1 = _ln_fwd_center(x1, mean, mask_m, C, OFF1, CHUNK1)
+        sq += tl.sum(xc1 * xc1, axis=1)
+    if CHUNK2 > 0:
+        xc2 = _ln_fwd_center(x2, mean, mask_m, C, OFF2, CHUNK2)
+        sq += tl.sum(xc2 * xc2, axis=1)
+    eps = tl.cast(eps, tl.float32)  # fp32 also from a float64 scalar (Inductor types Python floats fp64)
+    rstd = 1.0 / tl.sqrt(sq / C + eps)
+    _ln_fwd_store(W, B, H, xc0, rstd, r, mask_m, C, stride_h, 0, CHUNK0, HAS_W, HAS_B, FP64)
+    if CHUNK1 > 0:
+        _ln_fwd_store(W, B, H, xc1, rstd, r, mask_m, C, stride_h, OFF1, CHUNK1, HAS_W, HAS_B, FP64)
+    if CHUNK2 > 0:
+        _ln_fwd_store(W, B, H, xc2, rstd, r, mask_m, C, stride_h, OFF2, CHUNK2, HAS_W, HAS_B, FP64)
     tl.store(MEAN + rows, mean, mask=mask_m)
     tl.store(RSTD + rows, rstd, mask=mask_m)
 
@@ -386,14 +439,6 @@ def _row_chunks(M: int, block_m: int, target: int) -> tuple[int, int]:
     return triton.cdiv(max(M, 1), per), per
 
 
-def ln_block(C: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_C) for the row kernels: whole rows, ~4K elements per tile."""
-    block_c = triton.next_power_of_2(C)
-    if INTERPRET:
-        return max(2, min(INTERPRET_ROWS, 16384 // block_c)), block_c
-    return max(1, min(16, 4096 // block_c)), block_c
-
-
 def ew_block(C: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_C) for the column-tiled kernels: the column tile (256, 128 or 64)
     that wastes least on C, then rows up to ~4K elements."""
@@ -408,22 +453,6 @@ def ew_block(C: int) -> tuple[int, int]:
 
 def acc_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def launch_ln_fwd(x, y, y_bias, gamma, weight, bias, x_out, h, mean, rstd, eps: float) -> None:
-    """All tensors as rows [M, C] (x, y, x_out, h) or [C] / [M] vectors. y may be None."""
-    M, C = x.shape
-    block_m, block_c = ln_block(C)
-    has_y = y is not None
-    _wrap(_ln_fwd_kernel)[(triton.cdiv(M, block_m),)](
-        x, y if has_y else x, y_bias if y_bias is not None else x, gamma if gamma is not None else x,
-        weight if weight is not None else x, bias if bias is not None else x,
-        x_out if has_y else x, h, mean, rstd,
-        M, C, x.stride(0), y.stride(0) if has_y else 0, x_out.stride(0) if has_y else 0, h.stride(0), eps,
-        HAS_Y=has_y, HAS_YB=y_bias is not None, HAS_G=gamma is not None,
-        HAS_W=weight is not None, HAS_B=bias is not None, FP64=mean.dtype == torch.float64,
-        BLOCK_M=block_m, BLOCK_C=block_c, **_warps(block_m * block_c),
-    )
 
 
 def _floor_pow2(n: int) -> int:
@@ -449,8 +478,9 @@ def ln_chunks(C: int) -> tuple[int, int, int]:
 def ln_bwd_config(C: int, itemsize: int) -> tuple[int, tuple[int, int, int], int]:
     """(BLOCK_M, chunks, num_warps) of the LayerNorm backward. Each thread holds its part of
     a row tile of every input plus four column sums, all in fp32, so the warps grow with the
-    padded row: 4 up to 768 columns, then 8, and 16 beyond 2048 columns (beyond 1280 for
-    fp32 rows: 8 warps at 1408-1536 need 128 registers, 16 need 60). A tile holds about 4
+    padded row: 4 up to 768 columns, then 8, and 16 beyond 1536 columns (beyond 1280 for
+    fp32 rows: 8 warps at 1408-1536 need 128 registers, 16 need 60; 16-bit rows of 1664
+    spill 24 bytes at 8 warps under triton 3.6). A tile holds about 4
     values per thread and tensor (one row from 384 columns on). Measured on sm_90 (``make
     sm90-compile``, triton 3.6 and 3.8): every ViT width 192-1664, every dtype and every
     combination of optional tensors at most 128 registers and no spills, so 16 or more
@@ -459,8 +489,40 @@ def ln_bwd_config(C: int, itemsize: int) -> tuple[int, tuple[int, int, int], int
     padded = sum(chunks)
     if INTERPRET:
         return max(2, min(INTERPRET_ROWS, _floor_pow2(16384 // padded))), chunks, 4
-    warps = 4 if padded <= 768 else 8 if padded <= (2048 if itemsize <= 2 else 1280) else 16
+    warps = 4 if padded <= 768 else 8 if padded <= (1536 if itemsize <= 2 else 1280) else 16
     return _floor_pow2(max(1, min(16, 32 * warps * 4 // padded))), chunks, warps
+
+
+def ln_fwd_config(C: int, itemsize: int) -> tuple[int, tuple[int, int, int], int]:
+    """(BLOCK_M, chunks, num_warps) of the LayerNorm forward: whole rows, up to 2K elements
+    per tile (one row from 1025 padded columns on), 4-16 warps at about 8 (16-bit) or 16
+    (fp32) elements per thread. Checked on sm_90 with ``make sm90-compile``: ptxas spilled
+    8-16 bytes (at 32-40 registers) in some specialisations with 4K-element tiles (triton
+    3.8) and with 8 warps for fp32 rows of 1408-1536 (triton 3.6)."""
+    chunks = ln_chunks(C)
+    padded = sum(chunks)
+    if INTERPRET:
+        return max(2, min(INTERPRET_ROWS, _floor_pow2(16384 // padded))), chunks, 4
+    block_m = _floor_pow2(max(1, min(16, 2048 // padded)))
+    per_thread = 8 if itemsize <= 2 else 16
+    return block_m, chunks, min(16, max(4, triton.next_power_of_2(block_m * padded // (32 * per_thread))))
+
+
+def launch_ln_fwd(x, y, y_bias, gamma, weight, bias, x_out, h, mean, rstd, eps: float) -> None:
+    """All tensors as rows [M, C] (x, y, x_out, h) or [C] / [M] vectors. y may be None."""
+    M, C = x.shape
+    block_m, chunks, warps = ln_fwd_config(C, x.element_size())
+    has_y = y is not None
+    _wrap(_ln_fwd_kernel)[(triton.cdiv(M, block_m),)](
+        x, y if has_y else x, y_bias if y_bias is not None else x, gamma if gamma is not None else x,
+        weight if weight is not None else x, bias if bias is not None else x,
+        x_out if has_y else x, h, mean, rstd,
+        M, C, x.stride(0), y.stride(0) if has_y else 0, x_out.stride(0) if has_y else 0, h.stride(0), eps,
+        HAS_Y=has_y, HAS_YB=y_bias is not None, HAS_G=gamma is not None,
+        HAS_W=weight is not None, HAS_B=bias is not None, FP64=mean.dtype == torch.float64,
+        BLOCK_M=block_m, CHUNK0=chunks[0], CHUNK1=chunks[1], CHUNK2=chunks[2],
+        **({} if INTERPRET else {"num_warps": warps}),
+    )
 
 
 def launch_ln_bwd(dh, dx_out, x_out, y, y_bias, gamma, weight, has_bias: bool, mean, rstd, dx, dy,
