@@ -151,9 +151,33 @@ def fused_case(dtype: torch.dtype, C: int, M: int = 2 * 197) -> None:
     _fwd_bwd(ops.bias_scale_residual_fwd, x, y, bias, gamma)
 
 
+def patch_embed_case(dtype: torch.dtype, image_dtype: torch.dtype, D: int, size: int, p: int, B: int = 16) -> None:
+    """The fused patch embedding (vitfast::patch_embed_fused), forward and backward, with ImageNet
+    mean/std, class token and positions; float images also get their gradient. B = 16 makes
+    B*T a multiple of 16, as at B = 256 (the JIT specialises on it)."""
+    from vitfast.ops.patch_embed import _stats
+    from vitfast.ops.triton import patch_embed as pk
+
+    saved = pk._wrap, pk._programs_target, pk.set_autotune(True)
+    pk._wrap, pk._programs_target = ak._wrap, (lambda device: 2 * H100_SMS)  # ak._wrap: capturing now
+    try:
+        T = (size // p) ** 2 + 1
+        if image_dtype == torch.uint8:
+            images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8)
+        else:
+            images = _leaf((B, 3, size, size), image_dtype)
+        mean, std = _stats((0.485, 0.456, 0.406), images.device), _stats((0.229, 0.224, 0.225), images.device)
+        _fwd_bwd(torch.ops.vitfast.patch_embed_fused, images, _leaf((D, 3, p, p), dtype), _leaf((D,), dtype),
+                 _leaf((1, 1, D), dtype), _leaf((1, T, D), dtype), mean, std)
+    finally:
+        pk._wrap, pk._programs_target = saved[:2]
+        pk.set_autotune(saved[2])
+
+
 def cases(spec: str):
     """``attention:<dtype>:<D>:<N>`` (every forward and backward variant), ``attention_fwd:<dtype>:<D>:<N>``
-    (the TMA forwards only) or ``fused:<dtype>:<C>`` -> a function making the launches."""
+    (the TMA forwards only), ``fused:<dtype>:<C>`` or ``patch_embed:<dtype>:<image dtype>:<D>:<size>:<p>``
+    -> a function making the launches."""
     kind, dt, *sizes = spec.split(":")
     dtype = getattr(torch, dt)
     if kind == "attention":
@@ -162,8 +186,10 @@ def cases(spec: str):
         return lambda: attention_fwd_case(dtype, *map(int, sizes))
     if kind == "fused":
         return lambda: fused_case(dtype, *map(int, sizes))
-    raise ValueError(f"unknown case {spec!r}: expected attention:<dtype>:<D>:<N>, attention_fwd:<dtype>:<D>:<N> "
-                     "or fused:<dtype>:<C>")
+    if kind == "patch_embed":
+        return lambda: patch_embed_case(dtype, getattr(torch, sizes[0]), *map(int, sizes[1:]))
+    raise ValueError(f"unknown case {spec!r}: expected attention:<dtype>:<D>:<N>, attention_fwd:<dtype>:<D>:<N>, "
+                     "fused:<dtype>:<C> or patch_embed:<dtype>:<image dtype>:<D>:<image size>:<patch>")
 
 
 def declared_cases() -> list[str]:

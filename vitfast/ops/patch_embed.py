@@ -628,4 +628,7 @@ declare(OpSpec(
     name="patch_embed", fn=patch_embed, ref=patch_embed_ref, not_supported_reasons=patch_embed_not_supported_reasons,
     kernel_backend="kernel", sample_inputs=_samples, triton=False, kernel_devices=("cpu", "cuda"),
     atol={torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12},
-    check_tol={torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}, bad_inputs=_bad_inputs))
+    check_tol={torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}, bad_inputs=_bad_inputs,
+    # the fused Triton kernel (CUDA), ViT-B/16 at 224: raw and float images (all four kernels), every
+    # autotune config (fp16 and fp32: `python tests/ops/_sm90_compile.py patch_embed:float16:uint8:768:224:16`)
+    sm90=("patch_embed:bfloat16:uint8:768:224:16", "patch_embed:bfloat16:bfloat16:768:224:16")))
