@@ -8,6 +8,10 @@ it knows the kernel could serve the input. The answer comes from a table keyed b
 where the signature holds what decides speed: the width ``C`` and the row count ``rows`` for the
 fused epilogues, the head dim ``D``, the length ``N`` and batch x heads ``BH`` for attention.
 ``C`` and ``D`` must match; ``rows``, ``N`` and ``BH`` take the nearest measured entry (in log2).
+The patch embedding chooses between two vitfast implementations on CUDA: ``kernel`` is the fused
+Triton kernel, ``torch`` the C++ three-kernel cuBLAS path; its signature is the width ``D``,
+channels ``C``, patch ``p`` and ``u8`` (2: uint8 images, 1: float), which must match, and the
+tokens per image ``T`` and batch ``B``.
 
 Sources, first match wins:
 
@@ -43,7 +47,9 @@ MODES = ("infer", "train")
 OVERRIDES = ("table", "kernel", "torch")
 DEFAULTS_PATH = Path(__file__).resolve().parent / "data" / "dispatch_defaults.json"
 # per op: the signature entries that must match exactly; the others are matched by nearest log2
-EXACT = {"attention": ("D",), "attention_packed": ("D",), "layer_norm": ("C",), "add_layer_norm": ("C",),
+# patch_embed: "kernel" is the fused Triton kernel, "torch" the C++ three-kernel cuBLAS path (both vitfast's, CUDA)
+EXACT = {"patch_embed": ("D", "C", "p", "u8"),
+         "attention": ("D",), "attention_packed": ("D",), "layer_norm": ("C",), "add_layer_norm": ("C",),
          "bias_gelu": ("C",), "bias_scale_residual": ("C",), "linear_bias_gelu": ("C", "K")}
 
 

@@ -33,7 +33,7 @@ from . import dispatch
 
 __all__ = ["tune", "captured_calls", "time_call"]
 
-TUNABLE = ("attention", "attention_packed", "layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual",
+TUNABLE = ("patch_embed", "attention", "attention_packed", "layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual",
            "linear_bias_gelu")
 
 
@@ -77,6 +77,19 @@ def _inputs(call: dict) -> Callable[[], Callable[[], object]]:
         h = torch.randn(rows, K, device=dev, dtype=dt)
         w, b = torch.randn(C, K, device=dev, dtype=dt) * K ** -0.5, torch.randn(C, device=dev, dtype=dt)
         return lambda: linear_bias_gelu(h, w, b, "tanh")
+    if op == "patch_embed":  # "kernel": the fused Triton kernel; "torch": the C++ three-kernel cuBLAS path
+        from .ops.patch_embed import patch_embed
+
+        B, T, D, C, p = (int(s[k]) for k in ("B", "T", "D", "C", "p"))
+        shape = (B, C, p, p * max(T - 1, 1))  # T - 1 patches in a row, + the class token: only B*T and K matter
+        images = (torch.randint(0, 256, shape, device=dev, dtype=torch.uint8) if s["u8"] == 2
+                  else torch.randn(shape, device=dev, dtype=dt))
+        w = (torch.randn(D, C, p, p, device=dev, dtype=dt) * (C * p * p) ** -0.5).requires_grad_(grad)
+        b, cls = (torch.zeros(shape_, device=dev, dtype=dt).requires_grad_(grad) for shape_ in ((D,), (1, 1, D)))
+        pos = torch.zeros(1, T, D, device=dev, dtype=dt).requires_grad_(grad)
+        stats = dict(mean=(0.485, 0.456, 0.406)[:C] * (C // 3 + 1), std=(0.229, 0.224, 0.225) * (C // 3 + 1))
+        stats = {k: v[:C] for k, v in stats.items()}
+        return lambda: patch_embed(images, w, b, cls_token=cls, pos_embed=pos, **stats)
     from .cli.kernels.fused import make_inputs
     from .ops.spec import SPECS
 

@@ -223,3 +223,22 @@ def test_cuda_fused_gradients_2x_rule_and_gemm_path(case, dtype):
     _check("tokens (gemm)", call(gemm, a), call(patch_embed_ref, a), ref, dtype)
     for k in want:
         _check(f"d{k}", got[k], own[k], want[k], dtype)
+
+
+def test_dispatch_table_routes_and_tuning_builds_the_call(monkeypatch):
+    """On CUDA, auto/kernel ask the measured table (op "patch_embed": "kernel" = fused, "torch" =
+    the three-kernel path); a captured call is what `vitfast tune` re-creates and times."""
+    from vitfast import dispatch, tuning
+    from vitfast.ops.patch_embed import _fused_chosen
+
+    a = make_inputs(Case(B=2, H=16, W=32, p=16, D=16, uint8=True), torch.float32)
+    args = (a["images"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"])
+    with dispatch.capture() as calls:
+        assert _fused_chosen(*args)  # nothing measured (a CPU tensor has no device key): the fused kernel
+    (call,) = calls.values()
+    assert call["op"] == "patch_embed" and call["shape"] == dict(D=16, C=3, p=16, T=3, B=2, u8=2)
+    with dispatch.forced("torch"):
+        assert not _fused_chosen(*args)
+    assert "patch_embed" in tuning.TUNABLE
+    out = tuning._inputs(call)()  # on CPU tensors: the C++ op
+    assert out.shape == (2, 3, 16)

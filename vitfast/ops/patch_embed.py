@@ -398,7 +398,7 @@ def _fused_chosen(images, weight, bias, cls_token, pos_embed) -> bool:
     B, _, H, W = images.shape
     D, C, p, _ = weight.shape
     T = (H // p) * (W // p) + (1 if cls_token is not None else 0)
-    shape = {"D": D, "K": C * p * p, "rows": max(1, B * T), "u8": 2 if images.dtype == torch.uint8 else 1}
+    shape = {"D": D, "C": C, "p": p, "T": max(1, T), "B": max(1, B), "u8": 2 if images.dtype == torch.uint8 else 1}
     training = dispatch.training_call(images, weight, bias, cls_token, pos_embed)
     return dispatch.choose("patch_embed", images.device, weight.dtype, training, shape) == "kernel"
 
