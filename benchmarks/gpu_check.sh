@@ -16,11 +16,14 @@
 # Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
 # SKIP_TESTS, SKIP_CANDIDATES, SKIP_TUNE, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, SKIP_NCU, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
 # "--models vit_base_patch16_224"), step limits in seconds T_BUILD (180) T_TESTS (120)
-# T_CANDIDATES (150) T_TUNE (40, each of two) T_BENCH (180) T_KERNELS (200) T_PROFILE (45) T_NCU (60), and DEADLINE (390): no step runs past it, so
+# T_CANDIDATES (150) T_TUNE (40, each of two) T_BENCH (180) T_KERNELS (300) T_PROFILE (45) T_NCU (60), and DEADLINE (390): no step runs past it, so
 # the summary prints by about 6.5 min. Measured on an H200 (2026-11-30, torch 2.11, triton 3.6):
 # build 43 s, info 7 s, bench 98 s, kernels (patch_embed + fused + memory) ~100 s; attention
 # autotuning all configs of three kernels did not finish one shape in 60 s, hence the
 # candidates step (parallel precompile, then timing) and attention left out of `bench kernels`.
+# Since the fused patch-embedding kernel (2026-12-01) the patch_embed microbenchmark also times it
+# (autotuned, and each of its forward configs) and the three-kernel path: ~60-90 s more (a guess:
+# its compiles), hence 150 s per microbenchmark and T_KERNELS 300.
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -204,7 +207,7 @@ fi
 if [ -z "${SKIP_KERNELS:-}" ]; then
     # shellcheck disable=SC2086
     # each microbenchmark gets its own limit, and the rows are saved after each one
-    run_step kernels "${T_KERNELS:-200}" "$PYTHON" -m vitfast.cli bench kernels --json "$OUT/" --timeout 60 \
+    run_step kernels "${T_KERNELS:-300}" "$PYTHON" -m vitfast.cli bench kernels --json "$OUT/" --timeout 150 \
         "--patch-embed-args=${PATCH_EMBED_ARGS---models vit_base_patch16_224}" ${KERNEL_ARGS---only patch_embed fused memory} || true
 fi
 

@@ -1,7 +1,13 @@
 """Patch embedding: vitfast's fused op against the chains it replaces.
 
 Implementations (all from raw or float images to finished tokens, cls + pos included):
-  vitfast        vitfast.ops.patch_embed (torch.ops.vitfast.patch_embed)
+  vitfast        vitfast.ops.patch_embed as users call it (backend="auto": on CUDA the path the
+                 dispatch picks, see vitfast.ops.patch_embed)
+  fused          backend="fused": the one-launch Triton implicit GEMM (vitfast::patch_embed_fused),
+                 autotuned; with ``fwd`` also one row per config it autotunes over,
+                 ``fused[BLOCK_M,BLOCK_N,BLOCK_K,warps,stages]`` (that config launched directly)
+  gemm           backend="gemm": the C++ op (on CUDA three launches: patchify, bias + pos prefill,
+                 cuBLAS GEMM with beta = 1)
   eager          the reference chain: normalise + conv2d + flatten/transpose + cat + add
   compile        that chain under torch.compile
   unfold_linear  normalise + reshape/permute into patches + Linear + cat + add (the approach
@@ -14,9 +20,12 @@ cat + add.
 
 Each row gives the median time, GB/s over the bytes the op must move at least (images in,
 tokens out, weight and pos read; in the backward grad_out and images read again, weight and
-pos gradients written), TFLOP/s (forward 2*B*N*K*D, the weight gradient as much again), and
-for vitfast the speed-ups over the other three and its distance to the roofline floor:
-max(bytes / measured copy rate, FLOPs / measured matmul rate) on the same device and dtype.
+pos gradients written), TFLOP/s (forward 2*B*N*K*D, the weight gradient as much again), its
+distance to the roofline floor (``x_roofline_floor``: ms over max(bytes / measured copy rate,
+FLOPs / measured matmul rate) on the same device and dtype), and for vitfast and fused the
+speed-ups over every other implementation timed with them (paired, round by round). fused rows
+also name the config the autotuner chose (``tuned_config``). fused and gemm run on CUDA only (by
+default they are timed on the GPU, not on the CPU).
 
     python -m vitfast.cli.kernels.patch_embed                         # GPU: ViT-B/16, L/14, S/16@384, bf16
     python -m vitfast.cli.kernels.patch_embed --device cpu --json benchmarks/results/   # CPU, small batches
@@ -35,7 +44,6 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ... import _C
 from .. import benchmarking as bu
 from ...ops.patch_embed import patch_embed
 from ...ops.reference import normalize_images_ref, patch_embed_ref
@@ -49,7 +57,8 @@ MODELS = {
     "vit_small_patch16_384": (16, 384, 384, 128, 4),
 }
 SMOKE_MODELS = {"smoke_patch16_32x48": (16, 32, (32, 48), 2, 2)}
-IMPLS = ("vitfast", "eager", "compile", "unfold_linear")
+IMPLS = ("vitfast", "fused", "gemm", "eager", "compile", "unfold_linear")
+CPU_IMPLS = ("vitfast", "eager", "compile", "unfold_linear")  # the default off CUDA
 MODES = ("fwd", "fwd+bwd")
 INPUTS = ("float", "uint8", "float_raw")
 
@@ -65,9 +74,39 @@ def unfold_linear(images, weight, bias=None, *, cls_token=None, pos_embed=None, 
     return x + pos_embed if pos_embed is not None else x
 
 
-def _impl(name: str) -> Callable:
+def _forced(backend: str) -> Callable:
+    def fn(*args, **kwargs):
+        return patch_embed(*args, backend=backend, **kwargs)
+    return fn
+
+
+def config_name(cfg: dict) -> str:
+    return "fused[{BLOCK_M},{BLOCK_N},{BLOCK_K},{num_warps},{num_stages}]".format(**cfg)
+
+
+def _fused_config(cfg: dict) -> Callable:
+    """The fused forward with this config launched directly (what the op does, minus the autotuner)."""
+    from ...ops.patch_embed import _pos_rows, _stats, check_patch_embed_args
+    from ...ops.triton import patch_embed as tk
+
+    def fn(images, weight, bias=None, *, cls_token=None, pos_embed=None, mean=None, std=None):
+        B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
+        out = weight.new_empty((B, T, D))
+        pos, mode = _pos_rows(pos_embed, N, T)
+        tk.launch_fwd(images, weight.reshape(D, -1).contiguous(), bias,
+                      None if cls_token is None else cls_token.reshape(-1), pos, mode, _stats(mean, images.device),
+                      _stats(std, images.device), out, weight.shape[-1], config=cfg)
+        return out
+    return fn
+
+
+def _impl(name: str, configs: Optional[dict] = None) -> Callable:
     if name == "vitfast":
         return patch_embed
+    if name in ("fused", "gemm"):
+        return _forced(name)
+    if name.startswith("fused["):
+        return _fused_config(configs[name])
     if name == "eager":
         return patch_embed_ref
     if name == "unfold_linear":
@@ -133,7 +172,7 @@ def make_step(fn: Callable, x: dict, mode: str, device: torch.device) -> Callabl
     return step
 
 
-def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, modes: Sequence[str] = MODES,
+def collect_rows(models: Optional[dict] = None, impls: Optional[Sequence[str]] = None, modes: Sequence[str] = MODES,
                  inputs: Sequence[str] = INPUTS, dtype_name: Optional[str] = None, device: str = "auto",
                  warmup: Optional[int] = None, iters: Optional[int] = None, argv: Optional[Sequence[str]] = None,
                  smoke: bool = False, env_out: Optional[dict] = None, allow_noisy: bool = True,
@@ -146,6 +185,7 @@ def collect_rows(models: Optional[dict] = None, impls: Sequence[str] = IMPLS, mo
     dev, dtype_name, dtype, warmup, iters = bu.microbench_settings(device, dtype_name, warmup, iters,
                                                                    gpu=(5, 30), cpu=(2, 15))
     models = models or (SMOKE_MODELS if smoke else MODELS)
+    impls = impls or (IMPLS if dev.type == "cuda" else CPU_IMPLS)
     return bu.measured_rows("patch_embed", dev, argv, lambda env: _measure(
         env, models, impls, modes, inputs, dtype_name, dtype, dev, warmup, iters),
         allow_noisy=allow_noisy, writes=writes, env_out=env_out)
@@ -156,8 +196,12 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
     gpu = dev.type == "cuda"
     copy_gbps = bu.measure_copy_gbps(dev, None if dev.type == "cuda" else 1 << 27)
     peak = bu.measure_peak_tflops(dev, dtype)
+    from ... import _ext  # not at import: this module loads (and says why not) without the extension
+    from ...ops.triton import patch_embed as tk
+
+    ext = _ext.load_extension()
     env.update(copy_gbps_measured=round(copy_gbps, 1), matmul_tflops_measured=round(peak["tflops"], 2),
-               vitfast_cuda_kernels=bool(_C.with_cuda))
+               vitfast_cuda_kernels=bool(ext is not None and ext.with_cuda))
     fns = {}
     rows = []
     for model_name, model in models.items():
@@ -167,15 +211,20 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
             for mode in modes:
                 nbytes, flops = work(x, mode, dtype)
                 floor_ms = 1e3 * max(nbytes / (copy_gbps * 1e9), flops / (peak["tflops"] * 1e12))
+                configs = {}
+                if "fused" in impls and mode == "fwd":  # every config the fused forward autotunes over
+                    configs = {config_name(c): c for c in tk.candidate_configs(x["images"][0], x["params"]["weight"])}
                 group = [dict(op="patch_embed", impl=impl, backend=impl, model=model_name, batch=batch,
                               input=input_kind, dtype=dtype_name, mode=mode, B=batch, N=x["N"], K=x["K"], D=x["D"],
                               bytes=int(nbytes), flops=int(flops), roofline_floor_ms=round(floor_ms, 4), gbps=None,
-                              tflops=None) for impl in impls]
+                              tflops=None) for impl in list(impls) + list(configs)]
 
                 def make(impl):
                     if impl == "compile":  # a fresh compilation per shape and mode (no recompile limit)
                         torch._dynamo.reset()
                         fns.pop(impl, None)
+                    if impl.startswith("fused["):
+                        return make_step(_impl(impl, configs), x, mode, dev)
                     if impl not in fns:
                         fns[impl] = _impl(impl)
                     return make_step(fns[impl], x, mode, dev)
@@ -186,6 +235,9 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
                         row.update(gbps=round(nbytes / (row["ms"] * 1e-3) / 1e9, 2),
                                    tflops=round(flops / (row["ms"] * 1e-3) / 1e12, 4))
                 _add_speedups(group, times)
+                for row in group:
+                    if row["impl"] == "fused" and row["status"] == "ok":
+                        row["tuned_config"] = tk.tuned_config()
                 rows += group
             x = None  # free the inputs before the next model's
             if gpu:
@@ -197,26 +249,29 @@ def _add_speedups(group: list[dict], times: dict) -> None:
     """vitfast's rows: ``speedup_vs_<impl>`` (median of the per-round ratios) and the distance
     to the roofline floor."""
     bu.add_paired_speedups(group, times)
+    bu.add_paired_speedups(group, times, fast="fused")
     for r in group:
-        if r["impl"] == "vitfast" and r.get("status") == "ok":
+        if r.get("status") == "ok":
             r["x_roofline_floor"] = round(r["ms"] / r["roofline_floor_ms"], 3)
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<24} {'input':<9} {'mode':<8} {'impl':<14} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
-            f"{'vs eager':>8} {'vs comp':>8} {'vs unf':>7} {'x floor':>7}")
+    head = (f"{'model':<24} {'input':<9} {'mode':<8} {'impl':<22} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
+            f"{'vs eager':>8} {'vs comp':>8} {'vs unf':>7} {'vs gemm':>8} {'x floor':>7}")
     lines = [head, "-" * len(head)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<14} {r['status'][:80]}")
+            lines.append(f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<22} {r['status'][:80]}")
             continue
-        line = (f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<14} {r['ms']:9.3f} "
+        line = (f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<22} {r['ms']:9.3f} "
                 f"{f(r['gbps'], '8.2f')} {f(r['tflops'], '8.4f')}")
-        if r["impl"] == "vitfast":
+        if r["impl"] in ("vitfast", "fused"):
             line += "".join(f" {f(r.get(k), w + '.2f')}x" for k, w in (("speedup_vs_eager", "7"),
-                            ("speedup_vs_compile", "7"), ("speedup_vs_unfold_linear", "6")))
-            line += f" {f(r.get('x_roofline_floor'), '7.2f')}"
+                            ("speedup_vs_compile", "7"), ("speedup_vs_unfold_linear", "6"), ("speedup_vs_gemm", "7")))
+        else:
+            line += " " * 36
+        line += f" {f(r.get('x_roofline_floor'), '7.2f')}"
         lines.append(line)
     if rows:
         r = rows[0]
@@ -230,7 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bu.add_microbench_args(p, MODELS, "patch_embed")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
+                   help=f"default: all on CUDA, {' '.join(CPU_IMPLS)} elsewhere")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
     args = p.parse_args(argv)
