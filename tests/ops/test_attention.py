@@ -530,6 +530,37 @@ def test_tma_reasons_and_forced_variant(fwd_variant):
         kernels.set_forward_variant("hopper")
 
 
+def test_tma_allocator_is_set_in_every_thread_but_never_replaced():
+    """triton keeps its allocator in a ContextVar: a thread that never set one would launch the
+    descriptor kernels with the null allocator and fail. ensure_allocator sets ours there, and
+    leaves an allocator someone else set alone (each check in a fresh thread: fresh context)."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    seen = {}
+
+    def fresh():
+        seen["before"] = _allocation._allocator.get()
+        kernels._tma.ensure_allocator()
+        seen["after"] = _allocation._allocator.get()
+
+    def users_own():
+        import triton
+
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        kernels._tma.ensure_allocator()
+        seen["kept"] = _allocation._allocator.get() is mine
+
+    for fn in (fresh, users_own):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    assert isinstance(seen["before"], _allocation.NullAllocator)
+    assert seen["after"] is kernels._tma._torch_alloc and seen["kept"]
+
+
 def test_tma_kernels_need_the_features_they_use(monkeypatch):
     """A Triton without device-side descriptors is a reason, named with its version."""
     monkeypatch.setitem(kernels._tma.triton_features(), "make_tensor_descriptor", False)

@@ -31,8 +31,8 @@ zero-filled by the copy engine (and dropped by the output store), never masked i
 TMA needs what the launcher checks (``tma_not_supported_reasons``): 16-byte aligned base
 pointers of q, k, v and out, every (batch, head, token) stride a multiple of 16 bytes (D = 72
 and 88 in 16-bit: 144 and 176-byte rows, fine), the last stride 1. Device-side descriptors need
-a global scratch: ``triton.set_allocator`` is set once, lazily, before the first launch
-(:func:`ensure_allocator`).
+a global scratch: ``triton.set_allocator`` is set lazily before a launch wherever the current thread
+or context has none (:func:`ensure_allocator`).
 """
 
 from __future__ import annotations
@@ -61,21 +61,25 @@ def missing_features() -> list[str]:
             ("make_tensor_descriptor", "set_allocator") if not f[name]]
 
 
-_ALLOCATOR_SET = False
+def _torch_alloc(size: int, alignment: int, stream):
+    """Device-side descriptors' global scratch: a torch allocation on the current stream, so
+    CUDA-graph capture and the caching allocator see it."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def ensure_allocator() -> None:
-    """Give device-side tensor descriptors their global scratch (a torch allocation on the
-    current stream, so CUDA-graph capture and the caching allocator see it), once."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
+    """Set triton's allocator to :func:`_torch_alloc` where none is set. Triton keeps it in a
+    ContextVar: a thread (or context) that never set one has the null allocator, and a launch of a
+    kernel with device-side descriptors there raises. So this looks every launch (one ContextVar
+    read) and sets it lazily in each context; an allocator the user set is left alone."""
+    try:
+        from triton.runtime import _allocation
 
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device="cuda")
-
-    triton.set_allocator(alloc)
-    _ALLOCATOR_SET = True
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another layout of triton's internals: set it every time
+        pass
+    triton.set_allocator(_torch_alloc)
 
 
 # ----------------------------------------------------------------------------- kernels
