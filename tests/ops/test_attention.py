@@ -856,6 +856,8 @@ def test_auto_forward_variant_cuda():
     want = "tma" if torch.cuda.get_device_capability() >= (9, 0) and not kernels._tma.missing_features() else "pointer"
     assert kernels.forward_variant(q, q, q, q, "auto") == want
     assert kernels.forward_variant(short, short, short, short, "auto") == "pointer"
+    f32 = q.float()
+    assert kernels.forward_variant(f32, f32, f32, f32, "auto") == "pointer"
 
 
 @pytest.mark.cuda

@@ -1002,8 +1002,9 @@ TMA_MAX_BLOCK_D = 128  # widest head dim (both chunks) the TMA kernels are compi
 # "auto" is conservative: no GPU has run the TMA kernels yet (neither numerics nor timings), so it
 # takes "tma" only for long sequences (N >= AUTO_TMA_MIN_N, where a pipelined, warp-specialised
 # loop over many key tiles is what Hopper rewards) and keeps the pointer kernel, whose configs were
-# measured, at the ViT lengths; never "tma_persistent", and never inside torch.compile (Inductor's
-# launch of device-side descriptors is unverified). Cut this by the candidates' JSON.
+# measured, at the ViT lengths; never for fp32 inputs (3xTF32 dots: every TMA config at D = 128
+# spills, 1460 bytes at 64 x 32, triton 3.8), never "tma_persistent", and never inside torch.compile
+# (Inductor's launch of device-side descriptors is unverified). Cut this by the candidates' JSON.
 AUTO_TMA_MIN_N = 1024
 _FWD = os.environ.get("VITFAST_ATTENTION_FWD", "auto")
 if _FWD not in FWD_VARIANTS:
@@ -1071,8 +1072,8 @@ def forward_variant(q, k, v, out, variant: Optional[str] = None) -> str:
     "tma" or "tma_persistent" (attention_tma).
 
     ``variant`` (default: set_forward_variant / VITFAST_ATTENTION_FWD) "auto" takes "tma" on a CUDA
-    GPU of sm_90 or newer where :func:`tma_not_supported_reasons` has none and N >= AUTO_TMA_MIN_N,
-    else "pointer", silently. A forced TMA variant that cannot serve the input raises
+    GPU of sm_90 or newer for 16-bit inputs where :func:`tma_not_supported_reasons` has none and
+    N >= AUTO_TMA_MIN_N, else "pointer", silently. A forced TMA variant that cannot serve the input raises
     :class:`~vitfast._dispatch.KernelNotSupported` listing every reason; forced by the environment
     it falls back to "pointer" with a one-time warning instead."""
     from ..._dispatch import KernelNotSupported, warn_fallback_once
@@ -1084,8 +1085,8 @@ def forward_variant(q, k, v, out, variant: Optional[str] = None) -> str:
     if variant == "pointer":
         return "pointer"
     if variant == "auto":
-        if (INTERPRET or q.device.type != "cuda" or q.shape[2] < AUTO_TMA_MIN_N or torch.compiler.is_compiling()
-                or tma_not_supported_reasons(q, k, v, out)):
+        if (INTERPRET or q.device.type != "cuda" or q.shape[2] < AUTO_TMA_MIN_N or q.dtype == torch.float32
+                or torch.compiler.is_compiling() or tma_not_supported_reasons(q, k, v, out)):
             return "pointer"
         return "tma"
     reasons = tma_not_supported_reasons(q, k, v, out)
