@@ -12,6 +12,15 @@
 #   bash benchmarks/gpu_check.sh                       # from the repository root
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash benchmarks/gpu_check.sh
 #   BENCH_ARGS="--compile" bash benchmarks/gpu_check.sh
+#   ONLY=build,tune,bench,kernels,profile,ncu bash benchmarks/gpu_check.sh   # a second call
+#
+# The whole check does not fit one DEADLINE (see the timings below): the steps run most wanted
+# first, a step that would start too close to DEADLINE is SKIPPED, and the summary then prints the
+# exact command (ONLY=...) that runs the skipped steps in a second call. ONLY (comma-separated step
+# names: build info tests candidates tune bench kernels profile ncu) runs just those; SKIP_<STEP>
+# leaves one out. The tune step's cache (TUNE_CACHE, default .gpu_check/dispatch_tuned.json, an
+# ignored path that stays on a warm machine between calls; copied into OUT) is what the bench step
+# runs with, in the same call or the next.
 #
 # Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
 # SKIP_TESTS, SKIP_CANDIDATES, SKIP_TUNE, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, SKIP_NCU, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
@@ -40,6 +49,13 @@ trap finish EXIT
 export PYTHONUNBUFFERED=1
 
 declare -a SUMMARY=()
+declare -a DEFERRED=()
+# want STEP: STEP is in ONLY (or ONLY is empty) and SKIP_<STEP> is not set
+want() {
+    local skip="SKIP_${1^^}"
+    [ -z "${!skip:-}" ] || return 1
+    [ -z "${ONLY:-}" ] || [[ ",${ONLY// /}," == *",$1,"* ]]
+}
 T0=$SECONDS
 DEADLINE=${DEADLINE:-390}
 
@@ -54,6 +70,8 @@ run_step() {
     left=$((DEADLINE - (SECONDS - T0)))
     if [ "$left" -lt 15 ]; then
         note "$name" SKIPPED 0 "no time left before DEADLINE=${DEADLINE}s"
+        local step=${name%%-*}
+        [[ " ${DEFERRED[*]} " == *" $step "* ]] || DEFERRED+=("$step")
         return 1
     fi
     [ "$limit" -gt "$left" ] && limit=$left
@@ -134,6 +152,13 @@ PY
     printf '\n%-10s %-7s %5s  %s\n' step status time note
     printf '%s\n' "${SUMMARY[@]}"
     echo "results in $OUT (log: $LOG), total $((SECONDS - T0))s"
+    if [ "${#DEFERRED[@]}" -gt 0 ]; then
+        local rest step
+        rest=build
+        for step in "${DEFERRED[@]}"; do [ "$step" = build ] || rest+=",$step"; done
+        echo "NOT RUN (deadline): ${DEFERRED[*]}. The rest, in a second call (the build is a no-op on a warm machine):"
+        echo "  ONLY=$rest bash benchmarks/gpu_check.sh"
+    fi
 }
 
 # ---- 1. the card, the versions, the build
@@ -143,7 +168,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__, '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE VISIBLE')"
 "$PYTHON" -c "import timm; print('timm', timm.__version__)" || echo "timm not installed: the timm baseline will be missing"
 
-if [ -z "${SKIP_BUILD:-}" ]; then
+if want build; then
     export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     banner "build (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; output in $OUT/build.log)"
     if ! run_step build "${T_BUILD:-180}" "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
@@ -157,12 +182,12 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     fi
     tail -n 3 "$OUT/build.log"
 fi
-run_step info 60 "$PYTHON" -m vitfast.cli info || true
+want info && { run_step info 60 "$PYTHON" -m vitfast.cli info || true; }
 
 # ---- 2. the tests that need a GPU
 # Autotuning off here (each attention kernel launches its first surviving config): the
 # candidates step below checks every config's numerics, and tests then spend no minutes compiling.
-if [ -z "${SKIP_TESTS:-}" ]; then
+if want tests; then
     run_step tests "${T_TESTS:-120}" env VITFAST_ATTENTION_AUTOTUNE=0 "$PYTHON" -m pytest -m cuda -q -rfE \
         --durations=10 -p no:cacheprovider tests || true
 fi
@@ -172,7 +197,7 @@ fi
 # alone and checked against float32), then the autotuned kernel beside SDPA's flash, efficient and
 # cuDNN backends: the data the configs and variants are pruned by (issue: every GPU run a full
 # experiment). The script stops starting shapes 15 s before its limit and saves after each shape.
-if [ -z "${SKIP_CANDIDATES:-}" ]; then
+if want candidates; then
     t_cand=${T_CANDIDATES:-150}
     left=$((DEADLINE - (SECONDS - T0)))
     [ "$t_cand" -gt "$left" ] && t_cand=$left
@@ -186,25 +211,29 @@ fi
 # record each op's path). VITFAST_GELU_EPILOGUE=1 here only, so that the inference tune also times
 # cuBLASLt's tanh-GELU epilogue for fc1 (op linear_bias_gelu); the exact-GELU models of the bench
 # never take it (it needs the same opt-in there). Each entry is printed with both timings.
-TUNE_CACHE=${TUNE_CACHE:-$(mktemp -d)/dispatch_tuned.json}
-if [ -z "${SKIP_TUNE:-}" ]; then
+TUNE_CACHE=${TUNE_CACHE:-.gpu_check/dispatch_tuned.json}
+if want tune; then
+    mkdir -p "$(dirname "$TUNE_CACHE")"
+    rm -f "$TUNE_CACHE"
     run_step tune-inf "${T_TUNE:-40}" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" VITFAST_GELU_EPILOGUE=1 \
         "$PYTHON" -m vitfast.cli tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --iters 20 || true
     run_step tune-trn "${T_TUNE:-40}" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" \
         "$PYTHON" -m vitfast.cli tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --iters 20 --train || true
-    [ -f "$TUNE_CACHE" ] && export VITFAST_DISPATCH_CACHE="$TUNE_CACHE"
+    [ -f "$TUNE_CACHE" ] && cp "$TUNE_CACHE" "$OUT/"
 fi
+# the bench runs with the tuned table, whether this call or an earlier one on this machine tuned
+[ -f "$TUNE_CACHE" ] && export VITFAST_DISPATCH_CACHE="$TUNE_CACHE"
 
 # ---- 3. end-to-end benchmark (GPU defaults: ViT-S/B/L at 224, bf16, batch 256, infer + train)
 # BENCH_ARGS is split into words on purpose (extra options)
-if [ -z "${SKIP_BENCH:-}" ]; then
+if want bench; then
     # shellcheck disable=SC2086
     run_step bench "${T_BENCH:-180}" "$PYTHON" -m vitfast.cli bench --no-progress \
         --json "$OUT/" --csv "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
 fi
 
 # ---- 4. kernel microbenchmarks
-if [ -z "${SKIP_KERNELS:-}" ]; then
+if want kernels; then
     # shellcheck disable=SC2086
     # each microbenchmark gets its own limit, and the rows are saved after each one
     run_step kernels "${T_KERNELS:-300}" "$PYTHON" -m vitfast.cli bench kernels --json "$OUT/" --timeout 150 \
@@ -212,14 +241,14 @@ if [ -z "${SKIP_KERNELS:-}" ]; then
 fi
 
 # ---- 5. a short profile: the CUDA profiler path, a trace, the ncu command line
-if [ -z "${SKIP_PROFILE:-}" ]; then
+if want profile; then
     run_step profile "${T_PROFILE:-45}" "$PYTHON" -m vitfast.cli profile --model vit_base_patch16_224 --batch-size 64 \
         --steps 2 --top 10 --trace "$OUT/trace_vit_base_patch16_224.json.gz" --json "$OUT/" --ncu || true
 fi
 
 # ---- 6. the CUDA patch embedding under ncu: shared-memory bank conflicts, DRAM bytes and time of
 # each patchify/unpatchify/prefill kernel (uint8 NCHW and channels_last, bf16 forward + backward)
-if [ -z "${SKIP_NCU:-}" ] && command -v ncu >/dev/null; then
+if want ncu && command -v ncu >/dev/null; then
     run_step ncu "${T_NCU:-60}" ncu --clock-control none -k "regex:patchify|prefill" --metrics \
         l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
         "$PYTHON" benchmarks/patch_embed_ncu.py || true
