@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import attention_tma as _tma
+from . import tma as _tma_host
 from . import is_interpreted, wrap
 
 LOG2E = 1.4426950408889634
@@ -1048,23 +1049,11 @@ def tma_not_supported_reasons(q, k, v, out) -> list[str]:
     return reasons
 
 
-def _base_aligned16(t: torch.Tensor) -> bool:
-    """t's first element on a 16-byte boundary. A tensor without storage (a FakeTensor while
-    torch.compile traces the op) says it by its offset into a storage the allocator aligned."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(t) or t.device.type == "meta":
-        return t.storage_offset() * t.element_size() % 16 == 0
-    return t.data_ptr() % 16 == 0
+_base_aligned16 = _tma_host.base_aligned16
 
 
 def _tma_device_reasons(device: torch.device) -> list[str]:
-    if INTERPRET:
-        return []
-    if device.type != "cuda":
-        return [f"q is on {device}; the TMA kernels need a CUDA GPU"]
-    major, minor = torch.cuda.get_device_capability(device)
-    return [] if major >= 9 else [f"the GPU is sm_{major}{minor}; TMA needs sm_90 or newer"]
+    return _tma_host.device_reasons(device, INTERPRET, "q")
 
 
 def forward_variant(q, k, v, out, variant: Optional[str] = None) -> str:

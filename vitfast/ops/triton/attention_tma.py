@@ -32,54 +32,16 @@ TMA needs what the launcher checks (``tma_not_supported_reasons``): 16-byte alig
 pointers of q, k, v and out, every (batch, head, token) stride a multiple of 16 bytes (D = 72
 and 88 in 16-bit: 144 and 176-byte rows, fine), the last stride 1. Device-side descriptors need
 a global scratch: ``triton.set_allocator`` is set lazily before a launch wherever the current thread
-or context has none (:func:`ensure_allocator`).
+or context has none (:func:`.tma.ensure_allocator`, shared with the patch embedding's weight tiles).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-
-import torch
 import triton
 import triton.language as tl
 
-
-# ----------------------------------------------------------------------------- features
-@functools.lru_cache(maxsize=None)
-def triton_features() -> dict:
-    """What the installed Triton offers the Hopper kernels (feature tests, not version numbers)."""
-    ws = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
-    return dict(make_tensor_descriptor=hasattr(tl, "make_tensor_descriptor"),
-                set_allocator=hasattr(triton, "set_allocator"), warp_specialize=ws)
-
-
-def missing_features() -> list[str]:
-    """The Triton features the TMA kernels need and this Triton lacks (empty: all present)."""
-    f = triton_features()
-    return [f"this Triton ({triton.__version__}) has no {name}" for name in
-            ("make_tensor_descriptor", "set_allocator") if not f[name]]
-
-
-def _torch_alloc(size: int, alignment: int, stream):
-    """Device-side descriptors' global scratch: a torch allocation on the current stream, so
-    CUDA-graph capture and the caching allocator see it."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def ensure_allocator() -> None:
-    """Set triton's allocator to :func:`_torch_alloc` where none is set. Triton keeps it in a
-    ContextVar: a thread (or context) that never set one has the null allocator, and a launch of a
-    kernel with device-side descriptors there raises. So this looks every launch (one ContextVar
-    read) and sets it lazily in each context; an allocator the user set is left alone."""
-    try:
-        from triton.runtime import _allocation
-
-        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            return
-    except (ImportError, AttributeError):  # another layout of triton's internals: set it every time
-        pass
-    triton.set_allocator(_torch_alloc)
+# the host side shared with the other TMA kernels (re-exported: the launcher and tests use them here)
+from .tma import _torch_alloc, ensure_allocator, missing_features, triton_features  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- kernels
