@@ -40,6 +40,10 @@ PatchEmbedShape check_patch_embed_backward_args(const at::Tensor& grad_out, cons
 void check_patches(const std::optional<at::Tensor>& patches, const PatchEmbedShape& s, at::ScalarType dtype,
                    const at::Device& device, const char* op);
 
+// The GEMM of the float32 CPU path: "gemm" (MKL on the patch matrix) or "conv" (oneDNN's
+// convolution on the normalised image); VITFAST_CPU_PATCH_EMBED overrides. See patch_embed_cpu.cpp.
+const char* cpu_strategy();
+
 // mean/std as contiguous float64 [C] (what the kernels read), or an undefined tensor.
 at::Tensor channel_stat(const std::optional<at::Tensor>& t);
 

@@ -1,24 +1,78 @@
 // CPU implementation of vitfast::patch_embed and vitfast::patch_embed_backward.
 //
-// Forward: one pass over the image (any layout, uint8 or float) builds the patch matrix
-// [B*T, K] with the normalisation applied on load (zero rows where class tokens sit), one
-// pass fills the token buffer with bias + positional embedding (class token + pos[0] in the
-// class rows), and one GEMM (addmm with beta = 1, MKL/oneDNN) adds the patch tokens onto it.
-// Compute in float32 (float64 for float64 weights), rounded once to the weight's dtype. A
-// given `patches` (patch_embed_patches, which the autograd path keeps for the backward, as
-// a Linear keeps its input) replaces the first pass.
+// The GEMM runs one of two ways (cpu_strategy below), both in float32 (float64 for float64
+// weights), rounded once to the weight's dtype:
+//
+// "gemm" (forward): one pass over the image (any layout, uint8 or float) builds the patch
+// matrix [B*T, K] with the normalisation applied on load (zero rows where class tokens sit),
+// one pass fills the token buffer with bias + positional embedding (class token + pos[0] in
+// the class rows), and one GEMM (addmm with beta = 1: MKL's sgemm) adds the patch tokens onto
+// it. A given `patches` (patch_embed_patches, which the autograd path keeps for the backward,
+// as a Linear keeps its input) replaces the first pass.
+// "conv" (forward): one pass writes the normalised image in channels_last (none for float32
+// images without mean/std), oneDNN's convolution (stride p) gives the patch tokens already
+// as [B, N, D] rows, and one pass writes the tokens: patch row + bias + pos, class rows.
 //
 // Backward: with G = grad_out [B*T, D] and X the normalised patch matrix with a zero row
-// where each class token sits, grad_weight = G^T X, grad_images = unpatchify(G W) * scale,
-// grad_bias/cls/pos are sums of grad_out over the batch.
+// where each class token sits, grad_weight = G^T X ("gemm"; oneDNN's convolution backward
+// over the normalised image for "conv"), grad_images = unpatchify(G W) * scale, grad_bias/
+// cls/pos are sums of grad_out over the batch.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "patch_embed.h"
 
 namespace vitfast {
+
 namespace {
+
+// The x86 vendor string ("GenuineIntel", "AuthenticAMD", ...), empty elsewhere.
+std::string cpu_vendor() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) return "";
+  char v[13];
+  std::memcpy(v, &ebx, 4);
+  std::memcpy(v + 4, &edx, 4);
+  std::memcpy(v + 8, &ecx, 4);
+  v[12] = '\0';
+  return v;
+#else
+  return "";
+#endif
+}
+
+}  // namespace
+
+// Which GEMM the float32 CPU path uses. VITFAST_CPU_PATCH_EMBED=gemm|conv forces one (read at
+// every call); auto (the default) takes oneDNN's convolution on x86 CPUs that are not Intel's,
+// MKL's sgemm elsewhere. Measured (benchmarks/results/2026-12-01_cpu_patch_embed*.json, ViT-S/B/L,
+// float32, 2 threads): on an Intel Xeon the patch-matrix GEMM beat every conv2d chain by 1.2-1.4x;
+// on an AMD EPYC (Zen 4, AVX-512) MKL's sgemm ran these shapes at ~60% of oneDNN's convolution
+// (MKL takes its generic code paths on CPUs that are not Intel's), so there the conv chains won
+// by 1.4-1.7x. Other architectures keep the GEMM until something is measured there.
+const char* cpu_strategy() {
+  const char* env = std::getenv("VITFAST_CPU_PATCH_EMBED");
+  if (env != nullptr && std::strcmp(env, "gemm") == 0) return "gemm";
+  if (env != nullptr && std::strcmp(env, "conv") == 0) return "conv";
+  static const bool conv = [] {
+    const std::string v = cpu_vendor();
+    return !v.empty() && v != "GenuineIntel" && at::hasMKLDNN();
+  }();
+  return conv && at::globalContext().userEnabledMkldnn() ? "conv" : "gemm";
+}
+
+namespace {
+
+bool uses_conv(at::ScalarType compute) { return compute == at::kFloat && std::strcmp(cpu_strategy(), "conv") == 0; }
 
 // The rows of the patch matrix one (b, hp, c, i) image-row segment maps to.
 struct PatchGeom {
@@ -95,29 +149,74 @@ void unpatchify_cpu(const acc_t* dpatches, int64_t B, const PatchGeom& g, const 
   });
 }
 
-// out[b, t, :] = (t is the class token) ? cls + pos[0] : bias + pos[t - pos_off]: what the GEMM
-// then adds the patch tokens to (beta = 1), so that it writes finished tokens in one pass.
-template <typename acc_t>
-void prefill_cpu(const acc_t* bias, const acc_t* cls, const acc_t* pos, int64_t pos_off, const PatchEmbedShape& s,
-                 acc_t* out) {
+// out[b, t, :] = (t is the class token) ? cls + pos[0] : tok[b, t - off] + bias + pos[t - pos_off],
+// any term absent counting as zero. Without `tok` ("gemm"): the buffer the GEMM then adds the
+// patch tokens to (beta = 1), so that it writes finished tokens in one pass. With `tok`
+// ("conv": the convolution's [B, N, D] rows): the finished tokens, in out_t.
+template <typename acc_t, typename out_t>
+void tokens_cpu(const acc_t* tok, const acc_t* bias, const acc_t* cls, const acc_t* pos, int64_t pos_off,
+                const PatchEmbedShape& s, out_t* out) {
   const int64_t D = s.D, off = s.off();
   at::parallel_for(0, s.B * s.T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r % s.T;
-      acc_t* o = out + r * D;
+      out_t* o = out + r * D;
       const acc_t* pe = (pos != nullptr && t >= pos_off) ? pos + (t - pos_off) * D : nullptr;
       const acc_t* first = t < off ? cls : bias;
-      if (first && pe) {
-        for (int64_t d = 0; d < D; ++d) o[d] = first[d] + pe[d];
-      } else if (first) {
-        std::copy_n(first, D, o);
-      } else if (pe) {
-        std::copy_n(pe, D, o);
-      } else {
-        std::fill_n(o, D, acc_t(0));
+      const acc_t* x = (tok != nullptr && t >= off) ? tok + ((r / s.T) * s.N + t - off) * D : nullptr;
+      for (int64_t d = 0; d < D; ++d) {
+        acc_t v = x ? x[d] : acc_t(0);
+        if (first) v += first[d];
+        if (pe) v += pe[d];
+        o[d] = static_cast<out_t>(v);
       }
     }
   });
+}
+
+// The normalised image for oneDNN's convolution: float32, channels_last,
+// x[b, h, w, c] = images[b, c, h, w] * scale[c] + shift[c]. Float32 images without mean/std are
+// only made channels_last (no copy when they are already).
+template <typename in_t>
+void normalize_channels_last(const in_t* img, ImageStrides st, const PatchEmbedShape& s, const float* scale,
+                             const float* shift, float* out) {
+  const int64_t C = s.C, H = s.H, W = s.W;
+  at::parallel_for(0, s.B * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * C)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t h = r % H, b = r / H;
+      float* o = out + r * W * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const in_t* src = img + b * st.b + c * st.c + h * st.h;
+        const float sc = scale[c], sh = shift[c];
+        for (int64_t w = 0; w < W; ++w) o[w * C + c] = static_cast<float>(src[w * st.w]) * sc + sh;
+      }
+    }
+  });
+}
+
+at::Tensor normalized_image_cl(const at::Tensor& images, const PatchEmbedShape& s, const at::Tensor& mean,
+                               const at::Tensor& std) {
+  if (images.scalar_type() == at::kFloat && !mean.defined() && !std.defined()) {
+    return images.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  at::Tensor x = at::empty({s.B, s.C, s.H, s.W}, images.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  if (x.numel() == 0) return x;
+  const double base = image_base_scale(images.scalar_type() == at::kByte);
+  const double* m = mean.defined() ? mean.const_data_ptr<double>() : nullptr;
+  const double* sd = std.defined() ? std.const_data_ptr<double>() : nullptr;
+  std::vector<float> scale(s.C), shift(s.C);
+  for (int64_t c = 0; c < s.C; ++c) scale_shift(m, sd, base, c, scale[c], shift[c]);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "vitfast_normalize_cl", [&] {
+    normalize_channels_last<scalar_t>(images.const_data_ptr<scalar_t>(), strides_of(images), s, scale.data(),
+                                      shift.data(), x.mutable_data_ptr<float>());
+  });
+  return x;
+}
+
+// The patch tokens [B, N, D] (as [B, D, Hp, Wp] in channels_last) by oneDNN's convolution.
+at::Tensor conv_patch_tokens(const at::Tensor& xn, const at::Tensor& w4, const PatchEmbedShape& s) {
+  at::Tensor y = at::conv2d(xn, w4, {}, {s.p, s.p});
+  return y.contiguous(at::MemoryFormat::ChannelsLast);  // what oneDNN gives for channels_last input: no copy
 }
 
 at::ScalarType compute_type(const at::Tensor& weight) {
@@ -167,21 +266,30 @@ at::Tensor patch_embed_cpu(const at::Tensor& images, const at::Tensor& weight, c
   check_patches(patches, s, ct, images.device(), "vitfast.patch_embed");
   at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
   if (out.numel() == 0) return out;
-  const at::Tensor X = patches ? *patches
-                               : patches_cpu(images, s, ct, channel_stat(mean), channel_stat(std), /*class_rows=*/true);
-  const at::Tensor w = weight.to(ct).contiguous().view({s.D, s.K});
   const auto as_ct = [&](const std::optional<at::Tensor>& t) {
     return t ? t->to(ct).contiguous() : at::Tensor();
   };
   const at::Tensor b = as_ct(bias), cls = as_ct(cls_token), pos = as_ct(pos_embed);
   const int64_t pos_off = (pos.defined() && pos.size(1) != s.T) ? s.off() : 0;
+  if (!patches && uses_conv(ct) && s.N > 0) {
+    const at::Tensor xn = normalized_image_cl(images, s, channel_stat(mean), channel_stat(std));
+    const at::Tensor y = conv_patch_tokens(xn, weight.to(ct).contiguous(), s);  // memory: [B, N, D]
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "vitfast_patch_embed_tokens", [&] {
+      tokens_cpu<float, scalar_t>(y.const_data_ptr<float>(), ptr_or_null<float>(b), ptr_or_null<float>(cls),
+                                  ptr_or_null<float>(pos), pos_off, s, out.mutable_data_ptr<scalar_t>());
+    });
+    return out;
+  }
+  const at::Tensor X = patches ? *patches
+                               : patches_cpu(images, s, ct, channel_stat(mean), channel_stat(std), /*class_rows=*/true);
+  const at::Tensor w = weight.to(ct).contiguous().view({s.D, s.K});
   // float16/bfloat16 weights: accumulate in float32, round once at the end
   at::Tensor acc = weight.scalar_type() == ct ? out : at::empty({s.B, s.T, s.D}, weight.options().dtype(ct));
   at::Tensor acc2d = acc.view({s.B * s.T, s.D});
   if (b.defined() || cls.defined() || pos.defined()) {
     AT_DISPATCH_FLOATING_TYPES(ct, "vitfast_patch_embed_prefill", [&] {
-      prefill_cpu<scalar_t>(ptr_or_null<scalar_t>(b), ptr_or_null<scalar_t>(cls), ptr_or_null<scalar_t>(pos), pos_off,
-                            s, acc.mutable_data_ptr<scalar_t>());
+      tokens_cpu<scalar_t, scalar_t>(nullptr, ptr_or_null<scalar_t>(b), ptr_or_null<scalar_t>(cls),
+                                     ptr_or_null<scalar_t>(pos), pos_off, s, acc.mutable_data_ptr<scalar_t>());
     });
     acc2d.addmm_(X, w.t());
   } else {
@@ -207,7 +315,16 @@ Grads patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ima
   const at::Tensor mean64 = channel_stat(mean), std64 = channel_stat(std);
   std::optional<at::Tensor> g_images, g_weight, g_bias, g_cls, g_pos;
 
-  if (output_mask[1]) {
+  if (output_mask[1] && !patches && uses_conv(ct) && s.N > 0) {
+    // the weight gradient of the convolution: G's patch rows as [B, D, Hp, Wp] (channels_last
+    // strides, a view) against the normalised image
+    const at::Tensor xn = normalized_image_cl(images, s, mean64, std64);
+    const at::Tensor gy = go.narrow(1, s.off(), s.N).view({s.B, s.Hp, s.Wp, s.D}).permute({0, 3, 1, 2});
+    const at::Tensor w4 = weight.to(ct).contiguous();
+    const auto grads = at::convolution_backward(gy, xn, w4, std::nullopt, {s.p, s.p}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                                {false, true, false});
+    g_weight = std::get<1>(grads).to(weight.scalar_type()).contiguous();
+  } else if (output_mask[1]) {
     const at::Tensor X = patches ? *patches : patches_cpu(images, s, ct, mean64, std64, /*class_rows=*/true);
     g_weight = at::mm(G.t(), X).view({s.D, s.C, s.p, s.p}).to(weight.scalar_type());
   }

@@ -13,12 +13,25 @@
 #define VITFAST_CUDA_VERSION ""
 #endif
 
+namespace vitfast {
+const char* cpu_strategy();  // patch_embed_cpu.cpp
+}
+
 extern "C" {
+static PyObject* vitfast_cpu_patch_embed_strategy(PyObject*, PyObject*) {
+  return PyUnicode_FromString(vitfast::cpu_strategy());
+}
+
+static PyMethodDef vitfast_methods[] = {
+    {"cpu_patch_embed_strategy", vitfast_cpu_patch_embed_strategy, METH_NOARGS,
+     "The GEMM of the float32 CPU patch embedding now: 'gemm' (MKL, patch matrix) or 'conv' (oneDNN)."},
+    {nullptr, nullptr, 0, nullptr}};
+
 // `import vitfast._C` loads this shared object, which runs the TORCH_LIBRARY
 // registrations below. The module itself only carries build facts.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "vitfast's compiled operators (registered in torch.ops.vitfast)", -1, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "vitfast's compiled operators (registered in torch.ops.vitfast)", -1, vitfast_methods};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "torch_version", VITFAST_TORCH_VERSION);

@@ -11,6 +11,8 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -23,6 +25,21 @@ def _assert_grads_close(got: dict, ref: dict, rtol: float) -> None:
     for n, r in ref.items():
         err = (got[n].double() - r.double()).abs().max().item()
         assert err <= rtol * max(r.abs().max().item(), 1e-3 * scale), (n, err)
+
+
+@pytest.fixture(params=["gemm", "conv"])
+def cpu_strategy(request):
+    """The test runs under each GEMM of the float32 CPU patch embedding (MKL on a patch matrix,
+    oneDNN's convolution: vitfast.ops.patch_embed.cpu_strategy), whichever this host picks."""
+    pe = importlib.import_module("vitfast.ops.patch_embed")
+
+    previous = pe.set_cpu_strategy(request.param)
+    try:
+        if getattr(pe._C, "cpu_patch_embed_strategy", None) is not None:
+            assert pe.cpu_strategy() == request.param
+        yield request.param
+    finally:
+        pe.set_cpu_strategy(previous)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ that needs a gradient), the bad inputs, opcheck.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -105,7 +107,8 @@ def _run(images, weight, bias, cls, pos, mean=MEAN, std=STD):
     return {name: args for name, args in mode.calls if name.startswith("vitfast.")}
 
 
-def test_autograd_keeps_the_patch_matrix_for_the_weight_gradient():
+@pytest.mark.parametrize("cpu_strategy", ["gemm"], indirect=True)
+def test_autograd_keeps_the_patch_matrix_for_the_weight_gradient(cpu_strategy):
     images, weight, bias, cls, pos = _inputs(False, dtype=torch.float32)
     weight.requires_grad_()
     calls = _run(images, weight, bias, cls, pos)
@@ -118,6 +121,56 @@ def test_autograd_keeps_the_patch_matrix_for_the_weight_gradient():
     ref = torch.nn.functional.conv2d(normalize_images_ref(images, MEAN, STD, dtype=torch.float64), ref_w, stride=8)
     ref.sum().backward()  # ones over the patch rows; the class row adds nothing to the weight
     torch.testing.assert_close(weight.grad.double(), ref_w.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_strategy", ["conv"], indirect=True)
+@pytest.mark.parametrize("uint8", [False, True])
+def test_conv_strategy_keeps_nothing_and_its_weight_gradient_is_right(uint8, cpu_strategy):
+    """oneDNN's convolution needs no patch matrix: none is made, and its weight gradient (the
+    convolution's backward over the normalised image) matches float64 autograd."""
+    images, weight, bias, cls, pos = _inputs(uint8, dtype=torch.float32, channels_last=uint8)
+    weight.requires_grad_()
+    calls = _run(images, weight, bias, cls, pos)
+    assert "vitfast.patch_embed_patches" not in calls
+    assert len(calls["vitfast.patch_embed"]) < 8 or calls["vitfast.patch_embed"][7] is None
+    ref_w = weight.detach().double().requires_grad_()
+    ref = torch.nn.functional.conv2d(normalize_images_ref(images, MEAN, STD, dtype=torch.float64), ref_w, stride=8)
+    ref.sum().backward()
+    torch.testing.assert_close(weight.grad.double(), ref_w.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_weights_keep_the_patch_matrix_under_either_strategy(cpu_strategy):
+    """float64 has no oneDNN convolution: the GEMM, and its kept matrix, whatever the strategy."""
+    images, weight, bias, cls, pos = _inputs(False, dtype=torch.float64)
+    weight.requires_grad_()
+    assert "vitfast.patch_embed_patches" in _run(images, weight, bias, cls, pos)
+
+
+def _x86_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        return None
+
+
+def test_cpu_strategy_auto_env_and_bad_name(monkeypatch):
+    """auto: oneDNN's convolution on x86 CPUs that are not Intel's (MKL's generic paths there),
+    the GEMM elsewhere; VITFAST_CPU_PATCH_EMBED forces one, read at every call."""
+    import platform
+    pe = importlib.import_module("vitfast.ops.patch_embed")
+
+    read = pe._C.cpu_patch_embed_strategy
+    monkeypatch.delenv("VITFAST_CPU_PATCH_EMBED", raising=False)
+    vendor = _x86_vendor() if platform.machine() in ("x86_64", "AMD64", "i686") else None
+    if vendor is not None:
+        amd_like = vendor != "GenuineIntel" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        assert read() == ("conv" if amd_like else "gemm"), vendor
+    for name in ("gemm", "conv"):
+        monkeypatch.setenv("VITFAST_CPU_PATCH_EMBED", name)
+        assert read() == name
+    with pytest.raises(ValueError, match="name must be one of"):
+        pe.set_cpu_strategy("fast")
 
 
 @pytest.mark.parametrize("why", ["no_grad", "weight_frozen"])
