@@ -4,7 +4,9 @@ On the CPU under the Triton interpreter (fp32 and fp16: the interpreter has no b
 and every gradient against the float64 reference by the 2x rule (the kernel's error at most
 twice eager PyTorch's own error in the same dtype, plus a small floor), uint8 and float images,
 with and without mean/std, class token and both position layouts, NCHW (vector loads) and
-channels_last; opcheck of both ops; the dispatch between the fused kernel and the C++ op. GPU
+channels_last; opcheck of both ops; the dispatch between the fused kernel and the C++ op. The
+forward and gradients run twice: the weight tiles by TMA (device-side descriptors, which the
+interpreter emulates with their zero fill) and by pointer loads. GPU
 (``cuda`` mark): the same rule in bf16 at a ViT-B/16 shape for every config the forward
 autotunes over, and the fused kernel against the three-kernel C++ path.
 """
@@ -39,6 +41,40 @@ def _fused(a):
     return call(lambda *x, **k: patch_embed(*x, backend="fused", **k), a)
 
 
+@pytest.fixture(params=[True, False], ids=["w_tma", "w_pointer"])
+def weight_tma(request, monkeypatch):
+    """The weight's TMA path allowed or not (tk.set_weight_tma) for one test; yields (allowed, the
+    W_TMA flag of every fused launch that takes one)."""
+    previous = tk.set_weight_tma(request.param)
+    seen = []
+    wrap = tk._wrap
+
+    def spy(kernel):
+        launcher = wrap(kernel)
+
+        def grid(g):
+            def run(*args, **kwargs):
+                if "W_TMA" in kwargs:
+                    seen.append(kwargs["W_TMA"])
+                return launcher[g](*args, **kwargs)
+            return run
+        return type("Spy", (), {"__getitem__": lambda self, g: grid(g)})()
+
+    monkeypatch.setattr(tk, "_wrap", spy)
+    yield request.param, seen
+    tk.set_weight_tma(previous)
+
+
+def _tma_readable(case, dtype) -> bool:
+    """TMA can read the weight [D, C*p*p]: rows a multiple of 16 bytes (not p = 14 in fp16)."""
+    return 3 * case.p * case.p * torch.finfo(dtype).bits // 8 % 16 == 0
+
+
+def _check_path(weight_tma, case, dtype):
+    allowed, seen = weight_tma
+    assert seen and set(seen) == {allowed and _tma_readable(case, dtype)}, seen
+
+
 def _leaves(a, dtype):
     out = dict(a)
     for name in ("images", "weight", "bias", "cls_token", "pos_embed"):
@@ -63,18 +99,19 @@ def _check(name, got, torch_own, ref, dtype):
 
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_2x_rule(case, dtype):
+def test_forward_2x_rule(case, dtype, weight_tma):
     a64 = make_inputs(case)
     a = make_inputs(case, dtype)
     ref = call(patch_embed_ref, a64)
     out = _fused(a)
     assert out.dtype == dtype and out.shape == ref.shape
     _check("tokens", out, call(patch_embed_ref, a), ref, dtype)
+    _check_path(weight_tma, case, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("case", CASES[:3] + CASES[4:], ids=str)
-def test_gradients_2x_rule(case, dtype):
+def test_gradients_2x_rule(case, dtype, weight_tma):
     a64 = _leaves(make_inputs(case), torch.float64)
     ref = call(patch_embed_ref, a64)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -85,6 +122,7 @@ def test_gradients_2x_rule(case, dtype):
     for k in want:
         assert got[k].dtype == own[k].dtype and got[k].shape == want[k].shape, k
         _check(f"d{k}", got[k], own[k], want[k], dtype)
+    _check_path(weight_tma, case, dtype)  # the forward's, and the image gradient's (float images)
 
 
 def test_image_gradient_channels_last_and_weight_gradient_deterministic():
@@ -178,11 +216,45 @@ def test_vec_width():
 
 
 def test_candidate_configs_fit_and_cover_narrow_widths():
-    vit_b = tk.candidate_configs(torch.empty(1, 3, 224, 224, dtype=torch.uint8), torch.empty(768, 3, 16, 16,
-                                                                                            dtype=torch.bfloat16))
-    assert len(vit_b) == tk.PRIMARY
+    """Each primary tile twice where TMA can read the weight (the interpreter stands in for sm_90):
+    the weight by pointer loads first, then by TMA; once (pointer loads) where it cannot."""
+    uint8 = torch.empty(1, 3, 224, 224, dtype=torch.uint8)
+    vit_b = tk.candidate_configs(uint8, torch.empty(768, 3, 16, 16, dtype=torch.bfloat16))
+    assert len(vit_b) == 2 * tk.PRIMARY
+    assert [c["W_TMA"] for c in vit_b] == [False] * tk.PRIMARY + [True] * tk.PRIMARY
+    assert [{**c, "W_TMA": False} for c in vit_b[tk.PRIMARY:]] == vit_b[:tk.PRIMARY]
+    vit_l = tk.candidate_configs(uint8, torch.empty(1024, 3, 14, 14, dtype=torch.bfloat16))  # 1176-byte rows
+    assert len(vit_l) == tk.PRIMARY and not any(c["W_TMA"] for c in vit_l)
+    previous = tk.set_weight_tma(False)
+    try:
+        assert tk.candidate_configs(uint8, torch.empty(768, 3, 16, 16, dtype=torch.bfloat16)) == vit_b[:tk.PRIMARY]
+    finally:
+        tk.set_weight_tma(previous)
     narrow = tk.candidate_configs(torch.empty(1, 3, 32, 32), torch.empty(24, 3, 16, 16))
     assert narrow and all(c["BLOCK_N"] <= 32 for c in narrow)
+
+
+def test_weight_tma_reasons():
+    """What TMA asks of the weight [D, K], as reasons: contiguous, a 16-byte aligned base, rows a
+    multiple of 16 bytes; turned off by set_weight_tma(False). A config forcing TMA on a weight it
+    cannot read raises."""
+    w = torch.empty(64, 768, dtype=torch.float16)
+    assert tk.weight_tma_not_supported_reasons(w) == []
+    assert any("16-byte aligned" in r for r in tk.weight_tma_not_supported_reasons(
+        torch.empty(64 * 768 + 1, dtype=torch.float16)[1:].view(64, 768)))
+    assert any("strides (1, 64)" in r for r in tk.weight_tma_not_supported_reasons(torch.empty(768, 64).t()))
+    assert any("588 x 2 bytes" in r for r in tk.weight_tma_not_supported_reasons(w[:, :588].contiguous()))
+    assert tk.weight_tma_not_supported_reasons(w[:, :588].float().contiguous()) == []
+    previous = tk.set_weight_tma(False)
+    try:
+        assert any("set_weight_tma(False)" in r for r in tk.weight_tma_not_supported_reasons(w))
+    finally:
+        tk.set_weight_tma(previous)
+    a = make_inputs(Case(B=1, H=28, W=28, p=14, D=16), torch.float16)
+    out = torch.empty(1, 5, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="588 x 2 bytes"):
+        tk.launch_fwd(a["images"], a["weight"].reshape(16, -1), None, None, None, 0, None, None, out, 14,
+                      config=dict(tk.INTERPRET_CONFIG, W_TMA=True))
 
 
 # ------------------------------------------------------------------------------- GPU

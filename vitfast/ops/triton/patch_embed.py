@@ -14,7 +14,10 @@ multiple of 16 the compiler is told (``VEC``) and loads 16 pixels at once (16 by
   image (uint8 or float; class-token rows and the K tail read as zero), normalises it in fp32
   (``x * scale[c] + shift[c]``: ``scale = 1/(255 std)``, ``shift = -mean/std`` for uint8), casts it
   to the weight's dtype and multiplies it with the ``[BLOCK_K, BLOCK_N]`` weight tile on the
-  tensor cores (``tl.dot``, fp32 accumulation: ``wgmma`` on sm_90). The epilogue adds bias
+  tensor cores (``tl.dot``, fp32 accumulation: ``wgmma`` on sm_90). The weight tile comes by
+  pointer loads (``cp.async`` on sm_90) or, with ``W_TMA``, by TMA through a device-side tensor
+  descriptor over ``[D, K]`` whose out-of-bounds zero fill replaces the column and K-tail masks
+  (see *Weight by TMA* below). The epilogue adds bias
   (patch rows), the class token (row 0) and the position embedding (every row, or the patch
   rows only with timm's ``no_embed_class``), read directly from the parameters (a few KiB,
   L2-resident: no precomputed table and so no second launch), and writes finished tokens.
@@ -27,11 +30,21 @@ multiple of 16 the compiler is told (``VEC``) and loads 16 pixels at once (16 by
   bias (``G[HAS_CLS:].sum(0)``, ``T x D`` values) gradients come from.
 * ``_pe_dx_kernel`` (float images that need a gradient): ``dA = dOut @ W`` per tile, times
   ``1/std[c]``, stored straight into the image gradient: with stride = patch size the patches do
-  not overlap, so col2im is a permuted store.
+  not overlap, so col2im is a permuted store. Its loop over D streams weight tiles: by TMA where
+  the weight allows it (``W_TMA``, set by the launcher), else by pointer loads.
+
+Weight by TMA: on sm_90+ with a Triton that has device-side descriptors
+(``tl.make_tensor_descriptor``; triton's allocator is set lazily in each launching thread, as for
+the attention TMA forwards: :mod:`.tma`), and a weight TMA can read (contiguous ``[D, K]``, 16-byte
+aligned, rows a multiple of 16 bytes: not ``K = 588`` in 16-bit, ViT-L/14), see
+:func:`weight_tma_not_supported_reasons`. The forward's autotuner then times every tile both ways
+(:data:`FWD_TMA_CONFIGS` beside :data:`FWD_CONFIGS`) and keeps the faster; the image-gradient kernel
+takes TMA. :func:`set_weight_tma` (False) turns it off. Under the interpreter (which emulates the
+descriptors and their zero fill) the TMA path runs wherever the weight allows it.
 
 Under ``TRITON_INTERPRET=1`` one small fixed config runs (the tests' shapes cross row, column
-and K tails); on the GPU the forward is autotuned over :data:`FWD_CONFIGS` (pruned by
-:func:`_fits`), the backward kernels use fixed tiles.
+and K tails); on the GPU the forward is autotuned over :data:`FWD_CONFIGS` (and
+:data:`FWD_TMA_CONFIGS`; pruned by :func:`_fits`), the backward kernels use fixed tiles.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ import triton
 import triton.language as tl
 
 from . import is_interpreted, wrap
+from . import tma as _tma
 
 _SMEM_BYTES = 227 * 1024  # H100/H200 per-block limit
 
@@ -113,6 +127,12 @@ def _patches(IMG, MEAN, STD, roff, is_patch, k, K, s_c, s_h, s_w,
     return x.to(DT)
 
 
+@triton.jit
+def _w_desc(W, D, K, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The weight [D, K] (contiguous) as a device-side tensor descriptor of [ROWS, COLS] boxes."""
+    return tl.make_tensor_descriptor(W, shape=[D, K], strides=[K, 1], block_shape=[ROWS, COLS])
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _pe_fwd_kernel(
@@ -120,7 +140,7 @@ def _pe_fwd_kernel(
     M, T, D, K, GW, s_b, s_c, s_h, s_w,
     U8: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr,
     POS_MODE: tl.constexpr, P: tl.constexpr, VEC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(D, BLOCK_N)
@@ -131,11 +151,16 @@ def _pe_fwd_kernel(
     col_ok = cols < D
     DT: tl.constexpr = W.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if W_TMA:
+        w_desc = _w_desc(W, D, K, BLOCK_N, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = _patches(IMG, MEAN, STD, roff, is_patch, k, K, s_c, s_h, s_w, U8, NORM, P, VEC, DT)
-        w = tl.load(W + cols[:, None].to(tl.int64) * K + k[None, :], mask=col_ok[:, None] & (k < K)[None, :],
-                    other=0.0)
+        if W_TMA:  # columns past D and the K tail come in as zeros (TMA fill)
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+        else:
+            w = tl.load(W + cols[:, None].to(tl.int64) * K + k[None, :], mask=col_ok[:, None] & (k < K)[None, :],
+                        other=0.0)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
     # epilogue: + bias (patch rows) + class token (row 0) + position embedding
     if HAS_BIAS:
@@ -206,7 +231,7 @@ def _pe_dx_kernel(
     DO, W, STD, DX,
     M, T, D, K, GW, s_b, s_c, s_h, s_w,
     NORM: tl.constexpr, HAS_CLS: tl.constexpr, P: tl.constexpr, VEC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_TMA: tl.constexpr,
 ):
     """dImages for a [BLOCK_M rows, BLOCK_K of K] tile: (dOut @ W) / std, stored in place (the
     image gradient's strides are the images')."""
@@ -218,12 +243,18 @@ def _pe_dx_kernel(
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    if W_TMA:
+        w_desc = _w_desc(W, D, K, BLOCK_N, BLOCK_K)
     for n0 in range(0, D, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < D
         do = tl.load(DO + rows.to(tl.int64)[:, None] * D + cols[None, :],
                      mask=is_patch[:, None] & col_ok[None, :], other=0.0)
-        w = tl.load(W + cols.to(tl.int64)[:, None] * K + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if W_TMA:  # rows past D and the K tail come in as zeros (TMA fill)
+            w = w_desc.load([n0, pid_k * BLOCK_K])
+        else:
+            w = tl.load(W + cols.to(tl.int64)[:, None] * K + k[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0)
         acc = tl.dot(do, w, acc, input_precision=PRECISION)
     c, koff = _koff(k, s_c, s_h, s_w, P, VEC)
     if NORM:
@@ -249,21 +280,26 @@ def set_autotune(enabled: bool) -> bool:
     return previous
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, w_tma: bool = False) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, W_TMA=w_tma), num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Primary configs first (what the autotuner times;
-# the first survivor is the untuned default), then secondary ones for narrow D, tried only where
-# no primary fits. ViT widths (384, 768, 1024, 1280) are multiples of 128, and B*T of ViT-B/16
-# at B = 256 is 394 x 128, so 128-row tiles have no tail there. Not yet cut by GPU measurement.
-FWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 3),
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Primary tiles first (what the autotuner times; the
+# first survivor is the untuned default), then secondary ones for narrow D, tried only where no
+# primary fits. ViT widths (384, 768, 1024, 1280) are multiples of 128, and B*T of ViT-B/16 at
+# B = 256 is 394 x 128, so 128-row tiles have no tail there. Not yet cut by GPU measurement.
+TILES = [
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (64, 256, 64, 8, 3), (64, 128, 64, 4, 3),
     # secondary: fp32 weights (3xTF32 holds split operands: more shared memory and registers), D < 64
-    _cfg(64, 64, 32, 4, 3), _cfg(64, 32, 64, 4, 3), _cfg(32, 16, 32, 4, 2),
+    (64, 64, 32, 4, 3), (64, 32, 64, 4, 3), (32, 16, 32, 4, 2),
 ]
 PRIMARY = 6
+# Each tile with the weight by pointer loads (W_TMA=False: cp.async on sm_90) and by TMA (W_TMA=True).
+# Where the weight allows TMA (weight_tma_not_supported_reasons) the autotuner times both and keeps
+# the faster; untuned, the first pointer config runs (as before TMA: no GPU has timed either yet).
+FWD_CONFIGS = [_cfg(*t) for t in TILES]
+FWD_TMA_CONFIGS = [_cfg(*t, w_tma=True) for t in TILES]
 # Backward tiles (fixed): dweight [BLOCK_N of D, BLOCK_K of K] over BLOCK_M-row steps; dImages
 # [BLOCK_M rows, BLOCK_K of K] over BLOCK_N-column steps of D; the token sums [BLOCK_T, BLOCK_D].
 DW_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
@@ -287,11 +323,18 @@ def _fits(bm: int, bn: int, bk: int, warps: int, stages: int, img_el: int, el: i
     return smem <= _SMEM_BYTES and acc <= 64
 
 
+def _tile(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+
 def _prune(configs, named_args, **kwargs):
+    """The configs that fit (both weight paths of a tile alike: the pointer ones first), primary
+    tiles where any fits, else the secondary ones, else the smallest pointer config."""
     args = {**named_args, **kwargs}
     d_cap = max(16, triton.next_power_of_2(int(args["D"])))
     k_cap = max(16, triton.next_power_of_2(int(args["K"])))
     img_el, el = args["IMG"].dtype.itemsize, args["W"].dtype.itemsize
+    primary = set(TILES[:PRIMARY])
 
     def survivors(candidates):
         return [c for c in candidates
@@ -299,13 +342,65 @@ def _prune(configs, named_args, **kwargs):
                 and _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages,
                           img_el, el)]
 
-    n = min(PRIMARY, len(configs))
-    kept = survivors(configs[:n]) or survivors(configs[n:]) or [configs[-1]]
+    kept = (survivors([c for c in configs if _tile(c) in primary])
+            or survivors([c for c in configs if _tile(c) not in primary]) or [FWD_CONFIGS[-1]])
     return kept if _AUTOTUNE else kept[:1]
 
 
-_pe_fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=["D", "K", "P", "U8", "NORM"],
-                                prune_configs_by={"early_config_prune": _prune})(_pe_fwd_kernel)
+def _autotuned(configs):
+    return triton.autotune(configs=configs, key=["D", "K", "P", "U8", "NORM"],
+                           prune_configs_by={"early_config_prune": _prune})(_pe_fwd_kernel)
+
+
+# Two autotuners, one cache each: the launcher takes the second only for a weight TMA can read, so
+# a config with W_TMA=True cached for one weight is never launched on one TMA cannot read (the
+# autotuner's key does not see alignment).
+_pe_fwd_tuned = _autotuned(FWD_CONFIGS)
+_pe_fwd_tma_tuned = _autotuned(FWD_CONFIGS + FWD_TMA_CONFIGS)
+_last_tuner = _pe_fwd_tuned
+
+
+# ---------------------------------------------------------------------- weight by TMA
+_WEIGHT_TMA = True
+
+
+def set_weight_tma(enabled: bool) -> bool:
+    """Allow (the default) or forbid the weight tiles by TMA; returns the previous setting."""
+    global _WEIGHT_TMA
+    previous, _WEIGHT_TMA = _WEIGHT_TMA, bool(enabled)
+    return previous
+
+
+def _tma_device_reasons(device: torch.device) -> list[str]:
+    return _tma.device_reasons(device, INTERPRET, "weight")
+
+
+def weight_tma_not_supported_reasons(w2d: torch.Tensor) -> list[str]:
+    """Why the kernels cannot load tiles of ``w2d [D, K]`` by TMA (empty: they can, and the forward
+    autotunes over both weight paths, the image-gradient kernel takes TMA): turned off
+    (:func:`set_weight_tma`), the installed Triton's features, the GPU (sm_90 or newer; under the
+    interpreter, any), and what TMA asks of the layout (contiguous, a 16-byte aligned base, rows a
+    multiple of 16 bytes: K = C*p*p = 588 in 16-bit, p = 14, is not)."""
+    reasons = [] if _WEIGHT_TMA else ["the weight's TMA path is turned off (set_weight_tma(False))"]
+    reasons += _tma.missing_features() + _tma_device_reasons(w2d.device)
+    K, el = w2d.shape[1], w2d.element_size()
+    if w2d.stride() != (K, 1):
+        reasons.append(f"the weight [D, K] has strides {tuple(w2d.stride())}; the kernels' descriptor is (K, 1)")
+    if not _tma.base_aligned16(w2d):
+        reasons.append("the weight's data pointer is not 16-byte aligned (TMA)")
+    if (K * el) % 16:
+        reasons.append(f"the weight's rows are K = C*p*p = {K} x {el} bytes; TMA needs a multiple of 16")
+    return reasons
+
+
+def _weight_tma(w2d: torch.Tensor) -> bool:
+    """True where the weight tiles may come by TMA; then triton's allocator is set in this thread
+    (the descriptors' scratch; the interpreter needs none)."""
+    if weight_tma_not_supported_reasons(w2d):
+        return False
+    if not INTERPRET:
+        _tma.ensure_allocator()
+    return True
 
 
 # -------------------------------------------------------------------------- launchers
@@ -366,12 +461,20 @@ def launch_fwd(images, w2d, bias, cls, pos, pos_mode: int, mean, std, out, p: in
     B, T, D = out.shape
     K = w2d.shape[1]
     M = B * T
+    global _last_tuner
     sizes, flags = _meta(images, p, cls is not None)
     norm = mean is not None
+    w_tma = _weight_tma(w2d)
     if config is None and INTERPRET:
-        config = INTERPRET_CONFIG
-    kernel = _wrap(_pe_fwd_tuned if config is None else _pe_fwd_kernel)
-    meta = {} if config is None else _launch_opts(config)
+        config = dict(INTERPRET_CONFIG, W_TMA=w_tma)
+    if config is None:
+        _last_tuner = _pe_fwd_tma_tuned if w_tma else _pe_fwd_tuned
+        kernel, meta = _wrap(_last_tuner), {}
+    else:
+        if config.get("W_TMA") and not w_tma:
+            raise ValueError(f"config {config} loads the weight by TMA, which cannot read this weight: "
+                             + "; ".join(weight_tma_not_supported_reasons(w2d)))
+        kernel, meta = _wrap(_pe_fwd_kernel), dict(_launch_opts(config), W_TMA=bool(config.get("W_TMA")))
     kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(D, m["BLOCK_N"]),)](
         images, w2d, bias if bias is not None else w2d, cls if cls is not None else w2d,
         pos if pos is not None else w2d, mean if norm else w2d, std if norm else w2d, out,
@@ -429,7 +532,8 @@ def launch_dimages(dout, w2d, std, dx, has_cls: bool, p: int) -> None:
     _wrap(_pe_dx_kernel)[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)](
         dout, w2d, std if std is not None else w2d, dx,
         M, T, D, K, sizes["GW"], *sizes["strides"],
-        NORM=std is not None, PRECISION=dot_precision(w2d.dtype), **flags, **_launch_opts(cfg),
+        NORM=std is not None, PRECISION=dot_precision(w2d.dtype), W_TMA=_weight_tma(w2d), **flags,
+        **_launch_opts(cfg),
     )
 
 
@@ -438,9 +542,10 @@ def candidate_configs(images: torch.Tensor, weight: torch.Tensor) -> list[dict]:
     pruning), as launch dicts: the benchmark times each."""
     D = weight.shape[0]
     K = weight[0].numel()
+    configs = FWD_CONFIGS + (FWD_TMA_CONFIGS if not weight_tma_not_supported_reasons(weight.reshape(D, K)) else [])
     previous = set_autotune(True)
     try:
-        kept = _prune(FWD_CONFIGS, {"D": D, "K": K, "IMG": images, "W": weight})
+        kept = _prune(configs, {"D": D, "K": K, "IMG": images, "W": weight})
     finally:
         set_autotune(previous)
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
@@ -448,7 +553,7 @@ def candidate_configs(images: torch.Tensor, weight: torch.Tensor) -> list[dict]:
 
 def tuned_config() -> Optional[dict]:
     """The forward config the autotuner chose last (None before the first tuned launch)."""
-    c = getattr(_pe_fwd_tuned, "best_config", None)
+    c = getattr(_last_tuner, "best_config", None)
     return None if c is None else dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
