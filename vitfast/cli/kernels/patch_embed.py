@@ -5,7 +5,9 @@ Implementations (all from raw or float images to finished tokens, cls + pos incl
                  dispatch picks, see vitfast.ops.patch_embed)
   fused          backend="fused": the one-launch Triton implicit GEMM (vitfast::patch_embed_fused),
                  autotuned; with ``fwd`` also one row per config it autotunes over,
-                 ``fused[BLOCK_M,BLOCK_N,BLOCK_K,warps,stages]`` (that config launched directly)
+                 ``fused[BLOCK_M,BLOCK_N,BLOCK_K,warps,stages]`` (that config launched directly;
+                 ``...,tma]``: the same tile with the weight loaded by TMA, on sm_90+ where the
+                 weight allows it, so both weight paths are timed)
   gemm           backend="gemm": the C++ op (on CUDA three launches: patchify, bias + pos prefill,
                  cuBLAS GEMM with beta = 1)
   eager          the reference chain: normalise + conv2d + flatten/transpose + cat + add
@@ -81,7 +83,8 @@ def _forced(backend: str) -> Callable:
 
 
 def config_name(cfg: dict) -> str:
-    return "fused[{BLOCK_M},{BLOCK_N},{BLOCK_K},{num_warps},{num_stages}]".format(**cfg)
+    name = "fused[{BLOCK_M},{BLOCK_N},{BLOCK_K},{num_warps},{num_stages}".format(**cfg)
+    return name + (",tma]" if cfg.get("W_TMA") else "]")
 
 
 def _fused_config(cfg: dict) -> Callable:
@@ -256,15 +259,15 @@ def _add_speedups(group: list[dict], times: dict) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<24} {'input':<9} {'mode':<8} {'impl':<22} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
+    head = (f"{'model':<24} {'input':<9} {'mode':<8} {'impl':<26} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
             f"{'vs eager':>8} {'vs comp':>8} {'vs unf':>7} {'vs gemm':>8} {'x floor':>7}")
     lines = [head, "-" * len(head)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<22} {r['status'][:80]}")
+            lines.append(f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<26} {r['status'][:80]}")
             continue
-        line = (f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<22} {r['ms']:9.3f} "
+        line = (f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<26} {r['ms']:9.3f} "
                 f"{f(r['gbps'], '8.2f')} {f(r['tflops'], '8.4f')}")
         if r["impl"] in ("vitfast", "fused"):
             line += "".join(f" {f(r.get(k), w + '.2f')}x" for k, w in (("speedup_vs_eager", "7"),
