@@ -153,12 +153,16 @@ def fused_case(dtype: torch.dtype, C: int, M: int = 2 * 197) -> None:
 def patch_embed_case(dtype: torch.dtype, image_dtype: torch.dtype, D: int, size: int, p: int, B: int = 16) -> None:
     """The fused patch embedding (vitfast::patch_embed_fused), forward and backward, with ImageNet
     mean/std, class token and positions; float images also get their gradient. B = 16 makes
-    B*T a multiple of 16, as at B = 256 (the JIT specialises on it)."""
+    B*T a multiple of 16, as at B = 256 (the JIT specialises on it). As on sm_90, the forward's
+    candidates include the weight-by-TMA configs (W_TMA=True) and the image gradient takes TMA
+    where the weight allows it (not p = 14 in 16-bit: 1176-byte rows); a second pass with
+    ``set_weight_tma(False)`` adds the pointer image gradient (the rest it launches is the same)."""
     from vitfast.ops.patch_embed import _stats
     from vitfast.ops.triton import patch_embed as pk
 
-    saved = pk._wrap, pk._programs_target, pk.set_autotune(True)
+    saved = pk._wrap, pk._programs_target, pk._tma_device_reasons, pk.set_autotune(True), pk.set_weight_tma(True)
     pk._wrap, pk._programs_target = ak._wrap, (lambda device: 2 * H100_SMS)  # ak._wrap: capturing now
+    pk._tma_device_reasons = lambda device: []  # CPU tensors stand in for an sm_90 GPU's
     try:
         T = (size // p) ** 2 + 1
         if image_dtype == torch.uint8:
@@ -166,11 +170,14 @@ def patch_embed_case(dtype: torch.dtype, image_dtype: torch.dtype, D: int, size:
         else:
             images = _leaf((B, 3, size, size), image_dtype)
         mean, std = _stats((0.485, 0.456, 0.406), images.device), _stats((0.229, 0.224, 0.225), images.device)
-        _fwd_bwd(torch.ops.vitfast.patch_embed_fused, images, _leaf((D, 3, p, p), dtype), _leaf((D,), dtype),
-                 _leaf((1, 1, D), dtype), _leaf((1, T, D), dtype), mean, std)
+        for weight_tma in (True, False):
+            pk.set_weight_tma(weight_tma)
+            _fwd_bwd(torch.ops.vitfast.patch_embed_fused, images, _leaf((D, 3, p, p), dtype), _leaf((D,), dtype),
+                     _leaf((1, 1, D), dtype), _leaf((1, T, D), dtype), mean, std)
     finally:
-        pk._wrap, pk._programs_target = saved[:2]
-        pk.set_autotune(saved[2])
+        pk._wrap, pk._programs_target, pk._tma_device_reasons = saved[:3]
+        pk.set_autotune(saved[3])
+        pk.set_weight_tma(saved[4])
 
 
 def cases(spec: str):
@@ -212,7 +219,8 @@ def candidates(kernel, args, kwargs):
             label = ",".join(f"{k}={v}" for k, v in opts.items() if k in ("num_warps", "num_stages") or k in c.kwargs)
             yield fn, {**kwargs, **opts}, ("ATOMIC," if kwargs.get("ATOMIC") else "") + label
     else:
-        yield kernel, kwargs, ",".join(f"{k}={v}" for k, v in kwargs.items() if k in ("num_warps", "num_stages"))
+        shown = ("num_warps", "num_stages", "W_TMA")  # W_TMA: a launcher's choice (the patch embedding's dx)
+        yield kernel, kwargs, ",".join(f"{k}={v}" for k, v in kwargs.items() if k in shown)
 
 
 def _ptxas() -> str:
