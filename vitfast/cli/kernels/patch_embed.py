@@ -10,6 +10,10 @@ Implementations (all from raw or float images to finished tokens, cls + pos incl
                  weight allows it, so both weight paths are timed)
   gemm           backend="gemm": the C++ op (on CUDA three launches: patchify, bias + pos prefill,
                  cuBLAS GEMM with beta = 1)
+  vitfast_gemm, vitfast_conv
+                 on the CPU, vitfast with each GEMM strategy forced (vitfast.ops.patch_embed.
+                 cpu_strategy: MKL on the patch matrix, oneDNN's convolution), forward and backward,
+                 so that every CPU run times both; the JSON's env names the one ``vitfast`` took
   eager          the reference chain: normalise + conv2d + flatten/transpose + cat + add
   compile        that chain under torch.compile
   unfold_linear  normalise + reshape/permute into patches + Linear + cat + add (the approach
@@ -40,6 +44,7 @@ default they are timed on the GPU, not on the CPU).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -59,8 +64,9 @@ MODELS = {
     "vit_small_patch16_384": (16, 384, 384, 128, 4),
 }
 SMOKE_MODELS = {"smoke_patch16_32x48": (16, 32, (32, 48), 2, 2)}
-IMPLS = ("vitfast", "fused", "gemm", "eager", "compile", "unfold_linear")
-CPU_IMPLS = ("vitfast", "eager", "compile", "unfold_linear")  # the default off CUDA
+IMPLS = ("vitfast", "fused", "gemm", "vitfast_gemm", "vitfast_conv", "eager", "compile", "unfold_linear")
+CPU_IMPLS = ("vitfast", "vitfast_gemm", "vitfast_conv", "eager", "compile", "unfold_linear")  # the default off CUDA
+CPU_STRATEGY_IMPLS = {"vitfast_gemm": "gemm", "vitfast_conv": "conv"}
 MODES = ("fwd", "fwd+bwd")
 INPUTS = ("float", "uint8", "float_raw")
 
@@ -152,6 +158,20 @@ def work(x: dict, mode: str, dtype: torch.dtype) -> tuple[float, float]:
     return 2 * (img + out + params), 2 * flops  # backward: grad_out and images read, dW and dpos written
 
 
+def with_cpu_strategy(step: Callable[[int], None], name: str) -> Callable[[int], None]:
+    """``step`` (forward, or forward + backward) under one CPU GEMM strategy, the setting in force
+    before restored after each call (the implementations of a group alternate round by round)."""
+    pe = importlib.import_module("vitfast.ops.patch_embed")  # the module (vitfast.ops.patch_embed is the function)
+
+    def run(i):
+        previous = pe.set_cpu_strategy(name)
+        try:
+            step(i)
+        finally:
+            pe.set_cpu_strategy(previous)
+    return run
+
+
 def make_step(fn: Callable, x: dict, mode: str, device: torch.device) -> Callable[[int], None]:
     """One call of ``fn`` (forward, or forward + backward) on the i-th image buffer."""
     params = x["params"]
@@ -204,7 +224,8 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
 
     ext = _ext.load_extension()
     env.update(copy_gbps_measured=round(copy_gbps, 1), matmul_tflops_measured=round(peak["tflops"], 2),
-               vitfast_cuda_kernels=bool(ext is not None and ext.with_cuda))
+               vitfast_cuda_kernels=bool(ext is not None and ext.with_cuda),
+               cpu_patch_embed_strategy=importlib.import_module("vitfast.ops.patch_embed").cpu_strategy())
     fns = {}
     rows = []
     for model_name, model in models.items():
@@ -228,6 +249,8 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
                         fns.pop(impl, None)
                     if impl.startswith("fused["):
                         return make_step(_impl(impl, configs), x, mode, dev)
+                    if impl in CPU_STRATEGY_IMPLS:
+                        return with_cpu_strategy(make_step(patch_embed, x, mode, dev), CPU_STRATEGY_IMPLS[impl])
                     if impl not in fns:
                         fns[impl] = _impl(impl)
                     return make_step(fns[impl], x, mode, dev)
@@ -251,8 +274,8 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
 def _add_speedups(group: list[dict], times: dict) -> None:
     """vitfast's rows: ``speedup_vs_<impl>`` (median of the per-round ratios) and the distance
     to the roofline floor."""
-    bu.add_paired_speedups(group, times)
-    bu.add_paired_speedups(group, times, fast="fused")
+    for fast in ("vitfast", "fused", *CPU_STRATEGY_IMPLS):
+        bu.add_paired_speedups(group, times, fast=fast)
     for r in group:
         if r.get("status") == "ok":
             r["x_roofline_floor"] = round(r["ms"] / r["roofline_floor_ms"], 3)
@@ -269,7 +292,7 @@ def format_table(rows: list[dict]) -> str:
             continue
         line = (f"{r['model']:<24} {r['input']:<9} {r['mode']:<8} {r['impl']:<26} {r['ms']:9.3f} "
                 f"{f(r['gbps'], '8.2f')} {f(r['tflops'], '8.4f')}")
-        if r["impl"] in ("vitfast", "fused"):
+        if r["impl"] in ("vitfast", "fused", *CPU_STRATEGY_IMPLS):
             line += "".join(f" {f(r.get(k), w + '.2f')}x" for k, w in (("speedup_vs_eager", "7"),
                             ("speedup_vs_compile", "7"), ("speedup_vs_unfold_linear", "6"), ("speedup_vs_gemm", "7")))
         else:
