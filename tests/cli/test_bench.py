@@ -442,7 +442,7 @@ def test_render_readme_cpu_then_gpu(tiny_run, tmp_path):
     text = readme.read_text()
     assert "### Kernels: attention" in text and "### Kernels: patch_embed" in text
     assert "| 256 | 12 | 197 | 64 | bfloat16 | fwd | 1 | 400 | flash | 320 | 1.25x |" in text
-    assert "| vit_base_patch16_224 | 256 | uint8 | bf16 | fwd | 0.5 | 900 | 200 | 2.50x | 1.30x | 1.10x | 1.20x |" in text
+    assert "| vit_base_patch16_224 | 256 | uint8 | bf16 | fwd | 0.5 | 900 | 200 | 2.50x | 1.30x | 1.10x | 1.10x | 1.20x |" in text
 
 
 def test_render_readme_without_markers_fails_clearly(tmp_path, capsys):
