@@ -13,6 +13,8 @@ autotunes over, and the fused kernel against the three-kernel C++ path.
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 
@@ -250,6 +252,9 @@ def test_weight_tma_reasons():
         assert any("set_weight_tma(False)" in r for r in tk.weight_tma_not_supported_reasons(w))
     finally:
         tk.set_weight_tma(previous)
+    # not inside torch.compile (Inductor traces the launch there), as the attention's TMA forward
+    with unittest.mock.patch.object(torch.compiler, "is_compiling", return_value=True):
+        assert any("torch.compile" in r for r in tk.weight_tma_not_supported_reasons(w))
     a = make_inputs(Case(B=1, H=28, W=28, p=14, D=16), torch.float16)
     out = torch.empty(1, 5, 16, dtype=torch.float16)
     with pytest.raises(ValueError, match="588 x 2 bytes"):
