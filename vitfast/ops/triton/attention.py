@@ -23,7 +23,6 @@ tile and accumulates dQ over all keys, so two runs give bit-identical gradients.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Optional
@@ -34,7 +33,7 @@ import triton.language as tl
 
 from . import attention_tma as _tma
 from . import tma as _tma_host
-from . import is_interpreted, wrap
+from . import device_sms, is_interpreted, wrap
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1140,13 +1139,8 @@ def set_backward_variant(variant: str) -> str:
     return previous
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _device_sms(device: torch.device) -> int:
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+def _device_sms(device: torch.device) -> int:  # a module-level name: the sm_90 compile check sets it
+    return device_sms(device)
 
 
 def backward_variant(q: torch.Tensor, variant: Optional[str] = None) -> str:

@@ -30,14 +30,13 @@ kernels are bandwidth-bound, nothing to autotune but the tile shape); under
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import is_interpreted, wrap
+from . import device_sms, is_interpreted, wrap
 
 # LayerNorm rows must fit one program's registers: BLOCK_C = next_power_of_2(C) <= this.
 MAX_LN_HIDDEN = 16384
@@ -420,16 +419,11 @@ def _warps(tile: int) -> dict:
     return {"num_warps": min(16, max(4, tile // 512))}
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs_target(device: torch.device) -> int:
     """How many programs a reduction grid aims for (a few per SM on the GPU)."""
     if INTERPRET or device.type != "cuda":
         return INTERPRET_CHUNKS
-    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 * device_sms(device)
 
 
 def _row_chunks(M: int, block_m: int, target: int) -> tuple[int, int]:

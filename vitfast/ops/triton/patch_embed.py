@@ -49,7 +49,6 @@ and K tails); on the GPU the forward is autotuned over :data:`FWD_CONFIGS` (and
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -57,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import is_interpreted, wrap
+from . import device_sms, is_interpreted, wrap
 from . import tma as _tma
 
 _SMEM_BYTES = 227 * 1024  # H100/H200 per-block limit
@@ -444,16 +443,11 @@ def _launch_opts(config: dict) -> dict:
     return dict(config)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs_target(device: torch.device) -> int:
     """Programs the dweight grid aims for: two per SM on the GPU."""
     if INTERPRET or device.type != "cuda":
         return INTERPRET_CHUNKS
-    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * device_sms(device)
 
 
 def launch_fwd(images, w2d, bias, cls, pos, pos_mode: int, mean, std, out, p: int,
