@@ -338,10 +338,10 @@ def _patch_embed_backward_fake(grad_out, images, weight, mean, std, has_cls, pos
     return g_images, g_weight, g_bias, g_cls, g_pos
 
 
-def _setup_context(ctx, inputs, output):
-    # (padded like needs_input_grad in _backward, in case trailing Nones are dropped here too)
-    images, weight, bias, cls_token, pos_embed, mean, std, patches = tuple(inputs) + (None,) * (8 - len(inputs))
-    ctx.save_for_backward(images, weight, mean, std, patches)
+# The autograd of both ops (vitfast::patch_embed and vitfast::patch_embed_fused), whose first
+# seven arguments are the same: what the backward needs of the optional ones, which gradients
+# to make, and the parameter gradients in their parameters' dtypes and shapes.
+def _keep_meta(ctx, bias, cls_token, pos_embed) -> None:
     ctx.has_cls = cls_token is not None
     ctx.pos_tokens = 0 if pos_embed is None else pos_embed.shape[1]
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -349,34 +349,44 @@ def _setup_context(ctx, inputs, output):
     ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
 
 
+def _grad_mask(ctx, images: torch.Tensor, n_args: int) -> list:
+    """output_mask of the backward ops: (images, weight, bias, cls_token, pos_embed). The
+    dispatcher drops trailing None arguments from the call it records, so needs_input_grad has
+    one entry per argument actually passed (2 when only images and weight are given); the
+    missing optionals need no gradient."""
+    need = tuple(ctx.needs_input_grad) + (False,) * (n_args - len(ctx.needs_input_grad))
+    return [bool(need[0]) and images.is_floating_point(), bool(need[1]), bool(need[2]) and ctx.bias_dtype is not None,
+            bool(need[3]) and ctx.has_cls, bool(need[4]) and ctx.pos_tokens > 0]
+
+
+def _param_grads(ctx, g_bias, g_cls, g_pos) -> tuple:
+    if g_bias is not None:
+        g_bias = g_bias.to(ctx.bias_dtype)
+    if g_cls is not None:
+        g_cls = g_cls.reshape(ctx.cls_meta[0]).to(ctx.cls_meta[1])
+    if g_pos is not None:
+        g_pos = g_pos.to(ctx.pos_dtype)
+    return g_bias, g_cls, g_pos
+
+
+def _setup_context(ctx, inputs, output):
+    # (padded like needs_input_grad in _backward, in case trailing Nones are dropped here too)
+    images, weight, bias, cls_token, pos_embed, mean, std, patches = tuple(inputs) + (None,) * (8 - len(inputs))
+    ctx.save_for_backward(images, weight, mean, std, patches)
+    _keep_meta(ctx, bias, cls_token, pos_embed)
+
+
 def _backward(ctx, grad_out):
     images, weight, mean, std, patches = ctx.saved_tensors
-    # The dispatcher drops trailing None arguments from the call it records, so
-    # needs_input_grad has one entry per argument actually passed (2 when only images and
-    # weight are given); the missing optionals need no gradient.
-    need = tuple(ctx.needs_input_grad) + (False,) * (8 - len(ctx.needs_input_grad))
-    mask = [
-        bool(need[0]) and images.is_floating_point(),
-        bool(need[1]),
-        bool(need[2]) and ctx.bias_dtype is not None,
-        bool(need[3]) and ctx.has_cls,
-        bool(need[4]) and ctx.pos_tokens > 0,
-    ]
+    mask = _grad_mask(ctx, images, 8)
     if not any(mask):
         return None, None, None, None, None, None, None, None
     g_images, g_weight, g_bias, g_cls, g_pos = torch.ops.vitfast.patch_embed_backward(
         grad_out, images, weight, mean, std, ctx.has_cls, ctx.pos_tokens, mask, patches
     )
-    if g_bias is not None:
-        g_bias = g_bias.to(ctx.bias_dtype)
-    if g_cls is not None:
-        shape, dtype = ctx.cls_meta
-        g_cls = g_cls.reshape(shape).to(dtype)
-    if g_pos is not None:
-        g_pos = g_pos.to(ctx.pos_dtype)
     # mean and std: constants of the data pipeline, no gradient; patches: a function of the images
     # (their gradient flows through g_images)
-    return g_images, g_weight, g_bias, g_cls, g_pos, None, None, None
+    return (g_images, g_weight, *_param_grads(ctx, g_bias, g_cls, g_pos), None, None, None)
 
 
 def _register() -> None:
@@ -560,29 +570,17 @@ def _(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask):
 def _fused_setup(ctx, inputs, output):
     images, weight, bias, cls_token, pos_embed, mean, std = tuple(inputs) + (None,) * (7 - len(inputs))
     ctx.save_for_backward(images, weight, mean, std)
-    ctx.has_cls = cls_token is not None
-    ctx.pos_tokens = 0 if pos_embed is None else pos_embed.shape[1]
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.cls_meta = None if cls_token is None else (cls_token.shape, cls_token.dtype)
-    ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
+    _keep_meta(ctx, bias, cls_token, pos_embed)
 
 
 def _fused_backward(ctx, grad_out):
     images, weight, mean, std = ctx.saved_tensors
-    need = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
-    mask = [bool(need[0]) and images.is_floating_point(), bool(need[1]), bool(need[2]) and ctx.bias_dtype is not None,
-            bool(need[3]) and ctx.has_cls, bool(need[4]) and ctx.pos_tokens > 0]
+    mask = _grad_mask(ctx, images, 7)
     if not any(mask):
         return None, None, None, None, None, None, None
     g = _patch_embed_fused_backward(grad_out, images, weight, mean, std, ctx.has_cls, ctx.pos_tokens, mask)
     g_images, g_weight, g_bias, g_cls, g_pos = (t if m else None for t, m in zip(g, mask))
-    if g_bias is not None:
-        g_bias = g_bias.to(ctx.bias_dtype)
-    if g_cls is not None:
-        g_cls = g_cls.reshape(ctx.cls_meta[0]).to(ctx.cls_meta[1])
-    if g_pos is not None:
-        g_pos = g_pos.to(ctx.pos_dtype)
-    return g_images, g_weight, g_bias, g_cls, g_pos, None, None  # mean, std: constants, no gradient
+    return (g_images, g_weight, *_param_grads(ctx, g_bias, g_cls, g_pos), None, None)  # mean, std: no gradient
 
 
 _patch_embed_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
