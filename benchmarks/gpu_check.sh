@@ -19,8 +19,9 @@
 # exact command (ONLY=...) that runs the skipped steps in a second call. ONLY (comma-separated step
 # names: build info tests candidates tune bench kernels profile ncu) runs just those; SKIP_<STEP>
 # leaves one out. The tune step's cache (TUNE_CACHE, default .gpu_check/dispatch_tuned.json, an
-# ignored path that stays on a warm machine between calls; copied into OUT) is what the bench step
-# runs with, in the same call or the next.
+# ignored path that stays on a warm machine between calls; its entries are printed in the log, not
+# copied into OUT: at most 8 files come back from a device call) is what the bench step runs with,
+# in the same call or the next.
 #
 # Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
 # SKIP_TESTS, SKIP_CANDIDATES, SKIP_TUNE, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, SKIP_NCU, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
@@ -219,7 +220,6 @@ if want tune; then
         "$PYTHON" -m vitfast.cli tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --iters 20 || true
     run_step tune-trn "${T_TUNE:-40}" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" \
         "$PYTHON" -m vitfast.cli tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --iters 20 --train || true
-    [ -f "$TUNE_CACHE" ] && cp "$TUNE_CACHE" "$OUT/"
 fi
 # the bench runs with the tuned table, whether this call or an earlier one on this machine tuned
 [ -f "$TUNE_CACHE" ] && export VITFAST_DISPATCH_CACHE="$TUNE_CACHE"
