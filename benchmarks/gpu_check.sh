@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script a GPU machine runs: card and versions, build the extension with that machine's
 # torch, the CUDA tests, `vitfast bench` defaults, `vitfast bench kernels`, a short profile;
-# JSON, CSV, a plot, a trace and the log go to ${OUT:-benchmarks/results/latest}.
+# JSON, a plot, a trace and the logs go to ${OUT:-benchmarks/results/latest}: 8 files, what a device
+# call returns at most (log, build.log, e2e JSON + plot, candidates, kernels, profile JSON + trace).
 # What it needs there: an NVIDIA GPU, python3 with torch >= 2.11 (a CUDA build), triton >= 3.6,
 # timm, pytest; nvcc for the build; no network. Afterwards: copy the JSON into benchmarks/results/,
 # run `python benchmarks/render_readme.py` and commit (CONTRIBUTING.md, "Running the GPU check").
@@ -229,7 +230,7 @@ fi
 if want bench; then
     # shellcheck disable=SC2086
     run_step bench "${T_BENCH:-180}" "$PYTHON" -m vitfast.cli bench --no-progress \
-        --json "$OUT/" --csv "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
+        --json "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
 fi
 
 # ---- 4. kernel microbenchmarks
