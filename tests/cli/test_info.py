@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from vitfast.cli import info
@@ -87,3 +88,15 @@ def test_render_says_why_the_extension_is_not_there(monkeypatch):
     assert facts["extension"]["built"] and not facts["extension"]["usable"]
     assert ("extension      not usable (vitfast._C was built for torch 2.0.0 but torch 2.1.0 is installed; "
             "install the torch it was built for)") in info.render(facts).splitlines()
+
+
+@pytest.mark.parametrize("forced", ["gemm", "conv"])
+def test_render_names_the_cpu_patch_embedding_gemm(monkeypatch, forced):
+    """With the extension, `vitfast info` says which GEMM the float32 CPU patch embedding runs
+    on this host (VITFAST_CPU_PATCH_EMBED forces one; the C++ op reads it at every call)."""
+    facts = info.extension_facts()
+    if not facts["usable"]:
+        pytest.skip("vitfast._C is not built")
+    monkeypatch.setenv("VITFAST_CPU_PATCH_EMBED", forced)
+    text = info.render({**info.collect(), "extension": info.extension_facts()})
+    assert any(line.startswith(f"  CPU patch embedding  {forced} (") for line in text.splitlines()), text

@@ -65,8 +65,10 @@ def extension_facts() -> dict:
         return {"built": st.built, "usable": False, "reason": st.reason, "fix": st.fix, "built_for_torch": st.built_for_torch,
                 "cuda_kernels": False, "cuda_version": None, "path": None}
     _C = st.module
+    strategy = getattr(_C, "cpu_patch_embed_strategy", None)
     return {"built": True, "usable": True, "reason": None, "fix": None, "built_for_torch": _C.torch_version, "cuda_kernels": bool(_C.with_cuda),
-            "cuda_version": _C.cuda_version or None, "path": _C.__file__}
+            "cuda_version": _C.cuda_version or None, "path": _C.__file__,
+            "cpu_patch_embed": strategy() if strategy is not None else None}
 
 
 def collect() -> dict:
@@ -109,6 +111,10 @@ def render(info: dict) -> str:
             f"  built for    torch {ext['built_for_torch']}",
             f"  CUDA kernels {'yes (CUDA ' + ext['cuda_version'] + ')' if ext['cuda_kernels'] else 'no (CPU only build)'}",
         ]
+        if ext.get("cpu_patch_embed"):  # which GEMM the float32 CPU patch embedding runs here
+            how = {"conv": "oneDNN's convolution", "gemm": "MKL's GEMM on the patch matrix"}
+            lines.append(f"  CPU patch embedding  {ext['cpu_patch_embed']} ({how.get(ext['cpu_patch_embed'], '?')}; "
+                         "VITFAST_CPU_PATCH_EMBED)")
     else:  # the patch embedding runs its PyTorch reference
         why = f"{ext['reason']}; {ext['fix']}" if ext["built"] else ext["fix"]
         lines.append(f"extension      {'not usable' if ext['built'] else 'not built'} ({why})")
