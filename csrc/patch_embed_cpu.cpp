@@ -150,26 +150,25 @@ void unpatchify_cpu(const acc_t* dpatches, int64_t B, const PatchGeom& g, const 
 }
 
 // out[b, t, :] = (t is the class token) ? cls + pos[0] : tok[b, t - off] + bias + pos[t - pos_off],
-// any term absent counting as zero. Without `tok` ("gemm"): the buffer the GEMM then adds the
-// patch tokens to (beta = 1), so that it writes finished tokens in one pass. With `tok`
-// ("conv": the convolution's [B, N, D] rows): the finished tokens, in out_t.
+// any term absent counting as zero (a row of zeros, so the inner loop has no branch). Without
+// `tok` ("gemm"): the buffer the GEMM then adds the patch tokens to (beta = 1), so that it writes
+// finished tokens in one pass. With `tok` ("conv": the convolution's [B, N, D] rows): the finished
+// tokens, in out_t.
 template <typename acc_t, typename out_t>
 void tokens_cpu(const acc_t* tok, const acc_t* bias, const acc_t* cls, const acc_t* pos, int64_t pos_off,
                 const PatchEmbedShape& s, out_t* out) {
   const int64_t D = s.D, off = s.off();
+  const std::vector<acc_t> zeros(D, acc_t(0));
+  const acc_t* zero = zeros.data();
   at::parallel_for(0, s.B * s.T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r % s.T;
       out_t* o = out + r * D;
-      const acc_t* pe = (pos != nullptr && t >= pos_off) ? pos + (t - pos_off) * D : nullptr;
+      const acc_t* pe = (pos != nullptr && t >= pos_off) ? pos + (t - pos_off) * D : zero;
       const acc_t* first = t < off ? cls : bias;
-      const acc_t* x = (tok != nullptr && t >= off) ? tok + ((r / s.T) * s.N + t - off) * D : nullptr;
-      for (int64_t d = 0; d < D; ++d) {
-        acc_t v = x ? x[d] : acc_t(0);
-        if (first) v += first[d];
-        if (pe) v += pe[d];
-        o[d] = static_cast<out_t>(v);
-      }
+      first = first != nullptr ? first : zero;
+      const acc_t* x = (tok != nullptr && t >= off) ? tok + ((r / s.T) * s.N + t - off) * D : zero;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(x[d] + first[d] + pe[d]);
     }
   });
 }
@@ -209,7 +208,7 @@ at::Tensor normalized_image(const at::Tensor& images, const PatchEmbedShape& s, 
   const double* sd = std.defined() ? std.const_data_ptr<double>() : nullptr;
   std::vector<float> scale(s.C), shift(s.C);
   for (int64_t c = 0; c < s.C; ++c) scale_shift(m, sd, base, c, scale[c], shift[c]);
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "vitfast_normalize_cl", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "vitfast_normalize_image", [&] {
     normalize_image<scalar_t>(images.const_data_ptr<scalar_t>(), strides_of(images), s, scale.data(), shift.data(),
                               x.mutable_data_ptr<float>(), strides_of(x));
   });

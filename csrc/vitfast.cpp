@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "patch_embed.h"  // cpu_strategy
+
 #ifndef VITFAST_TORCH_VERSION
 #define VITFAST_TORCH_VERSION "unknown"
 #endif
@@ -12,10 +14,6 @@
 #ifndef VITFAST_CUDA_VERSION
 #define VITFAST_CUDA_VERSION ""
 #endif
-
-namespace vitfast {
-const char* cpu_strategy();  // patch_embed_cpu.cpp
-}
 
 extern "C" {
 static PyObject* vitfast_cpu_patch_embed_strategy(PyObject*, PyObject*) {

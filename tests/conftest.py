@@ -11,8 +11,6 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
-
 import pytest  # noqa: E402
 
 
@@ -31,15 +29,15 @@ def _assert_grads_close(got: dict, ref: dict, rtol: float) -> None:
 def cpu_strategy(request):
     """The test runs under each GEMM of the float32 CPU patch embedding (MKL on a patch matrix,
     oneDNN's convolution: vitfast.ops.patch_embed.cpu_strategy), whichever this host picks."""
-    pe = importlib.import_module("vitfast.ops.patch_embed")
+    from vitfast.ops.patch_embed import _C, cpu_strategy, set_cpu_strategy
 
-    previous = pe.set_cpu_strategy(request.param)
+    previous = set_cpu_strategy(request.param)
     try:
-        if getattr(pe._C, "cpu_patch_embed_strategy", None) is not None:
-            assert pe.cpu_strategy() == request.param
+        if getattr(_C, "cpu_patch_embed_strategy", None) is not None:
+            assert cpu_strategy() == request.param
         yield request.param
     finally:
-        pe.set_cpu_strategy(previous)
+        set_cpu_strategy(previous)
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ that needs a gradient), the bad inputs, opcheck.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -158,9 +156,9 @@ def test_cpu_strategy_auto_env_and_bad_name(monkeypatch):
     """auto: oneDNN's convolution on x86 CPUs that are not Intel's (MKL's generic paths there),
     the GEMM elsewhere; VITFAST_CPU_PATCH_EMBED forces one, read at every call."""
     import platform
-    pe = importlib.import_module("vitfast.ops.patch_embed")
+    from vitfast.ops.patch_embed import _C, set_cpu_strategy
 
-    read = pe._C.cpu_patch_embed_strategy
+    read = _C.cpu_patch_embed_strategy
     monkeypatch.delenv("VITFAST_CPU_PATCH_EMBED", raising=False)
     vendor = _x86_vendor() if platform.machine() in ("x86_64", "AMD64", "i686") else None
     if vendor is not None:
@@ -170,7 +168,7 @@ def test_cpu_strategy_auto_env_and_bad_name(monkeypatch):
         monkeypatch.setenv("VITFAST_CPU_PATCH_EMBED", name)
         assert read() == name
     with pytest.raises(ValueError, match="name must be one of"):
-        pe.set_cpu_strategy("fast")
+        set_cpu_strategy("fast")
 
 
 @pytest.mark.parametrize("why", ["no_grad", "weight_frozen"])

@@ -44,7 +44,6 @@ default they are timed on the GPU, not on the CPU).
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -52,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import benchmarking as bu
-from ...ops.patch_embed import patch_embed
+from ...ops.patch_embed import cpu_strategy, patch_embed, set_cpu_strategy
 from ...ops.reference import normalize_images_ref, patch_embed_ref
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -161,14 +160,12 @@ def work(x: dict, mode: str, dtype: torch.dtype) -> tuple[float, float]:
 def with_cpu_strategy(step: Callable[[int], None], name: str) -> Callable[[int], None]:
     """``step`` (forward, or forward + backward) under one CPU GEMM strategy, the setting in force
     before restored after each call (the implementations of a group alternate round by round)."""
-    pe = importlib.import_module("vitfast.ops.patch_embed")  # the module (vitfast.ops.patch_embed is the function)
-
     def run(i):
-        previous = pe.set_cpu_strategy(name)
+        previous = set_cpu_strategy(name)
         try:
             step(i)
         finally:
-            pe.set_cpu_strategy(previous)
+            set_cpu_strategy(previous)
     return run
 
 
@@ -225,7 +222,7 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
     ext = _ext.load_extension()
     env.update(copy_gbps_measured=round(copy_gbps, 1), matmul_tflops_measured=round(peak["tflops"], 2),
                vitfast_cuda_kernels=bool(ext is not None and ext.with_cuda),
-               cpu_patch_embed_strategy=importlib.import_module("vitfast.ops.patch_embed").cpu_strategy())
+               cpu_patch_embed_strategy=cpu_strategy())
     fns = {}
     rows = []
     for model_name, model in models.items():
