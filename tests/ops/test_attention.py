@@ -421,6 +421,59 @@ def test_backward_variant_choice(bwd_variant):
         kernels.set_backward_variant("fast")
 
 
+def test_deterministic_argument_choice(bwd_variant):
+    """deterministic=False lets auto take the atomic 5-matmul kernel where it would take the
+    7-matmul pair, never where the deterministic 5-matmul kernel applies; True undoes a forced
+    atomic; torch.use_deterministic_algorithms(True) overrides False."""
+    long, wide, short = (torch.empty(2, 3, n, d, device="meta") for n, d in ((4096, 64), (197, 128), (197, 64)))
+    assert kernels.backward_variant(long, deterministic=False) == "atomic"
+    assert kernels.backward_variant(wide, deterministic=False) == "atomic"
+    assert kernels.backward_variant(short, deterministic=False) == "fused"
+    for q in (long, wide, short):
+        assert kernels.backward_variant(q, deterministic=True) == kernels.backward_variant(q)
+    assert kernels.backward_variant(long, "split", deterministic=False) == "split"  # a forced variant stands
+    bwd_variant("atomic")
+    assert kernels.backward_variant(short) == kernels.backward_variant(short, deterministic=False) == "atomic"
+    assert kernels.backward_variant(short, deterministic=True) == "fused"
+    assert kernels.backward_variant(long, deterministic=True) == "split"
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kernels.backward_variant(long, deterministic=False) == "split"
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+@pytest.mark.parametrize("deterministic", [None, True, False])
+def test_deterministic_argument_reaches_the_backward(deterministic, packed, bwd_variant, monkeypatch):
+    """The argument travels through the registered ops to the backward that runs: at D = 128
+    (beyond the deterministic 5-matmul kernel's head dims) False runs the atomic kernel, None and
+    True the 7-matmul pair; the gradients are within 2x SDPA's error either way."""
+    ran = []
+    for name in ("launch_bwd_fused", "launch_bwd_dkdv"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: (
+            ran.append("atomic" if kw.get("atomic") else "split" if _name.endswith("dkdv") else "fused"),
+            _real(*a, **kw))[1])
+    B, N, H, D, dtype = 1, 37, 2, 128, torch.float16
+    qkv = torch.randn(B, N, 3 * H * D, generator=torch.Generator().manual_seed(5)).to(DEV, dtype)
+    dout = torch.randn(B, N, H * D, generator=torch.Generator().manual_seed(6)).to(DEV, dtype)
+    x = qkv.clone().requires_grad_()
+    if packed:
+        out = attention_packed(x, num_heads=H, backend="kernel", deterministic=deterministic)
+    else:
+        out = attention(*_packed_views(x, H), backend="kernel", deterministic=deterministic)
+        out = out.transpose(1, 2).reshape(B, N, H * D)
+    out.backward(dout)
+    assert ran == ["atomic" if deterministic is False else "split"]
+    xd = qkv.double().requires_grad_()
+    attention_ref(*_packed_views(xd, H)).transpose(1, 2).reshape(B, N, H * D).backward(dout.double())
+    xs = qkv.clone().requires_grad_()
+    F.scaled_dot_product_attention(*_packed_views(xs, H)).transpose(1, 2).reshape(B, N, H * D).backward(dout)
+    _assert_close_2x("dqkv", x.grad, xs.grad, xd.grad, dtype)
+
+
 # -------------------------------------------------------------- forward variants
 @pytest.fixture
 def fwd_variant():
@@ -705,21 +758,27 @@ def test_opcheck_all_ops():
         (torch.ops.vitfast.attention_bwd.default, (dout, q.detach(), k, v, out, lse, 0.2)),
         (torch.ops.vitfast.attention_packed_fwd.default, (qkv.requires_grad_(), 2, 0.2)),
         (torch.ops.vitfast.attention_packed_bwd.default, (pdout, qkv.detach(), pout, plse, 2, 0.2)),
+        (torch.ops.vitfast.attention_fwd.default, (q, k, v, 0.2, False)),
+        (torch.ops.vitfast.attention_bwd.default, (dout, q.detach(), k, v, out, lse, 0.2, False)),
+        (torch.ops.vitfast.attention_packed_fwd.default, (qkv, 2, 0.2, True)),
+        (torch.ops.vitfast.attention_packed_bwd.default, (pdout, qkv.detach(), pout, plse, 2, 0.2, False)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("deterministic", [None, False])
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compile_backend):
+def test_torch_compile_fullgraph(compile_backend, deterministic):
     """On the CPU the ops are opaque custom_ops (the interpreter's kernels cannot be
-    traced by wrap_triton); test_compiled_matches_eager_cuda compiles the triton_ops."""
+    traced by wrap_triton); test_compiled_matches_eager_cuda compiles the triton_ops.
+    deterministic=False at D = 128: the atomic backward inside the compiled graph."""
     torch._dynamo.reset()
-    B, N, H, D = 2, 20, 2, 32
+    B, N, H, D = 2, 20, 2, (32 if deterministic is None else 128)
     lin = torch.nn.Linear(H * D, 3 * H * D).to(DEV)
 
     def block(x):
-        return attention_packed(lin(x), num_heads=H, backend="triton").square().mean()
+        return attention_packed(lin(x), num_heads=H, backend="triton", deterministic=deterministic).square().mean()
 
     x = torch.randn(B, N, H * D, device=DEV)
     compiled = torch.compile(block, fullgraph=True, backend=compile_backend)

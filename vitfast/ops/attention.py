@@ -29,7 +29,9 @@ B*H fills the GPU, else the 7-matmul pair (a dK/dV kernel and a dQ kernel, also 
 ``VITFAST_ATTENTION_BWD=auto|fused|atomic|split`` (or
 :func:`vitfast.ops.triton.attention.set_backward_variant`) forces one; ``atomic`` (5 matmuls,
 one program per key tile, dq by atomic adds, so not bit-reproducible) is only ever opt-in and is
-refused under ``torch.use_deterministic_algorithms(True)``.
+refused under ``torch.use_deterministic_algorithms(True)``. Per call, ``deterministic=True`` never
+takes ``atomic`` and ``deterministic=False`` lets ``auto`` take it where it would take the 7-matmul
+pair (long sequences, wide heads, small grids).
 
 Forward: the pointer kernel by default; on Hopper (sm_90+) with a Triton that has device-side
 tensor descriptors, a TMA kernel (``tma``: TMA copies with out-of-bounds zero fill instead of masks,
@@ -219,8 +221,10 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 @_register("vitfast::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """q, k, v [B, H, N, D] -> (out [B, H, N, D] laid out as [B, N, H, D], lse [B, H, N] fp32)."""
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                   deterministic: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+    """q, k, v [B, H, N, D] -> (out [B, H, N, D] laid out as [B, N, H, D], lse [B, H, N] fp32).
+    ``deterministic`` only travels to the backward (see backward_variant)."""
     B, H, N, D = q.shape
     out, lse = _empty_bnhd(q, B, H, N, D), _lse(q, B, H, N)
     if out.numel():
@@ -229,7 +233,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tenso
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, deterministic=None):
     torch._check(q.dim() == 4 and k.shape == q.shape and v.shape == q.shape,
                  lambda: "vitfast::attention_fwd: q, k, v must share [B, H, N, D]")
     B, H, N, D = q.shape
@@ -238,37 +242,38 @@ def _(q, k, v, scale):
 
 @_register("vitfast::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, deterministic: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv), each [B, H, N, D] shaped like its input."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel():
-        _k.launch_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dq, dk, dv, scale)
+        _k.launch_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dq, dk, dv, scale, deterministic=deterministic)
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale):
+def _(dout, q, k, v, out, lse, scale, deterministic=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
+    ctx.scale, ctx.deterministic = scale, deterministic
 
 
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 @_register("vitfast::attention_packed_fwd", mutates_args=())
-def _attention_packed_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_packed_fwd(qkv: Tensor, num_heads: int, scale: float,
+                          deterministic: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """qkv [B, N, 3*H*D] -> (out [B, N, H*D], lse [B, H, N] fp32); no copies in or out."""
     B, N, C = qkv.shape
     H, D = num_heads, C // (3 * num_heads)
@@ -280,7 +285,7 @@ def _attention_packed_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Te
 
 
 @_attention_packed_fwd.register_fake
-def _(qkv, num_heads, scale):
+def _(qkv, num_heads, scale, deterministic=None):
     torch._check(qkv.dim() == 3, lambda: "vitfast::attention_packed_fwd: qkv must be [B, N, 3*H*D]")
     B, N, C = qkv.shape
     return qkv.new_empty((B, N, C // 3)), _lse(qkv, B, num_heads, N)
@@ -288,7 +293,7 @@ def _(qkv, num_heads, scale):
 
 @_register("vitfast::attention_packed_bwd", mutates_args=())
 def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                          scale: float) -> Tensor:
+                          scale: float, deterministic: Optional[bool] = None) -> Tensor:
     """dqkv [B, N, 3*H*D]: dq, dk, dv are written straight into their packed slots."""
     B, N, C = qkv.shape
     H, D = num_heads, C // (3 * num_heads)
@@ -297,25 +302,25 @@ def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n
         q, k, v = split_packed_qkv(qkv, H)
         dq, dk, dv = split_packed_qkv(dqkv, H)
         as_bhnd = lambda t: _last_dim_contiguous(t).unflatten(-1, (H, D)).transpose(1, 2)  # noqa: E731
-        _k.launch_bwd(as_bhnd(dout), q, k, v, as_bhnd(out), lse, dq, dk, dv, scale)
+        _k.launch_bwd(as_bhnd(dout), q, k, v, as_bhnd(out), lse, dq, dk, dv, scale, deterministic=deterministic)
     return dqkv
 
 
 @_attention_packed_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, scale):
+def _(dout, qkv, out, lse, num_heads, scale, deterministic=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _packed_setup_context(ctx, inputs, output):
-    qkv, num_heads, scale = inputs
+    qkv, num_heads, scale, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse)
-    ctx.num_heads, ctx.scale = num_heads, scale
+    ctx.num_heads, ctx.scale, ctx.deterministic = num_heads, scale, deterministic
 
 
 def _packed_backward(ctx, dout, _dlse):
     qkv, out, lse = ctx.saved_tensors
-    return _attention_packed_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
+    return _attention_packed_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.deterministic), None, None, None
 
 
 _attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
@@ -345,29 +350,43 @@ def _autocast(*ts: Tensor) -> tuple:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", deterministic: Optional[bool] = None) -> Tensor:
     """``softmax(q @ k^T * scale) @ v`` for q, k, v ``[B, H, N, D]``.
 
     Any strides work as long as the last dimension has stride 1. ``scale`` defaults to
     ``D ** -0.5``. Returns ``[B, H, N, D]`` (with the Triton kernel, laid out as
     ``[B, N, H, D]`` in memory). Differentiable in q, k and v.
+
+    ``deterministic`` (the kernel's backward): None (default) follows
+    ``VITFAST_ATTENTION_BWD``/``set_backward_variant``, which are deterministic unless set to
+    ``atomic``; True never adds dq atomically; False lets the backward add dq atomically (5
+    matmuls instead of 7, not bit-reproducible) where the deterministic 5-matmul kernel does not
+    apply. ``torch.use_deterministic_algorithms(True)`` overrides False.
     """
     q, k, v = _autocast(q, k, v)
     raise_first(_qkv_problems("attention", {"q": q, "k": k, "v": v}))
     scale = _default_scale("attention", scale, q.shape[-1])
+    _check_deterministic("attention", deterministic)
     if _choose_backend("attention", backend, q, k, v) == "reference":
         return _sdpa(q, k, v, scale)
-    return _attention_fwd(q, k, v, scale)[0]
+    return _attention_fwd(q, k, v, scale, deterministic)[0]
+
+
+def _check_deterministic(op: str, deterministic) -> None:
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"vitfast.{op}: deterministic must be None, True or False, "
+                        f"got {type(deterministic).__name__} {deterministic!r}")
 
 
 def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = None,
-                     backend: str = "auto") -> Tensor:
+                     backend: str = "auto", deterministic: Optional[bool] = None) -> Tensor:
     """Attention straight from a ViT's fused qkv projection.
 
     ``qkv`` is ``[B, N, 3*H*D]`` (``H = num_heads``) split as ``(3, H, D)`` like timm's
     ``qkv.reshape(B, N, 3, H, D)``; returns ``[B, N, H*D]``, ready for the output
     projection. With the Triton kernel nothing is copied on the way in or out, and the
     backward writes dq, dk, dv straight into one packed ``[B, N, 3*H*D]`` gradient.
+    ``deterministic`` as in :func:`attention`.
     """
     if not isinstance(qkv, Tensor):
         raise TypeError(f"vitfast.attention_packed: qkv must be a torch.Tensor, got {type(qkv).__name__}")
@@ -384,11 +403,12 @@ def attention_packed(qkv: Tensor, *, num_heads: int, scale: Optional[float] = No
     q, k, v = split_packed_qkv(qkv, num_heads)
     raise_first(_qkv_problems("attention_packed", {"q": q, "k": k, "v": v}))
     scale = _default_scale("attention_packed", scale, q.shape[-1])
+    _check_deterministic("attention_packed", deterministic)
     if _choose_backend("attention_packed", backend, q, k, v) == "reference":
         B, N, _ = qkv.shape
         H, D = q.shape[1], q.shape[-1]  # explicit: reshape cannot infer -1 when B or N is 0
         return _sdpa(q, k, v, scale).transpose(1, 2).reshape(B, N, H * D)
-    return _attention_packed_fwd(qkv, num_heads, scale)[0]
+    return _attention_packed_fwd(qkv, num_heads, scale, deterministic)[0]
 
 
 # ---------------------------------------------------------------------- declaration
@@ -442,6 +462,9 @@ def _bad_inputs():
         BadInput("attention/scale_bool", A(q, q, q, scale=True), TE, ("scale",)),
         BadInput("attention/scale_list", A(q, q, q, scale=[0.5]), TE, ("scale",)),
         BadInput("attention/scale_tensor_2", A(q, q, q, scale=torch.ones(2), backend="kernel"), TE, ("scale",)),
+        BadInput("attention/deterministic_str", A(q, q, q, deterministic="yes"), TE, ("deterministic",)),
+        BadInput("attention_packed/deterministic_int", P(t(1, 4, 48), num_heads=2, deterministic=1), TE,
+                 ("deterministic",)),
         BadInput("attention_packed/scale_str", P(t(1, 4, 48), num_heads=2, scale="0.5"), TE, ("scale",)),
         BadInput("attention/triton_head_dim_12", A(*[t(1, 1, 3, 12)] * 3, backend="kernel"), VE, ("q.shape[-1]",)),
         BadInput("attention/triton_head_dim_264", A(*[t(1, 1, 3, 264)] * 3, backend="kernel"), VE,

@@ -1143,35 +1143,42 @@ def _device_sms(device: torch.device) -> int:  # a module-level name: the sm_90 
     return device_sms(device)
 
 
-def backward_variant(q: torch.Tensor, variant: Optional[str] = None) -> str:
+def backward_variant(q: torch.Tensor, variant: Optional[str] = None, deterministic: Optional[bool] = None) -> str:
     """The backward that runs for q ([B, H, N, D]): "fused" (5 matmuls, one program per
     (batch, head), deterministic), "atomic" (5 matmuls, dq by atomic adds: run-to-run rounding
     differences) or "split" (7 matmuls: a dK/dV kernel and a dQ kernel, deterministic).
 
     ``variant`` (default: set_backward_variant / VITFAST_ATTENTION_BWD) "auto" takes "fused" where
     N <= FUSED_MAX_N, the head dim's chunks are at most FUSED_MAX_BLOCK_D wide and, on a GPU,
-    B*H >= 2 programs per SM (fewer leave SMs idle: a guess, not yet measured), else "split"; "atomic" is never automatic, and is refused (replaced by
-    "auto"'s choice) under torch.use_deterministic_algorithms(True)."""
+    B*H >= 2 programs per SM (fewer leave SMs idle: a guess, not yet measured), else "split".
+    ``deterministic`` (the ``attention(..., deterministic=)`` argument): None leaves the choice
+    above; True never takes "atomic" (a forced "atomic" becomes "auto"'s choice); False lets
+    "auto" take "atomic" (5 matmuls, one program per key tile) where it would take "split".
+    "atomic" is refused (replaced by "auto"'s deterministic choice) under
+    torch.use_deterministic_algorithms(True), whatever ``deterministic`` says."""
     variant = variant or _BWD
-    if variant == "atomic" and torch.are_deterministic_algorithms_enabled():
+    if torch.are_deterministic_algorithms_enabled():
+        deterministic = True
+    if variant == "atomic" and deterministic:
         variant = "auto"
     if variant != "auto":
         return variant
     B, H, N, D = q.shape
-    if N > FUSED_MAX_N or block_d(D) > FUSED_MAX_BLOCK_D:
-        return "split"
-    if q.device.type == "cuda" and not INTERPRET:
-        if B * H < 2 * _device_sms(q.device):
-            return "split"
-    return "fused"
+    fused = N <= FUSED_MAX_N and block_d(D) <= FUSED_MAX_BLOCK_D
+    if fused and q.device.type == "cuda" and not INTERPRET:
+        fused = B * H >= 2 * _device_sms(q.device)
+    if fused:
+        return "fused"
+    return "atomic" if deterministic is False else "split"
 
 
 def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
-               config: Optional[dict] = None, dq_config: Optional[dict] = None, variant: Optional[str] = None) -> None:
+               config: Optional[dict] = None, dq_config: Optional[dict] = None, variant: Optional[str] = None,
+               deterministic: Optional[bool] = None) -> None:
     """dq, dk, dv of attention given dout, the forward's out and lse, by :func:`backward_variant`
     (``config`` is the dK/dV kernel's or the fused kernel's, ``dq_config`` the dQ kernel's)."""
     delta = launch_bwd_preprocess(out, dout)
-    chosen = backward_variant(q, variant)
+    chosen = backward_variant(q, variant, deterministic)
     if chosen == "split":
         launch_bwd_dkdv(dout, q, k, v, lse, delta, dk, dv, scale, config)
         launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, dq_config or config)
