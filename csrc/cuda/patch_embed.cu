@@ -8,8 +8,9 @@
 //      (x/255 - mean)/std for uint8) and written as the patch matrix X [B*T, K] in the
 //      weight's dtype, K = C*p*p in (c, i, j) order, with a zero row at each class position.
 //      NCHW images in 16-byte chunks (p % (16 / element size) == 0, e.g. p 16 or 32) go
-//      straight to global memory with 16-byte stores (patchify_rows_kernel); other layouts
-//      stage tiles of the matrix in shared memory (patchify_tile_kernel);
+//      straight to global memory with 16-byte stores (patchify_rows_kernel), channels_last
+//      3- and 4-channel images too, de-interleaved in registers (patchify_hwc_kernel); other
+//      layouts stage tiles of the matrix in shared memory (patchify_tile_kernel);
 //   3. GEMM: out.view(B*T, D) += X @ W^T, one cuBLAS call (at::addmm_, beta = 1, tensor
 //      cores, fp32 accumulation) writing the finished tokens in place. The zero rows make
 //      the class rows pass through unchanged (0 * W + cls), so the GEMM writes the whole
@@ -43,6 +44,7 @@
 #include <type_traits>
 
 #include "../patch_embed.h"
+#include "patchify_hwc.h"
 
 namespace vitfast {
 namespace {
@@ -250,6 +252,101 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < V; ++k) y[k] = static_cast<img_t>(static_cast<acc_t>(x[k]) * sc);
       store_run<img_t, V>(dst_b + c * g.sC + h * g.sH + w, y);
+    }
+  }
+}
+
+// N values of T at src/dst in accesses of Bytes bytes each (Bytes >= sizeof(T); the host checks
+// keep the run Bytes-aligned): the channels_last runs, G pixels x C channels, are 24 or 48 bytes.
+template <int Bytes, typename T, int N>
+__device__ __forceinline__ void load_chunks(const T* __restrict__ src, T (&x)[N]) {
+  constexpr int per = Bytes / sizeof(T);
+#pragma unroll
+  for (int s = 0; s < N / per; ++s) load_bits<Bytes>(&x[s * per], src + s * per);
+}
+
+template <int Bytes, typename T, int N>
+__device__ __forceinline__ void store_chunks(T* __restrict__ dst, const T (&x)[N]) {
+  constexpr int per = Bytes / sizeof(T);
+#pragma unroll
+  for (int s = 0; s < N / per; ++s) store_bits<Bytes>(dst + s * per, &x[s * per]);
+}
+
+// channels_last images with C = 3 or 4 (patchify_hwc.h): each thread de-interleaves G pixels
+// (G * C contiguous elements, wide loads) into C runs of G matrix elements (one 16-byte store
+// each), in registers; scale/shift are read from shared memory into registers once. Grid and
+// batch loop as patchify_rows_kernel; class rows get zeros.
+template <typename in_t, typename mat_t, int C>
+__global__ void __launch_bounds__(kThreads)
+    patchify_hwc_kernel(const in_t* __restrict__ img, mat_t* __restrict__ mat, const Tile g, const int H,
+                        const double* __restrict__ mean, const double* __restrict__ stdv, const double base) {
+  using acc_t = typename Acc<mat_t>::type;
+  constexpr int G = vec16<mat_t>();
+  constexpr int LB = hwc::access_bytes(G * C * sizeof(in_t));
+  extern __shared__ __align__(16) unsigned char vitfast_smem[];
+  acc_t* scale = reinterpret_cast<acc_t*>(vitfast_smem);
+  acc_t* shift = scale + C;
+  load_channel_affine(g, mean, stdv, base, scale, shift);
+  __syncthreads();
+  acc_t sc[C], sh[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) sc[c] = scale[c], sh[c] = shift[c];
+
+  const int p = g.p, K = g.K, Wp = static_cast<int>(g.Wp);
+  const int chunks = Wp * p / G, per_image = H * chunks;
+  const int zero_elems = static_cast<int>(g.off) * K / vec16<mat_t>();
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    const in_t* src_b = img + b * g.sB;
+    mat_t* mat_b = mat + b * g.R * K;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < per_image; e += gridDim.x * blockDim.x) {
+      const hwc::Item it = hwc::item(e, chunks, G, C, p, Wp, K, g.off, g.sH);
+      in_t x[G * C];
+      load_chunks<LB>(src_b + it.src, x);
+      mat_t y[C][G];
+      hwc::deinterleave<acc_t, in_t, mat_t, G, C>(x, sc, sh, y);
+#pragma unroll
+      for (int c = 0; c < C; ++c) store_run<mat_t, G>(mat_b + it.dst + c * p * p, y[c]);
+    }
+    if (blockIdx.x == 0) {
+      Vec16<mat_t> z;
+#pragma unroll
+      for (int k = 0; k < vec16<mat_t>(); ++k) z.v[k] = static_cast<mat_t>(acc_t(0));
+      for (int e = threadIdx.x; e < zero_elems; e += blockDim.x) reinterpret_cast<Vec16<mat_t>*>(mat_b)[e] = z;
+    }
+  }
+}
+
+// The backward of patchify_hwc_kernel: C 16-byte loads of the matrix, scaled and interleaved
+// in registers, G * C contiguous gradient elements stored with wide stores.
+template <typename mat_t, typename img_t, int C>
+__global__ void __launch_bounds__(kThreads)
+    unpatchify_hwc_kernel(const mat_t* __restrict__ dmat, img_t* __restrict__ gimg, const Tile g, const int H,
+                          const double* __restrict__ stdv, const double base) {
+  using acc_t = typename Acc<mat_t>::type;
+  constexpr int G = vec16<mat_t>();
+  constexpr int LB = hwc::access_bytes(G * C * sizeof(img_t));
+  extern __shared__ __align__(16) unsigned char vitfast_smem[];
+  acc_t* scale = reinterpret_cast<acc_t*>(vitfast_smem);
+  acc_t* shift = scale + C;
+  load_channel_affine(g, nullptr, stdv, base, scale, shift);
+  __syncthreads();
+  acc_t sc[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) sc[c] = scale[c];
+
+  const int p = g.p, K = g.K, Wp = static_cast<int>(g.Wp);
+  const int chunks = Wp * p / G, per_image = H * chunks;
+  for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y) {
+    const mat_t* mat_b = dmat + b * g.R * K;
+    img_t* dst_b = gimg + b * g.sB;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < per_image; e += gridDim.x * blockDim.x) {
+      const hwc::Item it = hwc::item(e, chunks, G, C, p, Wp, K, g.off, g.sH);
+      mat_t y[C][G];
+#pragma unroll
+      for (int c = 0; c < C; ++c) load_run<mat_t, G>(mat_b + it.dst + c * p * p, y[c]);
+      img_t x[G * C];
+      hwc::interleave<acc_t, mat_t, img_t, G, C>(y, sc, x);
+      store_chunks<LB>(dst_b + it.src, x);
     }
   }
 }
@@ -558,6 +655,52 @@ bool rows_launch(const PatchEmbedShape& s, const Tile& g, int64_t img_elem, int6
   return true;
 }
 
+// The channels_last kernels (patchify_hwc.h) take these element types (fp64 goes to the tile kernels).
+template <typename img_t, typename mat_t>
+constexpr bool hwc_types() {
+  return !std::is_same_v<img_t, double> && !std::is_same_v<mat_t, double>;
+}
+
+// The channels_last kernels for C = 3 or 4 (g.C; hwc_launch checked it). Templates, so that
+// `if constexpr` drops the fp64 instantiations (the dispatch lambdas are not templates).
+template <typename in_t, typename mat_t>
+void launch_hwc(dim3 grid, int64_t smem, cudaStream_t stream, const in_t* src, mat_t* dst, const Tile& g, int H,
+                const double* mean, const double* stdv, double base) {
+  if constexpr (hwc_types<in_t, mat_t>()) {
+    const auto kernel = g.C == 3 ? patchify_hwc_kernel<in_t, mat_t, 3> : patchify_hwc_kernel<in_t, mat_t, 4>;
+    kernel<<<grid, kThreads, smem, stream>>>(src, dst, g, H, mean, stdv, base);
+  }
+}
+
+template <typename mat_t, typename img_t>
+void launch_hwc_backward(dim3 grid, int64_t smem, cudaStream_t stream, const mat_t* src, img_t* dst, const Tile& g,
+                         int H, const double* stdv, double base) {
+  if constexpr (hwc_types<img_t, mat_t>()) {
+    const auto kernel = g.C == 3 ? unpatchify_hwc_kernel<mat_t, img_t, 3> : unpatchify_hwc_kernel<mat_t, img_t, 4>;
+    kernel<<<grid, kThreads, smem, stream>>>(src, dst, g, H, stdv, base);
+  }
+}
+
+// Whether the channels_last kernels serve this image (or gradient) and matrix: stride(C) == 1,
+// stride(W) == C with C = 3 or 4, p a multiple of the 16-byte run G, a 16-byte-aligned matrix, the
+// image's pointer and strides aligned to the width of its accesses, 32-bit per-image indices.
+bool hwc_launch(const PatchEmbedShape& s, const Tile& g, const at::Tensor& img, int64_t mat_elem, int64_t acc_bytes,
+                dim3& grid, int64_t& smem) {
+  if (s.N == 0 || g.layout != kRowsCW || !g.vec_mat || (s.C != 3 && s.C != 4)) return false;
+  const int64_t G = 16 / mat_elem, el = img.element_size();
+  if (s.p % G != 0) return false;
+  const int64_t lb = hwc::access_bytes(static_cast<int>(G * s.C * el));
+  if (reinterpret_cast<std::uintptr_t>(img.const_data_ptr()) % lb != 0 || (g.sB * el) % lb != 0 ||
+      (g.sH * el) % lb != 0)
+    return false;
+  const int64_t per_image = s.H * (s.W / G);
+  const int64_t gx = (per_image + kThreads - 1) / kThreads;
+  smem = 2 * s.C * acc_bytes;
+  if (per_image + gx * kThreads >= INT_MAX) return false;
+  grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(std::min<int64_t>(s.B, 65535)));
+  return true;
+}
+
 // Writes the normalised patch matrix mat [B*T, K] (zero class rows) from images.
 void launch_patchify(const at::Tensor& images, at::Tensor& mat, const PatchEmbedShape& s, const at::Tensor& mean,
                      const at::Tensor& stdv) {
@@ -580,6 +723,8 @@ void launch_patchify(const at::Tensor& images, at::Tensor& mat, const PatchEmbed
       if (rows_launch(s, g, sizeof(in_t), acc_bytes, grid, rows_smem)) {
         patchify_rows_kernel<in_t, scalar_t>
             <<<grid, kThreads, rows_smem, stream>>>(src, dst, g, static_cast<int>(s.H), m, sd, base);
+      } else if (hwc_types<in_t, scalar_t>() && hwc_launch(s, g, images, sizeof(scalar_t), acc_bytes, grid, rows_smem)) {
+        launch_hwc(grid, rows_smem, stream, src, dst, g, static_cast<int>(s.H), m, sd, base);
       } else if (tiled) {
         const int64_t tasks = s.B * s.Hp * g.tiles_w;
         patchify_tile_kernel<in_t, scalar_t><<<grid_for(tasks, 8), kThreads, smem, stream>>>(src, dst, g, m, sd, base);
@@ -614,6 +759,8 @@ void launch_unpatchify(const at::Tensor& dmat, at::Tensor& grad_images, const Pa
       if (rows_launch(s, g, sizeof(scalar_t), acc_bytes, grid, rows_smem)) {
         unpatchify_rows_kernel<mat_t, scalar_t>
             <<<grid, kThreads, rows_smem, stream>>>(src, dst, g, static_cast<int>(s.H), sd, base);
+      } else if (hwc_types<scalar_t, mat_t>() && hwc_launch(s, g, grad_images, sizeof(mat_t), acc_bytes, grid, rows_smem)) {
+        launch_hwc_backward(grid, rows_smem, stream, src, dst, g, static_cast<int>(s.H), sd, base);
       } else if (tiled) {
         const int64_t tasks = s.B * s.Hp * g.tiles_w;
         unpatchify_tile_kernel<mat_t, scalar_t><<<grid_for(tasks, 8), kThreads, smem, stream>>>(src, dst, g, sd, base);

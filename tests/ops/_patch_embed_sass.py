@@ -80,7 +80,7 @@ def compile_cubin(out_dir: str) -> str:
 
 
 def short_name(mangled: str) -> str:
-    """``patchify_rows_kernel<uint8,bf16>`` from the mangled name."""
+    """``patchify_rows_kernel<uint8,bf16>`` (``patchify_hwc_kernel<uint8,bf16,C3>``) from the mangled name."""
     m = re.search(r"\d(unpatchify_\w+?_kernel|patchify_\w+?_kernel|prefill_kernel)I(.*?)E+vP", mangled)
     if not m:
         return mangled
@@ -95,6 +95,9 @@ def short_name(mangled: str) -> str:
             if args[0] in "il" and m.group(1) == "prefill_kernel":  # the index type
                 out.append("int32" if args[0] == "i" else "int64")
                 args = args[1:]
+            elif re.match(r"Li\d+E?$", args):  # the channel count of the channels_last kernels
+                out.append("C" + re.match(r"Li(\d+)", args).group(1))
+                args = ""
             elif args.startswith("Lb0") or args.startswith("Lb1"):
                 out.append("vec" if args[2] == "1" else "scalar")
                 args = args[3:]

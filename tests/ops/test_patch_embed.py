@@ -490,6 +490,54 @@ def test_cuda_gradients_match_cpu(case, dtype):
         assert max_err(got[n].cpu(), want[n]) <= 2 * torch_err + 8 * torch.finfo(dtype).eps * scale, n
 
 
+# channels_last images on the C++ path (backend="gemm"): the register de-interleaving kernels
+# (C = 3 or 4, p a multiple of the 16-byte run: 8 for 16-bit matrices, 4 for fp32), a padded row
+# stride, and cases they leave to the tile kernel (p = 14 with 16-bit matrices, C = 1)
+HWC_CASES = [
+    Case(B=3, H=32, W=48, p=16, D=24, uint8=True, channels_last=True),
+    Case(B=2, H=16, W=40, p=8, D=12, channels_last=True, pos="patches"),
+    Case(B=2, C=4, H=16, W=32, p=16, D=10, uint8=True, channels_last=True, cls=False),
+    Case(B=1, C=4, H=28, W=28, p=14, D=9, channels_last=True),
+    Case(B=2, C=1, H=16, W=16, p=8, D=7, uint8=True, channels_last=True),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", HWC_CASES, ids=str)
+def test_cuda_gemm_path_channels_last(case, dtype):
+    a = make_inputs(case, dtype=dtype, device="cuda")
+    gemm = lambda *x, **k: patch_embed(*x, backend="gemm", **k)  # noqa: E731
+    ref64 = call(patch_embed, _cpu_op_args(a))
+    torch_err = max_err(call(patch_embed_ref, a).cpu(), ref64)
+    eps = torch.finfo(dtype).eps
+    assert a["images"].is_contiguous(memory_format=torch.channels_last)
+    out = call(gemm, a)
+    assert max_err(out.cpu(), ref64) <= 2 * torch_err + 4 * eps * ref64.abs().max().item()
+    # a row stride beyond W * C (a crop of a wider channels_last image)
+    wide = torch.zeros(case.B, case.H, case.W + 8, case.C, dtype=a["images"].dtype, device="cuda")
+    wide[:, :, :case.W] = a["images"].permute(0, 2, 3, 1)
+    out = call(gemm, {**a, "images": wide[:, :, :case.W].permute(0, 3, 1, 2)})
+    assert max_err(out.cpu(), ref64) <= 2 * torch_err + 4 * eps * ref64.abs().max().item()
+    if case.uint8:
+        return
+    names = ["images", "weight"]
+    xs = {n: a[n].detach().clone().requires_grad_() for n in names}
+    out = call(gemm, {**a, **xs})
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out.backward(gout.to("cuda", dtype))
+    c64 = _cpu_op_args(a)
+    x64 = {n: c64[n].detach().clone().requires_grad_() for n in names}
+    call(patch_embed, {**c64, **x64}).backward(gout)
+    xt = {n: a[n].detach().clone().requires_grad_() for n in names}
+    call(patch_embed_ref, {**a, **xt}).backward(gout.to("cuda", dtype))
+    assert xs["images"].grad.is_contiguous(memory_format=torch.channels_last)
+    for n in names:
+        want = x64[n].grad
+        torch_err = max_err(xt[n].grad.cpu(), want)
+        assert max_err(xs[n].grad.cpu(), want) <= 2 * torch_err + 8 * eps * want.abs().max().item(), n
+
+
 @pytest.mark.cuda
 def test_cuda_opcheck_and_compile():
     a = make_inputs(Case(p=8, H=16, W=24, D=12), dtype=torch.float32, device="cuda")

@@ -2,9 +2,9 @@
 
 No GPU needed: the build compiles csrc/cuda/patch_embed.cu for sm_90 (TORCH_CUDA_ARCH_LIST
 defaults to "8.0;9.0") wherever nvcc is, and cuobjdump reads it back. These are the static
-checks of issue 16, item 1: the common NCHW path stages nothing in shared memory (the 16-bit
-shared stores of the old tile kernel conflicted 14 ways), moves pixels and tokens with 16-byte
-accesses, keeps the channel's scale/shift in registers, and spills nothing. The speed itself is
+checks of issue 16, item 1: the common NCHW path and channels_last 3- and 4-channel images stage
+nothing in shared memory (the 16-bit shared stores of the old tile kernel conflicted 14 ways), move
+pixels and tokens with 16-byte accesses, keeps the channel's scale/shift in registers, and spills nothing. The speed itself is
 measured on a GPU (benchmarks/gpu_check.sh, ncu's bank-conflict counters).
 """
 
@@ -71,6 +71,33 @@ def test_unpatchify_rows_kernel_stages_nothing_and_moves_16_bytes(counts, mat, i
     assert c.get("STG.E.128", 0) >= 1 and _total(c, NARROW_GLOBAL_STORES) == 0, dict(c)
     assert c.get("LDG.E.128.CONSTANT", 0) + c.get("LDG.E.64.CONSTANT", 0) >= 2, dict(c)  # + the std read
     assert "LDG.E.U16.CONSTANT" not in c, dict(c)
+    assert _total(c, SPILLS) == 0, dict(c)
+
+
+NARROW_GLOBAL_LOADS = ("LDG.E.U8.CONSTANT", "LDG.E.U16.CONSTANT", "LDG.E.U8", "LDG.E.U16")
+
+
+@pytest.mark.parametrize("C", [3, 4])
+@pytest.mark.parametrize("img,mat", FORWARD, ids=[f"{a}->{b}" for a, b in FORWARD])
+def test_patchify_hwc_kernel_deinterleaves_in_registers(counts, img, mat, C):
+    """channels_last images: the channels are de-interleaved in registers (the tile kernel staged
+    them in shared memory with conflicting 16-bit stores); pixels come in with 8- or 16-byte
+    loads, each channel's run goes out with one 16-byte store (plus one for the class rows)."""
+    c = _get(counts, f"patchify_hwc_kernel<{img},{mat},C{C}>")
+    assert _total(c, NARROW_SHARED) == 0 and c.get("STS.U16", 0) == 0, dict(c)
+    assert _total(c, NARROW_GLOBAL_LOADS) == 0, dict(c)
+    assert c.get("LDG.E.128.CONSTANT", 0) + c.get("LDG.E.64.CONSTANT", 0) >= 1, dict(c)
+    assert c.get("STG.E.128", 0) >= C + 1 and _total(c, NARROW_GLOBAL_STORES) == 0, dict(c)
+    assert _total(c, SPILLS) == 0, dict(c)
+
+
+@pytest.mark.parametrize("C", [3, 4])
+@pytest.mark.parametrize("mat,img", BACKWARD, ids=[f"{a}->{b}" for a, b in BACKWARD])
+def test_unpatchify_hwc_kernel_interleaves_in_registers(counts, mat, img, C):
+    c = _get(counts, f"unpatchify_hwc_kernel<{mat},{img},C{C}>")
+    assert _total(c, NARROW_SHARED) == 0, dict(c)
+    assert c.get("LDG.E.128.CONSTANT", 0) >= C and _total(c, NARROW_GLOBAL_LOADS) == 0, dict(c)
+    assert c.get("STG.E.128", 0) + c.get("STG.E.64", 0) >= 1 and _total(c, NARROW_GLOBAL_STORES) == 0, dict(c)
     assert _total(c, SPILLS) == 0, dict(c)
 
 
