@@ -248,7 +248,8 @@ if want profile; then
 fi
 
 # ---- 6. the CUDA patch embedding under ncu: shared-memory bank conflicts, DRAM bytes and time of
-# each patchify/unpatchify/prefill kernel (uint8 NCHW and channels_last, bf16 forward + backward)
+# each patchify/unpatchify/prefill kernel of the C++ path (uint8 and bf16, NCHW and channels_last,
+# forward + backward)
 if want ncu && command -v ncu >/dev/null; then
     run_step ncu "${T_NCU:-60}" ncu --clock-control none -k "regex:patchify|prefill" --metrics \
         l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \

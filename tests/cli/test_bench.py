@@ -530,3 +530,18 @@ def test_fastvit_kernels_forces_the_kernels_for_its_own_steps_only(tmp_path):
         assert rows[("fastvit_kernels", mode)]["dispatch_mode"] == "kernel"
         assert rows[("fastvit", mode)]["dispatch_mode"] == before
     assert rows[("fastvit_kernels", "infer")]["max_rel_err_vs_reference"] < 1e-4
+
+
+def test_patch_embed_bench_channels_last_input():
+    """uint8_hwc: raw pixels with channels_last strides (decoded [B, H, W, 3] frames permuted), what
+    the three-kernel path's de-interleaving kernel serves; in the default inputs on CUDA only."""
+    from vitfast.cli.kernels import patch_embed as pb
+
+    x = pb.make_inputs(pb.SMOKE_MODELS["smoke_patch16_32x48"], 2, "uint8_hwc", torch.float32, torch.device("cpu"), 1)
+    img = x["images"][0]
+    assert img.dtype == torch.uint8 and img.shape == (2, 3, 32, 48)
+    assert img.is_contiguous(memory_format=torch.channels_last) and not img.is_contiguous()
+    assert "uint8_hwc" in pb.INPUTS and "uint8_hwc" not in pb.CPU_INPUTS
+    rows = pb.collect_rows(smoke=True, device="cpu", impls=["vitfast", "eager"], modes=["fwd"], inputs=["uint8_hwc"],
+                           warmup=1, iters=2)
+    assert {(r["input"], r["status"]) for r in rows} == {("uint8_hwc", "ok")}

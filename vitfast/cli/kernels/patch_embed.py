@@ -22,7 +22,9 @@ Modes: ``fwd`` (no grad) and ``fwd+bwd`` (weight, bias, cls, pos require grad: t
 Inputs: ``uint8`` raw pixels, or ``float`` images in the compute dtype, both normalised with
 ImageNet mean/std inside the op; ``float_raw``: float images already normalised by the loader (no
 mean/std: how most users call it), where the eager chain is plain conv2d + flatten/transpose +
-cat + add.
+cat + add; ``uint8_hwc`` (on CUDA by default): raw pixels in channels_last, as a decoder's
+[B, H, W, 3] frames permuted to [B, 3, H, W] give them (the three-kernel path's register
+de-interleaving kernel; no per-config fused rows, to bound the GPU check's time).
 
 Each row gives the median time, GB/s over the bytes the op must move at least (images in,
 tokens out, weight and pos read; in the backward grad_out and images read again, weight and
@@ -67,7 +69,8 @@ IMPLS = ("vitfast", "fused", "gemm", "vitfast_gemm", "vitfast_conv", "eager", "c
 CPU_IMPLS = ("vitfast", "vitfast_gemm", "vitfast_conv", "eager", "compile", "unfold_linear")  # the default off CUDA
 CPU_STRATEGY_IMPLS = {"vitfast_gemm": "gemm", "vitfast_conv": "conv"}
 MODES = ("fwd", "fwd+bwd")
-INPUTS = ("float", "uint8", "float_raw")
+INPUTS = ("float", "uint8", "float_raw", "uint8_hwc")
+CPU_INPUTS = ("float", "uint8", "float_raw")  # the default off CUDA
 
 
 def unfold_linear(images, weight, bias=None, *, cls_token=None, pos_embed=None, mean=None, std=None):
@@ -132,6 +135,9 @@ def make_inputs(model: tuple, batch: int, input_kind: str, dtype: torch.dtype, d
     if input_kind == "uint8":
         images = [torch.randint(0, 256, (batch, 3, H, W), generator=g, device=device, dtype=torch.uint8)
                   for _ in range(copies)]
+    elif input_kind == "uint8_hwc":  # channels_last strides: [B, H, W, 3] frames as [B, 3, H, W]
+        images = [torch.randint(0, 256, (batch, H, W, 3), generator=g, device=device, dtype=torch.uint8)
+                  .permute(0, 3, 1, 2) for _ in range(copies)]
     else:
         draw = torch.randn if input_kind == "float_raw" else torch.rand  # normalised / [0, 1] pixels
         images = [draw(batch, 3, H, W, generator=g, device=device, dtype=dtype) for _ in range(copies)]
@@ -193,7 +199,7 @@ def make_step(fn: Callable, x: dict, mode: str, device: torch.device) -> Callabl
 
 
 def collect_rows(models: Optional[dict] = None, impls: Optional[Sequence[str]] = None, modes: Sequence[str] = MODES,
-                 inputs: Sequence[str] = INPUTS, dtype_name: Optional[str] = None, device: str = "auto",
+                 inputs: Optional[Sequence[str]] = None, dtype_name: Optional[str] = None, device: str = "auto",
                  warmup: Optional[int] = None, iters: Optional[int] = None, argv: Optional[Sequence[str]] = None,
                  smoke: bool = False, env_out: Optional[dict] = None, allow_noisy: bool = True,
                  writes: bool = False) -> list[dict]:
@@ -206,6 +212,7 @@ def collect_rows(models: Optional[dict] = None, impls: Optional[Sequence[str]] =
                                                                    gpu=(5, 30), cpu=(2, 15))
     models = models or (SMOKE_MODELS if smoke else MODELS)
     impls = impls or (IMPLS if dev.type == "cuda" else CPU_IMPLS)
+    inputs = inputs or (INPUTS if dev.type == "cuda" else CPU_INPUTS)
     return bu.measured_rows("patch_embed", dev, argv, lambda env: _measure(
         env, models, impls, modes, inputs, dtype_name, dtype, dev, warmup, iters),
         allow_noisy=allow_noisy, writes=writes, env_out=env_out)
@@ -233,7 +240,7 @@ def _measure(env: dict, models: dict, impls, modes, inputs, dtype_name: str, dty
                 nbytes, flops = work(x, mode, dtype)
                 floor_ms = 1e3 * max(nbytes / (copy_gbps * 1e9), flops / (peak["tflops"] * 1e12))
                 configs = {}
-                if "fused" in impls and mode == "fwd":  # every config the fused forward autotunes over
+                if "fused" in impls and mode == "fwd" and input_kind != "uint8_hwc":  # every config it autotunes over
                     configs = {config_name(c): c for c in tk.candidate_configs(x["images"][0], x["params"]["weight"])}
                 group = [dict(op="patch_embed", impl=impl, backend=impl, model=model_name, batch=batch,
                               input=input_kind, dtype=dtype_name, mode=mode, B=batch, N=x["N"], K=x["K"], D=x["D"],
@@ -311,7 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                    help=f"default: all on CUDA, {' '.join(CPU_IMPLS)} elsewhere")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
+    p.add_argument("--inputs", nargs="+", choices=INPUTS, default=None,
+                   help=f"default: all on CUDA, {' '.join(CPU_INPUTS)} elsewhere")
     args = p.parse_args(argv)
     models = bu.select_models(MODELS, args.models, args.batch)
     return bu.finish_microbench(args, "patch_embed", lambda env: collect_rows(
