@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Optional  # noqa: F401  (a string annotation below names it)
 
 import pytest
 import torch
@@ -110,3 +111,54 @@ def test_one_backend_vocabulary_with_the_older_names_kept():
     torch.testing.assert_close(patch_embed(images, w, backend="kernel"), patch_embed(images, w, backend="reference"))
     model = vitfast.FastViT(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, backend="kernels")
     assert model.backend == "kernel" and model.set_backend("sdpa").backend == "reference"
+
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (no GPU here): what the device guard reads."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_triton_ops_launch_on_their_tensors_device(monkeypatch):
+    """Every Triton op's body runs with the current CUDA device set to its tensors' (a Triton launch
+    goes to the current device): entered only where the two differ."""
+    import contextlib
+
+    from vitfast._dispatch import on_tensors_device
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    body = on_tensors_device(lambda *args, **kwargs: "ran")
+    assert body(torch.empty(1), n=2) == "ran" and entered == []  # CPU tensors: nothing to set
+    assert body(3, torch.empty(1)) == "ran" and entered == []
+    assert body(3, torch.Tensor._make_subclass(_OnCuda1, torch.empty(1))) == "ran"
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("interpreted", [True, False], ids=["custom_op", "triton_op"])
+def test_triton_op_registrar_keeps_the_schema(interpreted):
+    """The guard wraps the body before registration: the schema is still inferred from the body's
+    annotations (strings under `from __future__ import annotations`), for custom_op and triton_op."""
+    from vitfast._dispatch import triton_op_registrar
+
+    name = f"vitfast_test::guarded_{'custom' if interpreted else 'triton'}"
+
+    def body(x: "torch.Tensor", scale: "float", y: "Optional[torch.Tensor]" = None) -> "torch.Tensor":
+        return x * scale if y is None else x * scale + y
+
+    op = triton_op_registrar(interpreted)(name, mutates_args=())(body)
+    op.register_fake(lambda x, scale, y=None: torch.empty_like(x))
+    assert str(torch.ops.vitfast_test.__getattr__(name.split("::")[1]).default._schema).endswith(
+        "(Tensor x, float scale, Tensor? y=None) -> Tensor")
+    x = torch.randn(3)
+    torch.testing.assert_close(op(x, 2.0), x * 2)
+    torch.library.opcheck(op, (x, 2.0, torch.ones(3)))

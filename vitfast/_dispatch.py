@@ -16,7 +16,7 @@ import warnings
 from typing import Iterable, Sequence
 
 __all__ = ["BACKENDS", "BACKEND_ALIASES", "canonical_backend", "KernelNotSupported", "warn_fallback_once", "resolve_backend", "reset_warnings", "module_uses_kernel",
-           "auto_is_reference", "raise_first", "shape_of", "triton_op_registrar", "interpreter_lock",
+           "auto_is_reference", "raise_first", "shape_of", "triton_op_registrar", "on_tensors_device", "interpreter_lock",
            "serialize_interpreted", "record_triton_kernels"]
 
 
@@ -102,10 +102,45 @@ def shape_of(t) -> list[int]:
 
 def triton_op_registrar(interpreted: bool):
     """``torch.library.triton_op`` on the GPU, so Inductor sees into the kernels; ``custom_op``
-    under the interpreter, because ``wrap_triton`` cannot trace an interpreted kernel."""
+    under the interpreter, because ``wrap_triton`` cannot trace an interpreted kernel. Either way
+    the op's body runs under :func:`on_tensors_device`."""
     import torch
 
-    return torch.library.custom_op if interpreted else torch.library.triton_op
+    register = torch.library.custom_op if interpreted else torch.library.triton_op
+
+    def registrar(name: str, **kwargs):
+        decorate = register(name, **kwargs)
+        return lambda fn: decorate(on_tensors_device(fn))
+
+    return registrar
+
+
+def on_tensors_device(fn):
+    """``fn`` run with the current CUDA device set to its first CUDA tensor argument's.
+
+    A Triton launch goes to the *current* device with the current device's stream, wherever its
+    tensors live (C++ ops take a ``CUDAGuard`` for this): a model on ``cuda:1`` in a process whose
+    current device is ``cuda:0`` would otherwise launch there on foreign pointers (an illegal
+    memory access, or a wrong stream). Costs one ``current_device()`` call where the devices match.
+    """
+    import functools
+    import inspect
+
+    import torch
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
+        if device is None or device.index is None or device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    # the schema is inferred from the signature: with its annotations evaluated in fn's module
+    # (under `from __future__ import annotations` they are strings, which the wrapper's module
+    # could not resolve)
+    run.__signature__ = inspect.signature(fn, eval_str=True)
+    return run
 
 
 # The Triton interpreter (TRITON_INTERPRET=1, the CPU path of the Triton kernels) is not
