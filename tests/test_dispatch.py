@@ -178,7 +178,7 @@ def test_attention_on_auto_follows_the_table(fresh, monkeypatch):
     monkeypatch.setattr(att, "auto_is_reference", lambda device: False)
     monkeypatch.setattr(att, "attention_not_supported_reasons", lambda q, k, v: [])
     used = []
-    monkeypatch.setattr(att, "_attention_fwd", lambda q, k, v, s: (used.append("kernel"), (att._sdpa(q, k, v, s),))[1])
+    monkeypatch.setattr(att, "_attention_fwd", lambda q, k, v, s, d=None: (used.append("kernel"), (att._sdpa(q, k, v, s),))[1])
     q = k = v = torch.randn(2, 3, 50, 32)
     dispatch.write_cache([_entry(op="attention", shape={"D": 32, "N": 50, "BH": 6}, choice="torch", mode="infer")])
     att.attention(q, k, v)
