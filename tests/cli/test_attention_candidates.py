@@ -41,13 +41,14 @@ def test_a_wrong_candidate_shows_in_its_error(monkeypatch):
 
 
 def test_every_backward_variant_is_timed():
-    """The 5-matmul backward (deterministic and atomic) beside the 7-matmul pair: candidates of
-    each, and one summary row per variant naming the one auto takes."""
+    """The 5-matmul backward (deterministic and atomic, by pointers and by TMA: the interpreter
+    emulates the descriptors) beside the 7-matmul pair: candidates of each, and one summary row per
+    variant naming the one auto takes."""
     rows = ac.candidate_rows(ac.SMOKE_SHAPES[0], torch.float32, "cpu", warmup=0, iters=1)
     cand = [r for r in rows if r["op"] == "attention_candidate"]
-    assert {r["bwd"] for r in cand} == {None, "split", "fused", "atomic"}
+    assert {r["bwd"] for r in cand} == {None, "split", "fused", "atomic", "tma", "tma_atomic"}
     variants = {r["bwd"]: r for r in rows if r["op"] == "attention_bwd_variant"}
-    assert set(variants) == {"split", "fused", "atomic"}
+    assert set(variants) == {"split", "fused", "atomic", "tma", "tma_atomic"}
     best = lambda kind: min(r["ms"] for r in cand if r["kernel"] == kind)  # noqa: E731
     assert variants["split"]["ms"] == round(best("dkdv") + best("dq"), 4)
     assert variants["fused"]["auto"] and sum(r["auto"] for r in variants.values()) == 1
@@ -72,8 +73,8 @@ def test_every_forward_variant_is_timed():
     assert sum(r["best"] for r in variants.values()) == 1
 
 
-def test_tma_forwards_are_left_out_where_they_cannot_run(monkeypatch):
-    monkeypatch.setattr(K, "tma_not_supported_reasons", lambda *a: ["no TMA here"])
+def test_tma_kernels_are_left_out_where_they_cannot_run(monkeypatch):
+    monkeypatch.setattr(K, "tma_bwd_not_supported_reasons", lambda *a: ["no TMA here"])
     assert ac._kinds(torch.empty(ac.SMOKE_SHAPES[0])) == ["fwd", "dkdv", "dq", "fused", "atomic"]
 
 

@@ -109,12 +109,13 @@ def _both_layouts(dtype, D, N, B, H, scale, backward=True):
 
 def attention_case(dtype: torch.dtype, D: int, N: int, B: int = 2, H: int = 3) -> None:
     """The packed op (FastViT's qkv layout) and the [B, H, N, D] op, forward and backward, with
-    every backward variant (ak.BWD_VARIANTS: the 5-matmul kernel deterministic and atomic, the
-    7-matmul pair), all with the pointer forward (``attention_fwd`` cases compile the others)."""
+    every pointer backward variant (ak.BWD_VARIANTS: the 5-matmul kernel deterministic and atomic,
+    the 7-matmul pair), all with the pointer forward (``attention_fwd`` cases compile the TMA
+    forwards, ``attention_tma_bwd`` the TMA backwards)."""
     scale = D ** -0.5
     previous_fwd = ak.set_forward_variant("pointer")
     try:
-        for variant in [v for v in ak.BWD_VARIANTS if v != "auto"]:
+        for variant in [v for v in ak.BWD_VARIANTS if v != "auto" and not v.startswith("tma")]:
             previous = ak.set_backward_variant(variant)
             try:
                 _both_layouts(dtype, D, N, B, H, scale)
@@ -136,6 +137,20 @@ def attention_fwd_case(dtype: torch.dtype, D: int, N: int, B: int = 2, H: int = 
                 _both_layouts(dtype, D, N, B, H, D ** -0.5, backward=False)
     finally:
         ak.set_forward_variant(previous)
+
+
+def attention_tma_bwd_case(dtype: torch.dtype, D: int, N: int, B: int = 2, H: int = 3) -> None:
+    """Both layouts, forward (pointer) and backward by the TMA backwards ("tma", "tma_atomic")."""
+    previous_fwd = ak.set_forward_variant("pointer")
+    try:
+        for variant in [v for v in ak.BWD_VARIANTS if v.startswith("tma")]:
+            previous = ak.set_backward_variant(variant)
+            try:
+                _both_layouts(dtype, D, N, B, H, D ** -0.5)
+            finally:
+                ak.set_backward_variant(previous)
+    finally:
+        ak.set_forward_variant(previous_fwd)
 
 
 def fused_case(dtype: torch.dtype, C: int, M: int = 2 * 197) -> None:
@@ -181,8 +196,8 @@ def patch_embed_case(dtype: torch.dtype, image_dtype: torch.dtype, D: int, size:
 
 
 def cases(spec: str):
-    """``attention:<dtype>:<D>:<N>`` (every forward and backward variant), ``attention_fwd:<dtype>:<D>:<N>``
-    (the TMA forwards only), ``fused:<dtype>:<C>`` or ``patch_embed:<dtype>:<image dtype>:<D>:<size>:<p>``
+    """``attention:<dtype>:<D>:<N>`` (the pointer forward and backward variants), ``attention_fwd:<dtype>:<D>:<N>``
+    (the TMA forwards only), ``attention_tma_bwd:<dtype>:<D>:<N>`` (the TMA backwards), ``fused:<dtype>:<C>`` or ``patch_embed:<dtype>:<image dtype>:<D>:<size>:<p>``
     -> a function making the launches."""
     kind, dt, *sizes = spec.split(":")
     dtype = getattr(torch, dt)
@@ -190,6 +205,8 @@ def cases(spec: str):
         return lambda: attention_case(dtype, *map(int, sizes))
     if kind == "attention_fwd":
         return lambda: attention_fwd_case(dtype, *map(int, sizes))
+    if kind == "attention_tma_bwd":
+        return lambda: attention_tma_bwd_case(dtype, *map(int, sizes))
     if kind == "fused":
         return lambda: fused_case(dtype, *map(int, sizes))
     if kind == "patch_embed":

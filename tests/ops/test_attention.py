@@ -352,15 +352,16 @@ def bwd_variant():
     kernels.set_backward_variant(previous)
 
 
-_VARIANTS = ["fused", "atomic", "split"]
+_VARIANTS = ["fused", "atomic", "split", "tma", "tma_atomic"]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("N,D", [(1, 64), (50, 80), (197, 72), (33, 88)])
 @pytest.mark.parametrize("variant", _VARIANTS)
 def test_backward_variants_match_reference(variant, N, D, dtype, bwd_variant):
-    """Every backward (5-matmul deterministic and atomic, 7-matmul split) within 2x SDPA's error:
-    one token, a tail, exact chunked head dims (80 = 64 + 16, 72 -> 64 + 16, 88 -> 64 + 32)."""
+    """Every backward (5-matmul deterministic and atomic, by pointers and by TMA, 7-matmul split)
+    within 2x SDPA's error: one token, a tail, exact chunked head dims (80 = 64 + 16, 72 -> 64 + 16,
+    88 -> 64 + 32)."""
     bwd_variant(variant)
     _check_fwd_bwd(1, 2, N, D, dtype, scale=0.3 if N == 33 else None, seed=N)
 
@@ -383,7 +384,7 @@ def test_backward_variants_on_packed_strides(variant, bwd_variant):
     _assert_close_2x("dqkv", x.grad, xs.grad, xd.grad, torch.float16)
 
 
-@pytest.mark.parametrize("variant", ["auto", "fused", "split"])
+@pytest.mark.parametrize("variant", ["auto", "fused", "split", "tma"])
 def test_deterministic_variants_are_bitwise_reproducible(variant, bwd_variant):
     """The default (the 5-matmul kernel at this N) and both deterministic variants: two backward
     runs give the same bits (N = 97: three key tiles and a tail under the interpreter's tiles)."""
@@ -419,6 +420,58 @@ def test_backward_variant_choice(bwd_variant):
         torch.use_deterministic_algorithms(was)
     with pytest.raises(ValueError, match="fused"):
         kernels.set_backward_variant("fast")
+    # the TMA twins only when forced; tma_atomic gives way to tma where determinism is asked
+    assert kernels.backward_variant(at(197), "tma") == "tma"
+    assert kernels.backward_variant(at(197), "tma_atomic") == "tma_atomic"
+    assert kernels.backward_variant(at(197), "tma_atomic", deterministic=True) == "tma"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's exp2 of
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the dropped keys
+@pytest.mark.parametrize("variant", _VARIANTS)
+def test_backward_with_very_negative_scores(variant, bwd_variant):
+    """Scores near -200 everywhere (lse ~ -200): a key past N, zero (masked or TMA zero fill), scores
+    0 and exp(0 - lse) overflows to inf, so it must be dropped from P before it reaches dS and dQ
+    (inf * 0 = NaN). N = 37: a tail key tile at every tile size."""
+    B, H, N, D = 1, 2, 37, 64
+    g = torch.Generator().manual_seed(11)
+    q = (5 + 0.1 * torch.randn(B, H, N, D, generator=g)).to(DEV, torch.float16)
+    k = (-5 + 0.1 * torch.randn(B, H, N, D, generator=g)).to(DEV, torch.float16)
+    v = torch.randn(B, H, N, D, generator=g).to(DEV, torch.float16)
+    dout = torch.randn(B, H, N, D, generator=g).to(DEV, torch.float16)
+    bwd_variant(variant)
+    got = _grads(lambda a, b, c: attention(a, b, c, backend="triton"), q, k, v, dout)
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), dout.double())
+    sdpa = _grads(F.scaled_dot_product_attention, q, k, v, dout)
+    for name, a, s_, r in zip(("out", "dq", "dk", "dv"), got, sdpa, ref):
+        assert torch.isfinite(a).all(), name
+        _assert_close_2x(name, a, s_, r, torch.float16)
+
+
+def test_tma_backward_reasons_and_forced_variant(bwd_variant):
+    """A forced TMA backward raises with TMA's reasons on a layout it cannot serve (here dout, whose
+    token stride is 76 halves: not a multiple of 16 bytes); forced by VITFAST_ATTENTION_BWD it falls
+    back to auto's choice with one warning."""
+    q, k, v = _qkv(1, 2, 50, 72, torch.float16)
+    big = torch.randn(1, 2, 50, 76, generator=torch.Generator().manual_seed(2)).to(DEV, torch.float16)
+    dout = big[..., :72]
+    reasons = kernels.tma_bwd_not_supported_reasons(q, k, v, dout, torch.empty_like(q), torch.empty_like(q))
+    assert len(reasons) == 1 and reasons[0].startswith("dout has strides")
+    bwd_variant("tma")
+    run = lambda a, b, c: attention(a, b, c, backend="triton")  # noqa: E731
+    with pytest.raises(KernelNotSupported, match="dout has strides"):
+        _grads(run, q, k, v, dout)
+    kernels._BWD_FROM_ENV = True  # as if VITFAST_ATTENTION_BWD=tma
+    reset_warnings()
+    try:
+        with pytest.warns(RuntimeWarning, match="VITFAST_ATTENTION_BWD=tma"):
+            got = _grads(run, q, k, v, dout)
+    finally:
+        kernels._BWD_FROM_ENV = False
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), dout.double())
+    sdpa = _grads(F.scaled_dot_product_attention, q, k, v, dout)
+    for name, a, s_, r in zip(("out", "dq", "dk", "dv"), got, sdpa, ref):
+        _assert_close_2x(name, a, s_, r, torch.float16)
 
 
 def test_deterministic_argument_choice(bwd_variant):
@@ -522,6 +575,25 @@ def test_tma_forward_on_packed_strides(variant, fwd_variant):
     sdpa = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
     _assert_close_2x("out", got, sdpa, ref, torch.float16)
     assert _err(got, pointer.double()) <= 2 * 9.8e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["bwd_tma", "bwd_tma_atomic"])
+def test_every_tma_backward_candidate_config_matches_reference(kind):
+    """Every config the autotuner of each TMA backward may pick for 16-bit inputs, at N = 97 and
+    D = 80, run in fp32 (the interpreter multiplies in fp32 either way)."""
+    B, H, N, D = 1, 2, 97, 80
+    q, k, v = _qkv(B, H, N, D, torch.float32, seed=9)
+    dout = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(10))
+    ref = _grads(attention_ref, q.double(), k.double(), v.double(), dout.double())
+    out, lse = torch.empty_like(q), torch.empty(B, H, N)
+    kernels.launch_fwd(q, k, v, out, lse, D**-0.5)
+    configs = kernels.candidate_configs(kind, q.half())  # the 16-bit survivors (fp32 keeps one), run in fp32
+    assert len(configs) >= 2 and any(c["BLOCK_N"] == 128 for c in configs)
+    for c in configs:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        kernels.launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, D**-0.5, config=c, variant=kind[4:])
+        for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[1:]):
+            assert _err(got, want) < 2e-5 * max(1.0, want.abs().max().item()), (name, c)
 
 
 @pytest.mark.parametrize("kind", ["fwd_tma", "fwd_tma_persistent"])
@@ -875,6 +947,8 @@ def test_deterministic_and_packed_cuda(fixed_config):
                                      (1, 3, 1, 64)])
 def test_backward_variants_cuda(variant, B, H, N, D, bwd_variant, fixed_config):
     """Every backward variant, forced, at ViT shapes in bf16 (auto would pick split at these B*H)."""
+    if variant.startswith("tma") and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90")
     bwd_variant(variant)
     _check_fwd_bwd(B, H, N, D, torch.bfloat16)
 
@@ -906,6 +980,32 @@ def test_every_tma_config_cuda(kind):
             out, lse = torch.empty_like(q), torch.empty(B, H, N, device="cuda")
             kernels.launch_fwd(q, k, v, out, lse, D**-0.5, config=c, variant=kind[4:])
             assert _err(out, ref) <= bound, (c, _err(out, ref), bound)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,variant", [("bwd_tma", "tma"), ("bwd_tma_atomic", "tma_atomic"), ("atomic", "atomic")])
+def test_every_5_matmul_backward_config_cuda(kind, variant):
+    """Every candidate config of the TMA backwards and of the atomic one, then each autotuned (the
+    atomic kernels' dQ scratch is zeroed before each timed run: the tuned call's dq must come out
+    right too, and the GPU check runs tests with autotuning off, so it is forced on here)."""
+    if variant.startswith("tma") and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90")
+    for B, H, N, D in ((4, 12, 197, 80), (1, 8, 1100, 128)):
+        q, k, v = _qkv(B, H, N, D, torch.bfloat16)
+        dout = torch.randn_like(q)
+        ref = _grads(attention_ref, q.double(), k.double(), v.double(), dout.double())
+        sdpa = _grads(F.scaled_dot_product_attention, q, k, v, dout)
+        out, lse = torch.empty_like(q), torch.empty(B, H, N, device="cuda")
+        kernels.launch_fwd(q, k, v, out, lse, D**-0.5)
+        previous = kernels.set_autotune(True)
+        try:
+            for c in kernels.candidate_configs(kind, q) + [None]:  # None: the autotuner
+                dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+                kernels.launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, D**-0.5, config=c, variant=variant)
+                for name, got, s_, r in zip(("dq", "dk", "dv"), (dq, dk, dv), sdpa[1:], ref[1:]):
+                    _assert_close_2x(f"{name} {c}", got, s_, r, torch.bfloat16)
+        finally:
+            kernels.set_autotune(previous)
 
 
 @pytest.mark.cuda

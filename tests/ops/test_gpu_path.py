@@ -61,7 +61,7 @@ print(json.dumps(out))
         pytest.skip("this torch has no triton_ops_to_kernels table")
     assert names["attention_fwd"] == ["_attn_fwd_kernel", "_attn_fwd_tma_kernel", "_attn_fwd_tma_persistent_kernel"]
     assert names["attention_packed_bwd"] == ["_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-                                             "_attn_bwd_fused_kernel"]
+                                             "_attn_bwd_fused_kernel", "_attn_bwd_tma_kernel"]
     assert names["add_layer_norm_bwd"] == ["_ln_bwd_kernel"] and names["bias_gelu_fwd"] == ["_bias_gelu_fwd_kernel"]
     assert all(names[op] for op in _OPS), names
 
@@ -85,6 +85,7 @@ def _sm90_cases() -> list[str]:
     return list(dict.fromkeys(case for spec in SPECS.values() for case in spec.sm90))
 
 TMA_KERNELS = {"_attn_fwd_tma_kernel", "_attn_fwd_tma_persistent_kernel"}
+TMA_BWD_KERNELS = {"_attn_fwd_kernel", "_bwd_preprocess_kernel", "_attn_bwd_tma_kernel"}  # what a tma_bwd case launches
 KERNELS = {"attention": {"_attn_fwd_kernel", "_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
                          "_attn_bwd_fused_kernel"},
            "fused": {"_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel",
@@ -183,6 +184,37 @@ def _check_tma_rows(rows: list[dict]) -> None:
             assert r["blocks_per_sm"] >= int(cfg["PER_SM"]), r
 
 
+# The TMA backwards ("tma", "tma_atomic") at every head dim they take in 16-bit (D = 72 and 88: token
+# strides multiples of 16 bytes, not of 16 elements) at a ViT length, and a long sequence.
+TMA_BWD_CASES = [f"attention_tma_bwd:bfloat16:{D}:197" for D in (64, 72, 80, 88, 128)] + [
+    "attention_tma_bwd:float16:64:4096", "attention_tma_bwd:float16:80:257"]
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
+@pytest.mark.parametrize("triton_path", _tritons())
+def test_tma_backwards_compile_for_sm90(triton_path):
+    """Every config of both TMA backwards compiles for sm_90 with the JIT's specialisation: K, V,
+    Q and dO by TMA (the pointer loads left are lse, delta and the dQ scratch), wgmma wherever the
+    owned key tile has 64 rows or more, no spills, within one block's shared memory."""
+    env = {"PYTHONPATH": triton_path} if triton_path else {}
+    res = _run_compiled([str(HERE / "_sm90_compile.py"), "--both", *TMA_BWD_CASES], env=env, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    print("\n".join(line for line in res.stdout.splitlines() if not line.startswith("{")))
+    for case in TMA_BWD_CASES:
+        assert {r["kernel"] for r in rows if r["spec"] == case} == TMA_BWD_KERNELS, case
+    bwd = [r for r in rows if r["kernel"] == "_attn_bwd_tma_kernel"]
+    assert any("ATOMIC" in r["config"] for r in bwd) and any("ATOMIC" not in r["config"] for r in bwd)
+    for r in bwd:
+        assert r["error"] is None, r
+        assert r["shared"] <= H100_SMEM_PER_BLOCK and r["blocks_per_sm"] >= 1, r
+        assert (r["spill_stores"] or 0) + (r["spill_loads"] or 0) == 0, f"spills: {r}"
+        assert r["tma"] > 0, f"not TMA: {r}"
+        cfg = dict(kv.split("=") for kv in r["config"].replace("ATOMIC,", "").split(","))
+        if int(cfg["BLOCK_N"]) >= 64:
+            assert r["wgmma"] > 0, f"no wgmma: {r}"
+
+
 # The patch embedding's declared cases and fp32 weights (3xTF32 dots). Not ViT-L/14 in 16-bit
 # (p = 14, K = 588: TMA cannot read the weight): its pointer forward configs spill 336-476 bytes at
 # 255 registers (triton 3.8), before the weight's TMA path as after; the spill check would fail.
@@ -241,11 +273,11 @@ def test_kernels_compile_with_float64_scalars(triton_path):
     compile so, and do no fp64 arithmetic (the scalar is cast to fp32 once)."""
     env = {"PYTHONPATH": triton_path} if triton_path else {}
     cases = ["attention:float32:64:50", "attention:bfloat16:80:197", "attention_fwd:bfloat16:80:197",
-             "fused:float32:768"]
+             "attention_tma_bwd:bfloat16:80:197", "fused:float32:768"]
     res = _run_compiled([str(HERE / "_sm90_compile.py"), "--fp64-scalars", "--first-config", *cases], env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert {r["kernel"] for r in rows} == KERNELS["attention"] | TMA_KERNELS | KERNELS["fused"]
+    assert {r["kernel"] for r in rows} == KERNELS["attention"] | TMA_KERNELS | TMA_BWD_KERNELS | KERNELS["fused"]
     for r in rows:
         assert r["error"] is None, r
         assert r["fp64_math"] == 0, r

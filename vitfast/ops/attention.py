@@ -26,10 +26,11 @@ the tensor cores. (The Triton interpreter always multiplies in fp32.)
 Backward: by default one 5-matmul kernel (dq, dk, dv from one recomputation of P; one program
 per (batch, head), dq summed in a fixed order: bit-identical runs) where N <= 1024, D <= 96 and
 B*H fills the GPU, else the 7-matmul pair (a dK/dV kernel and a dQ kernel, also deterministic).
-``VITFAST_ATTENTION_BWD=auto|fused|atomic|split`` (or
+``VITFAST_ATTENTION_BWD=auto|fused|atomic|split|tma|tma_atomic`` (or
 :func:`vitfast.ops.triton.attention.set_backward_variant`) forces one; ``atomic`` (5 matmuls,
 one program per key tile, dq by atomic adds, so not bit-reproducible) is only ever opt-in and is
-refused under ``torch.use_deterministic_algorithms(True)``. Per call, ``deterministic=True`` never
+refused under ``torch.use_deterministic_algorithms(True)``; ``tma`` and ``tma_atomic`` are the
+5-matmul kernels with their tiles moved by TMA (sm_90+; opt-in until GPU timings exist). Per call, ``deterministic=True`` never
 takes ``atomic`` and ``deterministic=False`` lets ``auto`` take it where it would take the 7-matmul
 pair (long sequences, wide heads, small grids).
 
@@ -328,7 +329,7 @@ _attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_
 
 if not _k.INTERPRET:  # see record_triton_kernels: the AST scan of the op bodies finds none
     _BWD_KERNELS = (_k._bwd_preprocess_kernel, _k._attn_bwd_dkdv_kernel, _k._attn_bwd_dq_kernel,
-                    _k._attn_bwd_fused_kernel)
+                    _k._attn_bwd_fused_kernel, _k._tma._attn_bwd_tma_kernel)
     _FWD_KERNELS = (_k._attn_fwd_kernel, _k._tma._attn_fwd_tma_kernel, _k._tma._attn_fwd_tma_persistent_kernel)
     for _op, _kernels in (("attention_fwd", _FWD_KERNELS), ("attention_bwd", _BWD_KERNELS),
                           ("attention_packed_fwd", _FWD_KERNELS), ("attention_packed_bwd", _BWD_KERNELS)):

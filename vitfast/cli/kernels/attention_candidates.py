@@ -3,13 +3,14 @@
 For each shape and dtype, every config that the autotuner of each Triton kernel (the forward
 variants: the pointer kernel "fwd", and where the GPU and Triton allow TMA, "fwd_tma" and
 "fwd_tma_persistent"; backward dK/dV, backward dQ, and the 5-matmul backward, deterministic "fused"
-and "atomic") would
+and "atomic", and where TMA serves, their TMA twins "bwd_tma" and "bwd_tma_atomic") would
 try there, i.e. every survivor of its pruning, is launched on its own and timed, the candidates of one kernel alternately, round by round (CUDA events, L2
 flushed before each timed call). Each candidate's result is checked against a float32 reference
 (``err``: max abs error of out, of dk and dv, or of dq) beside the same error of SDPA's flash
 backend in the same dtype (``sdpa_err``). ``dot_tflops`` counts the kernel's own matmuls at N^2
-(forward 2, dK/dV 4, dQ 3, fused and atomic 5; tile waste not counted). Each row's ``bwd`` names
-the backward variant the kernel belongs to ("split": dK/dV + dQ, "fused", "atomic"); after them,
+(forward 2, dK/dV 4, dQ 3, the 5-matmul kernels 5; tile waste not counted). Each row's ``bwd`` names
+the backward variant the kernel belongs to ("split": dK/dV + dQ, "fused", "atomic", "tma",
+"tma_atomic"); after them,
 one ``attention_bwd_variant`` row per variant adds up its best candidates' medians (split: the
 best dK/dV plus the best dQ) and marks the variant ``auto`` takes there; one
 ``attention_fwd_variant`` row per forward variant does the same for the forward (each row's ``fwd``
@@ -59,11 +60,12 @@ def _vit_shapes() -> list[tuple]:
 
 SHAPES = _vit_shapes()
 SMOKE_SHAPES = [(1, 2, 50, 32)]
-KINDS = ("fwd", "fwd_tma", "fwd_tma_persistent", "dkdv", "dq", "fused", "atomic")
+KINDS = ("fwd", "fwd_tma", "fwd_tma_persistent", "dkdv", "dq", "fused", "atomic", "bwd_tma", "bwd_tma_atomic")
 DOTS = {"fwd": 2, "fwd_tma": 2, "fwd_tma_persistent": 2, "dkdv": 4, "dq": 3, "fused": 5,
-        "atomic": 5}  # matmuls of N x N x D per (batch, head)
+        "atomic": 5, "bwd_tma": 5, "bwd_tma_atomic": 5}  # matmuls of N x N x D per (batch, head)
 BWD = {"fwd": None, "fwd_tma": None, "fwd_tma_persistent": None, "dkdv": "split", "dq": "split", "fused": "fused",
-       "atomic": "atomic"}  # backward variant
+       "atomic": "atomic", "bwd_tma": "tma", "bwd_tma_atomic": "tma_atomic"}  # backward variant
+TMA_KINDS = ("fwd_tma", "fwd_tma_persistent", "bwd_tma", "bwd_tma_atomic")  # timed where TMA serves
 # forward variant of each forward kernel (ops.triton.attention.FWD_VARIANTS)
 FWD = {"fwd": "pointer", "fwd_tma": "tma", "fwd_tma_persistent": "tma_persistent"}
 
@@ -79,8 +81,8 @@ def _kinds(q: torch.Tensor) -> list[str]:
     it here (the TMA ones need sm_90 and a Triton with device-side descriptors)."""
     from ...ops.triton import attention as K
 
-    tma_ok = not K.tma_not_supported_reasons(q, q, q, q)
-    return [k for k in KINDS if FWD.get(k, "pointer") == "pointer" or tma_ok]
+    tma_ok = not K.tma_bwd_not_supported_reasons(q, q, q, q, q, q)
+    return [k for k in KINDS if k not in TMA_KINDS or tma_ok]
 
 
 def _tensors(shape: tuple, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -119,8 +121,13 @@ def _launchers(t: dict, scale: float) -> dict[str, Callable[[dict], tuple]]:
         K.launch_bwd_fused(dout, q, k, v, lse, delta, dq, dk, dv, scale, config=c, atomic=atomic)
         return dq, dk, dv
 
+    def tma(c, atomic=False):
+        K._launch_bwd_tma(dout, q, k, v, lse, delta, dq, dk, dv, scale, config=c, atomic=atomic)
+        return dq, dk, dv
+
     return {"fwd": fwd, "fwd_tma": lambda c: fwd(c, "tma"), "fwd_tma_persistent": lambda c: fwd(c, "tma_persistent"),
-            "dkdv": dkdv, "dq": dq_, "fused": fused, "atomic": lambda c: fused(c, atomic=True)}
+            "dkdv": dkdv, "dq": dq_, "fused": fused, "atomic": lambda c: fused(c, atomic=True),
+            "bwd_tma": tma, "bwd_tma_atomic": lambda c: tma(c, atomic=True)}
 
 
 def _reference(t: dict, scale: float, device: str) -> dict:
@@ -141,7 +148,8 @@ def _reference(t: dict, scale: float, device: str) -> dict:
 
 
 _OUTPUTS = {"fwd": ("out",), "fwd_tma": ("out",), "fwd_tma_persistent": ("out",), "dkdv": ("dk", "dv"),
-            "dq": ("dq",), "fused": ("dq", "dk", "dv"), "atomic": ("dq", "dk", "dv")}
+            "dq": ("dq",), "fused": ("dq", "dk", "dv"), "atomic": ("dq", "dk", "dv"), "bwd_tma": ("dq", "dk", "dv"),
+            "bwd_tma_atomic": ("dq", "dk", "dv")}
 
 
 def _err(got: Sequence[torch.Tensor], names: Sequence[str], ref: dict) -> float:
@@ -266,7 +274,8 @@ def variant_rows(rows: list[dict], auto: str) -> list[dict]:
     for r in rows:
         if r.get("bwd") and r.get("ms") is not None:
             best[r["kernel"]] = min(best.get(r["kernel"], float("inf")), r["ms"])
-    parts = {"split": ("dkdv", "dq"), "fused": ("fused",), "atomic": ("atomic",)}
+    parts = {"split": ("dkdv", "dq"), "fused": ("fused",), "atomic": ("atomic",), "tma": ("bwd_tma",),
+             "tma_atomic": ("bwd_tma_atomic",)}
     ms = {v: sum(best[k] for k in ks) for v, ks in parts.items() if all(k in best for k in ks)}
     if not rows or not ms:
         return []

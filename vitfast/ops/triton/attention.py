@@ -241,8 +241,25 @@ _FWD_TMA_PERSISTENT_CONFIGS = [
     # secondary
     _pcfg(32, 32, 4, 3, 2), _pcfg(16, 16, 2, 2, 4),
 ]
+def _bcfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
+
+
+# The TMA 5-matmul backward (attention_tma: "tma" deterministic, "tma_atomic"): (BLOCK_M queries per
+# step, BLOCK_N keys owned, warps, stages). Not yet run on a GPU: the pointer 5-matmul kernel's tiles
+# (less TAIL, which zero fill replaces), kept where they compile for sm_90 without spills
+# (tests/ops/_sm90_compile.py). Cut them by the candidates' JSON.
+_BWD_TMA_CONFIGS = [
+    _bcfg(32, 64, 4, 3), _bcfg(16, 64, 4, 3), _bcfg(32, 128, 8, 3), _bcfg(64, 128, 8, 2), _bcfg(16, 128, 8, 3),
+    _bcfg(64, 64, 8, 2),
+    # secondary
+    _bcfg(16, 32, 4, 3), _bcfg(16, 16, 2, 2),
+]
 PRIMARY = {"fwd": 6, "dkdv": 5, "dq": 3, "fused": 6, "atomic": 6,  # how many configs head each list
-           "fwd_tma": 7, "fwd_tma_persistent": 6}
+           "fwd_tma": 7, "fwd_tma_persistent": 6, "bwd_tma": 6, "bwd_tma_atomic": 6}
+# the _fits estimate each kind is pruned by (the TMA kernels hold what their pointer twins do)
+_FITS_KIND = {"fwd_tma": "fwd", "fwd_tma_persistent": "fwd", "bwd_tma": "fused", "bwd_tma_atomic": "atomic"}
+_OWNS_KEYS = ("dkdv", "fused", "atomic", "bwd_tma", "bwd_tma_atomic")  # BLOCK_N owned, BLOCK_M looped
 MIN_TILE = 16  # smallest owned tile in any config (bounds the grid size)
 _SMEM_BYTES = 227 * 1024  # H100's per-block limit; configs over it would fail to compile
 
@@ -306,7 +323,7 @@ def _fits_warp_specialized(own: int, loop: int, block_d: int, warps: int, stages
 
 
 def _make_prune(kind: str):
-    fits_kind = "fwd" if kind.startswith("fwd") else kind  # the TMA forwards hold what the pointer one does
+    fits_kind = _FITS_KIND.get(kind, kind)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -318,7 +335,7 @@ def _make_prune(kind: str):
             kept = []
             for c in candidates:
                 bm, bn, tail = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("TAIL", 0)
-                own, loop = (bn, bm) if kind in ("dkdv", "fused", "atomic") else (bm, bn)
+                own, loop = (bn, bm) if kind in _OWNS_KEYS else (bm, bn)
                 if own > n_cap or loop > n_cap or tail > loop:
                     continue
                 if c.kwargs.get("WARP_SPEC"):
@@ -342,6 +359,9 @@ def _autotune(configs, kind):
         configs=configs,
         key=["N_BUCKET", "HEAD_DIM", "PRECISION"],  # + the dtypes of the tensor arguments
         prune_configs_by={"early_config_prune": _make_prune(kind)},
+        # the atomic kernels add into the dQ scratch: zeroed before each timed run, or the
+        # autotuner's runs would add up in the result of the call that tuned them
+        reset_to_zero=["DQA"] if kind in ("atomic", "bwd_tma_atomic") else None,
     )
 
 
@@ -353,12 +373,17 @@ _attn_bwd_atomic_tuned = _autotune(_FUSED_CONFIGS, "atomic")(_attn_bwd_fused_ker
 _attn_fwd_tma_tuned = _autotune(_FWD_TMA_CONFIGS, "fwd_tma")(_tma._attn_fwd_tma_kernel)
 _attn_fwd_tma_persistent_tuned = _autotune(_FWD_TMA_PERSISTENT_CONFIGS, "fwd_tma_persistent")(
     _tma._attn_fwd_tma_persistent_kernel)
+_attn_bwd_tma_tuned = _autotune(_BWD_TMA_CONFIGS, "bwd_tma")(_tma._attn_bwd_tma_kernel)
+_attn_bwd_tma_atomic_tuned = _autotune(_BWD_TMA_CONFIGS, "bwd_tma_atomic")(_tma._attn_bwd_tma_kernel)
 _CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS, "fused": _FUSED_CONFIGS,
-            "atomic": _FUSED_CONFIGS, "fwd_tma": _FWD_TMA_CONFIGS, "fwd_tma_persistent": _FWD_TMA_PERSISTENT_CONFIGS}
+            "atomic": _FUSED_CONFIGS, "fwd_tma": _FWD_TMA_CONFIGS, "fwd_tma_persistent": _FWD_TMA_PERSISTENT_CONFIGS,
+            "bwd_tma": _BWD_TMA_CONFIGS, "bwd_tma_atomic": _BWD_TMA_CONFIGS}
 _TUNED = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned,
           "fused": _attn_bwd_fused_tuned, "atomic": _attn_bwd_atomic_tuned, "fwd_tma": _attn_fwd_tma_tuned,
-          "fwd_tma_persistent": _attn_fwd_tma_persistent_tuned}
-_RAW = {"fwd_tma": _tma._attn_fwd_tma_kernel, "fwd_tma_persistent": _tma._attn_fwd_tma_persistent_kernel}
+          "fwd_tma_persistent": _attn_fwd_tma_persistent_tuned, "bwd_tma": _attn_bwd_tma_tuned,
+          "bwd_tma_atomic": _attn_bwd_tma_atomic_tuned}
+_RAW = {"fwd_tma": _tma._attn_fwd_tma_kernel, "fwd_tma_persistent": _tma._attn_fwd_tma_persistent_kernel,
+        "bwd_tma": _tma._attn_bwd_tma_kernel, "bwd_tma_atomic": _tma._attn_bwd_tma_kernel}
 
 
 # -------------------------------------------------------------------------- launchers
@@ -552,12 +577,23 @@ def tma_not_supported_reasons(q, k, v, out) -> list[str]:
     features, the GPU (sm_90 or newer; under the interpreter, any), the head dim, and what TMA
     asks of the layout (16-byte aligned base pointers, (batch, head, token) strides multiples of
     16 bytes, the last stride 1)."""
+    return _tma_reasons(q, {"q": q, "k": k, "v": v, "out": out})
+
+
+def tma_bwd_not_supported_reasons(q, k, v, dout, dk, dv) -> list[str]:
+    """Why the TMA backwards cannot serve these tensors (empty: they can): as
+    :func:`tma_not_supported_reasons`, for every tensor they move by TMA (dq goes through the
+    pointer-addressed fp32 scratch)."""
+    return _tma_reasons(q, {"q": q, "k": k, "v": v, "dout": dout, "dk": dk, "dv": dv})
+
+
+def _tma_reasons(q, tensors: dict) -> list[str]:
     reasons = list(_tma.missing_features()) + _tma_device_reasons(q.device)
     D = q.shape[-1]
     if block_d(D) > TMA_MAX_BLOCK_D:
         reasons.append(f"head dim {D} is computed {block_d(D)} wide; the TMA kernels are checked up to "
                        f"{TMA_MAX_BLOCK_D}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+    for name, t in tensors.items():
         el = t.element_size()
         if t.stride(-1) != 1:
             reasons.append(f"{name}.stride(-1) is {t.stride(-1)}; TMA needs 1")
@@ -631,15 +667,46 @@ def _launch_fwd_tma(q, k, v, out, lse, scale: float, config: Optional[dict], per
     kernel[grid](*args, H, N, n_bucket(N), scale, PRECISION=dot_precision(q.dtype), **_d_meta(D), **meta)
 
 
+def _launch_bwd_tma(dout, q, k, v, lse, delta, dq, dk, dv, scale: float, config: Optional[dict],
+                    atomic: bool) -> None:
+    """The TMA 5-matmul backward (attention_tma._attn_bwd_tma_kernel): one program per (batch, head),
+    or with ``atomic`` one per key tile adding dq atomically."""
+    B, H, N, D = q.shape
+    dp = block_d(D)
+    # fp32 dq scratch: the deterministic kernel's first key tile stores, the atomic one only adds
+    dqa = (torch.zeros if atomic else torch.empty)((B * H, N, dp), device=q.device, dtype=torch.float32)
+    kind = "bwd_tma_atomic" if atomic else "bwd_tma"
+    if config is None and INTERPRET:
+        config = INTERPRET_TMA_CONFIGS[kind]
+    if config is None:
+        kernel, meta = _wrap(_TUNED[kind]), {}
+    else:
+        kernel, meta = _pick(_RAW[kind], _TUNED[kind], config)
+    if not INTERPRET:
+        _tma.ensure_allocator()
+    grid = (lambda m: grid_size(B * H, N, m["BLOCK_N"])) if atomic else (lambda m: (B * H,))
+    kernel[grid](
+        q, k, v, dout, lse, delta, dqa, dq, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq), *_s(dk), *_s(dv),
+        dp, H, N, n_bucket(N), scale, PRECISION=dot_precision(q.dtype), ATOMIC=atomic, **_d_meta(D), **meta,
+    )
+    if atomic:
+        dq.copy_(dqa.view(B, H, N, dp)[..., :D])
+
+
 # Under the interpreter: small tiles (several per head at the test lengths), and a persistent grid of
 # INTERPRET_PROGRAMS programs each walking several tiles.
 INTERPRET_TMA_CONFIGS = {"fwd_tma": dict(BLOCK_M=32, BLOCK_N=32, WARP_SPEC=False, num_warps=4, num_stages=1),
-                         "fwd_tma_persistent": dict(BLOCK_M=32, BLOCK_N=32, PER_SM=1, num_warps=4, num_stages=1)}
+                         "fwd_tma_persistent": dict(BLOCK_M=32, BLOCK_N=32, PER_SM=1, num_warps=4, num_stages=1),
+                         "bwd_tma": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+                         "bwd_tma_atomic": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)}
 INTERPRET_PROGRAMS = 3
 
 
 # --------------------------------------------------------------- backward variant
-BWD_VARIANTS = ("auto", "fused", "atomic", "split")
+BWD_VARIANTS = ("auto", "fused", "atomic", "split", "tma", "tma_atomic")
+# dq by atomic adds: run-to-run rounding differences; never automatic, refused where determinism is asked
+_ATOMIC_VARIANTS = ("atomic", "tma_atomic")
+_TMA_BWD_VARIANTS = ("tma", "tma_atomic")
 FUSED_MAX_N = 1024  # longest N the one-program-per-(batch, head) backward takes under "auto"
 # widest head dim (both column chunks) it takes under "auto": beyond, only a 16 x 32 tile without
 # wgmma compiles without spills (sm_90, D = 128: 213-219 registers)
@@ -649,15 +716,17 @@ if _BWD not in BWD_VARIANTS:
     warnings.warn(f"VITFAST_ATTENTION_BWD={_BWD!r} is not one of {', '.join(BWD_VARIANTS)}; using 'auto'",
                   RuntimeWarning, stacklevel=1)
     _BWD = "auto"
+_BWD_FROM_ENV = _BWD != "auto"  # forced by the environment: a TMA variant that cannot serve warns once
 
 
 def set_backward_variant(variant: str) -> str:
-    """Choose the backward ("auto", "fused", "atomic" or "split"; VITFAST_ATTENTION_BWD sets it at
-    import); returns the previous choice."""
-    global _BWD
+    """Choose the backward (one of BWD_VARIANTS; VITFAST_ATTENTION_BWD sets it at import); returns
+    the previous choice. A TMA variant forced here raises on an input it cannot serve (one forced by
+    the environment falls back to "auto"'s choice with one warning)."""
+    global _BWD, _BWD_FROM_ENV
     if variant not in BWD_VARIANTS:
         raise ValueError(f"backward variant must be one of {', '.join(BWD_VARIANTS)}, got {variant!r}")
-    previous, _BWD = _BWD, variant
+    previous, _BWD, _BWD_FROM_ENV = _BWD, variant, False
     return previous
 
 
@@ -668,7 +737,9 @@ def _device_sms(device: torch.device) -> int:  # a module-level name: the sm_90 
 def backward_variant(q: torch.Tensor, variant: Optional[str] = None, deterministic: Optional[bool] = None) -> str:
     """The backward that runs for q ([B, H, N, D]): "fused" (5 matmuls, one program per
     (batch, head), deterministic), "atomic" (5 matmuls, dq by atomic adds: run-to-run rounding
-    differences) or "split" (7 matmuls: a dK/dV kernel and a dQ kernel, deterministic).
+    differences), "split" (7 matmuls: a dK/dV kernel and a dQ kernel, deterministic), or the TMA
+    twins of the first two, "tma" and "tma_atomic" (attention_tma; only when forced, until GPU
+    timings say where they pay; :func:`launch_bwd` checks that TMA can serve the tensors).
 
     ``variant`` (default: set_backward_variant / VITFAST_ATTENTION_BWD) "auto" takes "fused" where
     N <= FUSED_MAX_N, the head dim's chunks are at most FUSED_MAX_BLOCK_D wide and, on a GPU,
@@ -676,13 +747,13 @@ def backward_variant(q: torch.Tensor, variant: Optional[str] = None, determinist
     ``deterministic`` (the ``attention(..., deterministic=)`` argument): None leaves the choice
     above; True never takes "atomic" (a forced "atomic" becomes "auto"'s choice); False lets
     "auto" take "atomic" (5 matmuls, one program per key tile) where it would take "split".
-    "atomic" is refused (replaced by "auto"'s deterministic choice) under
+    "atomic" is refused (replaced by "auto"'s deterministic choice; "tma_atomic" by "tma") under
     torch.use_deterministic_algorithms(True), whatever ``deterministic`` says."""
     variant = variant or _BWD
     if torch.are_deterministic_algorithms_enabled():
         deterministic = True
-    if variant == "atomic" and deterministic:
-        variant = "auto"
+    if variant in _ATOMIC_VARIANTS and deterministic:
+        variant = "tma" if variant == "tma_atomic" else "auto"
     if variant != "auto":
         return variant
     B, H, N, D = q.shape
@@ -701,6 +772,19 @@ def launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale: float,
     (``config`` is the dK/dV kernel's or the fused kernel's, ``dq_config`` the dQ kernel's)."""
     delta = launch_bwd_preprocess(out, dout)
     chosen = backward_variant(q, variant, deterministic)
+    if chosen in _TMA_BWD_VARIANTS:
+        reasons = tma_bwd_not_supported_reasons(q, k, v, dout, dk, dv)
+        if not reasons:
+            return _launch_bwd_tma(dout, q, k, v, lse, delta, dq, dk, dv, scale, config, atomic=chosen == "tma_atomic")
+        if variant is not None or not _BWD_FROM_ENV:
+            from ..._dispatch import KernelNotSupported
+
+            raise KernelNotSupported("attention", f"kernel (backward variant {chosen!r})", reasons)
+        from ..._dispatch import warn_fallback_once
+
+        warn_fallback_once("attention", [f"VITFAST_ATTENTION_BWD={chosen}: {r}" for r in reasons],
+                           fallback="pointer-kernel backward")
+        chosen = backward_variant(q, "auto", deterministic)
     if chosen == "split":
         launch_bwd_dkdv(dout, q, k, v, lse, delta, dk, dv, scale, config)
         launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, dq_config or config)

@@ -1,5 +1,6 @@
-"""Hopper forward kernels for :mod:`vitfast.ops.attention`: TMA through device-side tensor
-descriptors, warp specialisation, and a persistent variant.
+"""Hopper kernels for :mod:`vitfast.ops.attention`: TMA through device-side tensor descriptors, warp
+specialisation, and a persistent variant of the forward; the 5-matmul backward by TMA (at the end,
+"tma" and "tma_atomic").
 
 The forward variants (``attention.FWD_VARIANTS``) besides the pointer kernel:
 
@@ -184,3 +185,156 @@ def _attn_fwd_tma_persistent_kernel(
         start_m = (tile % m_tiles) * BLOCK_M
         _tma_fwd_tile(dq, dq1, dk, dk1, dv, dv1, do, do1, LSE, bh // H, bh % H, bh.to(tl.int64), start_m, N,
                       qk_scale, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, False, True)
+
+
+# ----------------------------------------------------------------------------- backward
+# The 5-matmul backward (attention_bwd's _attn_bwd_fused_kernel) with its K, V, Q and dO tiles
+# moved by TMA and dK, dV stored by it. The copy engine's zero fill replaces the tail loop and the
+# row and column masks: one loop of cdiv(N, BLOCK_M) query tiles per key tile; query rows past N
+# get lse = +inf (so P = 0) and keys past N a P of 0 by one select. The fp32 dQ scratch stays on
+# pointers (atomic adds, or this program's read-modify-write ordered by a barrier), as does the
+# final scratch -> dq conversion. Variants "tma" (deterministic: one program per (batch, head)) and
+# "tma_atomic" (one per (batch, head, key tile)); no GPU has run them yet.
+@triton.jit
+def _bwd_tma_key_tile(tq, tq1, tk, tk1, tv, tv1, tdo, tdo1, tdk, tdk1, tdv, tdv1, LSE, DELTA, DQA, stride_an,
+                      start_n, N, qk_scale, scale, not_first,
+                      BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+    """dK, dV of the BLOCK_N keys from start_n (stored by TMA) and their share of dQ (to the scratch)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+    k = tk.load([start_n, 0])
+    v = tv.load([start_n, 0])
+    if SPLIT_D:
+        k1 = tk1.load([start_n, BLOCK_D])
+        v1 = tv1.load([start_n, BLOCK_D])
+    else:
+        k1, v1 = k, v
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_m = offs_m < N
+        q = tq.load([start_m, 0])
+        lse = tl.load(LSE + offs_m, mask=in_m, other=float("inf"))  # rows past N: P = 0
+        delta = tl.load(DELTA + offs_m, mask=in_m, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        if SPLIT_D:
+            q1 = tq1.load([start_m, BLOCK_D])
+            sT += tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
+        pT = tl.math.exp2(sT * qk_scale - lse[None, :] * 1.4426950408889634)
+        pT = tl.where(offs_n[:, None] < N, pT, 0.0)  # zero-filled keys past N: S = 0, not P = 0
+        do = tdo.load([start_m, 0])
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if SPLIT_D:
+            do1 = tdo1.load([start_m, BLOCK_D])
+            dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PRECISION)
+            dpT += tl.dot(v1, tl.trans(do1), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        if SPLIT_D:
+            dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PRECISION)
+        ds = tl.trans((dsT * scale).to(k.dtype))
+        rows = in_m[:, None]
+        _tma_dq_add(DQA + offs_m[:, None] * stride_an + offs_d[None, :], tl.dot(ds, k, input_precision=PRECISION),
+                    rows, not_first, ATOMIC)
+        if SPLIT_D:
+            _tma_dq_add(DQA + offs_m[:, None] * stride_an + offs_d1[None, :],
+                        tl.dot(ds, k1, input_precision=PRECISION), rows, not_first, ATOMIC)
+    out_dtype = k.dtype  # q, k, v and the gradients share one dtype (the op checks it)
+    tdk.store([start_n, 0], (dk * scale).to(out_dtype))
+    tdv.store([start_n, 0], dv.to(out_dtype))
+    if SPLIT_D:
+        tdk1.store([start_n, BLOCK_D], (dk1 * scale).to(out_dtype))
+        tdv1.store([start_n, BLOCK_D], dv1.to(out_dtype))
+
+
+@triton.jit
+def _tma_dq_add(ptrs, dq, rows, not_first, ATOMIC: tl.constexpr):
+    """scratch[ptrs] += dq for the rows in range: atomically, or as this program's own
+    read-modify-write (a plain store on its first key tile: the scratch starts uninitialised)."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, dq, mask=rows, sem="relaxed")
+    else:
+        if not_first:
+            dq += tl.load(ptrs, mask=rows, other=0.0)
+        tl.store(ptrs, dq, mask=rows)
+
+
+@triton.jit
+def _attn_bwd_tma_kernel(
+    Q, K, V, DO, LSE, DELTA, DQA, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_an, H, N, N_BUCKET, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """dq, dk, dv in 5 matmuls by TMA: one program per (batch, head) walking every key tile in
+    order (deterministic), or with ATOMIC one per (batch, head, key tile). dQ goes through the fp32
+    scratch DQA ([B*H, N, BLOCK_D + BLOCK_D1], row stride stride_an); the deterministic program
+    converts it to dq itself, the launcher does for ATOMIC."""
+    if ATOMIC:
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        bh = (pid // n_tiles).to(tl.int64)
+        first_n = (pid % n_tiles) * BLOCK_N
+    else:
+        bh = tl.program_id(0).to(tl.int64)
+        first_n = 0
+    b, h = bh // H, bh % H
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DK += b * stride_dkb + h * stride_dkh
+    DV += b * stride_dvb + h * stride_dvh
+    LSE += bh * N
+    DELTA += bh * N
+    DQA += bh * N * stride_an
+    tq = _desc2(Q, N, stride_qn, BLOCK_M, BLOCK_D, HEAD_DIM)
+    tdo = _desc2(DO, N, stride_don, BLOCK_M, BLOCK_D, HEAD_DIM)
+    tk = _desc2(K, N, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM)
+    tv = _desc2(V, N, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
+    tdk = _desc2(DK, N, stride_dkn, BLOCK_N, BLOCK_D, HEAD_DIM)
+    tdv = _desc2(DV, N, stride_dvn, BLOCK_N, BLOCK_D, HEAD_DIM)
+    if SPLIT_D:  # the second column chunk: its own box width over the same rows
+        tq1 = _desc2(Q, N, stride_qn, BLOCK_M, BLOCK_D1, HEAD_DIM)
+        tdo1 = _desc2(DO, N, stride_don, BLOCK_M, BLOCK_D1, HEAD_DIM)
+        tk1 = _desc2(K, N, stride_kn, BLOCK_N, BLOCK_D1, HEAD_DIM)
+        tv1 = _desc2(V, N, stride_vn, BLOCK_N, BLOCK_D1, HEAD_DIM)
+        tdk1 = _desc2(DK, N, stride_dkn, BLOCK_N, BLOCK_D1, HEAD_DIM)
+        tdv1 = _desc2(DV, N, stride_dvn, BLOCK_N, BLOCK_D1, HEAD_DIM)
+    else:  # unused placeholders
+        tq1, tdo1, tk1, tv1, tdk1, tdv1 = tq, tdo, tk, tv, tdk, tdv
+    scale = tl.cast(scale, tl.float32)  # fp32 also from a float64 scalar (see the forward)
+    qk_scale = scale * 1.4426950408889634
+    if ATOMIC:
+        _bwd_tma_key_tile(tq, tq1, tk, tk1, tv, tv1, tdo, tdo1, tdk, tdk1, tdv, tdv1, LSE, DELTA, DQA, stride_an,
+                          first_n, N, qk_scale, scale, True, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M,
+                          BLOCK_N, True)
+    else:
+        for start_n in range(0, N, BLOCK_N):
+            _bwd_tma_key_tile(tq, tq1, tk, tk1, tv, tv1, tdo, tdo1, tdk, tdk1, tdv, tdv1, LSE, DELTA, DQA,
+                              stride_an, start_n, N, qk_scale, scale, start_n > 0, BLOCK_D, SPLIT_D, BLOCK_D1,
+                              PRECISION, BLOCK_M, BLOCK_N, False)
+            tl.debug_barrier()  # this key tile's dQ stores before the next one's loads, across threads
+        # the scratch, complete, to dq in its dtype and strides
+        DQ += b * stride_dqb + h * stride_dqh
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            rows = offs_m[:, None] < N
+            dq = tl.load(DQA + offs_m[:, None] * stride_an + offs_d[None, :], mask=rows, other=0.0)
+            tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=rows & (offs_d[None, :] < HEAD_DIM))
+            if SPLIT_D:
+                dq1 = tl.load(DQA + offs_m[:, None] * stride_an + offs_d1[None, :], mask=rows, other=0.0)
+                tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d1[None, :], dq1.to(DQ.dtype.element_ty),
+                         mask=rows & (offs_d1[None, :] < HEAD_DIM))
