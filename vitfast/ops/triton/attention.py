@@ -258,7 +258,7 @@ _BWD_TMA_CONFIGS = [
 PRIMARY = {"fwd": 6, "dkdv": 5, "dq": 3, "fused": 6, "atomic": 6,  # how many configs head each list
            "fwd_tma": 7, "fwd_tma_persistent": 6, "bwd_tma": 6, "bwd_tma_atomic": 6}
 # the _fits estimate each kind is pruned by (the TMA kernels hold what their pointer twins do)
-_FITS_KIND = {"fwd_tma": "fwd", "fwd_tma_persistent": "fwd", "bwd_tma": "fused", "bwd_tma_atomic": "atomic"}
+_FITS_KIND = {"fwd_tma": "fwd", "fwd_tma_persistent": "fwd", "bwd_tma": "bwd_tma", "bwd_tma_atomic": "atomic"}
 _OWNS_KEYS = ("dkdv", "fused", "atomic", "bwd_tma", "bwd_tma_atomic")  # BLOCK_N owned, BLOCK_M looped
 MIN_TILE = 16  # smallest owned tile in any config (bounds the grid size)
 _SMEM_BYTES = 227 * 1024  # H100's per-block limit; configs over it would fail to compile
@@ -280,6 +280,10 @@ def _fits(kind: str, own: int, loop: int, block_d: int, warps: int, stages: int,
     (16-bit, D = 64-96: within 5% of ptxas, but 10-16% under at BLOCK_M = 64; fp32 over); the
     deterministic one ("fused") has its own register limits (see below).
     """
+    if kind == "bwd_tma":  # the deterministic TMA kernel, fitted to its sm_90 compiles (triton 3.6 and 3.8):
+        # no spills under the atomic kernel's limits up to 96 columns (TMA's descriptors free the pointer
+        # registers that the pointer kernel's stricter limits allow for), but 56 bytes at 128 (64 x 64)
+        kind = "atomic" if block_d <= 96 else "fused"
     five = kind in ("fused", "atomic")  # the 5-matmul kernels also hold K a second time (dQ's operand)
     owned = (1 if kind == "fwd" else 3 if five else 2) * own * block_d * (2 if el == 4 else 1)
     smem = (owned + stages * 2 * loop * block_d) * el + 1024
