@@ -195,7 +195,8 @@ if want tests; then
 fi
 
 # ---- 2b. every attention kernel candidate (each autotune survivor of the forward variants, pointer,
-# TMA and persistent TMA, of dK/dV, dQ and the 5-matmul backward, deterministic "fused" and "atomic", timed
+# TMA and persistent TMA, of dK/dV, dQ and the 5-matmul backward, deterministic "fused" and "atomic" and
+# their TMA twins "tma" and "tma_atomic", timed
 # alone and checked against float32), then the autotuned kernel beside SDPA's flash, efficient and
 # cuDNN backends: the data the configs and variants are pruned by (issue: every GPU run a full
 # experiment). The script stops starting shapes 15 s before its limit and saves after each shape.
