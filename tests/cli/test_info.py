@@ -100,3 +100,19 @@ def test_render_names_the_cpu_patch_embedding_gemm(monkeypatch, forced):
     monkeypatch.setenv("VITFAST_CPU_PATCH_EMBED", forced)
     text = info.render({**info.collect(), "extension": info.extension_facts()})
     assert any(line.startswith(f"  CPU patch embedding  {forced} (") for line in text.splitlines()), text
+
+
+def test_render_names_the_attention_variants_in_force():
+    """`vitfast info` says which attention forward and backward run (set_*_variant, or the
+    VITFAST_ATTENTION_FWD/_BWD variables read at import) and which there are."""
+    from vitfast.ops.triton import attention as K
+
+    previous = K.set_backward_variant("tma")
+    try:
+        text = info.render(info.collect())
+    finally:
+        K.set_backward_variant(previous)
+    (line,) = [line for line in text.splitlines() if line.startswith("attention ")]
+    assert f"forward {K._FWD} (VITFAST_ATTENTION_FWD: auto|pointer|tma|tma_persistent)" in line
+    assert "backward tma (VITFAST_ATTENTION_BWD: auto|fused|atomic|split|tma|tma_atomic)" in line
+    assert json.loads(json.dumps(info.collect()))["attention_variants"]["backward"] == K._BWD == previous

@@ -71,6 +71,15 @@ def extension_facts() -> dict:
             "cpu_patch_embed": strategy() if strategy is not None else None}
 
 
+def attention_variants() -> dict:
+    """The attention forward and backward variants in force (VITFAST_ATTENTION_FWD/_BWD or
+    set_forward_variant/set_backward_variant) and the ones there are."""
+    from ..ops.triton import attention as K
+
+    return {"forward": K._FWD, "backward": K._BWD, "forward_variants": list(K.FWD_VARIANTS),
+            "backward_variants": list(K.BWD_VARIANTS)}
+
+
 def collect() -> dict:
     import vitfast
 
@@ -88,6 +97,7 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "extension": extension_facts(),
+        "attention_variants": attention_variants(),
         "ops": {op: op_dispatch_keys(op) for op in vitfast_ops()},
         "cuda_available": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -118,6 +128,10 @@ def render(info: dict) -> str:
     else:  # the patch embedding runs its PyTorch reference
         why = f"{ext['reason']}; {ext['fix']}" if ext["built"] else ext["fix"]
         lines.append(f"extension      {'not usable' if ext['built'] else 'not built'} ({why})")
+    av = info.get("attention_variants")
+    if av:
+        lines.append(f"attention      forward {av['forward']} (VITFAST_ATTENTION_FWD: {'|'.join(av['forward_variants'])}), "
+                     f"backward {av['backward']} (VITFAST_ATTENTION_BWD: {'|'.join(av['backward_variants'])})")
     lines += [
         f"GPU            {', '.join(info['gpus']) if info['gpus'] else 'none visible (torch.cuda.is_available() is False)'}",
         "ops (torch.ops.vitfast) and their dispatch keys:",
