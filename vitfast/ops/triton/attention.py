@@ -649,18 +649,22 @@ def forward_variant(q, k, v, out, variant: Optional[str] = None) -> str:
     raise KernelNotSupported("attention", f"kernel (forward variant {variant!r})", reasons)
 
 
+def _pick_tma(kind: str, config: Optional[dict]):
+    """A TMA kernel and its launch kwargs (as :func:`_pick`, with the TMA kernels' interpreter
+    configs); their device-side descriptors need triton's allocator, set here where none is."""
+    if config is None and INTERPRET:
+        config = INTERPRET_TMA_CONFIGS[kind]
+    if not INTERPRET:
+        _tma.ensure_allocator()
+    if config is None:
+        return _wrap(_TUNED[kind]), {}
+    return _pick(_RAW[kind], _TUNED[kind], config)
+
+
 def _launch_fwd_tma(q, k, v, out, lse, scale: float, config: Optional[dict], persistent: bool) -> None:
     """The TMA forwards (attention_tma); their descriptors need triton's allocator (set once)."""
     B, H, N, D = q.shape
-    kind = "fwd_tma_persistent" if persistent else "fwd_tma"
-    if config is None and INTERPRET:
-        config = INTERPRET_TMA_CONFIGS[kind]
-    if config is None:
-        kernel, meta = _wrap(_TUNED[kind]), {}
-    else:
-        kernel, meta = _pick(_RAW[kind], _TUNED[kind], config)
-    if not INTERPRET:
-        _tma.ensure_allocator()
+    kernel, meta = _pick_tma("fwd_tma_persistent" if persistent else "fwd_tma", config)
     args = (q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out))
     if persistent:
         sms = INTERPRET_PROGRAMS if INTERPRET else _device_sms(q.device)
@@ -679,15 +683,7 @@ def _launch_bwd_tma(dout, q, k, v, lse, delta, dq, dk, dv, scale: float, config:
     dp = block_d(D)
     # fp32 dq scratch: the deterministic kernel's first key tile stores, the atomic one only adds
     dqa = (torch.zeros if atomic else torch.empty)((B * H, N, dp), device=q.device, dtype=torch.float32)
-    kind = "bwd_tma_atomic" if atomic else "bwd_tma"
-    if config is None and INTERPRET:
-        config = INTERPRET_TMA_CONFIGS[kind]
-    if config is None:
-        kernel, meta = _wrap(_TUNED[kind]), {}
-    else:
-        kernel, meta = _pick(_RAW[kind], _TUNED[kind], config)
-    if not INTERPRET:
-        _tma.ensure_allocator()
+    kernel, meta = _pick_tma("bwd_tma_atomic" if atomic else "bwd_tma", config)
     grid = (lambda m: grid_size(B * H, N, m["BLOCK_N"])) if atomic else (lambda m: (B * H,))
     kernel[grid](
         q, k, v, dout, lse, delta, dqa, dq, dk, dv, *_s(q), *_s(k), *_s(v), *_s(dout), *_s(dq), *_s(dk), *_s(dv),

@@ -16,7 +16,7 @@ into the scale). Head dims run in the forward's column chunks (``SPLIT_D``: 80 =
 import triton
 import triton.language as tl
 
-from .attention_tiles import _a8, _a8x3, _load, _program_tile, _store
+from .attention_tiles import _a8, _a8x3, _dq_from_scratch, _load, _program_tile, _store
 
 
 @triton.jit
@@ -436,18 +436,5 @@ def _attn_bwd_fused_kernel(
                                      HEAD_DIM, BLOCK_D, SPLIT_D, BLOCK_D1, PRECISION, BLOCK_M, BLOCK_N, TAIL, True)
             tl.debug_barrier()
         # the scratch, complete, to dq in its dtype and strides
-        DQ += b * stride_dqb + h * stride_dqh
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
-        mask_d = offs_d[None, :] < HEAD_DIM
-        mask_d1 = offs_d1[None, :] < HEAD_DIM
-        for start_m in range(0, N, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mask_m = offs_m[:, None] < N
-            dq = tl.load(DQA + offs_m[:, None] * stride_an + offs_d[None, :], mask=mask_m, other=0.0)
-            _store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                   mask_m, mask_d, MASK_D)
-            if SPLIT_D:
-                dq1 = tl.load(DQA + offs_m[:, None] * stride_an + offs_d1[None, :], mask=mask_m, other=0.0)
-                _store(DQ + offs_m[:, None] * stride_dqn + offs_d1[None, :], dq1.to(DQ.dtype.element_ty),
-                       mask_m, mask_d1, MASK_D1)
+        _dq_from_scratch(DQA, DQ + b * stride_dqb + h * stride_dqh, stride_an, stride_dqn, N, HEAD_DIM, BLOCK_D,
+                         SPLIT_D, BLOCK_D1, BLOCK_M)

@@ -53,3 +53,25 @@ def _program_tile(N, H, BLOCK: tl.constexpr):
     bh = pid // num_tiles  # consecutive programs share (b, h): K/V stay in L2
     start = (pid % num_tiles) * BLOCK
     return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64), start
+
+
+@triton.jit
+def _dq_from_scratch(DQA, DQ, stride_an, stride_dqn, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     SPLIT_D: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One (batch, head)'s fp32 dQ scratch (rows of both column chunks, stride_an apart) to dq in
+    its dtype and strides (the columns past HEAD_DIM dropped): the 5-matmul backwards' last step."""
+    MASK_D: tl.constexpr = BLOCK_D > HEAD_DIM
+    MASK_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+    mask_d = offs_d[None, :] < HEAD_DIM
+    mask_d1 = offs_d1[None, :] < HEAD_DIM
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m[:, None] < N
+        dq = tl.load(DQA + offs_m[:, None] * stride_an + offs_d[None, :], mask=mask_m, other=0.0)
+        _store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask_m, mask_d, MASK_D)
+        if SPLIT_D:
+            dq1 = tl.load(DQA + offs_m[:, None] * stride_an + offs_d1[None, :], mask=mask_m, other=0.0)
+            _store(DQ + offs_m[:, None] * stride_dqn + offs_d1[None, :], dq1.to(DQ.dtype.element_ty),
+                   mask_m, mask_d1, MASK_D1)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .attention_tiles import _dq_from_scratch
 # the host side shared with the other TMA kernels (re-exported: the launcher and tests use them here)
 from .tma import _torch_alloc, ensure_allocator, missing_features, triton_features  # noqa: F401
 
@@ -325,16 +326,5 @@ def _attn_bwd_tma_kernel(
                               PRECISION, BLOCK_M, BLOCK_N, False)
             tl.debug_barrier()  # this key tile's dQ stores before the next one's loads, across threads
         # the scratch, complete, to dq in its dtype and strides
-        DQ += b * stride_dqb + h * stride_dqh
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
-        for start_m in range(0, N, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows = offs_m[:, None] < N
-            dq = tl.load(DQA + offs_m[:, None] * stride_an + offs_d[None, :], mask=rows, other=0.0)
-            tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                     mask=rows & (offs_d[None, :] < HEAD_DIM))
-            if SPLIT_D:
-                dq1 = tl.load(DQA + offs_m[:, None] * stride_an + offs_d1[None, :], mask=rows, other=0.0)
-                tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d1[None, :], dq1.to(DQ.dtype.element_ty),
-                         mask=rows & (offs_d1[None, :] < HEAD_DIM))
+        _dq_from_scratch(DQA, DQ + b * stride_dqb + h * stride_dqh, stride_an, stride_dqn, N, HEAD_DIM, BLOCK_D,
+                         SPLIT_D, BLOCK_D1, BLOCK_M)
