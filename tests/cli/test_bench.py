@@ -314,6 +314,26 @@ def test_time_alternating_interleaves_round_by_round():
     assert all({i for _, i in rnd} == {1 + r} for r, rnd in enumerate(rounds))  # one step index per round
 
 
+def test_time_alternating_varies_who_follows_whom():
+    """Each block of len(steps) rounds rotates one cyclic order (every implementation in every
+    position once); later blocks start from a seeded shuffle, so no implementation always runs right
+    after the same one (a fixed order biased identical code 2-6% on a CPU)."""
+    names = ("a", "b", "c", "d")
+    order = []
+    steps = {name: (lambda i, name=name: order.append(name)) for name in names}
+    bu.time_alternating(steps, warmup=0, iters=12, device=torch.device("cpu"))
+    rounds = [order[4 * r: 4 * r + 4] for r in range(12)]
+    for block in range(3):
+        for pos in range(4):
+            assert {rnd[pos] for rnd in rounds[4 * block: 4 * block + 4]} == set(names)
+    followers = {(x, y) for rnd in rounds for x, y in zip(rnd, rnd[1:])}
+    assert len({y for x, y in followers if x == "a"}) >= 2  # "a" is followed by more than one
+    again = []
+    steps = {name: (lambda i, name=name: again.append(name)) for name in names}
+    bu.time_alternating(steps, warmup=0, iters=12, device=torch.device("cpu"))
+    assert again == order  # seeded: the same schedule every run
+
+
 def test_paired_speedup_is_the_median_of_per_round_ratios():
     # a load spike in rounds 2-3 slows both: the ratio of medians says 1.5x, the rounds say 2x
     times = {"ref": [2.0, 2.0, 20.0, 20.0, 2.0], "fast": [1.0, 1.0, 10.0, 10.0, 1.0]}

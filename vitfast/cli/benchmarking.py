@@ -29,6 +29,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import statistics
@@ -270,12 +271,17 @@ def time_alternating(
     between: Optional[Callable[[], None]] = None,
 ) -> dict[str, list[float]]:
     """Time several implementations in turn: warm-up each, then ``iters`` rounds in which every
-    implementation runs one timed step, the order rotating each round. Milliseconds per step,
-    one list per implementation, aligned by round (``paired_speedup`` compares round by round).
+    implementation runs one timed step. Milliseconds per step, one list per implementation,
+    aligned by round (``paired_speedup`` compares round by round).
 
     Implementations that run one after the other see different machines when the load drifts
-    (other processes, clocks, thermals); alternating gives each the same conditions.
-    ``between()`` runs untimed before every timed step (e.g. an L2 flush on the GPU).
+    (other processes, clocks, thermals); alternating gives each the same conditions. The order
+    rotates each round, so every implementation takes every position once in each block of
+    len(steps) rounds; and each block starts from a fresh (seeded) shuffle, so that no
+    implementation always follows the same one: a fixed cyclic order gave identical code paths
+    2-6% apart on a CPU (the one after unfold_linear's large buffers slower), and 0.94-0.99x is
+    just where the CPU patch embedding's comparisons sit. ``between()`` runs untimed before every
+    timed step (e.g. an L2 flush on the GPU).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -290,9 +296,14 @@ def time_alternating(
         torch.cuda.synchronize(device)
     events: dict = {name: [] for name in names}
     times: dict = {name: [] for name in names}
+    n = len(names)
+    base = names
     for r in range(iters):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
+        if r % n == 0 and r:  # a new block: a new cyclic order (the first block keeps the given one)
+            base = names[:]
+            random.Random(r // n).shuffle(base)
+        for j in range(n):
+            name = base[(r + j) % n]
             if between:
                 between()
             if cuda:
