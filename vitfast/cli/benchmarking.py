@@ -278,10 +278,11 @@ def time_alternating(
     (other processes, clocks, thermals); alternating gives each the same conditions. The order
     rotates each round, so every implementation takes every position once in each block of
     len(steps) rounds; and each block starts from a fresh (seeded) shuffle, so that no
-    implementation always follows the same one: a fixed cyclic order gave identical code paths
-    2-6% apart on a CPU (the one after unfold_linear's large buffers slower), and 0.94-0.99x is
-    just where the CPU patch embedding's comparisons sit. ``between()`` runs untimed before every
-    timed step (e.g. an L2 flush on the GPU).
+    implementation always follows the same one. (Under a fixed cyclic order, two names for the same
+    CPU code path came out 0.94-0.99x in every row of a run; with the reshuffle they straddle 1.0
+    in an A/B, but a full run still shows them ~1.5% apart, cause unknown: read ratios within a
+    few percent of 1.0 on a CPU VM as ties.) ``between()`` runs untimed before every timed step
+    (e.g. an L2 flush on the GPU).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")

@@ -274,8 +274,7 @@ def variant_rows(rows: list[dict], auto: str) -> list[dict]:
     for r in rows:
         if r.get("bwd") and r.get("ms") is not None:
             best[r["kernel"]] = min(best.get(r["kernel"], float("inf")), r["ms"])
-    parts = {"split": ("dkdv", "dq"), "fused": ("fused",), "atomic": ("atomic",), "tma": ("bwd_tma",),
-             "tma_atomic": ("bwd_tma_atomic",)}
+    parts = {"split": ("dkdv", "dq"), **{v: (k,) for k, v in BWD.items() if v not in (None, "split")}}
     ms = {v: sum(best[k] for k in ks) for v, ks in parts.items() if all(k in best for k in ks)}
     if not rows or not ms:
         return []

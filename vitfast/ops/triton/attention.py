@@ -258,7 +258,7 @@ _BWD_TMA_CONFIGS = [
 PRIMARY = {"fwd": 6, "dkdv": 5, "dq": 3, "fused": 6, "atomic": 6,  # how many configs head each list
            "fwd_tma": 7, "fwd_tma_persistent": 6, "bwd_tma": 6, "bwd_tma_atomic": 6}
 # the _fits estimate each kind is pruned by (the TMA kernels hold what their pointer twins do)
-_FITS_KIND = {"fwd_tma": "fwd", "fwd_tma_persistent": "fwd", "bwd_tma": "bwd_tma", "bwd_tma_atomic": "atomic"}
+_FITS_KIND = {"fwd_tma": "fwd", "fwd_tma_persistent": "fwd", "bwd_tma_atomic": "atomic"}  # "bwd_tma": its own
 _OWNS_KEYS = ("dkdv", "fused", "atomic", "bwd_tma", "bwd_tma_atomic")  # BLOCK_N owned, BLOCK_M looped
 MIN_TILE = 16  # smallest owned tile in any config (bounds the grid size)
 _SMEM_BYTES = 227 * 1024  # H100's per-block limit; configs over it would fail to compile

@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_tiles import _dq_from_scratch
+from .attention_tiles import _dq_from_scratch, _program_tile
 # the host side shared with the other TMA kernels (re-exported: the launcher and tests use them here)
 from .tma import _torch_alloc, ensure_allocator, missing_features, triton_features  # noqa: F401
 
@@ -281,14 +281,10 @@ def _attn_bwd_tma_kernel(
     scratch DQA ([B*H, N, BLOCK_D + BLOCK_D1], row stride stride_an); the deterministic program
     converts it to dq itself, the launcher does for ATOMIC."""
     if ATOMIC:
-        pid = tl.program_id(0)
-        n_tiles = tl.cdiv(N, BLOCK_N)
-        bh = (pid // n_tiles).to(tl.int64)
-        first_n = (pid % n_tiles) * BLOCK_N
+        b, h, bh, first_n = _program_tile(N, H, BLOCK_N)
     else:
         bh = tl.program_id(0).to(tl.int64)
-        first_n = 0
-    b, h = bh // H, bh % H
+        b, h, first_n = bh // H, bh % H, 0
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
