@@ -655,6 +655,42 @@ def test_tma_reasons_and_forced_variant(fwd_variant):
         kernels.set_forward_variant("hopper")
 
 
+def test_stride8_and_auto_forward_while_torch_compile_traces(monkeypatch):
+    """Under torch.compile the op bodies run on fake tensors (FunctionalTensors under AOTAutograd):
+    no data pointer to read, and is_compiling() is not always True there. stride8 (every pointer
+    launch at D = 72 or 88 asks it) must say from the storage offset what it says of real tensors,
+    and auto must not take the TMA forward, even once AUTO_TMA_MIN_N is set."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    real = torch.empty(2, 4, 197, 72, dtype=torch.float16)
+    assert kernels.stride8(real, real) and not kernels.stride8(real[..., 1:], real)
+    packed = torch.empty(2, 197, 3, 4, 72, dtype=torch.float16)  # split qkv: token stride 864
+    assert kernels.stride8(*(packed[:, :, i].transpose(1, 2) for i in range(3)))
+    monkeypatch.setattr(kernels, "AUTO_TMA_MIN_N", 1024)
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # forward_variant as on a GPU (nothing launches here)
+    monkeypatch.setattr(kernels, "_tma_device_reasons", lambda device: [])  # as on an sm_90 GPU
+    with FakeTensorMode():
+        base = torch.empty(2, 4, 197, 72, dtype=torch.float16)
+        long = torch.empty(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16)
+        with FunctionalTensorMode():
+            ft = FunctionalTensor.to_functional(base)
+            assert kernels.stride8(ft, ft, ft, ft)
+            assert not kernels.stride8(ft[..., 1:], ft)
+            fl = FunctionalTensor.to_functional(long)
+            assert kernels.forward_variant(fl, fl, fl, fl, "auto") == "pointer"
+        assert kernels.forward_variant(long, long, long, long, "auto") == "pointer"
+    if kernels._tma_host.missing_features():
+        return
+    monkeypatch.setattr(kernels._tma_host, "traced", lambda t: False)  # so the fake tensors pass as real
+    with FakeTensorMode():
+        long = torch.empty(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16)
+        assert kernels.forward_variant(long, long, long, long, "auto") == "tma"  # the rule itself
+        assert kernels.forward_variant(long[:, :, :1000], long, long, long, "auto") == "pointer"
+        monkeypatch.setattr(kernels, "AUTO_TMA_MIN_N", None)
+        assert kernels.forward_variant(long, long, long, long, "auto") == "pointer"  # not yet checked
+
+
 def test_tma_allocator_is_set_in_every_thread_but_never_replaced():
     """triton keeps its allocator in a ContextVar: a thread that never set one would launch the
     descriptor kernels with the null allocator and fail. ensure_allocator sets ours there, and
@@ -1009,7 +1045,10 @@ def test_every_5_matmul_backward_config_cuda(kind, variant):
 
 
 @pytest.mark.cuda
-def test_auto_forward_variant_cuda():
+def test_auto_forward_variant_cuda(monkeypatch):
+    q = torch.empty(1, 2, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    assert kernels.AUTO_TMA_MIN_N is not None or kernels.forward_variant(q, q, q, q, "auto") == "pointer"
+    monkeypatch.setattr(kernels, "AUTO_TMA_MIN_N", kernels.AUTO_TMA_MIN_N or 1024)  # the rule once set
     q = torch.empty(1, 2, kernels.AUTO_TMA_MIN_N, 64, device="cuda", dtype=torch.bfloat16)
     short = q[:, :, :197]
     want = "tma" if torch.cuda.get_device_capability() >= (9, 0) and not kernels._tma.missing_features() else "pointer"

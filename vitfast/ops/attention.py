@@ -34,13 +34,19 @@ refused under ``torch.use_deterministic_algorithms(True)``; ``tma`` and ``tma_at
 takes ``atomic`` and ``deterministic=False`` lets ``auto`` take it where it would take the 7-matmul
 pair (long sequences, wide heads, small grids).
 
+Deterministic means what ``torch.use_deterministic_algorithms`` means: the same bits on every
+run with the same kernel config. On the GPU the autotuner picks each kernel's config (its tile
+sizes fix the order in which sums are taken) by timing, once per process and shape bucket, so
+two processes may pick different configs and differ in the last bits; for bits that repeat
+across processes as well, turn autotuning off (``VITFAST_ATTENTION_AUTOTUNE=0``: the first
+surviving config, always the same), as ``torch.backends.cudnn.benchmark = False`` does for cuDNN.
+
 Forward: the pointer kernel by default; on Hopper (sm_90+) with a Triton that has device-side
 tensor descriptors, a TMA kernel (``tma``: TMA copies with out-of-bounds zero fill instead of masks,
 warp-specialised configs) and a persistent one (``tma_persistent``).
 ``VITFAST_ATTENTION_FWD=auto|pointer|tma|tma_persistent`` (or
-:func:`vitfast.ops.triton.attention.set_forward_variant`) picks one; ``auto`` takes ``tma`` only
-for N >= 1024 on a GPU and layout TMA can serve, until GPU timings say more (see
-``vitfast/ops/triton/attention.py``, ``forward_variant``).
+:func:`vitfast.ops.triton.attention.set_forward_variant`) picks one; ``auto`` takes the pointer kernel until a GPU run has checked the TMA kernels'
+numerics (see ``vitfast/ops/triton/attention.py``, ``AUTO_TMA_MIN_N`` and ``forward_variant``).
 
 Registration: four ops in the ``vitfast`` namespace -- ``attention_fwd``/``attention_bwd``
 and ``attention_packed_fwd``/``attention_packed_bwd`` -- each with a fake (meta)
@@ -362,7 +368,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     ``VITFAST_ATTENTION_BWD``/``set_backward_variant``, which are deterministic unless set to
     ``atomic``; True never adds dq atomically; False lets the backward add dq atomically (5
     matmuls instead of 7, not bit-reproducible) where the deterministic 5-matmul kernel does not
-    apply. ``torch.use_deterministic_algorithms(True)`` overrides False.
+    apply. ``torch.use_deterministic_algorithms(True)`` overrides False. Bit-identical across
+    processes too only with autotuning off (see the module docstring).
     """
     q, k, v = _autocast(q, k, v)
     raise_first(_qkv_problems("attention", {"q": q, "k": k, "v": v}))

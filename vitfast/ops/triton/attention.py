@@ -427,7 +427,8 @@ def stride8(*tensors: torch.Tensor) -> bool:
     strides = [st for t in tensors for st in t.stride()[:3]]
     if all(st % 16 == 0 for st in strides):
         return False
-    return all(st % 8 == 0 for st in strides) and all(t.data_ptr() % 16 == 0 for t in tensors)
+    # base_aligned16, not data_ptr(): under torch.compile the op body is traced with fake tensors
+    return all(st % 8 == 0 for st in strides) and all(_tma_host.base_aligned16(t) for t in tensors)
 
 
 def _d_meta(head_dim: int) -> dict:
@@ -550,13 +551,18 @@ def launch_bwd_fused(dout, q, k, v, lse, delta, dq, dk, dv, scale: float, config
 # ---------------------------------------------------------------- forward variant
 FWD_VARIANTS = ("auto", "pointer", "tma", "tma_persistent")
 TMA_MAX_BLOCK_D = 128  # widest head dim (both chunks) the TMA kernels are compiled and checked for
-# "auto" is conservative: no GPU has run the TMA kernels yet (neither numerics nor timings), so it
-# takes "tma" only for long sequences (N >= AUTO_TMA_MIN_N, where a pipelined, warp-specialised
-# loop over many key tiles is what Hopper rewards) and keeps the pointer kernel, whose configs were
-# measured, at the ViT lengths; never for fp32 inputs (3xTF32 dots: every TMA config at D = 128
-# spills, 1460 bytes at 64 x 32, triton 3.8), never "tma_persistent", and never inside torch.compile
-# (Inductor's launch of device-side descriptors is unverified). Cut this by the candidates' JSON.
-AUTO_TMA_MIN_N = 1024
+# "auto" takes no TMA forward yet: no GPU has run the TMA kernels (neither numerics nor timings),
+# three of the seven primary configs are warp-specialised, which the interpreter cannot check
+# (Triton's own attention tutorial tests warp specialisation on Blackwell only), and an autotuner
+# picks by speed, never by result. AUTO_TMA_MIN_N = None keeps it so; the GPU check's tests
+# (test_every_tma_config_cuda, test_tma_forward_variants_cuda) and its candidates JSON decide when
+# to set it. Set, auto would take "tma" for long sequences only (N >= AUTO_TMA_MIN_N: a pipelined,
+# warp-specialised loop over many key tiles is what Hopper rewards; 1024 was the plan) and keep the
+# pointer kernel, whose configs were measured, at the ViT lengths; never for fp32 inputs (3xTF32
+# dots: every TMA config at D = 128 spills, 1460 bytes at 64 x 32, triton 3.8), never
+# "tma_persistent", and never while torch.compile traces the op (Inductor's launch of device-side
+# descriptors is unverified). VITFAST_ATTENTION_FWD=tma or set_forward_variant("tma") opts in now.
+AUTO_TMA_MIN_N: Optional[int] = None
 _FWD = os.environ.get("VITFAST_ATTENTION_FWD", "auto")
 if _FWD not in FWD_VARIANTS:
     warnings.warn(f"VITFAST_ATTENTION_FWD={_FWD!r} is not one of {', '.join(FWD_VARIANTS)}; using 'auto'",
@@ -621,9 +627,10 @@ def forward_variant(q, k, v, out, variant: Optional[str] = None) -> str:
     """The forward that runs for q, k, v -> out ([B, H, N, D]): "pointer" (the kernel above),
     "tma" or "tma_persistent" (attention_tma).
 
-    ``variant`` (default: set_forward_variant / VITFAST_ATTENTION_FWD) "auto" takes "tma" on a CUDA
+    ``variant`` (default: set_forward_variant / VITFAST_ATTENTION_FWD) "auto" takes "pointer" until
+    a GPU run has checked the TMA kernels (:data:`AUTO_TMA_MIN_N` is None); then "tma" on a CUDA
     GPU of sm_90 or newer for 16-bit inputs where :func:`tma_not_supported_reasons` has none and
-    N >= AUTO_TMA_MIN_N, else "pointer", silently. A forced TMA variant that cannot serve the input raises
+    N >= AUTO_TMA_MIN_N, outside torch.compile, else "pointer", silently. A forced TMA variant that cannot serve the input raises
     :class:`~vitfast._dispatch.KernelNotSupported` listing every reason; forced by the environment
     it falls back to "pointer" with a one-time warning instead."""
     from ..._dispatch import KernelNotSupported, warn_fallback_once
@@ -635,8 +642,9 @@ def forward_variant(q, k, v, out, variant: Optional[str] = None) -> str:
     if variant == "pointer":
         return "pointer"
     if variant == "auto":
-        if (INTERPRET or q.device.type != "cuda" or q.shape[2] < AUTO_TMA_MIN_N or q.dtype == torch.float32
-                or torch.compiler.is_compiling() or tma_not_supported_reasons(q, k, v, out)):
+        if (AUTO_TMA_MIN_N is None or INTERPRET or q.device.type != "cuda" or q.shape[2] < AUTO_TMA_MIN_N
+                or q.dtype == torch.float32
+                or _tma_host.traced(q) or tma_not_supported_reasons(q, k, v, out)):
             return "pointer"
         return "tma"
     reasons = tma_not_supported_reasons(q, k, v, out)

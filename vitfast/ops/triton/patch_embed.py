@@ -381,7 +381,7 @@ def weight_tma_not_supported_reasons(w2d: torch.Tensor) -> list[str]:
     interpreter, any), and what TMA asks of the layout (contiguous, a 16-byte aligned base, rows a
     multiple of 16 bytes: K = C*p*p = 588 in 16-bit, p = 14, is not)."""
     reasons = [] if _WEIGHT_TMA else ["the weight's TMA path is turned off (set_weight_tma(False))"]
-    if torch.compiler.is_compiling():  # as the attention's TMA forward: Inductor traces this launch
+    if _tma.traced(w2d):  # as the attention's TMA forward: Inductor traces this launch
         # and sets up device-side descriptors its own way; not yet run there on a GPU
         reasons.append("inside torch.compile (the TMA weight path is not yet checked under Inductor)")
     reasons += _tma.missing_features() + _tma_device_reasons(w2d.device)

@@ -50,6 +50,16 @@ def ensure_allocator() -> None:
     triton.set_allocator(_torch_alloc)
 
 
+def traced(t: torch.Tensor) -> bool:
+    """True while torch.compile (Dynamo, AOTAutograd or Inductor) traces the op holding ``t``.
+    ``torch.compiler.is_compiling()`` alone does not say so everywhere: the body of a
+    ``triton_op`` traced under AOTAutograd's FunctionalTensorMode may see it False (whether it
+    does depends on the torch version); its tensors are fake then, which is what this looks at."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
 def base_aligned16(t: torch.Tensor) -> bool:
     """t's first element on a 16-byte boundary. A tensor without storage (a FakeTensor while
     torch.compile traces the op) says it by its offset into a storage the allocator aligned."""
