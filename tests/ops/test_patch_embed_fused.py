@@ -154,6 +154,39 @@ def test_mixed_dtypes_and_mean_std_tensors():
     _check("tokens", out, call(patch_embed_ref, a), call(patch_embed_ref, a64), torch.float16)
 
 
+def test_strided_parameters_and_channel_stats():
+    """bias, class token and mean/std given as strided or expanded views (shape-checked only): the
+    kernels read dense vectors, so the op makes them contiguous. Without that: errors of 3-4 in the
+    tokens, a wrong image gradient, and an expanded float64 mean read past its one-element storage."""
+    case = Case(B=2, H=32, W=32, p=16, D=32)
+    base = make_inputs(case, torch.float32)
+    D, C = base["weight"].shape[:2]
+    base["bias"] = torch.randn(2 * D)[::2]
+    base["cls_token"] = torch.randn(1, 1, 2 * D)[..., ::2]
+    table = torch.tensor([list(base["mean"]), list(base["std"])], dtype=torch.float64).t()  # columns: strided
+    half = torch.tensor([0.5], dtype=torch.float64)
+    g = torch.randn(2, 5, D)
+    for mean, std in ((table[:, 0], table[:, 1]), (half.expand(C), (half / 2).expand(C))):
+        a = _leaves(dict(base, mean=mean, std=std), torch.float32)
+        a64 = _leaves(dict(base, mean=mean.tolist(), std=std.tolist()), torch.float64)
+        out, want = _fused(a), call(patch_embed_ref, a64)
+        assert max_err(out, want) < 1e-4, max_err(out, want)
+        out.backward(g)
+        want.backward(g.double())
+        for k in ("images", "weight", "bias", "cls_token", "pos_embed"):
+            assert max_err(a[k].grad, a64[k].grad) < 1e-4, (k, max_err(a[k].grad, a64[k].grad))
+
+
+def test_image_offsets_must_fit_32_bits():
+    """A channel-major view ([C, B, H, W] permuted) has a channel stride of B*H*W: 32-bit offsets
+    inside one image wrap long before the image has 2**31 elements."""
+    w = torch.empty(8, 3, 16, 16, device="meta")
+    ok = torch.empty_strided((1, 3, 16, 16), (768, 256, 16, 1), dtype=torch.uint8, device="meta")
+    assert not any("32-bit" in r for r in patch_embed_fused_not_supported_reasons(ok, w))
+    wide = torch.empty_strided((1, 3, 16, 16), (256, 2**30, 16, 1), dtype=torch.uint8, device="meta")
+    assert any("offsets inside an image are 32-bit" in r for r in patch_embed_fused_not_supported_reasons(wide, w))
+
+
 def test_batch_zero_and_class_rows_only():
     a = make_inputs(Case(B=0, H=32, W=32, p=16, D=32), torch.float32)
     assert _fused(a).shape == (0, 5, 32)

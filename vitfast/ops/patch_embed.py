@@ -196,7 +196,7 @@ def _stats(x: ChannelStats, device: torch.device) -> Optional[torch.Tensor]:
     if x is None:
         return None
     if isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
-        return torch.as_tensor(x, dtype=torch.float64, device=device).reshape(-1)
+        return torch.as_tensor(x, dtype=torch.float64, device=device).reshape(-1).contiguous()
     key = (tuple(float(v) for v in x), str(device))
     t = _STATS_CACHE.get(key)
     if t is None:
@@ -427,9 +427,10 @@ def patch_embed_fused_not_supported_reasons(images, weight, bias=None, *, cls_to
                 reasons.append(f"{name} has dtype torch.bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) "
                                "does not support")
     C, H, W = images.shape[1:]
-    if C * H * W >= 2**31:
-        reasons.append(f"one image has {C * H * W} >= 2**31 elements; the fused kernel's offsets inside an image "
-                       "are 32-bit")
+    span = sum((n - 1) * st for n, st in zip(images.shape[1:], images.stride()[1:])) if C * H * W else 0
+    if C * H * W >= 2**31 or span >= 2**31:
+        reasons.append(f"one image has {C * H * W} elements, its last one {span} elements after its first (strides "
+                       f"{tuple(images.stride())}); the fused kernel's offsets inside an image are 32-bit (< 2**31)")
     if B * T >= 2**31:
         reasons.append(f"B*T = {B * T} token rows >= 2**31; the fused kernel's row indices are 32-bit")
     return reasons
@@ -491,6 +492,11 @@ def _pos_rows(pos_embed, N: int, T: int):
     return pos_embed.reshape(-1, D).contiguous(), (1 if pos_embed.shape[1] == T else 2)
 
 
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A parameter vector (bias, class token, mean or std) flattened and contiguous, or None."""
+    return None if t is None else t.reshape(-1).contiguous()
+
+
 @_register_triton("vitfast::patch_embed_fused", mutates_args=())
 def _patch_embed_fused(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        cls_token: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor],
@@ -502,8 +508,10 @@ def _patch_embed_fused(images: torch.Tensor, weight: torch.Tensor, bias: Optiona
     if out.numel() == 0:
         return out
     pos, mode = _pos_rows(pos_embed, N, T)
-    _tk.launch_fwd(images, weight.reshape(D, -1).contiguous(), bias,
-                   None if cls_token is None else cls_token.reshape(-1), pos, mode, mean, std, out, weight.shape[-1])
+    # the kernel reads bias, the class token and mean/std as dense vectors: any strides here
+    # (a strided view, an expanded mean) become contiguous copies of a few hundred bytes
+    _tk.launch_fwd(images, weight.reshape(D, -1).contiguous(), _dense(bias), _dense(cls_token), pos, mode,
+                   _dense(mean), _dense(std), out, weight.shape[-1])
     return out
 
 
@@ -532,6 +540,7 @@ def _patch_embed_fused_backward(grad_out: torch.Tensor, images: torch.Tensor, we
     K = C * p * p
     dout = grad_out.to(weight.dtype).contiguous()
     w2d = weight.reshape(D, K).contiguous()
+    mean, std = _dense(mean), _dense(std)
     g_images, g_weight, g_bias, g_cls, g_pos = (_empty0(weight, torch.float32) for _ in range(5))  # distinct
     if output_mask[0]:
         g_images = torch.empty_like(images)
