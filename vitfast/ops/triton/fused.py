@@ -502,8 +502,15 @@ def ln_fwd_config(C: int, itemsize: int) -> tuple[int, tuple[int, int, int], int
     return block_m, chunks, min(16, max(4, triton.next_power_of_2(block_m * padded // (32 * per_thread))))
 
 
+def _vectors(*ts: Optional[torch.Tensor]) -> tuple:
+    """The [C] parameter vectors (bias, gamma, weight) as the kernels read them: dense (a strided
+    view, e.g. every other element of a larger tensor, passes the shape checks)."""
+    return tuple(None if t is None else t.contiguous() for t in ts)
+
+
 def launch_ln_fwd(x, y, y_bias, gamma, weight, bias, x_out, h, mean, rstd, eps: float) -> None:
     """All tensors as rows [M, C] (x, y, x_out, h) or [C] / [M] vectors. y may be None."""
+    y_bias, gamma, weight, bias = _vectors(y_bias, gamma, weight, bias)
     M, C = x.shape
     block_m, chunks, warps = ln_fwd_config(C, x.element_size())
     has_y = y is not None
@@ -524,6 +531,7 @@ def launch_ln_bwd(dh, dx_out, x_out, y, y_bias, gamma, weight, has_bias: bool, m
     """LayerNorm (+ residual branch) backward. Rows: dh, dx_out, x_out, y, dx, dy. Returns
     the column sums as {"dweight", "dbias", "dgamma", "dy_bias"} in the arithmetic dtype
     (only the ones that exist)."""
+    y_bias, gamma, weight = _vectors(y_bias, gamma, weight)
     M, C = x_out.shape
     block_m, chunks, warps = ln_bwd_config(C, x_out.element_size())
     P, per = _row_chunks(M, block_m, _programs_target(x_out.device))
@@ -548,6 +556,7 @@ def launch_ln_bwd(dh, dx_out, x_out, y, y_bias, gamma, weight, has_bias: bool, m
 
 
 def launch_bias_gelu_fwd(x, bias, out, act: str) -> None:
+    (bias,) = _vectors(bias)
     M, C = x.shape
     block_m, block_c = ew_block(C)
     _wrap(_bias_gelu_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
@@ -559,6 +568,7 @@ def launch_bias_gelu_fwd(x, bias, out, act: str) -> None:
 
 def launch_bias_gelu_bwd(dout, x, bias, dx, act: str) -> Optional[torch.Tensor]:
     """dx = dout * act'(x + bias) into ``dx``; returns dbias (arithmetic dtype) or None."""
+    (bias,) = _vectors(bias)
     M, C = x.shape
     block_m, block_c = ew_block(C)
     col_blocks = triton.cdiv(C, block_c)
@@ -575,6 +585,7 @@ def launch_bias_gelu_bwd(dout, x, bias, dx, act: str) -> Optional[torch.Tensor]:
 
 
 def launch_bias_scale_residual_fwd(y, bias, gamma, residual, out) -> None:
+    bias, gamma = _vectors(bias, gamma)
     M, C = y.shape
     block_m, block_c = ew_block(C)
     _wrap(_bias_scale_residual_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
@@ -588,6 +599,7 @@ def launch_bias_scale_residual_fwd(y, bias, gamma, residual, out) -> None:
 
 def launch_bias_scale_residual_bwd(dout, y, bias, gamma, dy, need_dbias: bool) -> dict:
     """dy = gamma * dout into ``dy``; returns {"dbias", "dgamma"} (those requested/existing)."""
+    bias, gamma = _vectors(bias, gamma)
     M, C = dout.shape
     block_m, block_c = ew_block(C)
     col_blocks = triton.cdiv(C, block_c)
