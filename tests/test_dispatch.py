@@ -115,6 +115,32 @@ def test_record_counts_the_choices(fresh):
     assert seen == {("layer_norm", "torch", f"cache:{fresh}"): 3, ("bias_gelu", "kernel", "default"): 1}
 
 
+def test_record_counts_a_compiled_choice_once_per_trace_without_recompiling(fresh):
+    """Compiled code never asks the dispatch again, so a record open while torch.compile traces
+    counts the trace's choice (vitfast bench records around the compile); opening or closing a
+    record must not recompile (a guard on the record would)."""
+    dispatch.write_cache([_entry(choice="torch")])
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    @torch.compile(backend=counting, fullgraph=True)
+    def f(x):
+        choice = dispatch.choose("layer_norm", x.device, x.dtype, True, {"C": 768, "rows": 50432})
+        return x + 1 if choice == "kernel" else x - 1
+
+    x = torch.zeros(3)
+    with dispatch.record() as seen:
+        assert torch.equal(f(x), x - 1) and torch.equal(f(x), x - 1)
+    assert seen == {("layer_norm", "torch", f"cache:{fresh}"): 1}
+    f(x)
+    with dispatch.record() as again:
+        f(x)
+    assert again == {} and len(graphs) == 1
+
+
 def test_shipped_defaults_are_generated_from_the_committed_results():
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_dispatch_table.py"), "--check"],
                          capture_output=True, text=True)

@@ -163,6 +163,45 @@ def test_wrapper_refuses_to_move_but_loads_state_dicts():
     torch.testing.assert_close(wrapped(x), torch.tanh(x @ new["model.w"]))
 
 
+class _Cuda1Tensor(torch.Tensor):
+    """A CPU tensor that says it is on cuda:1 (the wrapper takes the model's device from its input)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_capture_and_replay_run_on_the_models_device(monkeypatch):
+    """A model on cuda:1 while cuda:0 is current: its kernels go to cuda:1's current stream, so
+    that stream must be the one being captured. torch.cuda.graph() without a stream captures on
+    a side stream made on the device current at its first use (cuda:0 here): the graph would hold
+    nothing and replay the warm-up's output for any input. Stand-ins for torch.cuda's device and
+    stream state (tests/_fake_cuda.py) log where each forward's work went."""
+    from _fake_cuda import FakeCuda
+
+    cuda = FakeCuda(count=2, current=0).install(monkeypatch)
+
+    class OnCuda1(_PerRow):
+        def forward(self, x):
+            cuda.work(1)
+            return super().forward(x)
+
+    wrapped = CUDAGraphModule(OnCuda1(), torch.zeros(4, 3).as_subclass(_Cuda1Tensor), warmup=2)
+    captured_on = wrapped.graph.capture_stream
+    assert captured_on.device == torch.device("cuda", 1)
+    *warm_up, captured = cuda.logged("work")
+    assert captured is captured_on  # the captured forward's kernels went to the stream being captured
+    assert len(warm_up) == 2 and all(s.index == 1 and s is not cuda.default[1] for s in warm_up)  # a side stream
+    side = warm_up[0]
+    waits = cuda.logged("wait")
+    assert waits[0] == (side, cuda.default[1]) and waits[1] == (cuda.default[1], side)  # torch's warm-up pattern
+    assert 1 in cuda.logged("synchronize") and 0 not in cuda.logged("synchronize")
+    assert cuda.current == 0 and cuda.streams == dict(enumerate(cuda.default))  # the caller's state restored
+    wrapped(torch.randn(2, 3))
+    assert [(device, graph) for device, graph in cuda.logged("replay")] == [(1, wrapped.graph)]  # cuda:1 current
+    assert cuda.current == 0
+
+
 # -------------------------------------------------------------------------- GPU
 def _close(dtype):
     # eager and the replay run the same kernels; the slack only covers a library choosing

@@ -205,7 +205,8 @@ _RECORD: Optional[Dict[tuple, int]] = None
 
 class record:
     """``with dispatch.record() as seen:`` counts the choices made inside, as
-    ``{(op, choice, source): count}`` (what ``vitfast bench`` stores with its rows)."""
+    ``{(op, choice, source): count}`` (what ``vitfast bench`` stores with its rows). Eager calls
+    count each time; under torch.compile a choice counts once, when it is traced."""
 
     def __enter__(self) -> Dict[tuple, int]:
         global _RECORD
@@ -269,9 +270,26 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, training: bool, sh
         dev = device_key(device)
         hit = table().lookup(op, dev, dtype_name(dtype), "train" if training else "infer", shape) if dev else None
         mode, source = (hit["choice"], hit["source"]) if hit else ("kernel", "default")
-    if _RECORD is not None and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # tested first, so that Dynamo never reads (guards on) _RECORD
+        _record_traced(op, mode, source)
+    elif _RECORD is not None:
+        _count(op, mode, source)
+    return mode
+
+
+def _count(op: str, mode: str, source: str) -> None:
+    if _RECORD is not None:
         key = (op, mode, source)
         _RECORD[key] = _RECORD.get(key, 0) + 1
+
+
+@torch.compiler.assume_constant_result
+def _record_traced(op: str, mode: str, source: str) -> str:
+    """:func:`_count` for a choice torch.compile traces: compiled code never asks again, so the
+    trace's choice is counted, once per trace. Dynamo calls a constant-result function for real
+    at trace time instead of tracing into it (a traced write to the global dict would be replayed
+    at run time and guard on the dict: a recompile whenever a record opens or closes)."""
+    _count(op, mode, source)
     return mode
 
 

@@ -24,6 +24,8 @@ Contract (what a user must know):
 * **Outputs.** Cloned by default, so a later call cannot overwrite a result you still
   hold; ``clone_output=False`` returns views of the graph's static output (valid until the
   next call; faster). No autograd: inference only.
+* **Devices.** The graph is captured and replayed on the model's device (``cuda:1`` works
+  whichever device is current); a CPU model goes to the current CUDA device.
 * **No CUDA.** Without a GPU there is nothing to capture: the model is returned in eval mode
   and otherwise unchanged, with a ``RuntimeWarning`` (``strict=True`` raises instead).
 """
@@ -72,21 +74,32 @@ class CUDAGraphModule(nn.Module):
 
     # The two device-specific steps, overridable (tests run the wrapper logic on the CPU).
     def _capture(self, warmup: int) -> Any:
+        # Everything on the model's device: torch.cuda.graph() without a stream captures on a
+        # process-wide side stream made on whichever device was current at its first use, and
+        # entering it makes that device current; the ops of a model on another device (cuda:1
+        # while cuda:0 is current) would then go to their own device's stream, uncaptured: an empty
+        # graph whose replays return the warm-up's output for any input. So the warm-up and the
+        # capture run under torch.cuda.device(device) on one side stream made there, the warm-up
+        # as torch's docs have it (the side stream waits for the current one, and back).
         device = self.static_input.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.no_grad(), torch.cuda.stream(stream):
-            for _ in range(max(1, warmup)):  # compiles/autotunes every kernel outside the capture
-                self.model(self.static_input)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            out = self.model(self.static_input)
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for _ in range(max(1, warmup)):  # compiles/autotunes every kernel outside the capture
+                    self.model(self.static_input)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            torch.cuda.synchronize(device)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(self.graph, stream=stream):
+                out = self.model(self.static_input)
         return out
 
     def _replay(self) -> None:
-        self.graph.replay()
+        # with the model's device current, whatever the caller's: the launch goes to that device's
+        # current stream, the one the input copy before it and the output reads after it use
+        with torch.cuda.device(self.static_input.device):
+            self.graph.replay()
 
     def _check_input(self, x: torch.Tensor) -> None:
         static = self.static_input

@@ -334,6 +334,27 @@ def test_time_alternating_varies_who_follows_whom():
     assert again == order  # seeded: the same schedule every run
 
 
+@pytest.mark.parametrize("timer", ["time_steps", "time_alternating"])
+def test_cuda_timing_brackets_the_steps_on_the_timed_devices_stream(timer, monkeypatch):
+    """`--device cuda:1` while cuda:0 is current: the steps' work goes to cuda:1's current stream,
+    so the events must be recorded there (recorded on cuda:0's they would time nothing), with
+    cuda:1 current and synchronized. Stand-ins for torch.cuda's device and stream state
+    (tests/_fake_cuda.py) log each event record and where each step's work went."""
+    from _fake_cuda import FakeCuda
+
+    cuda = FakeCuda(count=2, current=0).install(monkeypatch)
+    device = torch.device("cuda", 1)
+    if timer == "time_steps":
+        times = {"a": bu.time_steps(lambda i: cuda.work(1), warmup=1, iters=3, device=device)}
+    else:
+        steps = {name: (lambda i: cuda.work(1)) for name in ("a", "b")}
+        times = bu.time_alternating(steps, warmup=1, iters=3, device=device)
+    assert all(len(t) == 3 for t in times.values())
+    recorded, worked = cuda.logged("record"), cuda.logged("work")
+    assert len(recorded) == 2 * 3 * len(times) and set(recorded) == set(worked) == {cuda.default[1]}
+    assert cuda.logged("synchronize") == [1, 1] and cuda.current == 0
+
+
 def test_paired_speedup_is_the_median_of_per_round_ratios():
     # a load spike in rounds 2-3 slows both: the ratio of medians says 1.5x, the rounds say 2x
     times = {"ref": [2.0, 2.0, 20.0, 20.0, 2.0], "fast": [1.0, 1.0, 10.0, 10.0, 1.0]}
@@ -513,6 +534,56 @@ def test_inference_rows_replay_a_cuda_graph_for_every_implementation(tmp_path, m
                if r["mode"] == "train")
     infer = {r["impl"]: r for r in rows if r["mode"] == "infer"}
     assert infer["fastvit"]["max_rel_err_vs_reference"] < 1e-4 and "CUDA graph" in infer["timm"]["precision"]
+
+
+def test_every_row_records_the_path_each_op_took(tmp_path, monkeypatch):
+    """Each row's `dispatch` says which path each vitfast op took, in every mode: a CUDA graph's
+    replays run no Python and a compiled step asks the dispatch only while it is traced, so the
+    record is open from before the compile and the capture. Here the graph's replay does nothing
+    (as a real one, for the dispatch), FastViT asks dispatch.choose before each forward, and
+    torch.compile uses the eager backend (the trace is what matters)."""
+    import functools
+
+    from vitfast import dispatch, inference
+
+    class ReplayRunsNoPython(inference.CUDAGraphModule):
+        def _capture(self, warmup):
+            with torch.no_grad():
+                for _ in range(warmup):
+                    self.model(self.static_input)
+                return self.model(self.static_input)
+
+        def _replay(self):
+            pass
+
+    def ask(module, args):
+        x = args[0]
+        dispatch.choose("layer_norm", x.device, x.dtype, dispatch.training_call(x), {"C": 8, "rows": 2})
+
+    real_build, real_config, real_compile = bench.build_model, bench.resolve_config, torch.compile
+
+    def build(name, impl, *args, **kw):
+        model = real_build(name, impl, *args, **kw)
+        if impl == "fastvit":
+            model.register_forward_pre_hook(ask)
+        return model
+
+    monkeypatch.setattr(inference, "CUDAGraphModule", ReplayRunsNoPython)
+    monkeypatch.setattr(bench, "build_model", build)
+    monkeypatch.setattr(bench, "resolve_config",
+                        lambda args, parser, **kw: dataclasses.replace(real_config(args, parser, **kw), cuda_graphs=True))
+    monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="eager"))
+    out = tmp_path / "d.json"
+    assert bench.main(TINY + ["--depth", "1", "--warmup", "3", "--mode", "both", "--impl", "reference", "fastvit",
+                              "--compile", "--json", str(out)]) == 0
+    rows = {(r["impl"], r["mode"], r["compiled"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows.values())
+    assert rows[("fastvit", "infer", False)]["cuda_graph"] is True
+    for (impl, mode, compiled), row in rows.items():
+        assert list(row["dispatch"]) == ([] if impl == "reference" else ["layer_norm:kernel"]), (impl, mode, compiled)
+    for mode in ("infer", "train"):  # compiled: counted per trace (the capture's no_grad retraces), not per step
+        eager, traced = (rows[("fastvit", mode, c)]["dispatch"]["layer_norm:kernel"] for c in (False, True))
+        assert traced < eager, (mode, traced, eager)
 
 
 def test_cuda_graphs_only_on_a_gpu_and_switched_off_by_the_flag():

@@ -23,7 +23,10 @@ marks every row ``noisy: true``. FLOPs are analytic
 (:func:`vitfast.cli.benchmarking.device_peak`): on a GPU the bf16 rate of an 8192^3 GEMM measured
 at the start of the run; on the CPU none, unless ``--measure-peak`` (a 4096^3 fp32 GEMM) or
 ``--peak-tflops``; an MFU above 100% is flagged and warned about. Every row shows its p20-p80
-spread, and rows whose spread exceeds 10% of the median are marked noisy.
+spread, and rows whose spread exceeds 10% of the median are marked noisy. ``dispatch`` says which
+path each vitfast op took, ``{"op:choice": calls}`` counted from the build through the warm-up: an
+eager step counts at every step, a compiled one once (when it is traced), a CUDA graph in its
+warm-up and capture (a replay asks nothing).
 
 ``vitfast bench kernels`` runs the kernel microbenchmarks instead (:mod:`vitfast.cli.bench_kernels`).
 """
@@ -350,34 +353,37 @@ def _prepare(cfg: Config, entry: Entry, name: str, impl: str, compiled: bool, mo
         if mode == "infer":
             model.to(cfg.dtype)
         xs, ys = make_inputs(cfg, model, mode, getattr(vit, "num_classes", 1000))
-        runner = torch.compile(model) if compiled else model
-        step, row["precision"] = make_step(runner, cfg, mode, xs, ys)
-        if compiled:  # the first call compiles: time it apart from the warm-up
-            t0 = time.perf_counter()
-            step(0)
-            _sync(cfg.device)
-            row["compile_s"] = round(time.perf_counter() - t0, 2)
-        row["cuda_graph"] = bool(cfg.cuda_graphs and mode == "infer")
-        if row["cuda_graph"]:
-            # the same capture for every implementation (fair): warm-up outside the capture, then one
-            # graph for the whole forward; each step copies its input into the graph's buffer
-            from ..inference import CUDAGraphModule
-
-            runner = CUDAGraphModule(runner.eval(), torch.empty_like(xs[0]).copy_(xs[0]), clone_output=False)
+        # which path each vitfast op took (the dispatch table's choices), recorded from before the
+        # compile and the capture: a compiled step asks the dispatch only while it is traced, and a
+        # CUDA graph's replays never ask (its warm-up and capture did)
+        with dispatch.record() as seen:
+            runner = torch.compile(model) if compiled else model
             step, row["precision"] = make_step(runner, cfg, mode, xs, ys)
-            row["precision"] += ", CUDA graph"
-        if cfg.check and mode == "infer":
-            out = step(0)
-            key = (name,)
-            if impl == "reference" and not compiled:
-                ref_out[key] = out.detach().float().clone()
-            if key in ref_out:
-                row["max_rel_err_vs_reference"] = bu.rel_err(out.float(), ref_out[key])
-            del out
-        if cuda:  # the peak over the warm-up steps, less what the other entries hold
-            _sync(cfg.device)
-            torch.cuda.reset_peak_memory_stats(cfg.device)
-        with dispatch.record() as seen:  # which path each vitfast op took (the dispatch table's choices)
+            if compiled:  # the first call compiles: time it apart from the warm-up
+                t0 = time.perf_counter()
+                step(0)
+                _sync(cfg.device)
+                row["compile_s"] = round(time.perf_counter() - t0, 2)
+            row["cuda_graph"] = bool(cfg.cuda_graphs and mode == "infer")
+            if row["cuda_graph"]:
+                # the same capture for every implementation (fair): warm-up outside the capture, then one
+                # graph for the whole forward; each step copies its input into the graph's buffer
+                from ..inference import CUDAGraphModule
+
+                runner = CUDAGraphModule(runner.eval(), torch.empty_like(xs[0]).copy_(xs[0]), clone_output=False)
+                step, row["precision"] = make_step(runner, cfg, mode, xs, ys)
+                row["precision"] += ", CUDA graph"
+            if cfg.check and mode == "infer":
+                out = step(0)
+                key = (name,)
+                if impl == "reference" and not compiled:
+                    ref_out[key] = out.detach().float().clone()
+                if key in ref_out:
+                    row["max_rel_err_vs_reference"] = bu.rel_err(out.float(), ref_out[key])
+                del out
+            if cuda:  # the peak over the warm-up steps, less what the other entries hold
+                _sync(cfg.device)
+                torch.cuda.reset_peak_memory_stats(cfg.device)
             for i in range(max(cfg.warmup, 1)):
                 step(i)
                 on_step()

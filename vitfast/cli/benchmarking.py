@@ -219,6 +219,13 @@ def own_threads(device: torch.device) -> int:
 
 
 # ------------------------------------------------------------------------ timing
+def _current(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` made the current CUDA device (nothing on the CPU): a CUDA event records on the
+    current device's stream, and the steps' work goes to its tensors' device, so timing a model
+    on ``cuda:1`` from a process whose current device is ``cuda:0`` must switch first."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def time_steps(
     step: Callable[[int], Any],
     *,
@@ -229,36 +236,38 @@ def time_steps(
 ) -> list[float]:
     """Run ``step(i)`` ``warmup`` times, then ``iters`` timed times; milliseconds per step.
 
-    On the GPU each step is bracketed by CUDA events (recorded on the current stream, read
-    after one synchronize at the end, so timing adds no sync between steps); on the CPU by
-    ``time.perf_counter``. ``step`` gets the iteration index so it can rotate its inputs.
-    ``on_step`` is called after every step (progress bars).
+    On the GPU each step is bracketed by CUDA events (recorded on ``device``'s current stream,
+    with ``device`` current, read after one synchronize at the end, so timing adds no sync
+    between steps); on the CPU by ``time.perf_counter``. ``step`` gets the iteration index so it
+    can rotate its inputs. ``on_step`` is called after every step (progress bars).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    for i in range(warmup):
-        step(i)
-        if on_step:
-            on_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            step(warmup + i)
-            end.record()
+    with _current(device):
+        for i in range(warmup):
+            step(i)
             if on_step:
                 on_step()
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in events]
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        step(warmup + i)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if on_step:
-            on_step()
-    return times
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            stream = torch.cuda.current_stream(device)
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+            for i, (start, end) in enumerate(events):
+                start.record(stream)
+                step(warmup + i)
+                end.record(stream)
+                if on_step:
+                    on_step()
+            torch.cuda.synchronize(device)
+            return [s.elapsed_time(e) for s, e in events]
+        times = []
+        for i in range(iters):
+            t0 = time.perf_counter()
+            step(warmup + i)
+            times.append((time.perf_counter() - t0) * 1e3)
+            if on_step:
+                on_step()
+        return times
 
 
 def time_alternating(
@@ -282,46 +291,49 @@ def time_alternating(
     CPU code path came out 0.94-0.99x in every row of a run; with the reshuffle they straddle 1.0
     in an A/B, but a full run still shows them ~1.5% apart, cause unknown: read ratios within a
     few percent of 1.0 on a CPU VM as ties.) ``between()`` runs untimed before every timed step
-    (e.g. an L2 flush on the GPU).
+    (e.g. an L2 flush on the GPU). GPU events as in :func:`time_steps`: on ``device``'s current
+    stream, with ``device`` current.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     names = list(steps)
-    for i in range(warmup):
-        for name in names:
-            steps[name](i)
-            if on_step:
-                on_step()
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
     events: dict = {name: [] for name in names}
     times: dict = {name: [] for name in names}
-    n = len(names)
-    base = names
-    for r in range(iters):
-        if r % n == 0 and r:  # a new block: a new cyclic order (the first block keeps the given one)
-            base = names[:]
-            random.Random(r // n).shuffle(base)
-        for j in range(n):
-            name = base[(r + j) % n]
-            if between:
-                between()
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                steps[name](warmup + r)
-                end.record()
-                events[name].append((start, end))
-            else:
-                t0 = time.perf_counter()
-                steps[name](warmup + r)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-            if on_step:
-                on_step()
-    if cuda:
-        torch.cuda.synchronize(device)
-        times = {name: [s.elapsed_time(e) for s, e in ev] for name, ev in events.items()}
+    with _current(device):
+        for i in range(warmup):
+            for name in names:
+                steps[name](i)
+                if on_step:
+                    on_step()
+        if cuda:
+            torch.cuda.synchronize(device)
+            stream = torch.cuda.current_stream(device)
+        n = len(names)
+        base = names
+        for r in range(iters):
+            if r % n == 0 and r:  # a new block: a new cyclic order (the first block keeps the given one)
+                base = names[:]
+                random.Random(r // n).shuffle(base)
+            for j in range(n):
+                name = base[(r + j) % n]
+                if between:
+                    between()
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record(stream)
+                    steps[name](warmup + r)
+                    end.record(stream)
+                    events[name].append((start, end))
+                else:
+                    t0 = time.perf_counter()
+                    steps[name](warmup + r)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                if on_step:
+                    on_step()
+        if cuda:
+            torch.cuda.synchronize(device)
+            times = {name: [s.elapsed_time(e) for s, e in ev] for name, ev in events.items()}
     return times
 
 
@@ -340,12 +352,14 @@ def time_group(group: Sequence[dict], make_step: Callable[[str], Callable[[int],
     step, which runs once untimed (compiling, autotuning, and failing here if it cannot run:
     the row then says why, ``status="failed: ..."``, never dropped); the others are timed with
     :func:`time_alternating` and their rows get ``status="ok"``, ``ms`` (median), ``ms_p20``,
-    ``ms_p80``. Returns the per-round times (for :func:`add_paired_speedups`)."""
+    ``ms_p80``. Returns the per-round times (for :func:`add_paired_speedups`). Built and run
+    with ``device`` current, as the timed steps are."""
     steps = {}
     for row in group:
         try:
-            steps[row[key]] = make_step(row[key])
-            steps[row[key]](0)
+            with _current(device):
+                steps[row[key]] = make_step(row[key])
+                steps[row[key]](0)
         except Exception as e:  # noqa: BLE001  (said in the row; a baseline never silently disappears)
             steps.pop(row[key], None)
             row.update(status=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:240]}", ms=None)
