@@ -1,40 +1,63 @@
 #!/usr/bin/env bash
 # The one script a GPU machine runs: card and versions, build the extension with that machine's
-# torch, the CUDA tests, `vitfast bench` defaults, `vitfast bench kernels`, a short profile;
-# JSON, a plot, a trace and the logs go to ${OUT:-benchmarks/results/latest}: 8 files, what a device
-# call returns at most (log, build.log, e2e JSON + plot, candidates, kernels, profile JSON + trace).
+# torch, the CUDA tests, every attention kernel candidate, `vitfast tune`, `vitfast bench`
+# defaults, `vitfast bench kernels`, a short profile, ncu on the patch embedding; JSON, a plot, a
+# trace and the logs go to ${OUT:-benchmarks/results/latest}: 8 files, what a device call returns at
+# most (log, build.log, e2e JSON + plot, candidates, kernels, profile JSON + trace).
 # What it needs there: an NVIDIA GPU, python3 with torch >= 2.11 (a CUDA build), triton >= 3.6,
-# timm, pytest; nvcc for the build; no network. Afterwards: copy the JSON into benchmarks/results/,
-# run `python benchmarks/render_readme.py` and commit (CONTRIBUTING.md, "Running the GPU check").
-# The summary table is printed last (a remote run returns only the tail of the output).
-# Sized for < 7 minutes on one H100; each step has its own time limit and a failed step is
-# reported in the summary without stopping the steps after it (a failed build does stop).
+# timm, pytest (pytest-xdist not needed); nvcc for the build; no network. Afterwards: copy the JSON
+# into benchmarks/results/, run `python benchmarks/render_readme.py` and commit (CONTRIBUTING.md,
+# "Running the GPU check"). The summary table is printed last (a remote run returns only the tail
+# of the output; benchmarks/gpu_summary.py prints the results part).
 #
-#   bash benchmarks/gpu_check.sh                       # from the repository root
+#   bash benchmarks/gpu_check.sh                       # from the repository root: the first call
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash benchmarks/gpu_check.sh
 #   BENCH_ARGS="--compile" bash benchmarks/gpu_check.sh
-#   ONLY=build,tune,bench,kernels,profile,ncu bash benchmarks/gpu_check.sh   # a second call
+#   ONLY=build,kernels,ncu DEADLINE=200 bash benchmarks/gpu_check.sh   # a second call, printed by the first
 #
-# The whole check does not fit one DEADLINE (see the timings below): the steps run most wanted
-# first, a step that would start too close to DEADLINE is SKIPPED, and the summary then prints the
-# exact command (ONLY=...) that runs the skipped steps in a second call. ONLY (comma-separated step
-# names: build info tests candidates tune bench kernels profile ncu) runs just those; SKIP_<STEP>
-# leaves one out. The tune step's cache (TUNE_CACHE, default .gpu_check/dispatch_tuned.json, an
-# ignored path that stays on a warm machine between calls; its entries are printed in the log, not
-# copied into OUT: at most 8 files come back from a device call) is what the bench step runs with,
-# in the same call or the next.
+# One device call: a task gets 15 minutes of device time in all, start-up (1-2 min) included, and
+# one command runs at most 600 s, so the script is sized for ONE call with timeout_s about 580:
+# DEADLINE (540 s) is when the last step is stopped (a step's limit is cut to what is left; then
+# at most 10 s more for it to stop, and the summary). The steps run in the order below, most wanted
+# first: build, info, tests, candidates, tune, bench, kernels, profile, ncu. A step that would get
+# less than its MIN_<STEP> seconds before DEADLINE is SKIPPED; tune and bench go together (the bench
+# runs with the tuned table: tune does not start unless 2 x T_TUNE + MIN_BENCH seconds are left).
+# The summary then prints the exact command (ONLY=...) for the skipped steps and for those whose
+# limit DEADLINE cut and that then timed out; run it AT ONCE, as a second call on the still-warm
+# machine (on a fresh one the build reruns, ~45 s, and the tune cache is gone: so whenever bench is
+# in that list, tune is too). ONLY (comma-separated step names) runs just those; SKIP_<STEP> leaves
+# one out. The tune step's cache (TUNE_CACHE, default .gpu_check/dispatch_tuned.json, an ignored
+# path; its entries are printed in the log, not copied into OUT) is what the bench step runs with.
 #
-# Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), SKIP_BUILD,
-# SKIP_TESTS, SKIP_CANDIDATES, SKIP_TUNE, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE, SKIP_NCU, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS, PATCH_EMBED_ARGS (default
-# "--models vit_base_patch16_224"), step limits in seconds T_BUILD (180) T_TESTS (120)
-# T_CANDIDATES (150) T_TUNE (40, each of two) T_BENCH (180) T_KERNELS (300) T_PROFILE (45) T_NCU (60), and DEADLINE (390): no step runs past it, so
-# the summary prints by about 6.5 min. Measured on an H200 (2026-11-30, torch 2.11, triton 3.6):
-# build 43 s, info 7 s, bench 98 s, kernels (patch_embed + fused + memory) ~100 s; attention
-# autotuning all configs of three kernels did not finish one shape in 60 s, hence the
-# candidates step (parallel precompile, then timing) and attention left out of `bench kernels`.
-# Since the fused patch-embedding kernel (2026-12-01) the patch_embed microbenchmark also times it
-# (autotuned, and each of its forward configs) and the three-kernel path: ~60-90 s more (a guess:
-# its compiles), hence 150 s per microbenchmark and T_KERNELS 300.
+# The tests step runs the `cuda` tests as SHARDS (12) parallel pytest processes (each with
+# VITFAST_TEST_SHARD=i/SHARDS: tests/_sharding.py; launched by benchmarks/gpu_test_shards.py), the
+# tests named by TESTS_FIRST first (default tests/ops/test_attention.py,tests/ops; empty: file
+# order), each shard's log in TEST_LOGS (.gpu_check/tests) and printed into the log; ok only if
+# every shard passed. Triton's compiles dominate these tests and are CPU-bound; the machine has 16
+# cores. At the step's limit every shard gets SIGINT and still prints its failures and summary.
+#
+# Environment: OUT, PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), ONLY, SKIP_BUILD,
+# SKIP_INFO, SKIP_TESTS, SKIP_CANDIDATES, SKIP_TUNE, SKIP_BENCH, SKIP_KERNELS, SKIP_PROFILE,
+# SKIP_NCU, SHARDS, TESTS_FIRST, TEST_LOGS, TUNE_CACHE, CANDIDATE_ARGS, BENCH_ARGS, KERNEL_ARGS,
+# PATCH_EMBED_ARGS (default "--models vit_base_patch16_224"); step limits in seconds T_BUILD (180)
+# T_INFO (60) T_TESTS (120) T_CANDIDATES (120) T_TUNE (40, each of two) T_BENCH (180) T_KERNELS
+# (300) T_PROFILE (45) T_NCU (60); the least time worth starting a step with, MIN_BUILD (15)
+# MIN_INFO (15) MIN_TESTS (30) MIN_CANDIDATES (90) MIN_TUNE (30) MIN_BENCH (110) MIN_KERNELS (150)
+# MIN_PROFILE (30) MIN_NCU (30); DEADLINE (540).
+#
+# Measured on an H200 (2026-11-30 and 12-01, torch 2.11, triton 3.6): versions ~12 s, build 43-48 s,
+# info 7-8 s, tests (serial) 24 of ~330 `cuda` tests in 92 s before their 95 s limit, candidates
+# 174 s with --deadline 151 (27 s of it compiling 224 kernels on 16 processes), bench 98 s, kernels
+# (patch_embed + fused + memory) ~100 s; attention autotuning all configs of three kernels did not
+# finish one shape in 60 s, hence the candidates step (parallel precompile, then timing) and
+# attention left out of `bench kernels`. Estimated, not measured: the 12 test shards (12 of the 16
+# cores compiling; all ~330 tests would take ~22 min serially at the measured rate, so even 12 shards may
+# not finish them in T_TESTS: the attention and ops tests run first), tune (its two limits), profile, ncu, the patch_embed microbenchmark with
+# the fused kernel since 2026-12-01 (~60-90 s more: its compiles, hence 150 s per microbenchmark and
+# T_KERNELS 300), a no-op build on a warm machine. So a first call runs, by estimate: versions, build,
+# info ~70 s; tests to ~190 s; candidates to ~310 s; tune to ~390 s; bench to ~490 s; kernels is
+# skipped (MIN_KERNELS); profile in what is left; ncu skipped: the second call is then
+# ONLY=build,kernels,ncu (and profile, if it was cut short and timed out).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -50,6 +73,7 @@ finish() { exec 1>&- 2>&-; wait "$TEE_PID" 2>/dev/null; }
 trap finish EXIT
 export PYTHONUNBUFFERED=1
 
+STEPS=(build info tests candidates tune bench kernels profile ncu)
 declare -a SUMMARY=()
 declare -a DEFERRED=()
 # want STEP: STEP is in ONLY (or ONLY is empty) and SKIP_<STEP> is not set
@@ -59,32 +83,47 @@ want() {
     [ -z "${ONLY:-}" ] || [[ ",${ONLY// /}," == *",$1,"* ]]
 }
 T0=$SECONDS
-DEADLINE=${DEADLINE:-390}
+DEADLINE=${DEADLINE:-540}
+TUNE_CACHE=${TUNE_CACHE:-.gpu_check/dispatch_tuned.json}
 
 note() { SUMMARY+=("$(printf '%-10s %-7s %4ss  %s' "$1" "$2" "$3" "$4")"); }
 banner() { printf '\n===== %s  (t=%ss)\n' "$1" "$((SECONDS - T0))"; }
+left() { echo $((DEADLINE - (SECONDS - T0))); }
+# min STEP DEFAULT: the least time worth starting STEP with: MIN_<STEP>, else DEFAULT
+min() { local v="MIN_${1^^}"; echo "${!v:-$2}"; }
+deferred() { [[ " ${DEFERRED[*]} " == *" $1 "* ]]; }
+# defer NAME: NAME was not run (or was cut short) in this call; the summary lists its step for the next
+defer() {
+    local step=${1%%-*}
+    deferred "$step" || DEFERRED+=("$step")
+}
 
-# run_step NAME LIMIT CMD...: runs CMD under `timeout`, records ok/FAILED/TIMEOUT and the time.
-# No step runs past DEADLINE seconds from the start, so the summary always gets printed.
+# run_step NAME LIMIT MIN CMD...: runs CMD under `timeout`, records ok/FAILED/TIMEOUT and the time.
+# No step runs past DEADLINE seconds from the start, so the summary always gets printed: a step
+# with less than MIN seconds left is skipped, a longer LIMIT is cut to what is left, and a step so
+# cut that times out is listed for the second call as well.
 run_step() {
-    local name=$1 limit=$2 t=$SECONDS rc left
-    shift 2
-    left=$((DEADLINE - (SECONDS - T0)))
-    if [ "$left" -lt 15 ]; then
-        note "$name" SKIPPED 0 "no time left before DEADLINE=${DEADLINE}s"
-        local step=${name%%-*}
-        [[ " ${DEFERRED[*]} " == *" $step "* ]] || DEFERRED+=("$step")
+    local name=$1 limit=$2 min=$3 t=$SECONDS rc left cut=""
+    shift 3
+    left=$(left)
+    if [ "$left" -lt "$min" ]; then
+        note "$name" SKIPPED 0 "needs ${min}s, ${left}s left before DEADLINE=${DEADLINE}s"
+        defer "$name"
         return 1
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    banner "$name (limit ${limit}s): $*"
+    if [ "$limit" -gt "$left" ]; then
+        limit=$left
+        cut=", cut by DEADLINE=${DEADLINE}s"
+    fi
+    banner "$name (limit ${limit}s${cut}): $*"
     # SIGINT first: pytest then still prints the failures so far, a benchmark keeps its saved rows
     timeout -s INT --kill-after=10 "$limit" "$@"
     rc=$?
     if [ "$rc" -eq 0 ]; then
         note "$name" ok "$((SECONDS - t))" ""
     elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        note "$name" TIMEOUT "$((SECONDS - t))" "stopped after ${limit}s"
+        note "$name" TIMEOUT "$((SECONDS - t))" "stopped after ${limit}s$cut"
+        [ -z "$cut" ] || defer "$name"
     else
         note "$name" FAILED "$((SECONDS - t))" "exit code $rc (see the log)"
     fi
@@ -93,73 +132,19 @@ run_step() {
 
 print_summary() {
     banner "summary"
-    "$PYTHON" - "$OUT" <<'PY' || echo "(no results summary: the Python step above failed)"
-import glob, json, sys
-out = sys.argv[1]
-for path in sorted(glob.glob(f"{out}/*_e2e.json")):
-    doc = json.load(open(path))
-    env = doc["env"]
-    print(f"e2e {env['device']} torch {env['torch']} triton {env['triton']} ({path})")
-    print(f"  {'model':<22} {'impl':<18} {'mode':<5} {'img/s':>9} {'ms':>8} {'vs ref':>7} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6}")
-    for r in doc["rows"]:
-        impl = r["impl"] + ("+compile" if r.get("compiled") else "")
-        if r["status"] != "ok":
-            print(f"  {r['model']:<22} {impl:<18} {r['mode']:<5} {r['status'][:60]}")
-            continue
-        sp = f"{r['speedup_vs_reference']:.2f}x" if r.get("speedup_vs_reference") else "-"
-        mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
-        print(f"  {r['model']:<22} {impl:<18} {r['mode']:<5} {r['img_per_s']:9.0f} {r['ms_median']:8.2f} {sp:>7} "
-              f"{r['tflops']:8.1f} {100 * r['mfu']:5.1f}% {mem:>6}")
-for path in sorted(glob.glob(f"{out}/*_attention_candidates.json")):
-    doc = json.load(open(path))
-    print(f"attention candidates ({path}): {doc.get('precompile', '')}")
-    groups = {}
-    for r in doc["rows"]:
-        key = (r["B"], r["H"], r["N"], r["D"], r["dtype"])
-        groups.setdefault(key, []).append(r)
-    for key, rs in groups.items():
-        parts = []
-        for kind in ("fwd", "fwd_tma", "fwd_tma_persistent", "dkdv", "dq", "fused", "atomic"):
-            ok = [r for r in rs if r["op"] == "attention_candidate" and r["kernel"] == kind and r["status"] == "ok"]
-            if ok:
-                best = min(ok, key=lambda r: r["ms"])
-                worst = max(ok, key=lambda r: r["err"])
-                parts.append(f"{kind} best {best['ms']:.3f} ms ({best['config']}) of {len(ok)}, "
-                             f"worst err {worst['err']:.1e} (sdpa {worst['sdpa_err']:.1e})")
-        tuned = [f"{r['mode']} {r['vs_best_sdpa']:.2f}x {r['best_sdpa']}" for r in rs
-                 if r["op"] == "attention" and r["backend"] == "vitfast" and r.get("vs_best_sdpa")]
-        print("  " + " ".join(map(str, key)) + ": " + "; ".join(parts) + (" | autotuned vs best SDPA: " + ", ".join(tuned) if tuned else ""))
-        variants = [f"{r['bwd']}{' (auto)' if r['auto'] else ''} {r['ms']:.3f} ms x{r['x_best']}"
-                    for r in rs if r["op"] == "attention_bwd_variant"]
-        if variants:
-            print("    backward variants (best candidates summed): " + ", ".join(variants))
-        fwd = [f"{r['fwd']}{' (auto)' if r['auto'] else ''} {r['ms']:.3f} ms x{r['x_best']}"
-               for r in rs if r["op"] == "attention_fwd_variant"]
-        if fwd:
-            print("    forward variants (best candidate each): " + ", ".join(fwd))
-for path in sorted(glob.glob(f"{out}/*_kernels.json")):
-    doc = json.load(open(path))
-    print(f"kernels ({path}): {doc.get('benchmarks')}")
-    for r in doc["rows"]:
-        if r.get("backend", r.get("impl")) != "vitfast":
-            continue
-        keys = [k for k in ("benchmark", "B", "H", "N", "D", "model", "batch", "input", "dtype", "mode") if k in r]
-        if r.get("status", "ok") != "ok":
-            print("  " + " ".join(str(r[k]) for k in keys) + f"  {r['status'][:70]}")
-            continue
-        figs = [f"{k}={r[k]}" for k in ("ms", "tflops", "gbps", "vs_best_sdpa", "best_sdpa", "speedup_vs_eager",
-                                         "speedup_vs_compile", "x_roofline_floor") if r.get(k) is not None]
-        print("  " + " ".join(str(r[k]) for k in keys) + "  " + " ".join(figs))
-PY
+    "$PYTHON" benchmarks/gpu_summary.py "$OUT" || echo "(no results summary: benchmarks/gpu_summary.py failed)"
     printf '\n%-10s %-7s %5s  %s\n' step status time note
     printf '%s\n' "${SUMMARY[@]}"
     echo "results in $OUT (log: $LOG), total $((SECONDS - T0))s"
     if [ "${#DEFERRED[@]}" -gt 0 ]; then
-        local rest step
-        rest=build
-        for step in "${DEFERRED[@]}"; do [ "$step" = build ] || rest+=",$step"; done
-        echo "NOT RUN (deadline): ${DEFERRED[*]}. The rest, in a second call (the build is a no-op on a warm machine):"
+        # a fresh machine has lost the tune cache: the bench needs its tune again
+        if deferred bench && want tune && ! deferred tune; then DEFERRED+=(tune); fi
+        local rest=build step
+        for step in "${STEPS[@]:1}"; do deferred "$step" && rest+=",$step"; done
+        echo "NOT RUN or cut short (DEADLINE=${DEADLINE}s): ${rest#build,}. Run them AT ONCE, in a second call on the"
+        echo "still-warm machine (its build is then a no-op; a fresh machine rebuilds, ~45 s, and has no tune cache):"
         echo "  ONLY=$rest bash benchmarks/gpu_check.sh"
+        echo "with DEADLINE= the device seconds left less ~60 s, and the call's timeout_s ~40 s above DEADLINE."
     fi
 }
 
@@ -173,7 +158,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 if want build; then
     export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     banner "build (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; output in $OUT/build.log)"
-    if ! run_step build "${T_BUILD:-180}" "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    if ! run_step build "${T_BUILD:-180}" "$(min build 15)" \
+            "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+        deferred build && { print_summary; exit 1; }
         tail -n 40 "$OUT/build.log"
         echo
         echo "BUILD FAILED: the vitfast extension did not build with this machine's torch; nothing else was run."
@@ -184,14 +171,16 @@ if want build; then
     fi
     tail -n 3 "$OUT/build.log"
 fi
-want info && { run_step info 60 "$PYTHON" -m vitfast.cli info || true; }
+want info && { run_step info "${T_INFO:-60}" "$(min info 15)" "$PYTHON" -m vitfast.cli info || true; }
 
-# ---- 2. the tests that need a GPU
+# ---- 2. the tests that need a GPU, as SHARDS parallel pytest processes (gpu_test_shards.py)
 # Autotuning off here (each attention kernel launches its first surviving config): the
 # candidates step below checks every config's numerics, and tests then spend no minutes compiling.
 if want tests; then
-    run_step tests "${T_TESTS:-120}" env VITFAST_ATTENTION_AUTOTUNE=0 "$PYTHON" -m pytest -m cuda -q -rfE \
-        --durations=10 -p no:cacheprovider tests || true
+    run_step tests "${T_TESTS:-120}" "$(min tests 30)" env VITFAST_ATTENTION_AUTOTUNE=0 \
+        VITFAST_TEST_FIRST="${TESTS_FIRST-tests/ops/test_attention.py,tests/ops}" \
+        "$PYTHON" benchmarks/gpu_test_shards.py --shards "${SHARDS:-12}" --logs "${TEST_LOGS:-.gpu_check/tests}" -- \
+        -m cuda -q -rfE --durations=10 -p no:cacheprovider tests || true
 fi
 
 # ---- 2b. every attention kernel candidate (each autotune survivor of the forward variants, pointer,
@@ -199,28 +188,35 @@ fi
 # their TMA twins "tma" and "tma_atomic", timed
 # alone and checked against float32), then the autotuned kernel beside SDPA's flash, efficient and
 # cuDNN backends: the data the configs and variants are pruned by (issue: every GPU run a full
-# experiment). The script stops starting shapes 15 s before its limit and saves after each shape.
+# experiment). The script stops starting shapes 30 s before its limit and saves after each shape.
 if want candidates; then
-    t_cand=${T_CANDIDATES:-150}
-    left=$((DEADLINE - (SECONDS - T0)))
-    [ "$t_cand" -gt "$left" ] && t_cand=$left
+    t_cand=${T_CANDIDATES:-120}
+    [ "$t_cand" -gt "$(left)" ] && t_cand=$(left)
     # shellcheck disable=SC2086
-    run_step candidates "$t_cand" "$PYTHON" -m vitfast.cli.kernels.attention_candidates --json "$OUT/" \
-        --deadline "$((t_cand - 30))" ${CANDIDATE_ARGS:-} || true
+    run_step candidates "$t_cand" "$(min candidates 90)" "$PYTHON" -m vitfast.cli.kernels.attention_candidates \
+        --json "$OUT/" --deadline "$((t_cand > 60 ? t_cand - 30 : t_cand / 2))" ${CANDIDATE_ARGS:-} || true
 fi
 
 # ---- 2c. the measured dispatch: `vitfast tune` at ViT-B/16, batch 256, bf16, inference then training,
 # into a cache the bench step below then runs with (its FastViT rows are "FastViT (table)" and
 # record each op's path). VITFAST_GELU_EPILOGUE=1 here only, so that the inference tune also times
 # cuBLASLt's tanh-GELU epilogue for fc1 (op linear_bias_gelu); the exact-GELU models of the bench
-# never take it (it needs the same opt-in there). Each entry is printed with both timings.
-TUNE_CACHE=${TUNE_CACHE:-.gpu_check/dispatch_tuned.json}
-if want tune; then
+# never take it (it needs the same opt-in there). Each entry is printed with both timings and
+# written to the cache as soon as it is measured (a tune stopped at its limit keeps those).
+# Tune and bench go together: without time for both, both wait for the second call.
+T_TUNE=${T_TUNE:-40}
+if want tune && want bench && [ "$(left)" -lt $((2 * T_TUNE + $(min bench 110))) ]; then
+    reason="tune + bench need 2x${T_TUNE}s + $(min bench 110)s, $(left)s left before DEADLINE=${DEADLINE}s"
+    note tune SKIPPED 0 "$reason"
+    note bench SKIPPED 0 "$reason"
+    defer tune
+    defer bench
+elif want tune; then
     mkdir -p "$(dirname "$TUNE_CACHE")"
     rm -f "$TUNE_CACHE"
-    run_step tune-inf "${T_TUNE:-40}" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" VITFAST_GELU_EPILOGUE=1 \
+    run_step tune-inf "$T_TUNE" "$(min tune 30)" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" VITFAST_GELU_EPILOGUE=1 \
         "$PYTHON" -m vitfast.cli tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --iters 20 || true
-    run_step tune-trn "${T_TUNE:-40}" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" \
+    run_step tune-trn "$T_TUNE" "$(min tune 30)" env VITFAST_DISPATCH_CACHE="$TUNE_CACHE" \
         "$PYTHON" -m vitfast.cli tune --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --iters 20 --train || true
 fi
 # the bench runs with the tuned table, whether this call or an earlier one on this machine tuned
@@ -228,33 +224,39 @@ fi
 
 # ---- 3. end-to-end benchmark (GPU defaults: ViT-S/B/L at 224, bf16, batch 256, infer + train)
 # BENCH_ARGS is split into words on purpose (extra options)
-if want bench; then
+if want bench && ! deferred bench; then
     # shellcheck disable=SC2086
-    run_step bench "${T_BENCH:-180}" "$PYTHON" -m vitfast.cli bench --no-progress \
+    run_step bench "${T_BENCH:-180}" "$(min bench 110)" "$PYTHON" -m vitfast.cli bench --no-progress \
         --json "$OUT/" --plot "$OUT/e2e_throughput.png" ${BENCH_ARGS:-} || true
 fi
 
 # ---- 4. kernel microbenchmarks
 if want kernels; then
-    # shellcheck disable=SC2086
     # each microbenchmark gets its own limit, and the rows are saved after each one
-    run_step kernels "${T_KERNELS:-300}" "$PYTHON" -m vitfast.cli bench kernels --json "$OUT/" --timeout 150 \
-        "--patch-embed-args=${PATCH_EMBED_ARGS---models vit_base_patch16_224}" ${KERNEL_ARGS---only patch_embed fused memory} || true
+    # shellcheck disable=SC2086
+    run_step kernels "${T_KERNELS:-300}" "$(min kernels 150)" "$PYTHON" -m vitfast.cli bench kernels --json "$OUT/" \
+        --timeout 150 "--patch-embed-args=${PATCH_EMBED_ARGS---models vit_base_patch16_224}" \
+        ${KERNEL_ARGS---only patch_embed fused memory} || true
 fi
 
 # ---- 5. a short profile: the CUDA profiler path, a trace, the ncu command line
 if want profile; then
-    run_step profile "${T_PROFILE:-45}" "$PYTHON" -m vitfast.cli profile --model vit_base_patch16_224 --batch-size 64 \
-        --steps 2 --top 10 --trace "$OUT/trace_vit_base_patch16_224.json.gz" --json "$OUT/" --ncu || true
+    run_step profile "${T_PROFILE:-45}" "$(min profile 30)" "$PYTHON" -m vitfast.cli profile \
+        --model vit_base_patch16_224 --batch-size 64 --steps 2 --top 10 \
+        --trace "$OUT/trace_vit_base_patch16_224.json.gz" --json "$OUT/" --ncu || true
 fi
 
 # ---- 6. the CUDA patch embedding under ncu: shared-memory bank conflicts, DRAM bytes and time of
 # each patchify/unpatchify/prefill kernel of the C++ path (uint8 and bf16, NCHW and channels_last,
 # forward + backward)
-if want ncu && command -v ncu >/dev/null; then
-    run_step ncu "${T_NCU:-60}" ncu --clock-control none -k "regex:patchify|prefill" --metrics \
-        l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
-        "$PYTHON" benchmarks/patch_embed_ncu.py || true
+if want ncu; then
+    if command -v ncu >/dev/null; then
+        run_step ncu "${T_NCU:-60}" "$(min ncu 30)" ncu --clock-control none -k "regex:patchify|prefill" --metrics \
+            l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+            "$PYTHON" benchmarks/patch_embed_ncu.py || true
+    else
+        note ncu SKIPPED 0 "ncu is not on PATH"
+    fi
 fi
 
 print_summary

@@ -13,6 +13,14 @@ if not _HAS_CUDA:
 
 import pytest  # noqa: E402
 
+import _sharding  # noqa: E402  (tests/ is on sys.path: this conftest's folder)
+
+
+def pytest_configure(config):
+    # VITFAST_TEST_SHARD / VITFAST_TEST_FIRST (benchmarks/gpu_check.sh's parallel test step)
+    if not config.pluginmanager.is_registered(_sharding):
+        config.pluginmanager.register(_sharding, "vitfast_sharding")
+
 
 def _assert_grads_close(got: dict, ref: dict, rtol: float) -> None:
     """Each gradient within rtol of its reference tensor's largest entry, or of 1e-3 of the largest

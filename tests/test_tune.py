@@ -141,3 +141,65 @@ def test_tune_on_the_gpu(tmp_path):
     entries = tune.tune(m, x, cache=tmp_path / "d.json", warmup=2, iters=5)
     assert entries and {e["op"] for e in entries} >= {"attention_packed", "layer_norm"}
     assert len(json.loads((tmp_path / "d.json").read_text())["entries"]) == len(entries)
+
+
+def test_each_entry_is_in_the_cache_once_measured_and_an_interrupt_keeps_them(fake_gpu, monkeypatch):
+    """vitfast.tuning.measure (what tune() and `vitfast tune` run): the cache is rewritten (whole, by
+    a rename) after every entry, so a run stopped part-way (Ctrl-C, gpu_check's `timeout -s INT`)
+    leaves the entries measured so far and no half-written file."""
+    calls = [dict(op="layer_norm", C=32, rows=r) for r in (8, 16, 24)]
+
+    def fake_time_call(call, warmup, iters):
+        if call["rows"] == 24:
+            raise KeyboardInterrupt
+        return dict(op="layer_norm", device=DEV, dtype="float32", mode="infer", shape=dict(C=32, rows=call["rows"]),
+                    choice="torch", source="tuned:test", note="")
+    monkeypatch.setattr(tune, "time_call", fake_time_call)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for entry in tune.measure(calls):
+            got.append(entry)
+            doc = json.loads(fake_gpu.read_text())  # already there when the entry is handed out
+            assert [e["shape"]["rows"] for e in doc["entries"]] == [e["shape"]["rows"] for e in got]
+    assert len(got) == 2 and [p.name for p in fake_gpu.parent.iterdir()] == [fake_gpu.name]  # no temporary left
+    assert dispatch.table().lookup("layer_norm", DEV, "float32", "infer", dict(C=32, rows=16))["choice"] == "torch"
+    assert list(tune.measure(calls[:1], write=False)) and len(json.loads(fake_gpu.read_text())["entries"]) == 2
+
+
+def test_patch_embed_is_timed_as_the_model_calls_it(monkeypatch):
+    """The tuning call of patch_embed passes what FastViT passes: mean/std only with uint8 images
+    (float images are taken as normalised: modules.patch_embed.embed_images); a half-precision
+    training call runs as `vitfast tune --train` runs the model: float32 images and parameters
+    under autocast (the dispatch key, with the parameters' autocast dtype, is the same)."""
+    from vitfast.models import FastViT
+
+    mpe = importlib.import_module("vitfast.modules.patch_embed")
+    ope = importlib.import_module("vitfast.ops.patch_embed")
+    seen = []
+
+    def spy(real):
+        def patch_embed(images, weight, bias=None, **kw):
+            seen.append(dict(u8=images.dtype == torch.uint8, images=images.dtype, weight=weight.dtype,
+                             stats=None if kw.get("mean") is None else (len(kw["mean"]), len(kw["std"])),
+                             amp=torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+            return real(images, weight, bias, **kw) if real else None
+        return patch_embed
+    monkeypatch.setattr(mpe, "patch_embed", spy(mpe.patch_embed))
+    model = FastViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0).eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+        model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    model_calls, seen[:] = list(seen), []
+    assert [(c["u8"], c["stats"]) for c in model_calls] == [(False, None), (True, (3, 3))]
+
+    monkeypatch.setattr(ope, "patch_embed", spy(None))
+    for training, dtype in ((False, torch.float32), (False, torch.bfloat16), (True, torch.bfloat16)):
+        for u8 in (1, 2):
+            call = dict(op="patch_embed", device=torch.device("cpu"), dtype=dtype, training=training,
+                        shape=dict(D=32, C=3, p=8, T=17, B=2, u8=u8))
+            tune._inputs(call)()
+    assert [(c["u8"], c["stats"]) for c in seen] == [(c["u8"], c["stats"]) for c in model_calls] * 3
+    infer, train = seen[2:4], seen[4:]
+    assert [c["images"] for c in infer] == [torch.bfloat16, torch.uint8] and {c["amp"] for c in infer} == {None}
+    assert [c["images"] for c in train] == [torch.float32, torch.uint8]
+    assert {(c["weight"], c["amp"]) for c in train} == {(torch.float32, torch.bfloat16)}

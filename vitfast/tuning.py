@@ -12,11 +12,12 @@ op, device, dtype, mode and the shape signature (attention: head dim ``D``, leng
 ``BH`` = batch x heads; the fused epilogues: width ``C`` and ``rows``). Each distinct call is then
 timed through the op itself, its two paths forced in turn with :func:`vitfast.dispatch.forced`
 (CUDA events, warm-up, the paths alternating round by round, the median of the per-round
-ratios), on fresh random inputs of that signature. The result is one entry per call,
-``choice = "torch"`` only where the kernel was more than ``dispatch.MARGIN`` slower, written to
-the user's cache (``~/.cache/vitfast/dispatch.json``, ``VITFAST_DISPATCH_CACHE``), which then
-wins over the shipped table (:func:`vitfast.dispatch.load_table`). Nothing is timed inside a
-capture or a trace: tuning is a separate, explicit step.
+ratios), on fresh random inputs of that signature, the op called as the model calls it. The result
+is one entry per call, ``choice = "torch"`` only where the kernel was more than ``dispatch.MARGIN``
+slower, merged into the user's cache (``~/.cache/vitfast/dispatch.json``,
+``VITFAST_DISPATCH_CACHE``) as soon as it is measured, which then wins over the shipped table
+(:func:`vitfast.dispatch.load_table`). Nothing is timed inside a capture or a trace: tuning is a
+separate, explicit step.
 
 Tuning measures CUDA only: on the CPU ``backend="auto"`` always takes the reference path.
 """
@@ -25,13 +26,13 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
 from . import dispatch
 
-__all__ = ["tune", "captured_calls", "time_call"]
+__all__ = ["tune", "captured_calls", "time_call", "measure"]
 
 TUNABLE = ("patch_embed", "attention", "attention_packed", "layer_norm", "add_layer_norm", "bias_gelu", "bias_scale_residual",
            "linear_bias_gelu")
@@ -78,24 +79,42 @@ def _inputs(call: dict) -> Callable[[], Callable[[], object]]:
         w, b = torch.randn(C, K, device=dev, dtype=dt) * K ** -0.5, torch.randn(C, device=dev, dtype=dt)
         return lambda: linear_bias_gelu(h, w, b, "tanh")
     if op == "patch_embed":  # "kernel": the fused Triton kernel; "torch": the C++ three-kernel cuBLAS path
-        from .ops.patch_embed import patch_embed
-
-        B, T, D, C, p = (int(s[k]) for k in ("B", "T", "D", "C", "p"))
-        shape = (B, C, p, p * max(T - 1, 1))  # T - 1 patches in a row, + the class token: only B*T and K matter
-        images = (torch.randint(0, 256, shape, device=dev, dtype=torch.uint8) if s["u8"] == 2
-                  else torch.randn(shape, device=dev, dtype=dt))
-        w = (torch.randn(D, C, p, p, device=dev, dtype=dt) * (C * p * p) ** -0.5).requires_grad_(grad)
-        b, cls = (torch.zeros(shape_, device=dev, dtype=dt).requires_grad_(grad) for shape_ in ((D,), (1, 1, D)))
-        pos = torch.zeros(1, T, D, device=dev, dtype=dt).requires_grad_(grad)
-        stats = dict(mean=(0.485, 0.456, 0.406)[:C] * (C // 3 + 1), std=(0.229, 0.224, 0.225) * (C // 3 + 1))
-        stats = {k: v[:C] for k, v in stats.items()}
-        return lambda: patch_embed(images, w, b, cls_token=cls, pos_embed=pos, **stats)
+        return _patch_embed_call(s, dev, dt, grad)
     from .cli.kernels.fused import make_inputs
     from .ops.spec import SPECS
 
     args, kwargs = make_inputs(op, int(s["rows"]), int(s["C"]), dt, dev, grad=grad)
     fn = SPECS[op].fn
     return lambda: fn(*args, **kwargs)
+
+
+def _patch_embed_call(s: dict, dev, dt: torch.dtype, grad: bool) -> Callable[[], object]:
+    """One patch_embed call as FastViT makes it (``modules.patch_embed.embed_images``): uint8 images
+    with the model's mean/std, float images without (taken as already normalised). A training call in
+    half precision runs as ``vitfast tune --train`` and ``vitfast bench`` train: float32 images and
+    float32 parameters under autocast to the call's dtype (the op casts the parameters, the images
+    stay float32: twice the bytes of a half-precision image, the bulk of the op's traffic)."""
+    from .ops.patch_embed import patch_embed
+
+    B, T, D, C, p = (int(s[k]) for k in ("B", "T", "D", "C", "p"))
+    amp = grad and dt in (torch.float16, torch.bfloat16)
+    pdt = torch.float32 if amp else dt
+    shape = (B, C, p, p * max(T - 1, 1))  # T - 1 patches in a row, + the class token: only B*T and K matter
+    u8 = s["u8"] == 2
+    images = (torch.randint(0, 256, shape, device=dev, dtype=torch.uint8) if u8
+              else torch.randn(shape, device=dev, dtype=pdt))
+    w = (torch.randn(D, C, p, p, device=dev, dtype=pdt) * (C * p * p) ** -0.5).requires_grad_(grad)
+    b, cls = (torch.zeros(shape_, device=dev, dtype=pdt).requires_grad_(grad) for shape_ in ((D,), (1, 1, D)))
+    pos = torch.zeros(1, T, D, device=dev, dtype=pdt).requires_grad_(grad)
+    mean = std = None
+    if u8:
+        mean = tuple((0.485, 0.456, 0.406)[c % 3] for c in range(C))
+        std = tuple((0.229, 0.224, 0.225)[c % 3] for c in range(C))
+
+    def run():
+        with torch.autocast(torch.device(dev).type, dtype=dt, enabled=amp):
+            return patch_embed(images, w, b, cls_token=cls, pos_embed=pos, mean=mean, std=std)
+    return run
 
 
 def _step(run: Callable[[], object], mode: str, train: bool) -> Callable[[int], None]:
@@ -148,7 +167,9 @@ def tune(model: torch.nn.Module, example_input: torch.Tensor, train: bool = Fals
     tensor, the real batch) and write the choices to the dispatch cache (``cache``, default
     :func:`vitfast.dispatch.cache_path`; ``write=False`` only returns them). ``train``: the
     forward+backward paths (training), else inference. ``dtype``: run under autocast to it (the
-    model's own dtype otherwise). Returns the entries written."""
+    model's own dtype otherwise). Each entry goes into the cache as soon as it is measured
+    (:func:`measure`), so an interrupted run keeps the entries measured so far. Returns the
+    entries written."""
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"vitfast.tune: example_input must be a torch.Tensor, got {type(example_input).__name__}")
     if example_input.device.type != "cuda":
@@ -156,10 +177,20 @@ def tune(model: torch.nn.Module, example_input: torch.Tensor, train: bool = Fals
                          "between paths on CUDA only (on the CPU, backend='auto' always takes the reference path), "
                          "so tuning needs the model and a CUDA input")
     calls = [c for c in captured_calls(model, example_input, train, dtype) if c["op"] in TUNABLE]
-    entries = [time_call(c, warmup=warmup, iters=iters) for c in calls]
-    if write and entries:
-        dispatch.write_cache(entries, cache)
-    return entries
+    return list(measure(calls, cache=cache, write=write, warmup=warmup, iters=iters))
+
+
+def measure(calls: Iterable[dict], *, cache: Optional[Path] = None, write: bool = True, warmup: int = 10,
+            iters: int = 30) -> Iterator[dict]:
+    """:func:`time_call` on each call in turn, yielding its entry once it is in the cache (with
+    ``write``: merged by :func:`vitfast.dispatch.write_cache`, a temporary file then a rename), so
+    that a run stopped part-way (an exception, Ctrl-C, ``timeout -s INT``) keeps every entry it
+    measured and never leaves a half-written file."""
+    for call in calls:
+        entry = time_call(call, warmup=warmup, iters=iters)
+        if write:
+            dispatch.write_cache([entry], cache)
+        yield entry
 
 
 def format_entries(entries: List[dict]) -> str:

@@ -8,7 +8,8 @@ take on this GPU, at the model's real shapes, and write the dispatch cache.
 Inference runs the model's weights in ``--dtype``; training keeps fp32 weights under autocast to
 ``--dtype`` (as ``vitfast bench`` does). The cache is ``~/.cache/vitfast/dispatch.json``
 (``VITFAST_DISPATCH_CACHE`` or ``--cache`` move it); ``vitfast info --dispatch`` shows the table in
-force and where each entry came from. See :mod:`vitfast.tuning`.
+force and where each entry came from. Each entry is written as soon as it is measured, so an
+interrupted run (Ctrl-C, ``timeout -s INT``) keeps what it measured. See :mod:`vitfast.tuning`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .. import dispatch
     from ..models import create_model, list_models
-    from ..tuning import calls_summary, captured_calls, format_entries, time_call
+    from ..tuning import calls_summary, captured_calls, format_entries, measure
 
     if args.model not in list_models():
         p.error(f"unknown --model {args.model!r}; `python -c 'import vitfast; print(vitfast.list_models())'` lists them")
@@ -63,14 +64,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     calls = captured_calls(model, x, args.train, dtype if args.train else None)
     print(f"vitfast tune: {args.model}, batch {args.batch_size}, {args.dtype}, {'train' if args.train else 'infer'} "
           f"on {dispatch.device_key(device)}: {len(calls)} distinct calls {calls_summary(calls)}", flush=True)
+    path = args.cache or dispatch.cache_path()
     entries = []
-    for c in calls:
-        entries.append(time_call(c, warmup=args.warmup, iters=args.iters))
-        print("  " + format_entries(entries[-1:]).splitlines()[1], flush=True)
+    try:  # each entry is in the cache once printed: a run stopped part-way keeps those
+        for entry in measure(calls, cache=args.cache, write=not args.dry_run, warmup=args.warmup, iters=args.iters):
+            entries.append(entry)
+            print("  " + format_entries([entry]).splitlines()[1], flush=True)
+    except KeyboardInterrupt:
+        kept = "nothing written (--dry-run)" if args.dry_run else f"the {len(entries)} measured are in {path}"
+        print(f"vitfast tune: interrupted after {len(entries)} of {len(calls)} calls; {kept}", file=sys.stderr)
+        return 130
     if args.dry_run:
         print("vitfast tune: --dry-run, nothing written")
         return 0
-    path = dispatch.write_cache(entries, args.cache)
     print(f"vitfast tune: wrote {len(entries)} entries to {path}"
           + ("" if args.cache is None else " (pass VITFAST_DISPATCH_CACHE to use it)"))
     return 0
