@@ -36,6 +36,9 @@ PatchEmbedShape check_patch_embed_backward_args(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& std, bool has_cls,
                                                 int64_t pos_tokens, std::array<bool, 5> output_mask);
 
+// The tokens' dtype: out_dtype (checked floating point), else the weight's.
+at::ScalarType tokens_dtype(const at::Tensor& weight, std::optional<at::ScalarType> out_dtype, const char* op);
+
 // A given patch matrix (the `patches` argument): [B*T, K], contiguous, `dtype`, on `device`.
 void check_patches(const std::optional<at::Tensor>& patches, const PatchEmbedShape& s, at::ScalarType dtype,
                    const at::Device& device, const char* op);

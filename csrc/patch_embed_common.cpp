@@ -128,6 +128,12 @@ void check_patches(const std::optional<at::Tensor>& patches, const PatchEmbedSha
   TORCH_CHECK_VALUE(P.is_contiguous(), op, ": patches must be contiguous");
 }
 
+at::ScalarType tokens_dtype(const at::Tensor& weight, std::optional<at::ScalarType> out_dtype, const char* op) {
+  if (!out_dtype.has_value()) return weight.scalar_type();
+  TORCH_CHECK_TYPE(is_float(*out_dtype), op, ": out_dtype must be a floating point dtype, got ", *out_dtype);
+  return *out_dtype;
+}
+
 at::Tensor channel_stat(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return at::Tensor();
   return t->reshape({-1}).to(at::kDouble).contiguous();

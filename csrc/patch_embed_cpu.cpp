@@ -262,11 +262,11 @@ at::Tensor patch_embed_patches_cpu(const at::Tensor& images, const at::Tensor& w
 at::Tensor patch_embed_cpu(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
                            const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
-                           const std::optional<at::Tensor>& patches) {
+                           const std::optional<at::Tensor>& patches, std::optional<at::ScalarType> out_dtype) {
   const PatchEmbedShape s = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std);
   const auto ct = compute_type(weight);
   check_patches(patches, s, ct, images.device(), "vitfast.patch_embed");
-  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
+  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options().dtype(tokens_dtype(weight, out_dtype, "vitfast.patch_embed")));
   if (out.numel() == 0) return out;
   const auto as_ct = [&](const std::optional<at::Tensor>& t) {
     return t ? t->to(ct).contiguous() : at::Tensor();
@@ -286,8 +286,8 @@ at::Tensor patch_embed_cpu(const at::Tensor& images, const at::Tensor& weight, c
   const at::Tensor X = patches ? *patches
                                : patches_cpu(images, s, ct, channel_stat(mean), channel_stat(std), /*class_rows=*/true);
   const at::Tensor w = weight.to(ct).contiguous().view({s.D, s.K});
-  // float16/bfloat16 weights: accumulate in float32, round once at the end
-  at::Tensor acc = weight.scalar_type() == ct ? out : at::empty({s.B, s.T, s.D}, weight.options().dtype(ct));
+  // float16/bfloat16 tokens: accumulate in float32, round once at the end
+  at::Tensor acc = out.scalar_type() == ct ? out : at::empty({s.B, s.T, s.D}, weight.options().dtype(ct));
   at::Tensor acc2d = acc.view({s.B * s.T, s.D});
   if (b.defined() || cls.defined() || pos.defined()) {
     AT_DISPATCH_FLOATING_TYPES(ct, "vitfast_patch_embed_prefill", [&] {

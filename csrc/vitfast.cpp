@@ -42,9 +42,14 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(vitfast, m) {
   // images [B, C, H, W] (float or uint8) -> tokens [B, (1+)N, D]; see vitfast/ops/patch_embed.py
   // patches: optional, the patch matrix of these images (patch_embed_patches), to skip making it.
+  // out_dtype: the tokens' dtype (default: the weight's). The GEMM runs in the weight's dtype and
+  // accumulates in float32; bias, class token and positions are added in float32 and the sum is
+  // rounded once to out_dtype. The autocast kernels pass the dtype the eager chain gives under
+  // autocast (a float32 class token and positions make float32 tokens, as timm's cat and add do).
   m.def(
       "patch_embed(Tensor images, Tensor weight, Tensor? bias=None, Tensor? cls_token=None, "
-      "Tensor? pos_embed=None, Tensor? mean=None, Tensor? std=None, Tensor? patches=None) -> Tensor");
+      "Tensor? pos_embed=None, Tensor? mean=None, Tensor? std=None, Tensor? patches=None, "
+      "ScalarType? out_dtype=None) -> Tensor");
   // Gradients of patch_embed for (images, weight, bias, cls_token, pos_embed), each computed
   // when its output_mask entry is set (None otherwise). has_cls: a class token was given;
   // pos_tokens: pos_embed.shape[1] (T or N), 0 without pos_embed. mean/std get no gradient.

@@ -812,22 +812,28 @@ void check_cuda_inputs(const PatchEmbedShape& s, const at::Tensor& images, const
 at::Tensor patch_embed_cuda(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
                             const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
-                            const std::optional<at::Tensor>& patches) {
+                            const std::optional<at::Tensor>& patches, std::optional<at::ScalarType> out_dtype) {
   const PatchEmbedShape s = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std);
   check_cuda_inputs(s, images, "vitfast.patch_embed");
   check_patches(patches, s, weight.scalar_type(), images.device(), "vitfast.patch_embed");
   const c10::cuda::CUDAGuard guard(images.device());
   const auto wt = weight.scalar_type();
-  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
+  const auto ot = tokens_dtype(weight, out_dtype, "vitfast.patch_embed");
+  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options().dtype(ot));
   if (out.numel() == 0) return out;
-  const auto as_w = [&](const std::optional<at::Tensor>& t) { return t ? t->to(wt).contiguous() : at::Tensor(); };
-  const at::Tensor b = as_w(bias), cls = as_w(cls_token), pos = as_w(pos_embed);
+  const auto as_out = [&](const std::optional<at::Tensor>& t) { return t ? t->to(ot).contiguous() : at::Tensor(); };
+  const at::Tensor b = as_out(bias), cls = as_out(cls_token), pos = as_out(pos_embed);
 
   at::Tensor mat = patches ? *patches : at::empty({s.B * s.T, s.K}, weight.options());
   if (!patches) launch_patchify(images, mat, s, channel_stat(mean), channel_stat(std));
   const at::Tensor w = weight.contiguous().view({s.D, s.K});
   at::Tensor out2d = out.view({s.B * s.T, s.D});
-  if (b.defined() || pos.defined()) {
+  if (ot != wt) {
+    // tokens in another dtype than the GEMM's (autocast: a bf16 GEMM, float32 class token and
+    // positions): the GEMM's result (class rows zero) added onto the prefilled buffer, one more pass
+    launch_prefill(out, b, cls, pos, s, s.T);
+    out2d.add_(at::mm(mat, w.t()));
+  } else if (b.defined() || pos.defined()) {
     launch_prefill(out, b, cls, pos, s, s.T);
     out2d.addmm_(mat, w.t());  // beta = 1: onto bias + pos, class rows pass through
   } else {

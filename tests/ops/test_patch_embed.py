@@ -554,10 +554,13 @@ def test_cuda_opcheck_and_compile():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("uint8", [False, True])
-def test_autocast_runs_in_the_autocast_dtype(dtype, uint8):
-    """Under torch.autocast the op behaves like a conv: parameters cast to the autocast dtype,
-    output in it, gradients back in the parameters' dtype; the result matches the reference
-    computed from the same cast parameters (error within 2x the reference's own in that dtype)."""
+def test_autocast_as_the_eager_chain_under_autocast(dtype, uint8):
+    """Under torch.autocast the op behaves like the eager chain (a conv, then cat and add): the
+    GEMM in the autocast dtype (weight and bias cast to it), the float32 class token and positions
+    added in float32, float32 tokens (timm's residual stream; the old all-autocast-dtype tokens put a
+    16-bit residual through every block), gradients in the parameters' dtype. Without class token
+    and positions the tokens are in the autocast dtype, as the conv's. Error within 2x that of
+    the eager chain under the same autocast, against float64 from the same cast weight and bias."""
     g = torch.Generator().manual_seed(0)
     if uint8:
         images = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8, generator=g)
@@ -571,16 +574,40 @@ def test_autocast_runs_in_the_autocast_dtype(dtype, uint8):
     pos = torch.randn(1, 7, 24, generator=g).requires_grad_()
     with torch.autocast("cpu", dtype=dtype):
         out = patch_embed(images, w, b, cls_token=cls, pos_embed=pos, **stats)
-    assert out.dtype == dtype
-    cast = [t.detach().to(dtype) for t in (w, b, cls, pos)]
-    exact = patch_embed_ref(images, *[t.double() for t in cast[:2]], cls_token=cast[2].double(),
-                            pos_embed=cast[3].double(), **stats)
-    eager = patch_embed_ref(images, cast[0], cast[1], cls_token=cast[2], pos_embed=cast[3], **stats)
+        eager = patch_embed_ref(images, w, b, cls_token=cls, pos_embed=pos, **stats)
+        bare = patch_embed(images, w, b, **stats)
+    assert out.dtype == eager.dtype == torch.float32 and bare.dtype == dtype
+    cast = [t.detach().to(dtype).double() for t in (w, b)]
+    exact = patch_embed_ref(images, *cast, cls_token=cls.detach().double(), pos_embed=pos.detach().double(), **stats)
     err, ref_err = (out.double() - exact).abs().max(), (eager.double() - exact).abs().max()
     assert err <= 2 * ref_err + 1e-6, (err, ref_err)
-    out.float().sum().backward()
+    out.sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
     assert torch.isfinite(w.grad).all() and b.grad.dtype == torch.float32
+    torch.testing.assert_close(pos.grad, torch.full_like(pos, 2.0), rtol=0, atol=0)  # float32 all the way
+    torch.testing.assert_close(cls.grad, torch.full_like(cls, 2.0), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["gemm", "fused"])
+def test_cuda_autocast_as_the_eager_chain(backend):
+    """The CUDA paths under bf16 autocast: float32 tokens from a bf16 GEMM (the three-kernel path
+    adds the GEMM's result onto a float32 prefill), within 2x the eager chain's error."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 64, 96), dtype=torch.uint8, device="cuda", generator=g)
+    stats = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    w = (torch.randn(64, 3, 16, 16, device="cuda", generator=g) * 0.05).requires_grad_()
+    b, cls = (torch.randn(s, device="cuda", generator=g).requires_grad_() for s in ((64,), (1, 1, 64)))
+    pos = torch.randn(1, 25, 64, device="cuda", generator=g).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = patch_embed(images, w, b, cls_token=cls, pos_embed=pos, backend=backend, **stats)
+        eager = patch_embed_ref(images, w, b, cls_token=cls, pos_embed=pos, **stats)
+    assert out.dtype == eager.dtype == torch.float32
+    cast = [t.detach().bfloat16().double() for t in (w, b)]
+    exact = patch_embed_ref(images, *cast, cls_token=cls.detach().double(), pos_embed=pos.detach().double(), **stats)
+    assert (out.double() - exact).abs().max() <= 2 * (eager.double() - exact).abs().max() + 1e-6
+    out.sum().backward()
+    torch.testing.assert_close(pos.grad, torch.full_like(pos, 4.0), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,6 +187,27 @@ def test_image_offsets_must_fit_32_bits():
     assert any("offsets inside an image are 32-bit" in r for r in patch_embed_fused_not_supported_reasons(wide, w))
 
 
+def test_autocast_as_the_eager_chain_under_autocast():
+    """Under autocast (fp16 here: the interpreter has no bf16) the fused op runs its GEMM in the
+    autocast dtype and adds the float32 class token and positions in float32: float32 tokens, as
+    the eager chain's cat and add give; without them, tokens in the autocast dtype."""
+    case = Case(B=2, H=32, W=48, p=16, D=32)
+    a = _leaves(make_inputs(case, torch.float32), torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = _fused(a)
+        eager = call(patch_embed_ref, a)
+        bare = patch_embed(a["images"], a["weight"], a["bias"], mean=a["mean"], std=a["std"], backend="fused")
+    assert out.dtype == eager.dtype == torch.float32 and bare.dtype == torch.float16
+    cast = {k: a[k].detach().half().double() for k in ("weight", "bias")}
+    exact = call(patch_embed_ref, dict(a, images=a["images"].detach().double(), **cast,
+                                       cls_token=a["cls_token"].detach().double(),
+                                       pos_embed=a["pos_embed"].detach().double()))
+    assert max_err(out, exact) <= 2 * max_err(eager, exact) + 1e-6
+    out.sum().backward()
+    assert a["weight"].grad.dtype == torch.float32
+    torch.testing.assert_close(a["pos_embed"].grad, torch.full_like(a["pos_embed"], 2.0), rtol=0, atol=0)
+
+
 def test_batch_zero_and_class_rows_only():
     a = make_inputs(Case(B=0, H=32, W=32, p=16, D=32), torch.float32)
     assert _fused(a).shape == (0, 5, 32)
@@ -352,3 +373,44 @@ def test_dispatch_table_routes_and_tuning_builds_the_call(monkeypatch):
     assert "patch_embed" in tuning.TUNABLE
     out = tuning._inputs(call)()  # on CPU tensors: the C++ op
     assert out.shape == (2, 3, 16)
+
+
+def test_without_the_extension_cuda_images_take_the_fused_kernel(monkeypatch):
+    """vitfast._C missing (not built, or built for another torch, as on a GPU image whose torch
+    differs): on CUDA the fused Triton kernel still serves the op and FastViT's patch embedding
+    (auto: the kernel, no fallback warning; backend="kernel": no error). Fake CUDA tensors."""
+    import importlib
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vitfast.models.vit import FastViT
+
+    pe = importlib.import_module("vitfast.ops.patch_embed")  # (vitfast.ops.patch_embed is also the function)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(pe, "_C", None)
+    monkeypatch.setattr(tk, "INTERPRET", False)  # as on the GPU (nothing launches: fake tensors)
+    monkeypatch.setattr(pe._tk, "INTERPRET", False)
+    m = FastViT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        m = m.to_empty(device="cuda")
+        x = torch.empty(2, 3, 32, 32, device="cuda")
+        assert pe.patch_embed_not_supported_reasons(x, m.patch_embed.proj.weight)  # the C++ op cannot
+        for backend in ("auto", "kernel"):
+            m.set_backend(backend)
+            ops = Ops()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with ops:
+                    m._embed(x)
+            assert "vitfast::patch_embed_fused" in ops.names, (backend, ops.names)

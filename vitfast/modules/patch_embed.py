@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._dispatch import module_uses_kernel
-from ..ops.patch_embed import patch_embed, patch_embed_not_supported_reasons
+from ..ops.patch_embed import patch_embed, patch_embed_fused_not_supported_reasons, patch_embed_not_supported_reasons
 from ..ops.reference import normalize_images_ref
 
 __all__ = ["PatchEmbed", "to_2tuple", "embed_images", "resample_abs_pos_embed"]
@@ -89,9 +89,7 @@ def embed_images(
     if images.dtype != torch.uint8:
         mean = std = None  # float images are taken as already normalised (timm's contract)
     w, b = proj.weight, proj.bias
-    use_fused = backend != "reference" and module_uses_kernel(
-        "FastViT.patch_embed", backend, patch_embed_not_supported_reasons(images, w)
-    )
+    use_fused = backend != "reference" and module_uses_kernel("FastViT.patch_embed", backend, _reasons(images, w))
     if use_fused:
         if reg_token is None:  # the op adds the class token and every position itself
             return patch_embed(images, w, b, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
@@ -106,6 +104,17 @@ def embed_images(
     if no_embed_class:
         return torch.cat(expanded + [x + pos_embed], dim=1)
     return torch.cat(expanded + [x], dim=1) + pos_embed
+
+
+def _reasons(images: torch.Tensor, weight: torch.Tensor) -> list:
+    """Why no kernel can embed these images (empty: one can). On CUDA either the C++ op or the
+    fused Triton kernel serves (patch_embed picks between them): the C++ extension missing, or
+    built for another torch, leaves the Triton kernel."""
+    reasons = patch_embed_not_supported_reasons(images, weight)
+    if reasons and images.device.type == "cuda":
+        fused = patch_embed_fused_not_supported_reasons(images, weight)
+        reasons = [] if not fused else reasons + [f"fused Triton kernel: {r}" for r in fused]
+    return reasons
 
 
 def check_images(images, in_chans: int, patch: int, img_size: Tuple[int, int], dynamic: bool, who: str) -> None:

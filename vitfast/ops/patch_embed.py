@@ -253,6 +253,8 @@ def patch_embed(
     Returns:
         ``[B, T, D]`` in the weight's dtype, T = N (+1 with cls_token), N = (H/p)(W/p):
         ``cat(cls, conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)) + pos_embed``.
+        Under ``torch.autocast`` as that chain under autocast: the GEMM in the autocast dtype, and
+        float32 tokens when the class token or the positions are float32 (timm's residual stream).
 
     Differentiable in images (float only), weight, bias, cls_token and pos_embed (through the
     registered ``vitfast::patch_embed_backward``). mean and std are constants of the data
@@ -306,10 +308,20 @@ def _check_patches(patches, images, weight, B: int, T: int) -> None:
     torch._check(patches.dtype == _patches_dtype(weight), lambda: f"patches must be {_patches_dtype(weight)}")
 
 
-def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None, patches=None):
+def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None, patches=None,
+                      out_dtype=None):
     B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
     _check_patches(patches, images, weight, B, T)
-    return images.new_empty((B, T, D), dtype=weight.dtype)
+    _check_out_dtype(out_dtype)
+    return images.new_empty((B, T, D), dtype=out_dtype or weight.dtype)
+
+
+def _check_out_dtype(out_dtype) -> None:
+    torch._check(out_dtype is None or out_dtype in _FLOAT_DTYPES,
+                 lambda: f"out_dtype must be a floating point dtype, got {out_dtype}")
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _patch_embed_patches_fake(images, weight, has_cls, mean=None, std=None):
@@ -371,22 +383,22 @@ def _param_grads(ctx, g_bias, g_cls, g_pos) -> tuple:
 
 def _setup_context(ctx, inputs, output):
     # (padded like needs_input_grad in _backward, in case trailing Nones are dropped here too)
-    images, weight, bias, cls_token, pos_embed, mean, std, patches = tuple(inputs) + (None,) * (8 - len(inputs))
+    images, weight, bias, cls_token, pos_embed, mean, std, patches, _ = tuple(inputs) + (None,) * (9 - len(inputs))
     ctx.save_for_backward(images, weight, mean, std, patches)
     _keep_meta(ctx, bias, cls_token, pos_embed)
 
 
 def _backward(ctx, grad_out):
     images, weight, mean, std, patches = ctx.saved_tensors
-    mask = _grad_mask(ctx, images, 8)
+    mask = _grad_mask(ctx, images, 9)
     if not any(mask):
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     g_images, g_weight, g_bias, g_cls, g_pos = torch.ops.vitfast.patch_embed_backward(
         grad_out, images, weight, mean, std, ctx.has_cls, ctx.pos_tokens, mask, patches
     )
     # mean and std: constants of the data pipeline, no gradient; patches: a function of the images
-    # (their gradient flows through g_images)
-    return (g_images, g_weight, *_param_grads(ctx, g_bias, g_cls, g_pos), None, None, None)
+    # (their gradient flows through g_images); out_dtype: not a tensor
+    return (g_images, g_weight, *_param_grads(ctx, g_bias, g_cls, g_pos), None, None, None, None)
 
 
 def _register() -> None:
@@ -437,13 +449,21 @@ def patch_embed_fused_not_supported_reasons(images, weight, bias=None, *, cls_to
 
 
 def _autocast_params(device, weight, bias, cls_token, pos_embed):
-    """(weight, bias, cls_token, pos_embed), cast to the autocast dtype when autocast is on for
-    ``device`` (what the C++ op's Autocast kernel does; images and mean/std stay as they are)."""
+    """((weight, bias, cls_token, pos_embed), out_dtype) as the C++ op's Autocast kernel makes them
+    when autocast is on for ``device``: weight and bias cast to the autocast dtype (the GEMM's),
+    the class token and positions kept, and the tokens in the type promotion of the autocast dtype
+    with theirs (the eager chain's conv, then cat and add); else the arguments and None. Images
+    and mean/std stay as they are."""
     params = (weight, bias, cls_token, pos_embed)
     if device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device.type):
-        return params
+        return params, None
     dt = torch.get_autocast_dtype(device.type)
-    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in params)
+    out_dtype = dt
+    for t in (cls_token, pos_embed):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            out_dtype = torch.promote_types(out_dtype, t.dtype)
+    cast = tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (weight, bias))
+    return cast + (cls_token, pos_embed), out_dtype
 
 
 def _fused_chosen(images, weight, bias, cls_token, pos_embed) -> bool:
@@ -463,7 +483,7 @@ def _try_fused(images, weight, bias, cls_token, pos_embed, mean, std, backend):
     """The fused kernel's tokens, or None when the C++ op (or the reference) is to run instead:
     ``backend="gemm"``, or ``auto``/``kernel`` where the fused kernel cannot serve the inputs or the
     dispatch table chose the three-kernel path. ``backend="fused"`` raises with the reasons."""
-    params = _autocast_params(images.device, weight, bias, cls_token, pos_embed)
+    params, out_dtype = _autocast_params(images.device, weight, bias, cls_token, pos_embed)
     if backend == "gemm":
         reasons = patch_embed_not_supported_reasons(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed,
                                                     mean=mean, std=std)
@@ -475,9 +495,10 @@ def _try_fused(images, weight, bias, cls_token, pos_embed, mean, std, backend):
     if backend == "fused":
         if reasons:
             raise KernelNotSupported("patch_embed", "fused", reasons)
-    elif reasons or not _fused_chosen(images, *params):
-        return None
-    return _patch_embed_fused(images, *params, _stats(mean, images.device), _stats(std, images.device))
+    elif reasons or (not _fused_chosen(images, *params) and not patch_embed_not_supported_reasons(
+            images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)):
+        return None  # (the table's "torch", the C++ op, only where that op can serve: else the fused kernel)
+    return _patch_embed_fused(images, *params, _stats(mean, images.device), _stats(std, images.device), out_dtype)
 
 
 _register_triton = triton_op_registrar(_tk.INTERPRET)
@@ -500,11 +521,13 @@ def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 @_register_triton("vitfast::patch_embed_fused", mutates_args=())
 def _patch_embed_fused(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        cls_token: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor],
-                       mean: Optional[torch.Tensor], std: Optional[torch.Tensor]) -> torch.Tensor:
-    """The tokens [B, T, D] (weight's dtype) from the fused implicit-GEMM kernel; mean/std
-    float64 [C] or None (as :func:`_stats` makes them)."""
+                       mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
+                       out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The tokens [B, T, D] (``out_dtype``, default the weight's) from the fused implicit-GEMM
+    kernel; mean/std float64 [C] or None (as :func:`_stats` makes them)."""
     B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
-    out = weight.new_empty((B, T, D))
+    _check_out_dtype(out_dtype)
+    out = weight.new_empty((B, T, D), dtype=out_dtype or weight.dtype)
     if out.numel() == 0:
         return out
     pos, mode = _pos_rows(pos_embed, N, T)
@@ -516,9 +539,10 @@ def _patch_embed_fused(images: torch.Tensor, weight: torch.Tensor, bias: Optiona
 
 
 @_patch_embed_fused.register_fake
-def _(images, weight, bias, cls_token, pos_embed, mean, std):
+def _(images, weight, bias, cls_token, pos_embed, mean, std, out_dtype=None):
     B, N, T, D = check_patch_embed_args(images, weight, bias, cls_token, pos_embed, mean, std)
-    return weight.new_empty((B, T, D))
+    _check_out_dtype(out_dtype)
+    return weight.new_empty((B, T, D), dtype=out_dtype or weight.dtype)
 
 
 def _empty0(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -538,7 +562,7 @@ def _patch_embed_fused_backward(grad_out: torch.Tensor, images: torch.Tensor, we
     N = (H // p) * (W // p)
     T = N + (1 if has_cls else 0)
     K = C * p * p
-    dout = grad_out.to(weight.dtype).contiguous()
+    dout = grad_out.to(weight.dtype).contiguous()  # the GEMMs' operand
     w2d = weight.reshape(D, K).contiguous()
     mean, std = _dense(mean), _dense(std)
     g_images, g_weight, g_bias, g_cls, g_pos = (_empty0(weight, torch.float32) for _ in range(5))  # distinct
@@ -554,7 +578,8 @@ def _patch_embed_fused_backward(grad_out: torch.Tensor, images: torch.Tensor, we
     if any(output_mask[2:]):
         # one pass over dOut: G[t] = sum_b dOut[b, t]; the class token, position and bias
         # gradients are slices and one [N, D] column sum of it
-        G = _tk.launch_token_sums(dout) if B * T else dout.new_zeros((T, D), dtype=torch.float32)
+        # (from grad_out in its own dtype: float32 tokens under autocast keep their gradient's bits)
+        G = _tk.launch_token_sums(grad_out.contiguous()) if B * T else dout.new_zeros((T, D), dtype=torch.float32)
         first = 1 if has_cls else 0
         if output_mask[2]:
             g_bias = G[first:].sum(0)
@@ -577,19 +602,20 @@ def _(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask):
 
 
 def _fused_setup(ctx, inputs, output):
-    images, weight, bias, cls_token, pos_embed, mean, std = tuple(inputs) + (None,) * (7 - len(inputs))
+    images, weight, bias, cls_token, pos_embed, mean, std, _ = tuple(inputs) + (None,) * (8 - len(inputs))
     ctx.save_for_backward(images, weight, mean, std)
     _keep_meta(ctx, bias, cls_token, pos_embed)
 
 
 def _fused_backward(ctx, grad_out):
     images, weight, mean, std = ctx.saved_tensors
-    mask = _grad_mask(ctx, images, 7)
+    mask = _grad_mask(ctx, images, 8)
     if not any(mask):
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     g = _patch_embed_fused_backward(grad_out, images, weight, mean, std, ctx.has_cls, ctx.pos_tokens, mask)
     g_images, g_weight, g_bias, g_cls, g_pos = (t if m else None for t, m in zip(g, mask))
-    return (g_images, g_weight, *_param_grads(ctx, g_bias, g_cls, g_pos), None, None)  # mean, std: no gradient
+    # mean, std: no gradient; out_dtype: not a tensor
+    return (g_images, g_weight, *_param_grads(ctx, g_bias, g_cls, g_pos), None, None, None)
 
 
 _patch_embed_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
