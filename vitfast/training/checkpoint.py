@@ -276,7 +276,10 @@ def resume_checkpoint(
             raise refusal from e
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
-        state = _safe_load(os.path.join(path, "state.pt"), env.device)
+        # Onto the CPU: load_state_dict copies the model's tensors to its parameters' device, and the
+        # optimizer's to theirs except AdamW's `step` counters, which stay where they are loaded (on
+        # CUDA they would cost a host sync per parameter per step of a non-fused AdamW).
+        state = _safe_load(os.path.join(path, "state.pt"), "cpu")
         try:
             unwrap(model).load_state_dict(state["model"])
         except RuntimeError as e:

@@ -23,6 +23,7 @@ try:  # torch >= 2.6 public path
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 except ImportError:  # pragma: no cover - torch 2.4/2.5 composable path
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import init_device_mesh
 
 
 @dataclass
@@ -81,6 +82,16 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def _fsdp_mesh(env: DistEnv):
+    """FSDP2's 1-D mesh over all processes on ``env.device``'s type. Without ``mesh=``,
+    ``fully_shard`` builds one on the process's accelerator (CUDA on a GPU host) whatever
+    ``--device`` says, and moves the parameters there. On CUDA it shards onto the current device,
+    so that is made ``env.device`` (``setup`` already did; a no-op then)."""
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    return init_device_mesh(env.device.type, (env.world_size,))
+
+
 def wrap_model(model: nn.Module, mode: str, env: DistEnv, param_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """``mode="ddp"``: ``DistributedDataParallel``. ``mode="fsdp"``: FSDP2 ``fully_shard`` on each
     transformer block (``model.blocks``), then on the root (the embedding, final norm and head).
@@ -102,10 +113,12 @@ def wrap_model(model: nn.Module, mode: str, env: DistEnv, param_dtype: Optional[
         return DDP(model, device_ids=ids, **sync)
     if mode == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-        kw = {"mp_policy": mp} if mp is not None else {}
         blocks = getattr(model, "blocks", None)
         if blocks is None:
             raise ValueError(f"--dist fsdp shards each block of model.blocks; {type(model).__name__} has no .blocks")
+        kw = {"mesh": _fsdp_mesh(env)}
+        if mp is not None:
+            kw["mp_policy"] = mp
         for block in blocks:
             fully_shard(block, **kw)
         root_kw = dict(kw)
