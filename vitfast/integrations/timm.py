@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from .._dispatch import warn_fallback_once
 from ..modules.attention import attention_forward, check_backend
-from ..modules.block import block_forward, block_structure_problems, blocks_forward, fx_symbolic_tracing
+from ..modules.block import (block_forward, block_structure_problems, blocks_forward, calls_only_forward,
+                             fx_symbolic_tracing)
 from ..modules.patch_embed import check_images, embed_images
 
 __all__ = ["patch_timm", "unpatch_timm", "is_patched", "RULES", "PatchRule"]
@@ -122,7 +123,8 @@ def _vit_forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tenso
         x = checkpoint_seq(self.blocks, x)
     else:
         backends = [_fused_backends(blk) for blk in self.blocks]
-        if any(b is not None for b in backends) and not fx_symbolic_tracing():
+        # hooks on the Sequential itself (timm calls it): no chain, so that they fire
+        if any(b is not None for b in backends) and calls_only_forward(self.blocks) and not fx_symbolic_tracing():
             # patched blocks hand the residual stream to the next block's norm1 (and the last one
             # to the final norm) in one add_layer_norm each, as FastViT does (blocks_forward)
             return blocks_forward(self.blocks, x, self.norm, backends)[1]
@@ -131,9 +133,12 @@ def _vit_forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tenso
 
 
 def _fused_backends(blk: nn.Module) -> Optional[tuple]:
-    """(block backend, attention backend) of a block the "fused" rule patched, else None."""
+    """(block backend, attention backend) of a timm ``Block`` the "fused" rule patched; None for
+    anything else, which blocks_forward then calls: an unpatched block, a subclass (FSDP2's
+    ``FSDPBlock``), a wrapper (``CheckpointWrapper``), a block whose forward was replaced since."""
     marks = blk.__dict__.get(_MARK, {})
-    if "forward" not in marks or not hasattr(blk, "attn"):
+    if "forward" not in marks or type(blk) is not _timm_block() \
+            or getattr(blk.__dict__.get("forward"), "__func__", None) is not _block_forward:
         return None
     return marks["forward"], blk.attn.__dict__.get(_MARK, {}).get("forward", "reference")
 

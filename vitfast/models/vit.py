@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..modules.attention import MODULE_BACKENDS, check_backend
-from ..modules.block import Block, blocks_forward, fx_symbolic_tracing
+from ..modules.block import Block, blocks_forward, calls_only_forward, fx_symbolic_tracing
 from ..modules.layers import init_linear, trunc_normal_
 from ..modules.patch_embed import PatchEmbed, check_images, embed_images, grid_of
 
@@ -265,6 +265,8 @@ class FastViT(nn.Module):
             for blk in self.blocks:  # one checkpoint / one graph leaf per block
                 x = self._run_block(blk, x)
             return self.norm(x)
+        if not calls_only_forward(self.blocks):  # hooked or sharded as a whole: called, as timm does
+            return self.norm(self.blocks(x))
         # fused blocks hand the residual stream to the next block's norm1 (and the last one to
         # the final norm) in one add_layer_norm each (vitfast.modules.block.blocks_forward)
         return blocks_forward(self.blocks, x, self.norm)[1]

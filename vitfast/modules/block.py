@@ -21,6 +21,7 @@ documented reference path), with a one-time warning for ``"auto"`` on CUDA, and
 
 from __future__ import annotations
 
+import sys
 from typing import List, Optional, Tuple
 
 import torch
@@ -35,7 +36,7 @@ from .attention import Attention, attention_core
 from .layers import DropPath, LayerScale, Mlp
 
 __all__ = ["Block", "block_forward", "blocks_forward", "block_fallback_reasons", "block_structure_problems",
-           "fx_symbolic_tracing"]
+           "calls_only_forward", "fx_symbolic_tracing"]
 
 _GELUS = {"GELU": "none", "GELUTanh": "tanh"}  # timm's activation classes -> approximate
 
@@ -153,6 +154,32 @@ def _norm_joins(norm: Optional[nn.Module], mod: nn.Module, x: torch.Tensor) -> b
             and not add_layer_norm_not_supported_reasons(x, x, _gamma(mod.ls2), norm.weight, norm.bias))
 
 
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def calls_only_forward(mod: nn.Module) -> bool:
+    """Whether ``mod(x)`` does nothing but ``mod.forward(x)``, so that running the forward's work
+    some other way (as :func:`blocks_forward` does, in pieces shared with its neighbours) skips
+    nothing: no forward, pre-forward or backward hook of its own or global (a user's, a feature
+    getter's, ``vitfast profile``'s, FSDP2's unsharding), not compiled in place
+    (``mod.compile()``), not an FSDP2 module (``fully_shard``)."""
+    from torch.nn.modules import module as _m
+
+    if any(getattr(mod, h, None) or getattr(_m, "_global" + h, None) for h in _MODULE_HOOKS):
+        return False
+    if getattr(mod, "_compiled_call_impl", None) is not None:
+        return False
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no module can be an FSDPModule
+    return not (fsdp is not None and isinstance(mod, getattr(fsdp, "FSDPModule", ())))
+
+
+def _plain_block(mod: nn.Module) -> bool:
+    """A vitfast :class:`Block` itself: not a subclass (FSDP2's ``FSDPBlock`` is one), not a
+    wrapper (activation checkpointing's ``CheckpointWrapper`` forwards its attributes), its
+    ``forward`` not replaced on the instance."""
+    return type(mod) is Block and "forward" not in mod.__dict__
+
+
 def fx_symbolic_tracing() -> bool:
     """Inside torch.fx.symbolic_trace (torch >= 2.12 names it apart from torch.export's tracing,
     whose is_fx_tracing() now warns on every call). Model loops run block by block then, so
@@ -171,13 +198,18 @@ def blocks_forward(blocks, x: torch.Tensor, final_norm: Optional[nn.Module] = No
     ``add_layer_norm``: the residual stream is read and written once per sub-layer instead of
     once more at each block boundary.
 
+    Only a block whose call is its forward and nothing more (:func:`calls_only_forward`: no hooks,
+    not compiled, not FSDP2-sharded) is run in pieces; any other block is called, ``blk(x)``, and
+    its neighbours end and start with their own residual and norm1. The final norm is joined
+    only when it too :func:`calls_only_forward`, else called.
+
     ``backends``: per block ``(block backend, attention backend)``, or None for a block that runs
-    its own forward (e.g. a timm block ``patch_timm`` left unpatched); default: each vitfast
-    block's ``attn.backend`` for both."""
+    its own forward (e.g. a timm block ``patch_timm`` left unpatched); default: each plain vitfast
+    :class:`Block`'s ``attn.backend`` for both, None for anything else (a subclass, a wrapper)."""
     blocks = list(blocks)
     if backends is None:
-        backends = [(b.attn.backend, b.attn.backend) if hasattr(b, "attn") else None for b in blocks]
-    fused = [be is not None and _fuses(b, be[0], x) for b, be in zip(blocks, backends)]
+        backends = [(b.attn.backend, b.attn.backend) if _plain_block(b) else None for b in blocks]
+    fused = [be is not None and calls_only_forward(b) and _fuses(b, be[0], x) for b, be in zip(blocks, backends)]
     h = None
     for i, blk in enumerate(blocks):
         if not fused[i]:
@@ -190,7 +222,7 @@ def blocks_forward(blocks, x: torch.Tensor, final_norm: Optional[nn.Module] = No
         if nxt is not None and fused[i + 1] and _norm_joins(nxt.norm1, blk, x):
             x, h = _fused(blk, x, attn_backend, None, False, op_backend, h=h, next_norm=nxt.norm1,
                           next_dtype=_autocast_dtype(x))
-        elif last and final_norm is not None and _norm_joins(final_norm, blk, x):
+        elif last and final_norm is not None and calls_only_forward(final_norm) and _norm_joins(final_norm, blk, x):
             # the final norm's output dtype as eager LayerNorm gives it (fp32 under autocast)
             x, h = _fused(blk, x, attn_backend, None, False, op_backend, h=h, next_norm=final_norm,
                           next_dtype=None)
