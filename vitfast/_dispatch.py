@@ -77,7 +77,10 @@ def resolve_backend(op: str, backend, reasons: Sequence[str]) -> str:
     if reasons:
         if b == "kernel":
             raise KernelNotSupported(op, backend, reasons)
-        warn_fallback_once(op, reasons)
+        import torch
+
+        if not torch.compiler.is_compiling():  # (Dynamo cannot trace the warning's lock: fullgraph failed)
+            warn_fallback_once(op, reasons)
         return "reference"
     return "kernel"
 

@@ -1122,3 +1122,45 @@ def test_benchmark_rows_smoke():
         assert {"device", "torch", "triton", "vitfast", "date", "command"} <= set(r)
     assert "vs_best_sdpa" in rows[0] and "TFLOP/s" in bench.format_table(rows)
     assert bench.attention_flops(2, 3, 10, 8, "fwd+bwd") == 3.5 * 4 * 2 * 3 * 100 * 8
+
+
+def test_wrapper_edges_autocast_float64_meta_scale_and_fallback_under_compile(monkeypatch):
+    """The public wrapper: float64 inputs stay float64 under autocast (as SDPA's), meta tensors
+    (no autocast there) give a meta output, a scale tensor that requires grad is refused (its
+    gradient would be dropped), and a fallback (the kernel cannot serve the input) traces under
+    torch.compile(fullgraph=True): the one-time warning's lock is not entered while compiling."""
+    import importlib
+
+    A = importlib.import_module("vitfast.ops.attention")
+    q = torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention(q, q, q).dtype == torch.float64
+        assert attention_packed(torch.randn(1, 5, 96, dtype=torch.float64), num_heads=2).dtype == torch.float64
+        assert attention(q.float(), q.float(), q.float()).dtype == torch.bfloat16
+    m = torch.empty(1, 2, 5, 16, device="meta")
+    assert attention(m, m, m).device.type == "meta"
+    with pytest.raises(TypeError, match="scale"):
+        attention(q, q, q, scale=torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
+    monkeypatch.setattr(A, "auto_is_reference", lambda device: False)  # as for a CUDA input
+    x = torch.randn(1, 2, 5, 12)  # D = 12: the kernel cannot serve it (auto falls back)
+    reset_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.compile(lambda t: attention(t, t, t), fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(x, x, x))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_module_paths_agree_on_a_changed_scale(qk_norm):
+    """attn.scale set by a user: the reference path (SDPA) takes it as the kernel path does (and as
+    timm's non-fused path), so CPU and GPU, kernel and fallback give the same attention."""
+    from vitfast.modules.attention import Attention
+
+    torch.manual_seed(0)
+    a = Attention(32, num_heads=2, qk_norm=qk_norm)
+    a.scale = 0.05
+    x = torch.randn(2, 7, 32)
+    a.backend = "reference"
+    ref = a(x)
+    a.backend = "kernel"
+    torch.testing.assert_close(a(x), ref, rtol=1e-5, atol=1e-5)

@@ -53,7 +53,9 @@ def _reference(mod, qkv, attn_mask, is_causal):
     q, k, v = split_packed_qkv(qkv, mod.num_heads)
     q, k = mod.q_norm(q), mod.k_norm(k)
     p = mod.attn_drop.p if mod.training else 0.0
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+    # scale=mod.scale, as the kernel path and timm's non-fused path take it (a changed attn.scale)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
+                                       scale=mod.scale)
     return o.transpose(1, 2).flatten(2)
 
 

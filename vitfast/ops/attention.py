@@ -168,6 +168,9 @@ def _default_scale(op: str, scale: Optional[float], head_dim: int) -> float:
                                                               (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)))
     if not ok:
         raise TypeError(f"vitfast.{op}: scale must be None or a float, got {_describe_scale(scale)}")
+    if isinstance(scale, Tensor) and scale.requires_grad:
+        raise TypeError(f"vitfast.{op}: scale is a tensor that requires grad; the kernels take scale as a constant "
+                        "and would drop its gradient (pass float(scale), or scale q instead)")
     return float(scale)
 
 
@@ -350,10 +353,15 @@ def _autocast(*ts: Tensor) -> tuple:
     if not all(isinstance(t, Tensor) for t in ts):
         return ts
     kind = ts[0].device.type
-    if not torch.is_autocast_enabled(kind):
+    if kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind):  # (meta: no autocast, no error)
         return ts
     dtype = torch.get_autocast_dtype(kind)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in ts)
+    # float64 stays float64, as autocast leaves it for SDPA
+    return tuple(t.to(dtype) if t.dtype in _AUTOCAST_CAST else t for t in ts)
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
