@@ -1,16 +1,24 @@
 """`vitfast profile` on the CPU with a tiny config: the trace loads and holds the named ranges,
-the tables, the ncu command line, bad options exit 2."""
+the tables, the ncu command line, bad options exit 2; on the fused path (backend="kernel" under
+the interpreter, as a GPU runs "auto") the profiled step runs the same fused chain as an
+unprofiled one and its time still lands in the attention and mlp regions."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
 
+import vitfast.modules.block as vblock
 from vitfast import cli, profile
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "2",
         "--warmup", "1", "--steps", "1"]
 RANGES = ("patch_embed", "block0.attn", "block0.mlp", "block1.attn", "block1.mlp", "head")
+FUSED_OPS = ("layer_norm", "add_layer_norm", "linear_bias_gelu", "bias_scale_residual")
+# two chained fused blocks: block0's norm1, then each residual with the norm after it (norm2, the
+# next norm1, the final norm) in one add_layer_norm
+CHAIN_OF_TWO = {"layer_norm": 1, "add_layer_norm": 4, "linear_bias_gelu": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -61,14 +69,66 @@ def test_nvtx_only_runs_without_the_profiler(capsys):
     assert "with NVTX ranges" in capsys.readouterr().out
 
 
+def _spy_fused_ops(monkeypatch) -> dict:
+    """The block's fused op calls, apart by whether a profiler was recording."""
+    calls = {False: Counter(), True: Counter()}
+    for name in FUSED_OPS:
+        def wrapped(*a, _fn=getattr(vblock, name), _name=name, **k):
+            calls[torch._C._autograd._profiler_enabled()][_name] += 1
+            return _fn(*a, **k)
+        monkeypatch.setattr(vblock, name, wrapped)
+    return calls
+
+
+def test_fused_path_is_what_gets_profiled(tmp_path, monkeypatch):
+    built, build_model = [], profile.build_model
+    monkeypatch.setattr(profile, "build_model",
+                        lambda *a, **k: built.append(build_model(*a, **k).set_backend("kernel")) or built[-1])
+    calls = _spy_fused_ops(monkeypatch)
+    assert profile.main(TINY + ["--json", str(tmp_path / "p.json")]) == 0  # 1 warm-up step, 1 profiled
+    assert calls[False] == calls[True] == CHAIN_OF_TWO
+    doc = json.loads((tmp_path / "p.json").read_text())
+    regions = {r["region"]: r for r in doc["regions"]}
+    assert list(regions) == ["patch_embed", "attention", "mlp", "head"]
+    for name in ("attention", "mlp"):
+        assert regions[name]["calls"] == 2 and regions[name]["us_per_step"] > 0, regions[name]
+    model = built[0]  # left as it was: no hook, no label, no NVTX
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any(vblock.RANGE_LABEL in b.__dict__ for b in model.blocks) and vblock.NVTX is False
+
+
+def test_annotate_vit_keeps_patched_timm_blocks_fused(monkeypatch):
+    timm = pytest.importorskip("timm")
+    from vitfast.integrations.timm import patch_timm
+
+    torch.manual_seed(0)
+    model = patch_timm(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3).eval(),
+                       backend="kernel")
+    x = torch.randn(2, 3, 32, 32)
+    calls = _spy_fused_ops(monkeypatch)
+    with torch.no_grad():
+        plain = model(x)
+        with profile.annotate_vit(model) as ranges:
+            assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.blocks)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                profiled = model(x)
+            assert ranges.stack == []
+    assert calls[False] == calls[True] == CHAIN_OF_TWO
+    torch.testing.assert_close(profiled, plain, rtol=0, atol=0)
+    names = Counter(e.name for e in prof.events())
+    assert all(names[r] == 1 for r in RANGES), names
+
+
 def test_annotate_vit_removes_its_hooks():
     import vitfast
 
     model = vitfast.create_model("vit_tiny_patch16_224", img_size=32, depth=1, backend="reference")
     with profile.annotate_vit(model) as ranges:
+        assert getattr(model.blocks[0], vblock.RANGE_LABEL) == "block0"
         model(torch.randn(1, 3, 32, 32))
         assert ranges.stack == []  # every range opened in the forward was closed
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert vblock.RANGE_LABEL not in model.blocks[0].__dict__
     with pytest.raises(ValueError, match="no .blocks"):
         with profile.annotate_vit(torch.nn.Linear(2, 2)):
             pass

@@ -2,7 +2,9 @@
 
 A ``torch.profiler`` run over a few steps of FastViT (or the reference, or timm) with named
 ranges -- ``patch_embed``, ``block{i}.attn``, ``block{i}.mlp``, ``head`` and, in training,
-``backward`` and ``optimizer`` -- put in with forward hooks, so no model code changes; on CUDA
+``backward`` and ``optimizer`` -- that leave the code path as a user runs it: vitfast's blocks
+open their ranges themselves (also inside the fused chain, where no block or sub-module is
+called), the rest come from hooks on modules no fusion looks at (:func:`annotate_vit`); on CUDA
 the same ranges are NVTX ranges for Nsight Systems / Nsight Compute. Prints the time per
 region and the top kernels by self device time (self CPU time on the CPU) with their share
 of the step; ``--trace`` writes a Chrome trace (chrome://tracing, Perfetto), ``--ncu`` prints
@@ -24,6 +26,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..modules import block as vblock
 from . import benchmarking as bu
 from .bench import IMPLS, build_model, make_inputs, make_step, resolve_config
 
@@ -50,11 +53,17 @@ class _Ranges:
         self.stack.append((name, rf))
 
     def pop(self, name: str) -> None:
-        if not self.stack or self.stack[-1][0] != name:  # a forward that raised part-way: unwind
-            while self.stack and self.stack[-1][0] != name:
-                self._pop_one()
-        if self.stack:
+        """Close ``name`` and whatever is still open inside it (a forward that raised part-way);
+        nothing when ``name`` is not open."""
+        if all(n != name for n, _ in self.stack):
+            return
+        while self.stack[-1][0] != name:
             self._pop_one()
+        self._pop_one()
+
+    def switch(self, old: str, new: str) -> None:
+        self.pop(old)
+        self.push(new)
 
     def _pop_one(self) -> None:
         _, rf = self.stack.pop()
@@ -72,31 +81,60 @@ class _Ranges:
             self.pop(name)
 
 
+def _opens_own_ranges(blk: nn.Module) -> bool:
+    """Whether ``blk`` runs vitfast's block_forward (a FastViT Block, a timm Block that
+    ``patch_timm`` fused), which opens its ``.attn`` / ``.mlp`` ranges itself on every path
+    (:func:`vitfast.modules.block.part_range`): a hook on it would stop it from fusing."""
+    if isinstance(blk, vblock.Block):
+        return True
+    timm_patch = sys.modules.get("vitfast.integrations.timm")  # not imported: nothing was patched
+    fwd = blk.__dict__.get("forward")
+    return timm_patch is not None and getattr(fwd, "__func__", None) is timm_patch._block_forward
+
+
 @contextlib.contextmanager
 def annotate_vit(model: nn.Module, nvtx: bool = False, profiler: bool = True) -> Iterator[_Ranges]:
-    """Named ranges over a ViT's forward, from hooks (timm's and FastViT's module names):
-    ``patch_embed`` (images to tokens: from the model's entry to the first block),
-    ``block{i}.attn``, ``block{i}.mlp``, ``head`` (after the last block to the output).
-    The hooks are removed on exit."""
+    """Named ranges over a ViT's forward (timm's and FastViT's module names), none of which
+    changes what runs: ``patch_embed`` (the model's entry to ``norm_pre``'s output),
+    ``block{i}.attn`` (norm1 to norm2: attention and residual 1), ``block{i}.mlp`` (the MLP and
+    residual 2, and on the fused path the next norm1 or final norm it makes), ``head``
+    (``fc_norm``'s input to the output). vitfast's blocks open their ranges themselves, named
+    from the label set here (:data:`vitfast.modules.block.RANGE_LABEL`), so that they still
+    fuse; other blocks (timm's own) get hooks on the block and its ``mlp``. Hooks and labels
+    are removed on exit."""
     vit = model[-1] if isinstance(model, nn.Sequential) else model
     if not hasattr(vit, "blocks") or len(vit.blocks) == 0:
         raise ValueError("annotate_vit: the model has no .blocks (expected a timm-style VisionTransformer)")
     r = _Ranges(nvtx, profiler)
-    first, last = vit.blocks[0], vit.blocks[-1]
-    handles = [
-        vit.register_forward_pre_hook(lambda m, a: r.push("patch_embed")),
-        first.register_forward_pre_hook(lambda m, a: r.pop("patch_embed")),
-        last.register_forward_hook(lambda m, a, o: r.push("head")),
-        vit.register_forward_hook(lambda m, a, o: r.pop("head")),
-    ]
+    handles = [vit.register_forward_hook(lambda m, a, o: r.pop("head"))]
+    embed_end = getattr(vit, "norm_pre", None)
+    if isinstance(embed_end, nn.Module):
+        handles += [vit.register_forward_pre_hook(lambda m, a: r.push("patch_embed")),
+                    embed_end.register_forward_hook(lambda m, a, o: r.pop("patch_embed"))]
+    head_start = next((m for m in (getattr(vit, "fc_norm", None), getattr(vit, "head", None))
+                       if isinstance(m, nn.Module)), None)
+    if head_start is not None:
+        handles.append(head_start.register_forward_pre_hook(lambda m, a: r.push("head")))
+    labelled = []
     for i, blk in enumerate(vit.blocks):
-        for part in ("attn", "mlp"):
-            mod, name = getattr(blk, part), f"block{i}.{part}"
-            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: r.push(n)))
-            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: r.pop(n)))
+        if _opens_own_ranges(blk):
+            labelled.append((blk, blk.__dict__.get(vblock.RANGE_LABEL)))
+            setattr(blk, vblock.RANGE_LABEL, f"block{i}")
+            continue
+        attn, mlp = f"block{i}.attn", f"block{i}.mlp"
+        handles += [blk.register_forward_pre_hook(lambda m, a, n=attn: r.push(n)),
+                    blk.mlp.register_forward_pre_hook(lambda m, a, n=attn, k=mlp: r.switch(n, k)),
+                    blk.register_forward_hook(lambda m, a, o, n=mlp: r.pop(n))]
+    nvtx_before, vblock.NVTX = vblock.NVTX, nvtx
     try:
         yield r
     finally:
+        vblock.NVTX = nvtx_before
+        for blk, label in labelled:
+            if label is None:
+                delattr(blk, vblock.RANGE_LABEL)
+            else:
+                setattr(blk, vblock.RANGE_LABEL, label)
         for h in handles:
             h.remove()
         while r.stack:
@@ -310,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in regions:
         print(f"  {r['region']:<12} {r['us_per_step'] / 1e3:10.3f} ms  {_fmt_share(r['share'])}  ({r['calls']} calls)")
     if mode == "train":
-        print("  (backward is not split by block: autograd runs it outside the forward hooks)")
+        print("  (backward is not split by block: autograd runs it outside the forward's ranges)")
     print(f"\ntop {len(kernels)} {what}, share of the step:")
     width = min(90, max([len(k["name"]) for k in kernels] + [4]))
     for k in kernels:

@@ -11,6 +11,13 @@ patches) runs the block on vitfast's fused epilogue ops, keeping every Parameter
                                                                  GELU_BIAS: linear_bias_gelu)
     x      = bias_scale_residual(x, a @ fc2.W^T, fc2.b, ls2.gamma)  fc2 epilogue + residual 2
 
+Profiler ranges: while a profiler records (``torch.profiler``, ``emit_nvtx``) the block's two
+sub-layers are ``record_function`` ranges, ``block{i}.attn`` (norm1 unless the previous block
+made it, attention, projection, residual 1 and norm2) and ``block{i}.mlp`` (MLP, residual 2 and
+the next norm when joined to it), on every path: fused in a chain, alone, or eager. ``{i}``
+comes from the block's :data:`RANGE_LABEL` attribute (``vitfast profile`` sets it). With no
+profiler, the cost is one check per sub-layer; under ``torch.compile`` there are no ranges.
+
 Under autocast, h comes out in the autocast dtype (no extra cast pass) while the residual
 stream keeps its dtype. Active dropout or drop-path (training with p > 0) runs the affected
 step eagerly. A block whose structure the ops do not cover (not LayerNorm, not GELU) or an
@@ -21,6 +28,7 @@ documented reference path), with a one-time warning for ``"auto"`` on CUDA, and
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import List, Optional, Tuple
 
@@ -36,7 +44,7 @@ from .attention import Attention, attention_core
 from .layers import DropPath, LayerScale, Mlp
 
 __all__ = ["Block", "block_forward", "blocks_forward", "block_fallback_reasons", "block_structure_problems",
-           "calls_only_forward", "fx_symbolic_tracing"]
+           "calls_only_forward", "fx_symbolic_tracing", "part_range", "RANGE_LABEL"]
 
 _GELUS = {"GELU": "none", "GELUTanh": "tanh"}  # timm's activation classes -> approximate
 
@@ -93,9 +101,52 @@ def block_fallback_reasons(mod: nn.Module, x: torch.Tensor) -> List[str]:
     return add_layer_norm_not_supported_reasons(x, x, _gamma(mod.ls1), n2.weight, n2.bias)
 
 
+# ------------------------------------------------------------------------ profiler ranges
+# the attribute that names a block's ranges ("block3": block3.attn, block3.mlp): a plain one, so
+# no state_dict entry and no hook (the block still fuses)
+RANGE_LABEL = "_vitfast_range"
+NVTX = False  # the ranges also as NVTX ranges (vitfast profile on CUDA, and under ncu / nsys)
+_NO_RANGE = contextlib.nullcontext()
+
+
+class _Range:
+    """A record_function range (while a profiler records) and an NVTX range (while NVTX is on)."""
+
+    __slots__ = ("name", "rf", "nvtx")
+
+    def __init__(self, name: str):
+        self.name, self.rf, self.nvtx = name, None, NVTX
+
+    def __enter__(self):
+        if torch._C._autograd._profiler_enabled():
+            self.rf = torch.autograd.profiler.record_function(self.name)
+            self.rf.__enter__()
+        if self.nvtx:
+            torch.cuda.nvtx.range_push(self.name)
+
+    def __exit__(self, *exc):
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+        if self.rf is not None:
+            self.rf.__exit__(*exc)
+
+
+def part_range(mod: nn.Module, part: str):
+    """The profiler range over sub-layer ``part`` ("attn", "mlp") of block ``mod``, named
+    ``f"{label}.{part}"`` (label: ``mod``'s :data:`RANGE_LABEL`, default "block"), while a
+    profiler records or :data:`NVTX` is on; otherwise a shared no-op context. Never while
+    torch.compile / torch.export trace (checked first: the profiler query would break the graph)."""
+    if torch.compiler.is_compiling() or not (NVTX or torch._C._autograd._profiler_enabled()):
+        return _NO_RANGE
+    return _Range(f"{mod.__dict__.get(RANGE_LABEL, 'block')}.{part}")
+
+
 def _eager(mod, x, attn_mask, is_causal):
-    x = x + mod.drop_path1(mod.ls1(mod.attn(mod.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-    return x + mod.drop_path2(mod.ls2(mod.mlp(mod.norm2(x))))
+    with part_range(mod, "attn"):
+        x = x + mod.drop_path1(mod.ls1(mod.attn(mod.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        h = mod.norm2(x)
+    with part_range(mod, "mlp"):
+        return x + mod.drop_path2(mod.ls2(mod.mlp(h)))
 
 
 def _fused(mod, x, attn_backend, attn_mask, is_causal, op_backend="kernel", h=None, next_norm=None,
@@ -109,24 +160,27 @@ def _fused(mod, x, attn_backend, attn_mask, is_causal, op_backend="kernel", h=No
     # already checked the kernels can serve it, so no op falls back with a warning)
     n1, n2, attn, mlp = mod.norm1, mod.norm2, mod.attn, mod.mlp
     od = _autocast_dtype(x)
-    if h is None:
-        h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend=op_backend)
-    o = attention_core(attn, h, attn_backend, attn_mask, is_causal)
-    if _active(mod.drop_path1) or _active(attn.proj_drop):
-        x = x + mod.drop_path1(mod.ls1(attn.proj_drop(attn.proj(o))))
-        h = layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=od, backend=op_backend)
-    else:
-        x, h = add_layer_norm(x, F.linear(o, attn.proj.weight), _gamma(mod.ls1), n2.weight, n2.bias, n2.eps,
-                              y_bias=attn.proj.bias, out_dtype=od, backend=op_backend)
-    a = linear_bias_gelu(h, mlp.fc1.weight, mlp.fc1.bias, _gelu_approximate(mlp.act), backend=op_backend)
-    a = getattr(mlp, "norm", nn.Identity())(mlp.drop1(a))
-    if _active(mod.drop_path2) or _active(mlp.drop2):
-        x = x + mod.drop_path2(mod.ls2(mlp.drop2(mlp.fc2(a))))
-        return x if next_norm is None else (x, None)
-    if next_norm is None:
-        return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2), backend=op_backend)
-    return add_layer_norm(x, F.linear(a, mlp.fc2.weight), _gamma(mod.ls2), next_norm.weight, next_norm.bias,
-                          next_norm.eps, y_bias=mlp.fc2.bias, out_dtype=next_dtype, backend=op_backend)
+    with part_range(mod, "attn"):
+        if h is None:
+            h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=od, backend=op_backend)
+        o = attention_core(attn, h, attn_backend, attn_mask, is_causal)
+        if _active(mod.drop_path1) or _active(attn.proj_drop):
+            x = x + mod.drop_path1(mod.ls1(attn.proj_drop(attn.proj(o))))
+            h = layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=od, backend=op_backend)
+        else:
+            x, h = add_layer_norm(x, F.linear(o, attn.proj.weight), _gamma(mod.ls1), n2.weight, n2.bias, n2.eps,
+                                  y_bias=attn.proj.bias, out_dtype=od, backend=op_backend)
+    with part_range(mod, "mlp"):
+        a = linear_bias_gelu(h, mlp.fc1.weight, mlp.fc1.bias, _gelu_approximate(mlp.act), backend=op_backend)
+        a = getattr(mlp, "norm", nn.Identity())(mlp.drop1(a))
+        if _active(mod.drop_path2) or _active(mlp.drop2):
+            x = x + mod.drop_path2(mod.ls2(mlp.drop2(mlp.fc2(a))))
+            return x if next_norm is None else (x, None)
+        if next_norm is None:
+            return bias_scale_residual(x, F.linear(a, mlp.fc2.weight), mlp.fc2.bias, _gamma(mod.ls2),
+                                       backend=op_backend)
+        return add_layer_norm(x, F.linear(a, mlp.fc2.weight), _gamma(mod.ls2), next_norm.weight, next_norm.bias,
+                              next_norm.eps, y_bias=mlp.fc2.bias, out_dtype=next_dtype, backend=op_backend)
 
 
 def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_mask: Optional[torch.Tensor] = None,
