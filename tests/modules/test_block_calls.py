@@ -214,3 +214,63 @@ def test_patched_timm_hooks_fire(monkeypatch):
     with torch.no_grad():
         assert rel_err(p(IMAGES), ref) <= RTOL
     assert calls == {"layer_norm": 3, "add_layer_norm": 3 + 1, "linear_bias_gelu": 3, "bias_scale_residual": 2}
+
+
+@pytest.mark.parametrize("sub", ["attn", "attn.proj", "mlp", "mlp.fc1", "norm1", "norm2", "ls1"])
+def test_hooks_on_submodules_the_fused_path_does_not_call_fire(sub):
+    """The fused block reads norm1/norm2/attn.proj/mlp weights instead of calling those modules:
+    a hook on one of them (feature extraction, a user's) makes the block run its own forward,
+    with no warning, and the numbers stay those of the reference."""
+    import warnings
+
+    torch.manual_seed(0)
+    b = Block(32, 2, init_values=0.5, backend="kernel").eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        b.attn.backend = "reference"
+        ref = b(x)
+        b.attn.backend = "kernel"
+        mod = functools.reduce(getattr, sub.split("."), b)
+        seen = []
+        mod.register_forward_hook(lambda m, i, o: seen.append(sub))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = b(x)
+    assert seen == [sub]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_blocks_with_other_attention_or_mlp_are_not_fused():
+    """patch_timm's fused block rebuilds standard attention and an fc1/GELU/fc2 MLP from their
+    weights: a gated attention, a subclass of timm's Attention with its own forward, or a GELU
+    GluMlp (fc1/fc2 too, but gated) must be left to timm, with timm's numbers."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import Attention, GluMlp
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    from vitfast.integrations.timm import is_patched, patch_timm
+
+    class Doubled(Attention):
+        def forward(self, x, attn_mask=None, is_causal=False):
+            return 2 * super().forward(x, attn_mask=attn_mask)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    blocks = {"gated": TimmBlock(32, 2), "subclass": TimmBlock(32, 2), "glu": TimmBlock(32, 2, mlp_layer=GluMlp,
+                                                                                         act_layer=torch.nn.GELU)}
+    try:
+        blocks["gated"].attn = Attention(32, 2, gated=True)
+    except TypeError:  # a timm without gated attention
+        del blocks["gated"]
+    blocks["subclass"].attn = Doubled(32, 2)
+    for name, b in blocks.items():
+        b.eval()
+        with torch.no_grad():
+            ref = b(x)
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                patch_timm(b, backend="kernel")
+            assert not is_patched(b), name
+            torch.testing.assert_close(b(x), ref, rtol=1e-4, atol=1e-5, msg=name)

@@ -82,13 +82,52 @@ def block_structure_problems(mod: nn.Module) -> List[str]:
         if not isinstance(ls, nn.Identity) and not isinstance(_gamma(ls), torch.Tensor):
             problems.append(f"{name} is {type(ls).__name__}, neither Identity nor a LayerScale with gamma")
     mlp = getattr(mod, "mlp", None)
-    if not (isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)):
-        problems.append(f"mlp is {type(mlp).__name__}, not an fc1/act/fc2 Mlp")
+    if not _is_one_of(mlp, Mlp, "timm.layers", "Mlp") or not (
+            isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)):
+        # exactly the fc1/act/fc2 Mlp: a GluMlp or SwiGLU also has fc1 and fc2, and a GELU GluMlp
+        # would pass an act check, but gates the activation (the fused path would drop the gate)
+        problems.append(f"mlp is {type(mlp).__name__}, not vitfast's or timm's fc1/act/fc2 Mlp")
     elif _gelu_approximate(mlp.act) is None:
         problems.append(f"mlp.act is {type(mlp.act).__name__}; the fused epilogue is GELU (exact or tanh)")
-    if not isinstance(getattr(getattr(mod, "attn", None), "proj", None), nn.Linear):
-        problems.append(f"attn is {type(getattr(mod, 'attn', None)).__name__} without a Linear proj")
+    attn = getattr(mod, "attn", None)
+    if not _is_one_of(attn, Attention, "timm.layers", "Attention") or not isinstance(getattr(attn, "proj", None),
+                                                                                    nn.Linear):
+        # the fused path rebuilds standard attention from qkv, q_norm/k_norm and norm (attention_core):
+        # anything else an attention module does (timm's DiffAttention, a subclass's own forward)
+        # would be dropped
+        problems.append(f"attn is {type(attn).__name__}, not vitfast's or timm's standard Attention")
+    else:
+        if getattr(attn, "gate", None) is not None:
+            problems.append("attn is gated (the fused attention has no output gate)")
+        if attn.num_heads * attn.head_dim * 3 != attn.qkv.out_features:
+            problems.append("attn.qkv width is not 3 * num_heads * head_dim")
     return problems
+
+
+def _is_one_of(mod, vitfast_cls: type, timm_module: str, timm_name: str) -> bool:
+    """``mod`` is exactly ``vitfast_cls`` or timm's ``timm_module.timm_name`` (not a subclass: its
+    forward may do more). timm is not imported here: a module of timm's exists only once it is."""
+    if type(mod) is vitfast_cls:
+        return True
+    timm_mod = sys.modules.get(timm_module)
+    return timm_mod is not None and type(mod) is getattr(timm_mod, timm_name, None)
+
+
+# The submodules whose work the fused path does without calling them (it reads their weights): a
+# hook on one of them (feature extraction, a user's), an in-place compile or FSDP2 sharding of it
+# would be skipped, so such a block runs its own forward instead (no warning: nothing is wrong).
+_SKIPPED_CALLS = ("norm1", "norm2", "attn", "attn.proj", "mlp", "mlp.fc1", "mlp.act", "mlp.fc2", "ls1", "ls2")
+
+
+def _skipped_calls_intercepted(mod: nn.Module) -> bool:
+    """Whether a submodule the fused path does not call has hooks, is compiled or FSDP2-sharded."""
+    for path in _SKIPPED_CALLS:
+        sub = mod
+        for name in path.split("."):
+            sub = getattr(sub, name, None)
+        if isinstance(sub, nn.Module) and not calls_only_forward(sub):
+            return True
+    return False
 
 
 def block_fallback_reasons(mod: nn.Module, x: torch.Tensor) -> List[str]:
@@ -190,14 +229,15 @@ def block_forward(mod: nn.Module, x: torch.Tensor, backend: str = "auto", attn_m
     attn_backend = backend if attn_backend is None else attn_backend
     if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
         return _eager(mod, x, attn_mask, is_causal)
-    if module_uses_kernel("FastViT.block", backend, block_fallback_reasons(mod, x)):
+    if not _skipped_calls_intercepted(mod) and module_uses_kernel("FastViT.block", backend,
+                                                                  block_fallback_reasons(mod, x)):
         return _fused(mod, x, attn_backend, attn_mask, is_causal, "auto" if backend == "auto" else "kernel")
     return _eager(mod, x, attn_mask, is_causal)
 
 
 def _fuses(mod: nn.Module, backend: str, x: torch.Tensor) -> bool:
     """Whether block_forward runs ``mod`` fused on ``x`` (warning or raising as it would)."""
-    if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
+    if backend == "reference" or (backend == "auto" and x.device.type != "cuda") or _skipped_calls_intercepted(mod):
         return False
     return module_uses_kernel("FastViT.block", backend, block_fallback_reasons(mod, x))
 
