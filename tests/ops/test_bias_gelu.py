@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import triton
 
 from _fused_testing import CPU_DTYPES, DEV, GPU_DTYPES, check, randn
 from vitfast._dispatch import KernelNotSupported, reset_warnings
@@ -207,3 +208,23 @@ def test_opcheck_and_compile_cuda():
     x, b = _inputs((8, 197), 3072, torch.bfloat16)
     fn = lambda x, b: bias_gelu(x, b)  # noqa: E731
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, b), fn(x, b), rtol=0, atol=0)
+
+
+def test_column_blocks_fit_cuda_grid_axis_1():
+    """The column-tiled kernels put their column blocks on grid axis 1 (CUDA: at most 65535):
+    wider rows are refused with a reason (auto falls back), never launched into a CUDA error."""
+    from vitfast.ops.bias_gelu import bias_gelu_not_supported_reasons
+    from vitfast.ops.bias_scale_residual import bias_scale_residual_not_supported_reasons
+    from vitfast.ops.triton import fused as fk
+
+    ok = torch.empty(fk.MAX_EW_COLUMNS, device="meta")
+    wide = torch.empty(fk.MAX_EW_COLUMNS + 1, device="meta")
+    assert not any("grid axis 1" in r for r in bias_gelu_not_supported_reasons(ok))
+    assert any("grid axis 1" in r for r in bias_gelu_not_supported_reasons(wide))
+    assert any("grid axis 1" in r for r in bias_scale_residual_not_supported_reasons(wide, wide))
+    for C in (257, 4096, 1_000_003, fk.MAX_EW_COLUMNS):  # the GPU's tiles (ew_block off the interpreter)
+        interp, fk.INTERPRET = fk.INTERPRET, False
+        try:
+            assert triton.cdiv(C, fk.ew_block(C)[1]) <= 65535, C
+        finally:
+            fk.INTERPRET = interp

@@ -317,9 +317,12 @@ def blocks_forward(blocks, x: torch.Tensor, final_norm: Optional[nn.Module] = No
             x, h = _fused(blk, x, attn_backend, None, False, op_backend, h=h, next_norm=nxt.norm1,
                           next_dtype=_autocast_dtype(x))
         elif last and final_norm is not None and calls_only_forward(final_norm) and _norm_joins(final_norm, blk, x):
-            # the final norm's output dtype as eager LayerNorm gives it (fp32 under autocast)
+            # the final norm's output dtype as eager LayerNorm gives it: under CUDA autocast float32
+            # (layer_norm is on its float32 list), whatever the residual's dtype (a bf16 model's too);
+            # CPU autocast keeps the input's dtype
+            fp32 = x.device.type == "cuda" and _autocast_dtype(x) is not None and x.dtype != torch.float64
             x, h = _fused(blk, x, attn_backend, None, False, op_backend, h=h, next_norm=final_norm,
-                          next_dtype=None)
+                          next_dtype=torch.float32 if fp32 else None)
             return x, (h if h is not None else final_norm(x))
         else:
             x, h = _fused(blk, x, attn_backend, None, False, op_backend, h=h), None

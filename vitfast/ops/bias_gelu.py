@@ -75,7 +75,8 @@ def _problems(x, bias):
 
 def bias_gelu_not_supported_reasons(x: Tensor, bias: Optional[Tensor] = None) -> list[str]:
     """Why the Triton kernel cannot serve these inputs (empty: it can). Never raises."""
-    return kernel_reasons(_problems(x, bias), {"x": x, "bias": bias})
+    reasons = kernel_reasons(_problems(x, bias), {"x": x, "bias": bias})
+    return reasons + (_k.ew_grid_reasons(x.shape[-1]) if isinstance(x, Tensor) and x.dim() else [])
 
 
 def _check_approximate(approximate) -> None:
@@ -197,7 +198,9 @@ def linear_bias_gelu(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None, a
     kernel / reference."""
     _check_approximate(approximate)
     if canonical_backend("bias_gelu", backend) == "auto" and h.device.type == "cuda":
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        # (autocast leaves float64 alone, as eager fc1 + GELU under autocast would)
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") and torch.float64 not in (
+            h.dtype, weight.dtype) else h.dtype
         if not gelu_epilogue_reasons(h, weight, bias, approximate, allow_tanh_epilogue, dtype):
             from .. import dispatch
 

@@ -58,7 +58,8 @@ def _problems(x, y, bias, gamma):
 def bias_scale_residual_not_supported_reasons(x: Tensor, y: Tensor, bias: Optional[Tensor] = None,
                                               gamma: Optional[Tensor] = None) -> list[str]:
     """Why the Triton kernel cannot serve these inputs (empty: it can). Never raises."""
-    return kernel_reasons(_problems(x, y, bias, gamma), {"x": x, "y": y, "bias": bias, "gamma": gamma})
+    reasons = kernel_reasons(_problems(x, y, bias, gamma), {"x": x, "y": y, "bias": bias, "gamma": gamma})
+    return reasons + (_k.ew_grid_reasons(x.shape[-1]) if isinstance(x, Tensor) and x.dim() else [])
 
 
 # --------------------------------------------------------------------------- the ops

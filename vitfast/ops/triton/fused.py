@@ -445,6 +445,20 @@ def ew_block(C: int) -> tuple[int, int]:
     return max(1, 4096 // block_c), block_c
 
 
+# CUDA's limit on grid axis 1, where the column-tiled kernels put their column blocks (at least
+# 64 columns each beyond C = 256: ew_block)
+MAX_EW_COLUMNS = 65535 * 64
+
+
+def ew_grid_reasons(C: int) -> list[str]:
+    """Why the column-tiled kernels (bias+GELU, bias+LayerScale+residual) cannot launch for rows
+    of ``C`` columns (empty: they can)."""
+    if C > MAX_EW_COLUMNS:
+        return [f"rows of {C} columns: more than 65535 column blocks of 64 on the kernel's grid axis 1 "
+                f"(CUDA's limit; at most {MAX_EW_COLUMNS} columns)"]
+    return []
+
+
 def acc_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
