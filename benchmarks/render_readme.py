@@ -1,9 +1,11 @@
 """Render the README's benchmark section from ``benchmarks/results/*.json``.
 
 Writes only between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in README.md, plus the
-throughput plot (PNG). GPU runs are shown when there are any (the latest run per card); until
-then the latest CPU run, labelled CPU, under a line saying that no GPU run exists yet. Every
-table names its device, versions, date, command and source file: nothing is typed by hand.
+throughput plot (PNG, one line of panels per card). GPU runs are shown when there are any (the
+latest run per card); until then the latest CPU run, labelled CPU, under a line saying that no
+GPU end-to-end run exists yet; each kernel table is a GPU run where a card ran it, else a CPU
+run with (CPU) in its heading. Every table names its device, versions, date, command and
+source file: nothing is typed by hand.
 
     python benchmarks/render_readme.py            # rewrite README.md and the plot
     python benchmarks/render_readme.py --check    # exit 1 if README.md is not what the results give
@@ -24,7 +26,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 PLOT_NAME = "e2e_throughput.png"
 # generic kernel tables: these columns, in this order, where the rows have them
 KERNEL_COLUMNS = ("op", "backend", "impl", "B", "H", "N", "D", "model", "batch", "input", "dtype", "mode", "ms",
-                  "tflops", "gbps", "status")
+                  "tflops", "gbps", "status", "error")
 
 
 def load(results: Path) -> list[dict]:
@@ -88,6 +90,9 @@ def _caption(doc: dict, readme: Path) -> str:
         text += f" MFU against {peak['tflops']:.3g} TFLOP/s ({peak['source']})."
     if any((spread(r) or 0) > NOISY_SPREAD for r in rows if r.get("status", "ok") == "ok"):
         text += (f" Rows marked noisy have a p20-p80 spread above {100 * NOISY_SPREAD:.0f}% of their median time.")
+    if any(r.get("cuda_graph") and r.get("peak_mem_gib") is not None and "peak_mem_covers" not in r for r in rows):
+        text += (" Peak memory of the CUDA-graph inference rows was read after the capture (a run from before "
+                 "`peak_mem_covers` was recorded): it leaves out the activations, which the graph's pool holds.")
     return text
 
 
@@ -192,6 +197,40 @@ def _candidates_table(rows: Sequence[dict]) -> str:
     return format_markdown_table(headers, cells, left=5)
 
 
+def _memory_status(r: dict) -> str:
+    """``ok``, or why the row has no figure (older rows carry only ``error``)."""
+    status = r.get("status") or ("ok" if r.get("error") is None and r.get("peak_extra_bytes") is not None else "failed")
+    if status != "ok" and r.get("error"):
+        return f"{status}: {r['error']}" if not str(r["error"]).startswith(status) else str(r["error"])
+    return status
+
+
+def _memory_table(rows: Sequence[dict]) -> str:
+    """Peak attention memory (``vitfast.cli.kernels.memory``): the extra peak above the inputs,
+    in MiB and in N x N score matrices of the batch (~0: scores kept on chip; >= 1:
+    materialised), and its growth from the previous N (2 linear, 4 quadratic); a failed row
+    says why instead."""
+    cols = [("impl", "impl"), ("mode", "mode"), ("B", "B"), ("H", "H"), ("N", "N"), ("D", "D"), ("dtype", "dtype"),
+            ("extra peak MiB", "peak_extra_bytes"), ("x one N×N", "extra_per_nxn"),
+            ("growth vs previous N", "growth_vs_prev_N"), ("status", None)]
+    keys = ("impl", "mode", "B", "H", "N", "D", "dtype")
+
+    def fmt(r: dict, k: Optional[str]) -> str:
+        status = _memory_status(r)
+        if k is None:
+            return status
+        if status != "ok" and k not in keys:
+            return ""
+        v = r.get(k)
+        if k == "peak_extra_bytes" and isinstance(v, (int, float)):
+            return f"{v / 2**20:,.1f}"
+        if k == "growth_vs_prev_N" and isinstance(v, (int, float)):
+            return f"{v:.2f}x"
+        return _cell(v)
+
+    return format_markdown_table([h for h, _ in cols], [[fmt(r, k) for _, k in cols] for r in rows], left=7)
+
+
 def _plot_title(doc: dict) -> str:
     env, r0 = doc["env"], (doc["rows"] or [{}])[0]
     where = f"CPU, {env.get('cpu_threads')} thread(s)" if env.get("device_kind") == "cpu" else str(env.get("device"))
@@ -207,6 +246,8 @@ def _kernel_table(name: str, rows: Sequence[dict]) -> str:
         return _fused_table(rows)
     if name == "attention_candidate":
         return _candidates_table(rows)
+    if any("peak_extra_bytes" in r for r in rows):
+        return _memory_table(rows)
     cols = [c for c in KERNEL_COLUMNS if any(c in r for r in rows)]
     return format_markdown_table(cols, [[_cell(r.get(c)) for c in cols] for r in rows], left=0)
 
@@ -221,8 +262,9 @@ def render(docs: Sequence[dict], readme: Path, plot_path: Path, write_plot: bool
         shown = _latest_per_device(gpu)
     else:
         shown = _latest_per_device(cpu)[-1:]
-        out.append("No GPU run has been recorded yet: the figures below were measured on a CPU and are labelled CPU. "
-                   "GPU figures come from `benchmarks/gpu_check.sh` on a GPU machine.")
+        out.append("No GPU end-to-end run has been recorded yet: the end-to-end figures below were measured on a CPU "
+                   "and are labelled CPU; each kernel table names the device it ran on. GPU figures come from "
+                   "`benchmarks/gpu_check.sh` on a GPU machine.")
     if not shown:
         out.append("No end-to-end results yet (`vitfast bench --json benchmarks/results/`).")
     out.append("")

@@ -449,7 +449,7 @@ def test_render_readme_cpu_then_gpu(tiny_run, tmp_path):
     assert rr.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("intro\n<!-- bench:begin -->\n") and text.endswith("<!-- bench:end -->\noutro\n")
-    assert "No GPU run has been recorded yet" in text and "**CPU**" in text and "old" not in text
+    assert "No GPU end-to-end run has been recorded yet" in text and "**CPU**" in text and "old" not in text
     for impl in ("reference", "fastvit", "timm"):
         assert f"| {impl} |" in text
     assert (results / rr.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
@@ -464,7 +464,7 @@ def test_render_readme_cpu_then_gpu(tiny_run, tmp_path):
     assert rr.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1  # out of date now
     assert rr.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "No GPU run" not in text and "**NVIDIA H100 80GB HBM3**" in text and "| 1.25 |" in text
+    assert "No GPU end-to-end run" not in text and "**NVIDIA H100 80GB HBM3**" in text and "| 1.25 |" in text
     assert "Kernel microbenchmarks (`vitfast bench kernels`): no GPU run recorded yet." in text
 
     # kernel results: attention as vitfast against the fastest SDPA backend, patch embedding's speed-ups
@@ -636,3 +636,235 @@ def test_patch_embed_bench_channels_last_input():
     rows = pb.collect_rows(smoke=True, device="cpu", impls=["vitfast", "eager"], modes=["fwd"], inputs=["uint8_hwc"],
                            warmup=1, iters=2)
     assert {(r["input"], r["status"]) for r in rows} == {("uint8_hwc", "ok")}
+
+
+# ------------------------------------------------------------------------ peak memory, failures while timed, MFU
+def _fake_gpu_entry(monkeypatch, cuda, mem, capture_bytes):
+    """What prepare_entry needs to run an inference entry on a faked cuda:0: the model and inputs
+    built on the CPU, a CUDA graph whose capture runs eagerly and allocates ``capture_bytes`` (its
+    pool: the activations), and allocator statistics kept in ``mem``."""
+    from vitfast import inference
+
+    class EagerGraph(inference.CUDAGraphModule):
+        def _capture(self, warmup):
+            cuda.log.append(("capture", None))
+            mem["peak"] = max(mem["peak"], mem["allocated"] + capture_bytes)
+            with torch.no_grad():
+                return self.model(self.static_input)
+
+        def _replay(self):  # a replay allocates nothing
+            with torch.no_grad():
+                self.static_output.copy_(self.model(self.static_input))
+
+    def reset(device=None):
+        cuda.log.append(("reset_peak", None))
+        mem["peak"] = mem["allocated"]
+
+    cpu = torch.device("cpu")
+    real_build, real_inputs = bench.build_model, bench.make_inputs
+    monkeypatch.setattr(bench, "build_model", lambda name, impl, overrides, device, uint8=False:
+                        real_build(name, impl, overrides, cpu, uint8))
+    monkeypatch.setattr(bench, "make_inputs", lambda cfg, *a: real_inputs(dataclasses.replace(cfg, device=cpu), *a))
+    monkeypatch.setattr(inference, "CUDAGraphModule", EagerGraph)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+
+
+def test_peak_memory_of_a_cuda_graph_row_covers_its_capture(monkeypatch):
+    """GPU inference rows replay a CUDA graph: the activations live in the graph's pool, allocated
+    while CUDAGraphModule captures (in its constructor); replays allocate nothing. The peak must be
+    reset before the capture, or every implementation shows its weights only. Fake CUDA state
+    (tests/_fake_cuda.py) and allocator statistics; the capture allocates 1 GiB."""
+    import vitfast
+    from _fake_cuda import FakeCuda
+
+    cuda = FakeCuda(count=1).install(monkeypatch)
+    mem = {"allocated": 3 * 2**30, "peak": 5 * 2**30}  # 3 GiB held by earlier entries, an old peak of 5
+    _fake_gpu_entry(monkeypatch, cuda, mem, capture_bytes=2**30)
+    cfg = bench.Config(models=["vit_tiny_patch16_224"], batch_size=2, img_size=32, depth=1, dtype=torch.float32,
+                       dtype_name="fp32", modes=["infer"], impls=["reference"], compile=False, uint8=False, warmup=1,
+                       iters=2, device=torch.device("cuda", 0), check=True, peak_tflops=None, cuda_graphs=True)
+    ref = vitfast.create_model("vit_tiny_patch16_224", img_size=32, depth=1, backend="reference")
+    weights = {"state": {k: v.detach() for k, v in ref.state_dict().items()}}
+    entry = bench.prepare_entry(cfg, "vit_tiny_patch16_224", "reference", False, "infer", weights, {}, lambda: None)
+    row = entry.row
+    assert row["status"] == "ok" and row["cuda_graph"] is True
+    order = [kind for kind, *_ in cuda.log if kind in ("reset_peak", "capture")]
+    assert order == ["reset_peak", "capture"], order
+    assert row["peak_mem_gib"] == pytest.approx(1.0)  # the capture's pool, less the 3 GiB held before
+    assert "CUDA graph warm-up and capture" in row["peak_mem_covers"] and "warm-up step" in row["peak_mem_covers"]
+
+
+def test_a_step_failing_while_timed_leaves_a_status_row_and_the_others_are_timed(capsys):
+    """An out-of-memory error (or any error) in the timed phase, e.g. on a step's second call: that
+    entry's row says so and the group's other entries still get their figures (it raised before,
+    losing the group's rows and every later model)."""
+    from types import SimpleNamespace
+
+    def fails_on_call(n, exc):
+        calls = {"n": 0}
+
+        def step(i):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise exc
+
+        return step
+
+    def entry(impl, step):
+        return bench.Entry(dict(impl=impl, compiled=False, status="ok", flops_per_image=1e9), step=step, keep=object())
+
+    entries = {("reference", False): entry("reference", lambda i: None),
+               ("fastvit", False): entry("fastvit", fails_on_call(2, torch.cuda.OutOfMemoryError(
+                   "CUDA out of memory. Tried to allocate 2.00 GiB"))),
+               ("timm", False): entry("timm", fails_on_call(2, RuntimeError("kernel exploded\nmore")))}
+    cfg = SimpleNamespace(iters=3, device=torch.device("cpu"), batch_size=2)
+    bench.time_group(cfg, entries, {"tflops": None, "source": "none", "documented": False}, lambda: None)
+    rows = {k[0]: e.row for k, e in entries.items()}
+    assert rows["fastvit"]["status"] == "oom" and "ms_median" not in rows["fastvit"]
+    assert rows["timm"]["status"] == "error: RuntimeError: kernel exploded" and "ms_median" not in rows["timm"]
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["n_timed"] == 3
+    assert rows["reference"]["speedup_vs_reference"] == 1.0
+    assert entries[("fastvit", False)].step is None and entries[("fastvit", False)].keep is None  # freed
+    assert "kernel exploded" in capsys.readouterr().err  # an error's traceback; an OOM is a size, not a bug
+
+
+def test_mfu_peak_is_measured_in_the_runs_dtype(monkeypatch, tmp_path):
+    """The MFU denominator is a GEMM in the run's dtype (an fp32 run against an fp32 peak, TF32 as
+    the process has it; it was bf16 for every run); each row records the peak's dtype."""
+    cuda = torch.device("cuda", 0)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allowed in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+            assert bu.peak_gemm(cuda, dtype=torch.float32)[1:] == (torch.float32, 10, allowed)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert bu.peak_gemm(cuda, dtype=torch.bfloat16)[1:] == (torch.bfloat16, 10, None)
+    assert bu.peak_gemm(cuda)[1] == torch.bfloat16 and bu.peak_gemm(torch.device("cpu")) is None
+    assert bu.peak_gemm(torch.device("cpu"), measure_cpu=True, dtype=torch.bfloat16)[1] == torch.bfloat16
+    monkeypatch.setattr(bu, "CPU_PEAK_GEMM", 128)
+    assert bench.main(TINY + ["--impl", "reference", "--measure-peak", "--json", str(tmp_path / "p.json")]) == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["peak"]["dtype"] == "float32" and "128^3 float32 GEMM" in doc["peak"]["source"]
+    (row,) = doc["rows"]
+    assert row["peak_dtype"] == "float32" and row["mfu"] is not None
+
+
+def test_old_gpu_fp32_rows_quoted_against_a_bf16_peak_show_no_mfu():
+    from vitfast.cli.report import mfu_shown
+
+    old = dict(device_kind="cuda", dtype="fp32", mfu=0.9, peak_documented=True,
+               peak_source="measured 8192^3 bfloat16 GEMM, fastest of 10: 1.4 ms")
+    assert mfu_shown(old) is None
+    assert mfu_shown(dict(old, dtype="bf16")) == 0.9
+    assert mfu_shown(dict(old, peak_dtype="float32")) == 0.9
+    assert mfu_shown(dict(old, peak_source="given with --peak-tflops")) == 0.9
+
+
+# ------------------------------------------------------------------------ bench kernels --device
+def _stub_children(monkeypatch):
+    """subprocess.run stubbed: each microbenchmark 'runs' by writing one row; returns its calls."""
+    import subprocess
+
+    from vitfast.cli import bench_kernels
+
+    seen = []
+
+    def fake_run(cmd, env=None, timeout=None, **_):
+        seen.append((cmd, env))
+        Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps([{"op": "x", "status": "ok"}]))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench_kernels.subprocess, "run", fake_run)
+    return seen
+
+
+def test_bench_kernels_runs_its_microbenchmarks_on_the_cpu_when_asked(tmp_path, monkeypatch):
+    """--device cpu: the children see no GPU (CUDA_VISIBLE_DEVICES=""), so a GPU host cannot run
+    them on CUDA under a file that says CPU; the value is recorded."""
+    seen = _stub_children(monkeypatch)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "k.json"
+    assert cli.main(["bench", "kernels", "--device", "cpu", "--only", "fused", "attention", "--json", str(out)]) == 0
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in seen] == ["", ""]
+    assert all(env["TRITON_INTERPRET"] == "1" for _, env in seen)
+    doc = json.loads(out.read_text())
+    assert doc["env"]["device_kind"] == "cpu" and doc["env"]["child_cuda_visible_devices"] == ""
+
+
+@pytest.mark.parametrize("own, expected", [(None, "1"), ("4,6", "6"), ("GPU-aaa,GPU-bbb", "GPU-bbb")])
+def test_bench_kernels_runs_its_microbenchmarks_on_cuda_n(own, expected, tmp_path, monkeypatch):
+    """--device cuda:1 (a faked two-GPU host): the children get that card as their only one (their
+    cuda:0), the N-th of this process's own CUDA_VISIBLE_DEVICES when it has one; before, they ran
+    on cuda:0 while the file named cuda:1."""
+    from types import SimpleNamespace
+
+    seen = _stub_children(monkeypatch)
+    if own is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", own)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Fake GPU {torch.device(device).index}")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=9, minor=0, total_memory=2**37))
+    out = tmp_path / "k.json"
+    assert cli.main(["bench", "kernels", "--device", "cuda:1", "--only", "memory", "--json", str(out)]) == 0
+    ((cmd, env),) = seen
+    assert env["CUDA_VISIBLE_DEVICES"] == expected and "--smoke" not in cmd
+    doc = json.loads(out.read_text())
+    assert doc["env"]["device"] == "Fake GPU 1" and doc["env"]["child_cuda_visible_devices"] == expected
+    assert cli.main(["bench", "kernels", "--device", "cuda:2", "--only", "memory"]) == 2  # no such card
+
+
+# ------------------------------------------------------------------------ README: memory, CPU/GPU labels, plot
+def test_render_readme_memory_table_and_per_table_devices(tiny_run, tmp_path):
+    """Memory rows show their measurement (extra peak, x one N×N, growth) and a failed row its
+    error; with a CPU end-to-end run and GPU kernel runs, the CPU line speaks of the end-to-end
+    figures only and each kernel table names its card."""
+    rr = _renderer()
+    _, _, out, _ = tiny_run
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "2031-01-01_cpu_e2e.json").write_text((out / "r.json").read_text())
+    env = dict(device="NVIDIA H200", device_kind="cuda", label="NVIDIA H200", torch="2.11", triton="3.6", vitfast="0.1",
+               date="2031-01-02T00:00:00+00:00", command="vitfast bench kernels --json x/")
+    base = dict(benchmark="memory", mode="fwd+bwd", B=4, H=16, D=64, dtype="bfloat16")
+    rows = [dict(base, impl="vitfast", N=2048, peak_extra_bytes=64 * 2**20, extra_per_nxn=0.125, growth_vs_prev_N=None,
+                 status="ok", error=None),
+            dict(base, impl="vitfast", N=4096, peak_extra_bytes=128 * 2**20, extra_per_nxn=0.0625, growth_vs_prev_N=2.0,
+                 status="ok", error=None),
+            dict(base, impl="sdpa_math", N=4096, peak_extra_bytes=None, extra_per_nxn=None, growth_vs_prev_N=None,
+                 error="OutOfMemoryError: CUDA out of memory")]  # an older row: no status
+    (results / "2031-01-02_nvidia-h200_kernels.json").write_text(
+        json.dumps({"kind": "kernels", "env": env, "smoke": False, "rows": rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:begin -->\n<!-- bench:end -->\n")
+    assert rr.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "### Kernels: memory\n" in text and "**NVIDIA H200**" in text
+    assert "the figures below were measured on a CPU" not in text
+    assert "No GPU end-to-end run has been recorded yet: the end-to-end figures below were measured on a CPU" in text
+    assert "| extra peak MiB | x one N×N | growth vs previous N | status |" in text
+    assert "| vitfast | fwd+bwd | 4 | 16 | 4096 | 64 | bfloat16 | 128.0 | 0.0625 | 2.00x | ok |" in text
+    assert "| sdpa_math | fwd+bwd | 4 | 16 | 4096 | 64 | bfloat16 |  |  |  | failed: OutOfMemoryError: CUDA out of memory |" in text
+
+
+def test_e2e_plot_of_two_cards_shows_each_cards_figure(monkeypatch, tmp_path):
+    """Rows from two cards: each card's img/s is drawn (one line of panels per card), not the first
+    card's figure under a title naming both."""
+    import matplotlib.axes
+
+    from vitfast.cli.report import plot_e2e
+
+    drawn = []
+    real_bar = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, xs, ys, *a, **k: drawn.extend(ys) or real_bar(self, xs, ys, *a, **k))
+    row = dict(model="vit_base_patch16_224", impl="fastvit", mode="infer", status="ok")
+    plot_e2e([dict(row, device="NVIDIA H100", img_per_s=1000.0), dict(row, device="NVIDIA H200", img_per_s=1500.0)],
+             tmp_path / "p.png", title="two cards")
+    assert sorted(drawn) == [1000.0, 1500.0]

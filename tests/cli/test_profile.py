@@ -162,3 +162,48 @@ def test_bad_options_exit_2(argv, message, capsys):
 )
 def test_kernel_base_name_for_ncu(name, base):
     assert profile.kernel_base_name(name) == base
+
+
+def _kernel_rows(*names):
+    """kernel_table's rows, most device time first."""
+    return [{"name": n, "calls": 1, "self_us": 100.0 - i, "share": None} for i, n in enumerate(names)]
+
+
+@pytest.mark.parametrize(
+    "impl, names, fwd, bwd",
+    [
+        # training: a backward kernel has the most device time; ncu's block0.attn range holds forward kernels only
+        ("fastvit", ["_attn_bwd_dkdv_kernel", "gemm", "_attn_bwd_dq_kernel", "_attn_fwd_kernel"],
+         "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"),
+        ("timm", ["void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<T>(P)",
+                  "void pytorch_flash::flash_fwd_kernel<T>(P)"], "flash_fwd_kernel",
+         "flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel"),
+        ("reference", ["fmha_cutlassB_bf16_aligned_64x64_k64_sm80(P)", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(P)"],
+         "fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "fmha_cutlassB_bf16_aligned_64x64_k64_sm80"),
+        ("timm", ["cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3",
+                  "softmax_warp_backward", "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7"],
+         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7",
+         "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3"),
+    ],
+)
+def test_ncu_filters_on_a_forward_attention_kernel(impl, names, fwd, bwd):
+    assert profile.ncu_kernels(_kernel_rows(*names), impl) == (fwd, bwd)
+
+
+def test_ncu_defaults_without_a_profiled_kernel_are_the_implementations_own():
+    """A CPU profile lists no device kernel: the filters fall back to each implementation's kernels
+    (timm and the reference run SDPA's, never vitfast's _attn_bwd)."""
+    assert profile.ncu_kernels([], "fastvit") == ("_attn_fwd", "_attn_bwd")
+    for impl in ("timm", "reference"):
+        fwd, bwd = profile.ncu_kernels([], impl)
+        assert "_attn_bwd" not in bwd and "flash_bwd" in bwd and "bprop" in bwd
+        assert fwd == profile.ATTENTION_KERNEL_RE
+
+
+def test_train_ncu_hint_names_the_implementations_backward_kernels(capsys):
+    assert profile.main(TINY + ["--mode", "train", "--impl", "timm", "--ncu"]) == 0
+    out = capsys.readouterr().out
+    hint = next(line for line in out.splitlines() if "backward kernels:" in line)
+    assert "--nvtx-include 'backward/'" in hint and "_attn_bwd" not in hint and "flash_bwd" in hint
+    ncu = next(line.strip() for line in out.splitlines() if line.strip().startswith("ncu "))
+    assert "--nvtx-include 'block0.attn/'" in ncu and "bwd" not in ncu

@@ -11,8 +11,8 @@ and with ``--compile`` each of them again under ``torch.compile``. Modes: ``infe
 weights in the chosen dtype) and ``train`` (forward, cross-entropy, backward, AdamW step; fp32
 weights under autocast for fp16/bf16).
 
-Timing: the implementations of one (model, mode) are built and warmed up (the warm-up also
-measures each one's peak memory), then timed alternately, round by round, ``--iters`` rounds
+Timing: the implementations of one (model, mode) are built and warmed up, then timed
+alternately, round by round, ``--iters`` rounds
 (CUDA events on the GPU, ``time.perf_counter`` on the CPU), inputs rotating over three
 batches. Each row gives the median time and ``speedup_vs_reference``, the median of the
 per-round ratios to the eager reference: on a shared machine the ratio of two medians drifts
@@ -20,9 +20,16 @@ with the load, the per-round ratio much less. Results are written only from a qu
 (1-minute load average at most the number of cores) unless ``--allow-noisy`` is given, which
 marks every row ``noisy: true``. FLOPs are analytic
 (:func:`vitfast.benchmark_utils.vit_step_flops`). MFU is only given against a documented peak
-(:func:`vitfast.cli.benchmarking.device_peak`): on a GPU the bf16 rate of an 8192^3 GEMM measured
-at the start of the run; on the CPU none, unless ``--measure-peak`` (a 4096^3 fp32 GEMM) or
-``--peak-tflops``; an MFU above 100% is flagged and warned about. Every row shows its p20-p80
+(:func:`vitfast.cli.benchmarking.device_peak`): on a GPU the rate of an 8192^3 GEMM in the run's
+dtype (fp32 with the process's TF32 setting) measured at the start of the run; on the CPU none,
+unless ``--measure-peak`` (a 4096^3 GEMM in the run's dtype) or ``--peak-tflops``; each row
+records the peak's dtype (``peak_dtype``); an MFU above 100% is flagged and warned about.
+``peak_mem_gib`` (GPU) is the highest device memory allocated from the moment the model and
+inputs exist until its warm-up ends (compile, CUDA graph warm-up and capture -- the graph's pool
+holds the activations, its replays allocate nothing --, output check and warm-up steps), less
+what was held before it was built; ``peak_mem_covers`` says which of these ran. A step that fails
+while timed (an out-of-memory error) is recorded in its row's ``status`` and the others go on.
+Every row shows its p20-p80
 spread, and rows whose spread exceeds 10% of the median are marked noisy. ``dispatch`` says which
 path each vitfast op took, ``{"op:choice": calls}`` counted from the build through the warm-up: an
 eager step counts at every step, a compiled one once (when it is traced), a CUDA graph in its
@@ -97,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (e.g. the datasheet's), "
                    "instead of measuring it")
     p.add_argument("--measure-peak", action="store_true",
-                   help="CPU: measure the peak for MFU with a 4096^3 fp32 GEMM (several seconds); without it or "
-                   "--peak-tflops there is no MFU on the CPU. GPU: always measured (8192^3 bf16 GEMM)")
+                   help="CPU: measure the peak for MFU with a 4096^3 GEMM in the run's dtype (several seconds); "
+                   "without it or --peak-tflops there is no MFU on the CPU. GPU: always measured (8192^3 GEMM in the "
+                   "run's dtype, fp32 with the process's TF32 setting)")
     p.add_argument("--no-check", action="store_true", help="skip comparing each implementation's outputs with the reference")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON (a folder: <date>_<device>_e2e.json in it)")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV (a folder: <date>_<device>_e2e.csv in it)")
@@ -288,6 +296,15 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def _failure(e: BaseException) -> str:
+    """A row's ``status`` for a failure: ``oom``, or ``error: <type>: <first line>`` (with its
+    traceback on stderr: an error is a bug to look at, an OOM a size that does not fit)."""
+    if _is_oom(e):
+        return "oom"
+    traceback.print_exception(e, file=sys.stderr)
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _free_device(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -353,6 +370,10 @@ def _prepare(cfg: Config, entry: Entry, name: str, impl: str, compiled: bool, mo
         if mode == "infer":
             model.to(cfg.dtype)
         xs, ys = make_inputs(cfg, model, mode, getattr(vit, "num_classes", 1000))
+        if cuda:  # the peak from here (weights and inputs in place) to the end of the warm-up
+            _sync(cfg.device)
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+        covers = ["weights and inputs"] + (["compile"] if compiled else [])
         # which path each vitfast op took (the dispatch table's choices), recorded from before the
         # compile and the capture: a compiled step asks the dispatch only while it is traced, and a
         # CUDA graph's replays never ask (its warm-up and capture did)
@@ -373,6 +394,7 @@ def _prepare(cfg: Config, entry: Entry, name: str, impl: str, compiled: bool, mo
                 runner = CUDAGraphModule(runner.eval(), torch.empty_like(xs[0]).copy_(xs[0]), clone_output=False)
                 step, row["precision"] = make_step(runner, cfg, mode, xs, ys)
                 row["precision"] += ", CUDA graph"
+                covers.append("CUDA graph warm-up and capture")
             if cfg.check and mode == "infer":
                 out = step(0)
                 key = (name,)
@@ -381,38 +403,64 @@ def _prepare(cfg: Config, entry: Entry, name: str, impl: str, compiled: bool, mo
                 if key in ref_out:
                     row["max_rel_err_vs_reference"] = bu.rel_err(out.float(), ref_out[key])
                 del out
-            if cuda:  # the peak over the warm-up steps, less what the other entries hold
-                _sync(cfg.device)
-                torch.cuda.reset_peak_memory_stats(cfg.device)
+                covers.append("output check")
             for i in range(max(cfg.warmup, 1)):
                 step(i)
                 on_step()
+            covers.append(f"{max(cfg.warmup, 1)} warm-up step(s)")
         row["dispatch"] = {f"{op}:{choice}": n for (op, choice, _source), n in sorted(seen.items())}
         row["dispatch_mode"] = dispatch.override()
-        if cuda:
+        if cuda:  # less what was held before the build (the other entries' models)
             _sync(cfg.device)
             row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(cfg.device) - entry.resident) / 2**30
+            row["peak_mem_covers"] = ", ".join(covers)
         else:
-            row["peak_mem_gib"] = None  # the CPU allocator keeps no peak statistics
+            row["peak_mem_gib"] = row["peak_mem_covers"] = None  # the CPU allocator keeps no peak statistics
         row["flops_per_image"] = bu.vit_step_flops(vit, mode)
         entry.step, entry.keep = step, (model, runner, xs, ys)
     except Exception as e:  # recorded in the row and the table, never dropped
-        row["status"] = "oom" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if not _is_oom(e):
-            traceback.print_exc(file=sys.stderr)
+        row["status"] = _failure(e)
         entry.step = entry.keep = None
         _free_device(cfg.device)
+
+
+def _time_surviving(cfg: Config, entries: dict, on_step: Callable[[], None]) -> dict:
+    """:func:`bu.time_alternating` over the entries that can run. A step that raises (an
+    out-of-memory error at this batch) puts its status in its row, is dropped, and the others
+    are timed again without it; an error no step can be blamed for fails every entry left."""
+    live = {k: e for k, e in entries.items() if e.step is not None}
+    while live:
+        raised: list = []
+
+        def guarded(k, step):
+            def run_step(i: int):
+                try:
+                    return step(i)
+                except Exception:
+                    raised.append(k)
+                    raise
+
+            return run_step
+
+        try:
+            # one untimed round first: building the later entries evicted the earlier ones' caches
+            return bu.time_alternating({k: guarded(k, e.step) for k, e in live.items()}, warmup=1, iters=cfg.iters,
+                                       device=cfg.device, on_step=on_step)
+        except Exception as e:  # noqa: BLE001  (said in the row, the run goes on)
+            status = _failure(e)
+        for k in raised[:1] or list(live):
+            live.pop(k).row["status"] = status
+            entries[k].step = entries[k].keep = None
+        _free_device(cfg.device)  # out of the except clause: its traceback no longer holds the step's tensors
+    return {}
 
 
 def time_group(cfg: Config, entries: dict, peak: dict, on_step: Callable[[], None]) -> None:
     """Time the entries that run alternately, round by round, and fill their rows: median and
     spread, img/s, TFLOP/s, MFU, and ``speedup_vs_reference`` as the median of the per-round
-    ratios to the eager reference (compiled or not, every entry is compared with it)."""
-    steps = {k: e.step for k, e in entries.items() if e.step is not None}
-    if not steps:
-        return
-    # one untimed round first: building the later entries evicted the earlier ones' caches
-    times = bu.time_alternating(steps, warmup=1, iters=cfg.iters, device=cfg.device, on_step=on_step)
+    ratios to the eager reference (compiled or not, every entry is compared with it). A step
+    that fails here leaves its status in its row (:func:`_time_surviving`)."""
+    times = _time_surviving(cfg, entries, on_step)
     for k, e in entries.items():
         if k not in times:
             continue
@@ -423,6 +471,8 @@ def time_group(cfg: Config, entries: dict, peak: dict, on_step: Callable[[], Non
         row["peak_tflops"] = peak["tflops"]
         row["peak_source"] = peak["source"]
         row["peak_documented"] = peak["documented"]
+        row["peak_dtype"] = peak.get("dtype")  # what the peak GEMM ran in (None: given or none)
+        row["peak_tf32"] = peak.get("tf32")
         row["mfu"] = row["tflops"] / peak["tflops"] if peak["tflops"] else None
         row["spread"] = spread(row)
         row["spread_noisy"] = (row["spread"] or 0.0) > NOISY_SPREAD
@@ -438,7 +488,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def _peak(cfg: Config) -> dict:
-    return bu.device_peak(cfg.device, given=cfg.peak_tflops, measure_cpu=cfg.measure_peak)
+    return bu.device_peak(cfg.device, given=cfg.peak_tflops, measure_cpu=cfg.measure_peak, dtype=cfg.dtype)
 
 
 def run(cfg: Config, progress: bool = True, on_row: Optional[Callable[[list[dict], dict], None]] = None

@@ -7,6 +7,11 @@ take the others down, and ``TRITON_INTERPRET=1`` can be set for the CPU before T
 The rows of all of them are then written together, stamped like ``vitfast bench``'s rows
 (device, versions, date, command). A microbenchmark that is missing or fails is named in
 the summary and makes the exit code 1: a baseline never disappears silently.
+
+``--device`` reaches every microbenchmark (its own scripts included) through
+``CUDA_VISIBLE_DEVICES``: ``""`` for ``cpu`` (no GPU to fall back on: a CPU record is a CPU
+run), the card for ``cuda:N`` (which each child then sees as its ``cuda:0``); the value set is
+recorded as ``child_cuda_visible_devices``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
+
+import torch
 
 from . import benchmarking as bu
 from .kernels import NAMES
@@ -65,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny shapes, checks the scripts run (the default without a GPU; runs under TRITON_INTERPRET=1)")
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (a folder: <date>_<device>_kernels.json in it)")
     p.add_argument("--csv", metavar="PATH", help="write all rows as CSV")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (for the record; each script picks its device)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu or cuda[:N]: where every microbenchmark runs (set through CUDA_VISIBLE_DEVICES: "
+                   "'' for cpu, the card for cuda:N)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="stop a microbenchmark after S seconds (reported as failed; the others still run)")
     bu.add_noise_args(p)
@@ -76,8 +85,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool, timeout: Optional[float] = None) -> tuple[str, list]:
-    """(status, rows) of one microbenchmark: status is 'ok', 'missing: ...' or 'failed: ...'."""
+def visible_devices(device: torch.device, environ: Mapping[str, str]) -> Optional[str]:
+    """``CUDA_VISIBLE_DEVICES`` for the microbenchmarks of a run on ``device``: ``""`` for the
+    CPU, the card of ``cuda:N`` (the N-th of this process's own ``CUDA_VISIBLE_DEVICES`` when it
+    has one), None to leave it as it is (``auto`` / ``cuda``: the default card, as here)."""
+    if device.type == "cpu":
+        return ""
+    if device.index is None:
+        return None
+    own = environ.get("CUDA_VISIBLE_DEVICES")
+    cards = [c.strip() for c in own.split(",") if c.strip()] if own else []
+    if cards and device.index >= len(cards):
+        raise ValueError(f"{device} is not one of the {len(cards)} card(s) in CUDA_VISIBLE_DEVICES={own!r}")
+    return cards[device.index] if cards else str(device.index)
+
+
+def child_env(device: torch.device, environ: Mapping[str, str]) -> dict:
+    """The environment a microbenchmark runs in: ``environ`` with ``device`` made its only
+    visible one (:func:`visible_devices`) and, on the CPU, the Triton interpreter on."""
+    env = dict(environ, PYTHONUNBUFFERED="1")
+    visible = visible_devices(device, environ)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    if device.type == "cpu":
+        env.setdefault("TRITON_INTERPRET", "1")
+    return env
+
+
+def run_one(name: str, extra: Sequence[str], smoke: bool, device: torch.device,
+            timeout: Optional[float] = None) -> tuple[str, list]:
+    """(status, rows) of one microbenchmark, run on ``device`` (:func:`child_env`): status is
+    'ok', 'missing: ...' or 'failed: ...'."""
     base, missing = command(name)
     if missing:
         return missing, []
@@ -85,10 +123,9 @@ def run_one(name: str, extra: Sequence[str], smoke: bool, cpu: bool, timeout: Op
         out = Path(tmp) / f"{name}.json"
         smoke_flag = ["--smoke"] if smoke and name in HAS_SMOKE else []
         cmd = [*base, *smoke_flag, *extra, "--json", str(out)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if cpu:
-            env.setdefault("TRITON_INTERPRET", "1")
-        print(f"$ {' '.join(cmd)}", flush=True)
+        env = child_env(device, os.environ)
+        visible = f"CUDA_VISIBLE_DEVICES={shlex.quote(env['CUDA_VISIBLE_DEVICES'])} " if "CUDA_VISIBLE_DEVICES" in env else ""
+        print(f"$ {visible}{' '.join(cmd)}", flush=True)
         try:
             proc = subprocess.run(cmd, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -113,6 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parser.parse_args(own)
         device = bu.resolve_device(args.device)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{device}: this process sees {torch.cuda.device_count()} GPU(s)")
+        child_visible = visible_devices(device, os.environ)
     except SystemExit as e:
         return int(e.code or 0)
     except ValueError as e:
@@ -124,6 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cpu = device.type == "cpu"
     smoke = args.smoke or cpu
     env = bu.env_info(device, ["kernels", *argv])
+    env["child_cuda_visible_devices"] = child_visible  # None: the microbenchmarks saw what this process sees
     writes = bool(args.json or args.csv)
     try:  # each microbenchmark checks again for itself (the flag is passed on)
         bu.check_load(env, args.allow_noisy, "vitfast bench kernels", writes)
@@ -138,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = args.only or [n for n in KERNEL_BENCHMARKS if not (cpu and n in GPU_ONLY)]
     for name in names:
         own_args = shlex.split(getattr(args, f"{name}_args"))
-        results[name] = run_one(name, [*own_args, *extra], smoke, cpu, args.timeout)
+        results[name] = run_one(name, [*own_args, *extra], smoke, device, args.timeout)
         rows += [{"benchmark": name, **r} for r in results[name][1] if isinstance(r, dict)]
         if json_path and rows:  # rewritten after each microbenchmark: a later crash or kill loses nothing
             bu.write_json(json_path, "kernels", env, rows, smoke=smoke, benchmarks={n: s for n, (s, _) in results.items()})

@@ -14,8 +14,8 @@
   (timm's or FastViT: the same module names), the convention MFU is quoted in.
 * :func:`measure_peak_tflops` -- a short square matmul on the same device and dtype (the
   microbenchmarks' reference rate); :func:`device_peak` -- the documented peak MFU is quoted
-  against: on a GPU the bf16 rate of a large GEMM (8192^3), on the CPU none unless asked for
-  (a 4096^3 fp32 GEMM) or given.
+  against: on a GPU the rate of a large GEMM (8192^3) in the run's dtype, on the CPU none unless
+  asked for (a 4096^3 GEMM) or given.
 * :func:`results_path`, :func:`write_json`, :func:`write_csv` -- results as data.
 
 Kernel microbenchmarks use these too, so every results file has the same shape.
@@ -70,6 +70,7 @@ __all__ = [
     "vit_step_flops",
     "vit_patch_embed_flops",
     "measure_peak_tflops",
+    "peak_gemm",
     "device_peak",
     "results_path",
     "write_json",
@@ -482,40 +483,58 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, n: Optional[in
     return {"tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms}
 
 
-GPU_PEAK_GEMM = 8192  # bf16: about 1.1 TFLOP a call, long enough for the clocks to settle
-CPU_PEAK_GEMM = 4096  # fp32: 137 GFLOP a call, large enough for every core's vector units to stay busy
+GPU_PEAK_GEMM = 8192  # about 1.1 TFLOP a call, long enough for the clocks to settle
+CPU_PEAK_GEMM = 4096  # 137 GFLOP a call, large enough for every core's vector units to stay busy
+
+
+def peak_gemm(device: torch.device, measure_cpu: bool = False, iters: Optional[int] = None,
+              dtype: Optional[torch.dtype] = None) -> Optional[tuple[int, torch.dtype, int, Optional[bool]]]:
+    """What :func:`device_peak` measures: ``(n, dtype, iters, tf32)`` of its n^3 GEMM, or None
+    (the CPU without ``measure_cpu``). ``dtype`` is the run's (default bf16 on a GPU, fp32 on
+    the CPU); ``tf32`` whether an fp32 GEMM on a GPU may use TF32 (this process's setting, which
+    the run's own matmuls follow), None otherwise."""
+    if device.type == "cuda":
+        dtype = dtype or torch.bfloat16
+        tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if dtype == torch.float32 else None
+        return GPU_PEAK_GEMM, dtype, iters or 10, tf32
+    if measure_cpu:
+        return CPU_PEAK_GEMM, dtype or torch.float32, iters or 5, None
+    return None
 
 
 def device_peak(device: torch.device, given: Optional[float] = None, measure_cpu: bool = False,
-                iters: Optional[int] = None) -> dict:
+                iters: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> dict:
     """The peak MFU is quoted against, and where it comes from: ``{"tflops", "source",
-    "documented"}``; ``tflops`` is None when there is none (no MFU is then given).
+    "documented"}``, and for a measured one ``"dtype"`` (the GEMM's) and ``"tf32"`` (fp32 on a
+    GPU: whether the process lets matmuls use TF32, as the run's own fp32 matmuls do; else None);
+    ``tflops`` is None when there is none (no MFU is then given).
 
     * ``given`` (``--peak-tflops``, e.g. the datasheet's): used as it is.
-    * GPU: the bf16 rate of an 8192^3 GEMM (``torch.mm``), the fastest of ``iters`` calls after
-      warm-up, whatever dtype the benchmark runs in (MFU is quoted against the bf16 peak).
-    * CPU: none unless ``measure_cpu``; then a 4096^3 fp32 GEMM, the fastest of ``iters``. A
-      small GEMM (the 1024^3 one used before) runs far below the cores' peak, which gave MFUs
-      above 100%.
+    * GPU: the rate of an 8192^3 GEMM (``torch.mm``) in ``dtype``, the run's compute dtype
+      (default bf16): an fp32 run is quoted against fp32 (TF32 or not, as set), not against a
+      bf16 rate it could never reach; the fastest of ``iters`` calls after warm-up.
+    * CPU: none unless ``measure_cpu``; then a 4096^3 GEMM in ``dtype`` (default fp32), the
+      fastest of ``iters``. A small GEMM (the 1024^3 one used before) runs far below the cores'
+      peak, which gave MFUs above 100%.
     """
     if given:
         return {"tflops": float(given), "source": "given with --peak-tflops", "documented": True}
-    if device.type == "cuda":
-        n, dtype, iters = GPU_PEAK_GEMM, torch.bfloat16, iters or 10
-    elif measure_cpu:
-        n, dtype, iters = CPU_PEAK_GEMM, torch.float32, iters or 5
-    else:
+    plan = peak_gemm(device, measure_cpu, iters, dtype)
+    if plan is None:
         return {"tflops": None, "documented": False,
-                "source": "no peak measured on the CPU (--measure-peak measures a 4096^3 fp32 GEMM; "
+                "source": "no peak measured on the CPU (--measure-peak measures a 4096^3 GEMM in the run's dtype; "
                           "--peak-tflops gives one)"}
+    n, dtype, iters, tf32 = plan
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     out = torch.empty(n, n, device=device, dtype=dtype)
     ms = min(time_steps(lambda i: torch.mm(a, b, out=out), warmup=2, iters=iters, device=device))
+    name = str(dtype).replace("torch.", "")
     where = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    return {"tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "documented": True,
-            "source": f"measured {n}^3 {str(dtype).replace('torch.', '')} GEMM{where}, fastest of {iters}: {ms:.3f} ms"}
+    mode = "" if tf32 is None else (", TF32 on" if tf32 else ", TF32 off")
+    return {"tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "documented": True, "dtype": name, "tf32": tf32,
+            "source": f"measured {n}^3 {name} GEMM{mode}{where}, fastest of {iters}: {ms:.3f} ms"}
 
 
 # ------------------------------------------------------------------------ results files

@@ -30,10 +30,19 @@ from ..modules import block as vblock
 from . import benchmarking as bu
 from .bench import IMPLS, build_model, make_inputs, make_step, resolve_config
 
-__all__ = ["annotate_vit", "main", "kernel_table", "region_table"]
+__all__ = ["annotate_vit", "main", "kernel_table", "region_table", "ncu_kernels", "ncu_command"]
 
 STEP_RANGE = "vitfast.step"
 ATTENTION_KERNEL_RE = r"attn|attention|flash|fmha|sdpa|softmax"
+# backward kernels: vitfast's _attn_bwd_*, FlashAttention's flash_bwd_*, the memory-efficient
+# fmha_cutlassB_*, cuDNN's *_bprop_*, softmax's *_backward*: none runs inside block{i}.attn
+BACKWARD_KERNEL_RE = r"bwd|backward|bprop|cutlassB"
+# what ncu filters on when the profile saw no attention kernel (a CPU run): each implementation's own
+NCU_DEFAULT_KERNELS = {  # impl: (forward, backward)
+    "fastvit": (r"_attn_fwd", r"_attn_bwd"),
+    "reference": (ATTENTION_KERNEL_RE, r"flash_bwd|fmha_cutlassB|bprop|softmax.*backward"),
+    "timm": (ATTENTION_KERNEL_RE, r"flash_bwd|fmha_cutlassB|bprop|softmax.*backward"),
+}
 
 
 # ------------------------------------------------------------------------ ranges
@@ -227,8 +236,23 @@ def kernel_base_name(name: str) -> str:
     return base.rsplit("::", 1)[-1].strip() or name
 
 
-def ncu_command(args: argparse.Namespace, argv: Sequence[str], kernel: Optional[str], model: str) -> str:
-    """An ``ncu`` command that profiles one attention kernel of block 0 in a steady-state step.
+def ncu_kernels(kernels: Sequence[dict], impl: str) -> tuple[str, str]:
+    """The ``-k regex:`` filters for ncu, ``(forward, backward)``: the attention-like kernels
+    with the most device time among ``kernels`` (:func:`kernel_table`'s rows, most time first)
+    that are forward kernels -- the ones that run inside ``block0.attn`` --, and backward ones
+    (they run under ``backward``, outside every block range); where the profile has none (a CPU
+    run), ``impl``'s own kernels (:data:`NCU_DEFAULT_KERNELS`)."""
+    attn = [k["name"] for k in kernels if re.search(ATTENTION_KERNEL_RE, k["name"], re.I)]
+    fwd = next((n for n in attn if not re.search(BACKWARD_KERNEL_RE, n, re.I)), None)
+    bwd = next((n for n in attn if re.search(BACKWARD_KERNEL_RE, n, re.I)), None)
+    default_fwd, default_bwd = NCU_DEFAULT_KERNELS.get(impl, (ATTENTION_KERNEL_RE, BACKWARD_KERNEL_RE))
+    return (re.escape(kernel_base_name(fwd)) if fwd else default_fwd,
+            re.escape(kernel_base_name(bwd)) if bwd else default_bwd)
+
+
+def ncu_command(args: argparse.Namespace, argv: Sequence[str], regex: str, model: str) -> str:
+    """An ``ncu`` command that profiles one attention kernel (``-k regex:<regex>``, a forward
+    kernel: :func:`ncu_kernels`) of block 0 in a steady-state step.
 
     The profiled program is this command with ``--nvtx-only``: no torch.profiler (which
     would contend with ncu for CUPTI), NVTX ranges only around the one step after warm-up,
@@ -244,7 +268,6 @@ def ncu_command(args: argparse.Namespace, argv: Sequence[str], kernel: Optional[
         if a in ("--ncu", "--nvtx-only") or a.startswith(("--trace=", "--json=", "--steps=", "--top=")):
             continue
         keep.append(a)
-    regex = re.escape(kernel_base_name(kernel)) if kernel else (r"_attn_fwd" if args.impl == "fastvit" else ATTENTION_KERNEL_RE)
     target = shlex.join(["vitfast", "profile", *keep, "--nvtx-only", "--steps", "1"])
     return (f"ncu --nvtx --nvtx-include 'block0.attn/' -k 'regex:{regex}' -c 1 --set full "
             f"-o vitfast_attention_{model} {target}")
@@ -368,12 +391,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = bu.results_path(args.json, env, "profile")
         out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}")
-    if args.ncu:
-        attn = [k["name"] for k in kernels if re.search(ATTENTION_KERNEL_RE, k["name"], re.I)] if cuda else []
+    if args.ncu:  # among every kernel of the profile, not only the --top ones listed
+        every = kernel_table(events, cuda, step_us * args.steps, len(events)) if cuda else []
+        fwd, bwd = ncu_kernels(every, args.impl)
         print("\nNsight Compute, the attention kernel of block 0 in one steady-state step:")
-        print("  " + ncu_command(args, argv, attn[0] if attn else None, name))
+        print("  " + ncu_command(args, argv, fwd, name))
         if mode == "train":
-            print("  (backward kernels: --nvtx-include 'backward/' -k 'regex:_attn_bwd' instead)")
+            print(f"  (backward kernels: --nvtx-include 'backward/' -k 'regex:{bwd}' instead)")
     return 0
 
 

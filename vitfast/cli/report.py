@@ -39,8 +39,13 @@ def _speedup(v: Any) -> str:
 
 def mfu_shown(row: Mapping[str, Any]) -> Optional[float]:
     """The row's MFU when its peak is a documented one (new rows say so in ``peak_documented``;
-    older files: GPU peaks were an 8192^3 GEMM, CPU peaks a 1024^3 one, far below the cores' peak)."""
+    older files: GPU peaks were an 8192^3 GEMM, CPU peaks a 1024^3 one, far below the cores' peak)
+    in a dtype the row could reach: a GPU row in fp32 from before ``peak_dtype`` was recorded was
+    quoted against a bf16 GEMM, and gets none."""
     if not row.get("peak_documented", row.get("device_kind") == "cuda"):
+        return None
+    if (row.get("device_kind") == "cuda" and row.get("dtype") == "fp32" and "peak_dtype" not in row
+            and "--peak-tflops" not in str(row.get("peak_source", ""))):
         return None
     return row.get("mfu")
 
@@ -133,33 +138,42 @@ def format_markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]]
 
 
 def plot_e2e(rows: Sequence[Mapping[str, Any]], path: os.PathLike | str, title: Optional[str] = None) -> str:
-    """Grouped bars: img/s per model, one bar per implementation, one panel per mode."""
+    """Grouped bars: img/s per model, one bar per implementation, one panel per mode; rows from
+    several devices get one line of panels per device (each bar is one row's figure, never one
+    card's standing in for another's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("img_per_s")]
+    devices = list(dict.fromkeys(r.get("device") for r in rows)) or [None]
     modes = list(dict.fromkeys(r["mode"] for r in rows)) or ["infer"]
     models = list(dict.fromkeys(model_label(r, short=True) for r in rows))
     impls = list(dict.fromkeys(impl_label(r) for r in rows))
-    fig, axes = plt.subplots(1, len(modes), figsize=(max(5.0, 1.6 + 1.9 * len(models)) * len(modes), 4.2), squeeze=False)
+    fig, axes = plt.subplots(len(devices), len(modes), squeeze=False,
+                             figsize=(max(5.0, 1.6 + 1.9 * len(models)) * len(modes), 4.2 * len(devices)))
     width = 0.8 / max(1, len(impls))
-    for ax, mode in zip(axes[0], modes):
-        for j, impl in enumerate(impls):
-            xs, ys = [], []
-            for i, model in enumerate(models):
-                hit = [r for r in ok if r["mode"] == mode and model_label(r, short=True) == model and impl_label(r) == impl]
-                if hit:
-                    xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                    ys.append(hit[0]["img_per_s"])
-            bars = ax.bar(xs, ys, width, label=impl)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-        ax.set_xticks(range(len(models)))
-        ax.set_xticklabels(models, fontsize=8)
-        ax.set_ylabel("images / s (higher is better)")
-        ax.set_title(mode)
-        ax.legend(fontsize=8)
+    for line, device in zip(axes, devices):
+        for ax, mode in zip(line, modes):
+            for j, impl in enumerate(impls):
+                xs, ys = [], []
+                for i, model in enumerate(models):
+                    hit = [r for r in ok if r["mode"] == mode and r.get("device") == device
+                           and model_label(r, short=True) == model and impl_label(r) == impl]
+                    if hit:
+                        xs.append(i + (j - (len(impls) - 1) / 2) * width)
+                        ys.append(hit[0]["img_per_s"])
+                bars = ax.bar(xs, ys, width, label=impl)
+                ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+            ax.set_xticks(range(len(models)))
+            ax.set_xticklabels(models, fontsize=8)
+            ax.set_ylabel("images / s (higher is better)")
+            if len(devices) > 1:
+                ax.set_title(f"{device}: {mode}", fontsize=9)
+            else:
+                ax.set_title(mode)
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -526,15 +526,19 @@ def run(a: argparse.Namespace) -> TrainResult:
         return path
 
     sampler = StepBatchSampler(total_steps=total, start_step=start, **sampler_args)
-    pending: List[torch.Tensor] = []  # per-step [loss, correct, count] not yet reduced
+    # per step, not yet reduced: [loss * count, correct] on the device (no host sync), count on the host
+    pending: List[torch.Tensor] = []
+    pending_counts: List[int] = []
     t_last, step_last = time.perf_counter(), start
     state = {"lr": a.lr}
 
     def flush(step: int) -> None:
-        nonlocal pending, t_last, step_last
+        nonlocal pending, pending_counts, t_last, step_last
         if not pending:
             return
-        stats_t = torch.stack(pending)
+        # the counts go to the device once per log interval, where the .tolist() below syncs anyway
+        counts = torch.tensor(pending_counts, dtype=torch.float64).to(pending[0].device).unsqueeze(1)
+        stats_t = torch.cat([torch.stack(pending), counts], dim=1)
         dist.all_reduce(stats_t)
         now = time.perf_counter()
         ips = stats_t[:, 2].sum().item() / max(now - t_last, 1e-9)
@@ -547,7 +551,7 @@ def run(a: argparse.Namespace) -> TrainResult:
         log.line(f"step {step:>6}/{total}  loss {rec['loss']:.4f}  acc {rec['acc']:.3f}  "
                  f"lr {state['lr']:.2e}  {ips:,.0f} img/s")
         log.advance(step - step_last, {"loss": f"{rec['loss']:.3f}", "img/s": f"{ips:,.0f}"})
-        pending, t_last, step_last = [], time.perf_counter(), step
+        pending, pending_counts, t_last, step_last = [], [], time.perf_counter(), step
 
     # a gloo group for the per-step stop flag: agreeing on it costs no device synchronisation
     flag_group = dist.new_group(backend="gloo") if env.world_size > 1 and env.backend != "gloo" else None
@@ -582,11 +586,10 @@ def run(a: argparse.Namespace) -> TrainResult:
                 state["lr"] = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
-                with torch.no_grad():
+                with torch.no_grad():  # no host-to-device copy per step: the count stays a Python int
                     pending.append(torch.stack([loss.detach().double() * y.numel(),
-                                                (logits.argmax(-1) == y).sum().double(),
-                                                torch.tensor(float(y.numel()), dtype=torch.float64,
-                                                             device=env.device)]))
+                                                (logits.argmax(-1) == y).sum().double()]))
+                    pending_counts.append(int(y.numel()))
                 last = step == total
                 if step % a.log_every == 0 or last:
                     flush(step)

@@ -6,7 +6,8 @@ fastest backend), forward and forward+backward.
 One row per (impl, mode, N) with the peak bytes allocated *above the inputs* (q, k, v,
 dout), that figure divided by one N x N score matrix of the batch (``extra_per_nxn``: ~0
 for a kernel that keeps scores on chip, >= 1 for one that materialises them), and the
-ratio to the previous N (2 = linear, 4 = quadratic). Default shapes: ViT-L heads (H = 16,
+ratio to the previous N (2 = linear, 4 = quadratic); ``status`` is ``ok``, ``oom`` or
+``failed``, with ``error`` saying why. Default shapes: ViT-L heads (H = 16,
 D = 64), B = 4, N = 512 .. 4096 (N = 4096 is the issue's row). GPU only: on the CPU it says
 so and writes nothing (the CPU check is tests/ops/test_attention_memory.py).
 """
@@ -58,9 +59,12 @@ def measure(impl: str, mode: str, B: int, H: int, N: int, D: int, dtype: torch.d
         step()
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
-        row = {"peak_extra_bytes": int(extra), "error": None}
+        row = {"peak_extra_bytes": int(extra), "status": "ok", "error": None}
     except torch.OutOfMemoryError as e:
-        row = {"peak_extra_bytes": None, "error": f"OutOfMemoryError: {str(e).splitlines()[0]}"}
+        row = {"peak_extra_bytes": None, "status": "oom", "error": f"OutOfMemoryError: {str(e).splitlines()[0]}"}
+    except Exception as e:  # noqa: BLE001  (said in the row: the other rows are still measured)
+        row = {"peak_extra_bytes": None, "status": "failed",
+               "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     nxn = B * H * N * N * torch.finfo(dtype).bits // 8
     row.update(impl=impl, mode=mode, B=B, H=H, N=N, D=D, dtype=str(dtype).replace("torch.", ""),
                nxn_bytes=int(nxn), extra_per_nxn=None if row["peak_extra_bytes"] is None
