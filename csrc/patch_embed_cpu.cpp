@@ -318,7 +318,8 @@ Grads patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ima
   const at::Tensor mean64 = channel_stat(mean), std64 = channel_stat(std);
   std::optional<at::Tensor> g_images, g_weight, g_bias, g_cls, g_pos;
 
-  if (output_mask[1] && !patches && uses_conv(ct) && s.N > 0) {
+  // (not for D = 0: oneDNN's convolution refuses a weight with no output channels)
+  if (output_mask[1] && !patches && uses_conv(ct) && s.N > 0 && s.D > 0) {
     // the weight gradient of the convolution: G's patch rows as [B, D, Hp, Wp] (channels_last
     // strides, a view) against the normalised image
     const at::Tensor xn = normalized_image(images, s, mean64, std64, images.suggest_memory_format());

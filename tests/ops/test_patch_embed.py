@@ -280,6 +280,26 @@ def test_backward_op_output_mask():
     torch.testing.assert_close(gpos, g[:, 1:].sum(0, keepdim=True))
 
 
+def test_zero_width_embedding_forward_and_backward(cpu_strategy):
+    """D = 0 (no embedding channels): empty tokens forward, and a backward of zeros and empty
+    gradients under both CPU GEMMs (oneDNN's convolution refuses a weight with no output
+    channels: the weight gradient takes the GEMM there)."""
+    a = make_inputs(Case(p=4, H=8, W=12, D=0), dtype=torch.float32)
+    leaves = {n: a[n].clone().requires_grad_() for n in ("images", "weight", "bias", "cls_token", "pos_embed")}
+    for frozen in (False, True):  # with and without the kept patch matrix ("gemm" keeps it for a weight gradient)
+        xs = dict(leaves, weight=leaves["weight"].detach()) if frozen else leaves
+        out = call(patch_embed, {**a, **xs})
+        assert out.shape == (2, 7, 0)
+        grads = torch.autograd.grad(out.sum(), [t for t in xs.values() if t.requires_grad])
+        for g, t in zip(grads, [t for t in xs.values() if t.requires_grad]):
+            assert g.shape == t.shape and g.dtype == t.dtype and not g.any()
+    mean, std = torch.tensor(MEAN3, dtype=torch.float64), torch.tensor(STD3, dtype=torch.float64)
+    gi, gw, gb, gc, gp = torch.ops.vitfast.patch_embed_backward(
+        torch.empty(2, 7, 0), a["images"], a["weight"], mean, std, True, 7, [True] * 5)
+    assert gi.shape == a["images"].shape and not gi.any()
+    assert gw.shape == (0, 3, 4, 4) and gb.shape == gc.shape == (0,) and gp.shape == (1, 7, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # registration: opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +421,122 @@ def test_bad_input_second_line_in_cpp():
     with pytest.raises(ValueError, match="no gradient for uint8 images"):
         torch.ops.vitfast.patch_embed_backward(torch.randn(2, 7, 20), x.to(torch.uint8), w, mean, std, True, 7,
                                                [True] * 5)
+
+
+def _fake_check_cases():
+    """(id, op, args, exception, message) for calls the C++ kernels refuse: each must be refused
+    the same way by the fake (meta) implementation."""
+    a = make_inputs(Case(p=4, H=8, W=12, D=5), dtype=torch.float32)
+    x, w, b, cls, pos, mean, std = _op_args(a)
+    X = torch.ops.vitfast.patch_embed_patches(x, w, True, mean, std)  # [14, 48]
+    g = torch.randn(2, 7, 5)
+    fwd, bwd = torch.ops.vitfast.patch_embed, torch.ops.vitfast.patch_embed_backward
+    m5 = [True] * 5
+    return [
+        ("patches_shape", fwd, (x, w, b, cls, pos, mean, std, X[1:]), ValueError, r"patches must be \[14, 48\]"),
+        ("patches_rank", fwd, (x, w, b, cls, pos, mean, std, X.flatten()), ValueError, r"patches must be \[14, 48\]"),
+        ("patches_dtype", fwd, (x, w, b, cls, pos, mean, std, X.double()), TypeError, r"patches must be"),
+        ("patches_strided", fwd, (x, w, b, cls, pos, mean, std, X.t().contiguous().t()), ValueError, "contiguous"),
+        ("out_dtype_int", fwd, (x, w, b, cls, pos, mean, std, None, torch.int32), TypeError, "out_dtype"),
+        ("cls_0dim", fwd, (x, w[:1], b[:1], cls[0, 0, :1].reshape(()), None), ValueError, "cls_token"),
+        ("grad_shape", bwd, (g[:, 1:], x, w, mean, std, True, 7, m5), ValueError, r"grad_out must be \[2, 7, 5\]"),
+        ("grad_int", bwd, (g.long(), x, w, mean, std, True, 7, m5), TypeError, "grad_out must be floating point"),
+        ("pos_tokens", bwd, (g, x, w, mean, std, True, 5, m5), ValueError, "pos_tokens must be 0, 6 or 7"),
+        ("uint8_images", bwd, (g, x.to(torch.uint8), w, mean, std, True, 7, m5), ValueError, "uint8 images"),
+        ("cls_mask", bwd, (g[:, 1:], x, w, mean, std, False, 6, m5), ValueError, r"output_mask\[3\]"),
+        ("pos_mask", bwd, (g, x, w, mean, std, True, 0, [False, True, False, False, True]), ValueError,
+         r"output_mask\[4\]"),
+        ("bwd_patches_dtype", bwd, (g, x, w, mean, std, True, 7, m5, X.double()), TypeError, "patches must be"),
+        ("bwd_patches_shape", bwd, (g, x, w, mean, std, True, 7, m5, X[:3]), ValueError, "patches must be"),
+    ]
+
+
+FAKE_CASES = _fake_check_cases()
+
+
+def _to_meta(args):
+    return tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in args)
+
+
+@pytest.mark.parametrize("op,args,exc,match", [c[1:] for c in FAKE_CASES], ids=[c[0] for c in FAKE_CASES])
+def test_fake_checks_as_the_cpp_checks(op, args, exc, match):
+    """The fake (meta) implementations refuse what the C++ kernels refuse, with the same
+    exception class (ValueError/TypeError, not torch._check's RuntimeError): on CPU tensors (the
+    C++ kernel), on meta tensors and under FakeTensorMode (the fake)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(exc, match=match):
+        op(*args)
+    with pytest.raises(exc, match=match):
+        op(*_to_meta(args))
+    with FakeTensorMode() as mode, pytest.raises(exc, match=match):
+        op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+
+
+def test_a_meta_patches_or_grad_out_beside_cpu_tensors_raises():
+    """One meta tensor among CPU ones sends the call to the fake implementation (Meta outranks
+    CPU in the dispatch key set): it raises naming the argument instead of returning
+    uninitialised CPU memory."""
+    a = make_inputs(Case(p=4, H=8, W=12, D=5), dtype=torch.float32)
+    x, w, b, cls, pos, mean, std = _op_args(a)
+    X = torch.ops.vitfast.patch_embed_patches(x, w, True, mean, std)
+    with pytest.raises(ValueError, match="patches is on meta but images are on cpu"):
+        torch.ops.vitfast.patch_embed(x, w, b, cls, pos, mean, std, X.to("meta"))
+    with pytest.raises(ValueError, match="grad_out is on meta but images are on cpu"):
+        torch.ops.vitfast.patch_embed_backward(torch.empty(2, 7, 5, device="meta"), x, w, mean, std, True, 7,
+                                               [True] * 5)
+    with pytest.raises(ValueError, match="patches is on meta but images are on cpu"):
+        torch.ops.vitfast.patch_embed_backward(torch.randn(2, 7, 5), x, w, mean, std, True, 7, [True] * 5,
+                                               X.to("meta"))
+
+
+def test_opcheck_backward_with_patches(cpu_strategy):
+    """The backward's fake with a patch matrix, under opcheck's dynamic-shape tracing too."""
+    a = make_inputs(Case(p=4, H=8, W=12, D=5), dtype=torch.float32)
+    images, weight, _, _, _, mean, std = _op_args(a)
+    X = torch.ops.vitfast.patch_embed_patches(images, weight, True, mean, std)
+    mask = [False, True, True, True, True]
+    torch.library.opcheck(torch.ops.vitfast.patch_embed_backward,
+                          (torch.randn(2, 7, 5), images, weight, mean, std, True, 7, mask, X))
+
+
+def test_zero_dim_cls_token_is_a_value_error():
+    """A 0-dim class token (numel 1 = D) is refused naming cls_token (was an IndexError)."""
+    a = make_inputs(Case(p=4, H=8, W=12, D=1), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"cls_token must be \[1, 1, 1\], got \[\]"):
+        patch_embed(a["images"], a["weight"], cls_token=torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"cls_token must be \[1, 1, 1\]"):
+        torch.ops.vitfast.patch_embed(a["images"], a["weight"], None, torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan")], ids=["zero", "nan"])
+@pytest.mark.parametrize("form", ["list", "tensor", "float32_tensor"])
+def test_std_zero_or_nan_raises_for_lists_and_cpu_tensors(form, bad):
+    """A zero or NaN std is a ValueError whether given as a sequence or a CPU tensor (before, the
+    tensor form, and NaN in any form, passed silently: inf or NaN tokens)."""
+    a = make_inputs(Case(p=4, H=8, W=12, D=5), dtype=torch.float32)
+    std = [0.2, bad, 0.3]
+    std = std if form == "list" else torch.tensor(std, dtype=torch.float64 if form == "tensor" else torch.float32)
+    with pytest.raises(ValueError, match="std must be non-zero and not NaN"):
+        patch_embed(a["images"], a["weight"], mean=[0.5] * 3, std=std)
+    with pytest.raises(ValueError, match="std must be non-zero and not NaN"):
+        check_patch_embed_args(a["images"], a["weight"], None, None, None, [0.5] * 3, std)
+
+
+def test_std_tensor_values_not_read_on_meta_nor_under_compile():
+    """The value check reads only plain CPU tensors: meta tensors pass (their values are unknown,
+    as those of CUDA tensors, which would need a host sync), and under torch.compile the check is
+    skipped without a graph break."""
+    a = make_inputs(Case(p=4, H=8, W=12, D=5), dtype=torch.float32)
+    meta_std = torch.zeros(3, device="meta")
+    out = patch_embed(a["images"].to("meta"), a["weight"].to("meta"), mean=torch.zeros(3, device="meta"),
+                      std=meta_std, backend="kernel")
+    assert out.device.type == "meta" and out.shape == (2, 6, 5)
+    torch._dynamo.reset()
+    mean, std = torch.tensor(MEAN3), torch.tensor(STD3)
+    fn = lambda x, w: patch_embed(x, w, mean=mean, std=std)  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(a["images"], a["weight"]),
+                               fn(a["images"], a["weight"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,6 +722,77 @@ def test_autocast_as_the_eager_chain_under_autocast(dtype, uint8):
     assert torch.isfinite(w.grad).all() and b.grad.dtype == torch.float32
     torch.testing.assert_close(pos.grad, torch.full_like(pos, 2.0), rtol=0, atol=0)  # float32 all the way
     torch.testing.assert_close(cls.grad, torch.full_like(cls, 2.0), rtol=0, atol=0)
+
+
+def _eager_chain(images, w, b, cls, pos):
+    """timm's chain, as a model runs it (conv, cat, add): under autocast the conv casts."""
+    tokens = torch.nn.functional.conv2d(images, w, b, stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + pos
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wdtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_autocast_every_weight_dtype_as_eager(wdtype, autocast_dtype, cpu_strategy):
+    """Under autocast, a model in any dtype: the tokens' dtype is the eager chain's. float64 is
+    never cast (ATen's autocast leaves float64 alone: a float64 model gives float64 tokens, its GEMM
+    in float64), the others compute in the autocast dtype. With a weight gradient the wrapper keeps
+    the patch matrix made from the uncast weight; its dtype is what the op expects for the cast
+    one (before, a float64 weight was cast to the autocast dtype and the kept float64 patches were
+    refused: "patches must be Float ... got Double", an argument the user never passed). A 16-bit
+    model under the other 16-bit autocast dtype (where eager's cat refuses to mix bf16 and fp16)
+    gives their type promotion, float32."""
+    g = torch.Generator().manual_seed(0)
+    cross = wdtype in (torch.float16, torch.bfloat16) and wdtype != autocast_dtype
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(wdtype)  # noqa: E731
+    images = r(2, 3, 8, 12)
+    leaves = [r(5, 3, 4, 4, scale=0.2), r(5), r(1, 1, 5), r(1, 7, 5)]
+    for grad in (False, True):
+        ps = [t.clone().requires_grad_(grad) for t in leaves]
+        qs = [t.clone().requires_grad_(grad) for t in leaves]
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            out = patch_embed(images, ps[0], ps[1], cls_token=ps[2], pos_embed=ps[3])
+            eager = _eager_chain(images, *(q.float() if cross else q for q in qs))
+            bare = patch_embed(images, ps[0], ps[1])
+        assert out.dtype == (torch.float32 if cross else eager.dtype), (out.dtype, eager.dtype)
+        assert bare.dtype == (torch.float64 if wdtype == torch.float64 else autocast_dtype)
+        if wdtype == torch.float64:
+            torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
+        else:
+            cast = [t.to(autocast_dtype).double() for t in leaves[:2]]
+            exact = _eager_chain(images.to(autocast_dtype).double(), *cast, *(t.double() for t in leaves[2:]))
+            assert max_err(out, exact) <= 2 * max_err(eager, exact) + 1e-6
+        if grad:
+            gout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+            got = torch.autograd.grad(out, ps, gout)
+            want = torch.autograd.grad(eager, qs, gout.to(eager.dtype))
+            for n, x, y in zip(("weight", "bias", "cls_token", "pos_embed"), got, want):
+                assert x.dtype == y.dtype == wdtype and torch.isfinite(x).all(), n
+                if wdtype == torch.float64:
+                    torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_params_of_the_fused_op_as_the_cpp_autocast_kernel(autocast_dtype):
+    """_autocast_params (what the fused Triton op is given under autocast) makes the C++ op's
+    Autocast kernel's choices: weight and bias cast unless float64, tokens in the cast weight's
+    dtype promoted with the class token's and positions'."""
+    from vitfast.ops.patch_embed import _autocast_params
+
+    images = torch.randn(1, 3, 8, 8)
+    F64, F32, F16 = torch.float64, torch.float32, torch.float16
+    for wd, bd, cd in [(F64, F64, F64), (F64, F64, F32), (F64, F32, None), (F32, F64, F32), (F32, F32, None),
+                       (F16, F32, F32), (F16, F16, F16), (F32, None, F64)]:
+        w = torch.randn(4, 3, 4, 4, dtype=wd)
+        b = None if bd is None else torch.randn(4, dtype=bd)
+        cls = None if cd is None else torch.randn(1, 1, 4, dtype=cd)
+        pos = None if cd is None else torch.randn(1, 5, 4, dtype=cd)
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            (w2, b2, cls2, pos2), out_dtype = _autocast_params(images.device, w, b, cls, pos)
+            tokens = torch.ops.vitfast.patch_embed(images, w, b, cls, pos)
+        assert out_dtype == tokens.dtype, (wd, bd, cd)
+        assert w2.dtype == (F64 if wd == F64 else autocast_dtype)
+        assert b2 is None or b2.dtype == (F64 if bd == F64 else autocast_dtype)
+        assert cls2 is cls and pos2 is pos
 
 
 @pytest.mark.cuda

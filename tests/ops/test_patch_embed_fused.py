@@ -219,6 +219,18 @@ def test_batch_zero_and_class_rows_only():
     assert torch.equal(a["cls_token"].grad, torch.full_like(a["cls_token"], 2.0))
 
 
+def test_zero_width_embedding_backward():
+    """D = 0: empty tokens, and a backward of zeros and empty gradients (the weight gradient's
+    launch had no tiles: a ZeroDivisionError splitting the rows over them)."""
+    a = _leaves(make_inputs(Case(B=2, H=32, W=32, p=16, D=0), torch.float32), torch.float32)
+    out = _fused(a)
+    assert out.shape == (2, 5, 0)
+    out.sum().backward()
+    for n in ("images", "weight", "bias", "cls_token", "pos_embed"):
+        g = a[n].grad
+        assert g is not None and g.shape == a[n].shape and not g.any(), n
+
+
 # ------------------------------------------------------------------ registration, dispatch
 def _op_args(a):
     return (a["images"], a["weight"], a["bias"], a["cls_token"], a["pos_embed"],

@@ -27,6 +27,7 @@ import os
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.fx.experimental.symbolic_shapes import sym_or
 
 from .._dispatch import (BACKENDS, KernelNotSupported, canonical_backend, record_triton_kernels, resolve_backend,
                          shape_of, triton_op_registrar)
@@ -95,6 +96,9 @@ _INT = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
     """Raise a ValueError/TypeError naming the argument for any input the op cannot take.
 
+    The values of std are checked (no zero, no NaN) where that needs no host sync: sequences and
+    CPU tensors (outside torch.compile); CUDA tensors are not value-checked.
+
     Returns ``(B, N, T, D)``: batch, patches, tokens out, embedding dim.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -133,7 +137,7 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
             raise TypeError(f"vitfast.patch_embed: {name} must be floating point, got {t.dtype}")
     if bias is not None and shape_of(bias) != [D]:
         raise ValueError(f"vitfast.patch_embed: bias must be [{D}], got {shape_of(bias)}")
-    if cls_token is not None and (cls_token.numel() != D or cls_token.shape[-1] != D):
+    if cls_token is not None and (cls_token.dim() < 1 or cls_token.numel() != D or cls_token.shape[-1] != D):
         raise ValueError(f"vitfast.patch_embed: cls_token must be [1, 1, {D}], got {shape_of(cls_token)}")
     if pos_embed is not None:
         allowed = [[1, T, D]] + ([[1, N, D]] if cls_token is not None else [])
@@ -170,9 +174,21 @@ def check_patch_embed_args(images, weight, bias=None, cls_token=None, pos_embed=
             raise ValueError(
                 f"vitfast.patch_embed: {name} must have one value per channel ({C}), got {numel} value(s)"
             )
-        if name == "std" and not isinstance(t, torch.Tensor) and any(float(v) == 0.0 for v in t):
-            raise ValueError(f"vitfast.patch_embed: std must be non-zero, got {list(t)}")
+        if name == "std" and _std_invalid(t):
+            values = t.tolist() if isinstance(t, torch.Tensor) else list(t)
+            raise ValueError(f"vitfast.patch_embed: std must be non-zero and not NaN, got {values}")
     return B, N, T, D
+
+
+def _std_invalid(std) -> bool:
+    """A zero or NaN in std (a sequence, or a tensor whose values can be read here without a host
+    sync or a trace: a plain CPU tensor outside torch.compile). Other tensors (CUDA, meta, fake)
+    are not value-checked."""
+    if not isinstance(std, torch.Tensor):
+        return any(v == 0.0 or v != v for v in map(float, std))
+    if type(std) not in (torch.Tensor, torch.nn.Parameter) or std.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(((std == 0) | std.isnan()).any())
 
 
 def _describe_stats(x) -> str:
@@ -249,12 +265,16 @@ def patch_embed(
         mean, std: per-channel statistics (``C`` values). uint8 images become
             ``(images/255 - mean)/std``, float images ``(images - mean)/std``; without them
             uint8 images become ``images/255`` and float images are used as they are.
+            A zero or NaN in std raises a ValueError for sequences and CPU tensors; the values
+            of CUDA tensors are not checked (that would be a host sync).
 
     Returns:
         ``[B, T, D]`` in the weight's dtype, T = N (+1 with cls_token), N = (H/p)(W/p):
         ``cat(cls, conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)) + pos_embed``.
         Under ``torch.autocast`` as that chain under autocast: the GEMM in the autocast dtype, and
         float32 tokens when the class token or the positions are float32 (timm's residual stream).
+        As autocast never casts float64, a float64 weight (and bias) keeps its GEMM and its tokens
+        in float64.
 
     Differentiable in images (float only), weight, bias, cls_token and pos_embed (through the
     registered ``vitfast::patch_embed_backward``). mean and std are constants of the data
@@ -290,6 +310,9 @@ def patch_embed(
         # re-making it from the images in the backward (on the CPU that pass is ~4% of a
         # forward + backward). On CUDA the backward re-makes it: cheap there, and memory is not.
         # The "conv" strategy keeps nothing: its backward re-makes the normalised image.
+        # In the CPU compute dtype of this (uncast) weight, float32 or float64: under autocast the
+        # op's Autocast kernel casts the weight to a 16-bit dtype, whose compute dtype is float32
+        # too, and leaves float64 as it is, so these are what the op expects either way.
         patches = torch.ops.vitfast.patch_embed_patches(images.detach(), weight.detach(), cls_token is not None,
                                                         mean_t, std_t)
     return torch.ops.vitfast.patch_embed(images, weight, bias, cls_token, pos_embed, mean_t, std_t, patches)
@@ -300,12 +323,28 @@ def _patches_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.device.type == "cuda" else _grad_acc_dtype(weight)
 
 
-def _check_patches(patches, images, weight, B: int, T: int) -> None:
+# The fake (meta) implementations check what the C++ kernels check (csrc/patch_embed_common.cpp),
+# with the same exception classes: besides tracing, the dispatcher sends them real calls in which
+# one tensor is on the meta device (a meta `patches` or `grad_out` beside CPU tensors), which must
+# raise rather than return uninitialised memory. Device, dtype and flags are concrete: plain raises.
+# Sizes may be symbolic under torch.compile: torch._check_value (a ValueError when false, a
+# runtime assertion rather than a guard when it cannot be decided while tracing).
+def _check_patches(patches, images, weight, B: int, T: int, op: str = "vitfast.patch_embed") -> None:
     if patches is None:
         return
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    torch._check(list(patches.shape) == [B * T, K], lambda: f"patches must be [{B * T}, {K}], got {shape_of(patches)}")
-    torch._check(patches.dtype == _patches_dtype(weight), lambda: f"patches must be {_patches_dtype(weight)}")
+    want = lambda: (f"{op}: patches must be [{B * T}, {K}] (patch_embed_patches of these images), "  # noqa: E731
+                    f"got {shape_of(patches)}")
+    if patches.dim() != 2:
+        raise ValueError(want())
+    torch._check_value(patches.shape[0] == B * T, want)
+    torch._check_value(patches.shape[1] == K, want)
+    if patches.device != images.device:
+        raise ValueError(f"{op}: patches is on {patches.device} but images are on {images.device}")
+    if patches.dtype != _patches_dtype(weight):
+        raise TypeError(f"{op}: patches must be {_patches_dtype(weight)} (patch_embed_patches of these images and "
+                        f"weight), got {patches.dtype}")
+    torch._check_value(patches.is_contiguous(), lambda: f"{op}: patches must be contiguous")
 
 
 def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None, patches=None,
@@ -317,8 +356,8 @@ def _patch_embed_fake(images, weight, bias=None, cls_token=None, pos_embed=None,
 
 
 def _check_out_dtype(out_dtype) -> None:
-    torch._check(out_dtype is None or out_dtype in _FLOAT_DTYPES,
-                 lambda: f"out_dtype must be a floating point dtype, got {out_dtype}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"vitfast.patch_embed: out_dtype must be a floating point dtype, got {out_dtype}")
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -336,11 +375,27 @@ def _grad_acc_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _patch_embed_backward_fake(grad_out, images, weight, mean, std, has_cls, pos_tokens, output_mask, patches=None):
+    op = "vitfast.patch_embed_backward"
     cls_stub = weight.new_empty((1, 1, weight.shape[0])) if has_cls else None
     B, N, T, D = check_patch_embed_args(images, weight, None, cls_stub, None, mean, std)
-    _check_patches(patches, images, weight, B, T)
-    torch._check(list(grad_out.shape) == [B, T, D], lambda: f"grad_out must be [{B}, {T}, {D}]")
-    torch._check(pos_tokens in (0, N, T), lambda: f"pos_tokens must be 0, {N} or {T}")
+    want = lambda: f"{op}: grad_out must be [{B}, {T}, {D}], got {shape_of(grad_out)}"  # noqa: E731
+    if grad_out.dim() != 3:
+        raise ValueError(want())
+    for i, n in enumerate((B, T, D)):
+        torch._check_value(grad_out.shape[i] == n, want)
+    if grad_out.device != images.device:
+        raise ValueError(f"{op}: grad_out is on {grad_out.device} but images are on {images.device}")
+    if grad_out.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: grad_out must be floating point, got {grad_out.dtype}")
+    torch._check_value(sym_or(pos_tokens == 0, pos_tokens == N, pos_tokens == T),
+                       lambda: f"{op}: pos_tokens must be 0, {N} or {T}, got {pos_tokens}")
+    if output_mask[0] and not images.is_floating_point():
+        raise ValueError(f"{op}: no gradient for uint8 images (output_mask[0] must be false)")
+    if output_mask[3] and not has_cls:
+        raise ValueError(f"{op}: output_mask[3] (cls_token) needs has_cls")
+    if output_mask[4] and not pos_tokens > 0:
+        raise ValueError(f"{op}: output_mask[4] (pos_embed) needs pos_tokens > 0")
+    _check_patches(patches, images, weight, B, T, op)
     acc = _grad_acc_dtype(weight)
     g_images = torch.empty_like(images) if output_mask[0] else None
     g_weight = weight.new_empty(weight.shape) if output_mask[1] else None
@@ -450,20 +505,21 @@ def patch_embed_fused_not_supported_reasons(images, weight, bias=None, *, cls_to
 
 def _autocast_params(device, weight, bias, cls_token, pos_embed):
     """((weight, bias, cls_token, pos_embed), out_dtype) as the C++ op's Autocast kernel makes them
-    when autocast is on for ``device``: weight and bias cast to the autocast dtype (the GEMM's),
-    the class token and positions kept, and the tokens in the type promotion of the autocast dtype
-    with theirs (the eager chain's conv, then cat and add); else the arguments and None. Images
-    and mean/std stay as they are."""
+    when autocast is on for ``device``: weight and bias cast to the autocast dtype (the GEMM's)
+    unless float64 (autocast never casts float64), the class token and positions kept, and the
+    tokens in the type promotion of the cast weight's dtype with theirs (the eager chain's conv,
+    then cat and add); else the arguments and None. Images and mean/std stay as they are."""
     params = (weight, bias, cls_token, pos_embed)
     if device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device.type):
         return params, None
     dt = torch.get_autocast_dtype(device.type)
-    out_dtype = dt
+    weight, bias = (t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                    else t for t in (weight, bias))
+    out_dtype = weight.dtype  # (a float tensor: the wrapper checked the arguments first)
     for t in (cls_token, pos_embed):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             out_dtype = torch.promote_types(out_dtype, t.dtype)
-    cast = tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (weight, bias))
-    return cast + (cls_token, pos_embed), out_dtype
+    return (weight, bias, cls_token, pos_embed), out_dtype
 
 
 def _fused_chosen(images, weight, bias, cls_token, pos_embed) -> bool:
@@ -571,7 +627,7 @@ def _patch_embed_fused_backward(grad_out: torch.Tensor, images: torch.Tensor, we
         if g_images.numel():
             _tk.launch_dimages(dout, w2d, std, g_images, has_cls, p)
     if output_mask[1]:
-        if B * N:
+        if B * N and D:  # (D = 0: no tiles to launch)
             g_weight = _tk.launch_dweight(dout, images, mean, std, has_cls, p, D, K).to(weight.dtype).reshape(weight.shape)
         else:
             g_weight = torch.zeros_like(weight)
