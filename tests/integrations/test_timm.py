@@ -130,3 +130,122 @@ def test_unsuitable_modules_are_left_alone_with_a_warning():
     with pytest.warns(RuntimeWarning, match="no learned pos_embed"):
         patch_timm(m)
     assert not is_patched(m) and is_patched(m.blocks[0].attn)
+
+
+def _small_vit(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5, reg_tokens=1)
+    args.update(kw)
+    return VisionTransformer(**args).eval()
+
+
+def test_patched_model_pickles_and_deep_copies():
+    """torch.save(model) of a patched model loads back patched (a bound method would pickle as
+    getattr(module, "_attention_forward"), which does not exist at load); deepcopy rebinds."""
+    import io
+    import pickle
+
+    m = _small_vit(init_values=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    patch_timm(m, backend="reference")
+    with torch.no_grad():
+        ref = m(x)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    for c in (pickle.loads(pickle.dumps(m)), torch.load(buf, weights_only=False), copy.deepcopy(m)):
+        patched = [mod for mod in c.modules() if is_patched(mod)]
+        assert len(patched) == 1 + 2 * len(c.blocks)  # the ViT, each Block and each Attention
+        for mod in patched:
+            for method in mod.__dict__[vpatch._MARK]:
+                assert getattr(mod, method).__self__ is mod  # bound to the copy, not to m
+        assert c.blocks[0].forward.__func__ is vpatch._block_forward
+        with torch.no_grad():
+            assert torch.equal(c(x), ref)
+        unpatch_timm(c)
+        assert not any(is_patched(mod) or "forward" in mod.__dict__ for mod in c.modules())
+
+
+def test_hooks_on_patch_embed_fire_when_patched(monkeypatch):
+    """A hook on patch_embed or its proj is not skipped by the fused patch embedding: timm's own
+    forward_features runs then (uint8 images too), and the fused op again once it is removed."""
+    m = _small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+    patch_timm(m, backend="kernels")
+    calls, op = [], vpe.patch_embed
+
+    def spy(*a, **k):
+        calls.append(1)
+        return op(*a, **k)
+
+    monkeypatch.setattr(vpe, "patch_embed", spy)
+    seen = []
+    for sub in (m.patch_embed, m.patch_embed.proj):
+        handle = sub.register_forward_hook(lambda mod, i, o: seen.append(type(mod).__name__))
+        with torch.no_grad():
+            assert rel_err(m(x), ref) <= 1e-4
+        assert seen == [type(sub).__name__] and not calls
+        u = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        with torch.no_grad():
+            assert rel_err(m(u), m((u / 255.0 - 0.5) / 0.5)) <= 1e-4
+        handle.remove()
+        seen.clear()
+    with torch.no_grad():
+        m(x)
+    assert calls == [1] and not seen
+
+
+def test_feature_extractor_on_patched_model():
+    """torchvision's create_feature_extractor finds timm's node names on a patched model."""
+    fx = pytest.importorskip("torchvision.models.feature_extraction")
+    m = _small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = fx.create_feature_extractor(m, ["patch_embed", "blocks.1", "norm"])(x)
+        patch_timm(m, backend="reference")
+        got = fx.create_feature_extractor(m, ["patch_embed", "blocks.1", "norm"])(x)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert rel_err(got[k], ref[k]) <= 1e-5, k
+
+
+def test_instance_level_methods_are_left_to_their_owner():
+    """An instance whose method was replaced before patching (Accelerate's add_hook_to_module
+    sets module.forward) is skipped with a warning; unpatch deletes only what patch set."""
+    m = _small_vit()
+    x = torch.randn(1, 3, 32, 32)
+    calls = []
+    timm_ff, timm_fwd = m.forward_features, m.blocks[0].forward
+
+    def wrapper(*a, **k):
+        calls.append("ff")
+        return timm_ff(*a, **k)
+
+    m.forward_features = wrapper
+    m.blocks[0].forward = lambda *a, **k: calls.append("blk") or timm_fwd(*a, **k)
+    reset_warnings()
+    with pytest.warns(RuntimeWarning, match="forward_features is already replaced on the instance"):
+        patch_timm(m, backend="reference")
+    assert m.forward_features is wrapper and not is_patched(m) and not is_patched(m.blocks[0])
+    assert is_patched(m.blocks[1]) and is_patched(m.blocks[0].attn)
+    with torch.no_grad():
+        m(x)
+    assert calls == ["ff", "blk"]
+    unpatch_timm(m)
+    assert m.forward_features is wrapper and "forward" in m.blocks[0].__dict__
+    # a wrapper set after patching (around the patched method) survives unpatch and still runs
+    m = _small_vit()
+    with torch.no_grad():
+        ref = m(x)
+    patch_timm(m, backend="reference")
+    patched_fwd = m.blocks[1].forward
+    m.blocks[1].forward = lambda *a, **k: calls.append("late") or patched_fwd(*a, **k)
+    unpatch_timm(m)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
+    assert calls == ["late"] and "forward" in m.blocks[1].__dict__

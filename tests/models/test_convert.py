@@ -275,3 +275,42 @@ def test_checkpoint_from_another_resolution_loads_as_timm_does(tmp_path, name, s
     with torch.no_grad():
         f.pixel_mean.zero_(), f.pixel_std.fill_(1.0)  # timm takes normalised images
         assert rel_err(f.forward_features(x), t.forward_features(x)) <= RTOL
+
+
+def test_class_token_checkpoint_with_fc_norm_pools_avg():
+    """A class-token model with fc_norm (timm global_pool="avg", MAE-style fine-tunes) rebuilt from
+    its state dict alone pools like timm, not from the class token."""
+    from vitfast.models.convert import config_from_state_dict
+    from vitfast.models.vit import FastViT
+
+    t = timm.create_model("vit_small_patch16_224", depth=1, img_size=32, num_classes=4, global_pool="avg").eval()
+    _randomize(t)
+    cfg = config_from_state_dict(t.state_dict(), num_heads=6)
+    assert cfg["global_pool"] == "avg"
+    f = FastViT(**cfg, backend="reference").eval()
+    load_weights(f, t.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(f(x), t(x)) <= RTOL
+    assert config_from_state_dict(t.state_dict(), num_heads=6, global_pool="max")["global_pool"] == "max"
+
+
+def test_mlp_ratio_rebuilds_the_checkpoints_hidden_width():
+    """int(D * mlp_ratio) (timm's and FastViT's) gives back every hidden width h, e.g. D=176, h=240."""
+    import math
+
+    from vitfast.models.convert import config_from_state_dict
+    from vitfast.models.vit import FastViT
+
+    t = timm.create_model("vit_small_patch16_224", depth=1, img_size=32, embed_dim=176, num_heads=4,
+                          mlp_ratio=math.nextafter(240 / 176, math.inf))
+    assert t.blocks[0].mlp.fc1.out_features == 240 and int(176 * (240 / 176)) == 239
+    f = FastViT(**config_from_state_dict(t.state_dict(), num_heads=4))
+    load_weights(f, t.state_dict())  # no CheckpointMismatch
+    assert from_timm(t).blocks[0].mlp.fc1.out_features == 240
+
+    from vitfast.models.convert import mlp_ratio_for
+
+    bad = [(h, d) for d in range(1, 513) for h in range(1, 6 * d + 1) if int(d * mlp_ratio_for(h, d)) != h]
+    assert not bad, bad[:10]
+    assert mlp_ratio_for(768 * 4, 768) == 4.0  # exact ratios stay as they are

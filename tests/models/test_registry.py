@@ -67,3 +67,14 @@ def test_overrides_apply():
     m = create_model("vit_small_patch16_224", depth=1, num_classes=3, img_size=32, drop_path_rate=0.1)
     assert len(m.blocks) == 1 and m.head.out_features == 3 and m.patch_embed.img_size == (32, 32)
     assert m.blocks[0].drop_path1.p == 0.0  # linspace(0, rate, depth): the first block has none
+
+
+def test_other_in_chans_drops_the_tables_rgb_statistics():
+    """The table's 3-channel mean/std (CLIP's) do not fit in_chans=1: the uint8 path uses the
+    default 0.5; statistics the caller passes are kept (and checked)."""
+    m = create_model("vit_base_patch32_clip_224", depth=1, in_chans=1)
+    assert m.in_chans == 1 and m.pixel_mean.tolist() == [0.5] and m.pixel_std.tolist() == [0.5]
+    m = create_model("vit_base_patch32_clip_224", depth=1, in_chans=1, mean=(0.25,), std=(0.75,))
+    assert m.pixel_mean.tolist() == [0.25] and m.pixel_std.tolist() == [0.75]
+    with pytest.raises(ValueError, match="mean must have one value per channel"):
+        create_model("vit_base_patch32_clip_224", depth=1, in_chans=1, mean=(0.1, 0.2, 0.3))

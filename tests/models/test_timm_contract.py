@@ -213,7 +213,9 @@ def test_pretrained_resolves_like_timm_offline(tmp_path, name):
 @pytest.mark.parametrize("name", list(NAMES))
 def test_fx_trace_feature_extractor_and_export(kind, name):
     """torch.fx graphs (train and eval) and torchvision's create_feature_extractor run the model's
-    own calls as graph leaves: the same outputs and gradients as eager; torch.export still works."""
+    own calls as graph leaves: the same outputs and gradients as eager (to rounding: the graph
+    calls patch_embed's modules, where eager runs the fused op, so that timm's node names are
+    there); torch.export still works."""
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
     m = _make(kind, name, drop_path_rate=0.1, proj_drop_rate=0.1)
@@ -229,14 +231,17 @@ def test_fx_trace_feature_extractor_and_export(kind, name):
             y.square().mean().backward()
             out.append((y.detach(), [p.grad.clone() for p in m.parameters()]))
         (y_m, g_m), (y_g, g_g) = out
-        assert torch.equal(y_m, y_g) and all(torch.equal(a, b) for a, b in zip(g_m, g_g)), train
+        assert _err(y_g, y_m) <= 1e-5 * y_m.abs().max().item(), train
+        for a, b in zip(g_g, g_m):
+            assert _err(a, b) <= 1e-4 * max(b.abs().max().item(), 1e-6), train
     m.eval()
     nodes = get_graph_node_names(m)[1]
     blocks = [n for n in nodes if n.startswith("blocks.")]
     assert len(blocks) == 2, nodes  # one node per block
-    fe = create_feature_extractor(m, return_nodes={blocks[0]: "b0", blocks[1]: "b1"})
+    fe = create_feature_extractor(m, return_nodes={"patch_embed": "pe", blocks[0]: "b0", blocks[1]: "b1"})
     with torch.no_grad():
         feats = fe(x)
+        assert torch.equal(feats["pe"], m.patch_embed(x))
         _, inter = m.forward_intermediates(x, output_fmt="NLC", return_prefix_tokens=False)
     n = m.num_prefix_tokens
     for got, want in zip((feats["b0"], feats["b1"]), inter):

@@ -199,3 +199,52 @@ def test_bad_constructor_args_raise():
     dyn = FastViT(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, dynamic_img_size=True)
     with pytest.raises(ValueError, match="not a positive multiple of the patch size 16"):
         dyn(torch.randn(1, 3, 40, 32))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_hooks_on_patch_embed_fire(dynamic):
+    """Hooks on patch_embed / patch_embed.proj fire (the module is called, with timm's output:
+    [B, N, D], NHWC with a dynamic image size) and change nothing; FX traces keep their names."""
+    t, f = timm_and_fast("vit_small_patch16_224", dict(depth=1, img_size=32, reg_tokens=1, dynamic_img_size=dynamic))
+    f.set_backend("reference")
+    x = torch.randn(2, 3, 32, 48) if dynamic else torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = t(x)
+        assert rel_err(f(x), ref) <= RTOL
+        outs = {}
+        for name, sub in (("patch_embed", f.patch_embed), ("proj", f.patch_embed.proj)):
+            sub.register_forward_hook(lambda mod, i, o, name=name: outs.setdefault(name, []).append(o))
+        assert rel_err(f(x), ref) <= RTOL
+        assert [len(v) for v in outs.values()] == [1, 1]
+        assert torch.equal(f.patch_embed(x), t.patch_embed(x))  # timm's PatchEmbed.forward
+        assert outs["patch_embed"][0].shape == t.patch_embed(x).shape
+        u = torch.randint(0, 256, (2, 3, *x.shape[-2:]), dtype=torch.uint8)
+        assert rel_err(f(u), f((u / 255.0 - 0.5) / 0.5)) <= RTOL
+        fx = pytest.importorskip("torchvision.models.feature_extraction")
+        got = fx.create_feature_extractor(f, ["patch_embed", "blocks.0", "norm"])(x)
+        want = {}
+        for k in got:  # timm's outputs of those modules (its dynamic-size model does not FX-trace)
+            t.get_submodule(k).register_forward_hook(lambda mod, i, o, k=k: want.setdefault(k, o))
+        t(x)
+        for k in got:
+            assert rel_err(got[k], want[k]) <= RTOL, k
+
+
+def test_get_intermediate_layers_matches_timm():
+    t, f = timm_and_fast("vit_base_patch16_reg4_gap_256", dict(depth=3, img_size=64))
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(20, 20, dtype=torch.bool).fill_diagonal_(True) | (torch.rand(20, 20) > 0.5)
+    with torch.no_grad():
+        for args, kw in (((x,), {}), ((x, 2), dict(reshape=True, norm=True)), ((x, [0, 2], True, True), {}),
+                         ((x,), dict(n=[1], attn_mask=mask))):
+            got, want = f.get_intermediate_layers(*args, **kw), t.get_intermediate_layers(*args, **kw)
+            assert len(got) == len(want)
+            for a, b in zip(got, want):
+                for u, v in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
+                    assert u.shape == v.shape and rel_err(u, v) <= RTOL
+
+
+def test_unknown_pool_type_raises():
+    f = FastViT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"pool_type must be one of .*'avgmax'.*got 'mean'"):
+        f.pool(torch.randn(1, 5, 32), "mean")

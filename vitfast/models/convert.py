@@ -13,7 +13,7 @@ Key layouts and weight loading live in :mod:`vitfast.models.weights`, which this
 from __future__ import annotations
 
 import functools
-
+import math
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -37,11 +37,21 @@ def default_num_heads(embed_dim: int) -> int:
     return embed_dim // 64
 
 
+def mlp_ratio_for(hidden: int, dim: int) -> float:
+    """The ``mlp_ratio`` with which timm's and FastViT's blocks (``int(dim * mlp_ratio)``) build an
+    MLP ``hidden`` wide: ``hidden / dim``, or the next float up where that product rounds below
+    ``hidden`` (e.g. 240 / 176)."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else math.nextafter(ratio, math.inf)
+
+
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: Optional[int] = None, **overrides) -> dict:
     """FastViT constructor arguments read off a timm-layout state dict's keys and shapes.
 
-    What the weights cannot say (num_heads, norm eps, activation, pooling, normalisation
-    statistics) comes from ``num_heads``/``overrides`` or the standard ViT's defaults.
+    What the weights cannot say (num_heads, norm eps, activation, normalisation statistics) comes
+    from ``num_heads``/``overrides`` or the standard ViT's defaults. Pooling: "token" with a class
+    token, else "avg"; an ``fc_norm`` means timm's ``global_pool="avg"`` (its default ``fc_norm=None``
+    puts the final norm there only for avg/max pooling), class token or not.
     """
     for key in ("patch_embed.proj.weight", "pos_embed"):
         if key not in sd:
@@ -63,7 +73,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: Optional[i
         img_size=side * p, patch_size=p, in_chans=C, embed_dim=D, depth=depth,
         num_heads=num_heads or default_num_heads(D),
         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+        mlp_ratio=mlp_ratio_for(sd["blocks.0.mlp.fc1.weight"].shape[0], D),
         qkv_bias="blocks.0.attn.qkv.bias" in sd, qk_norm="blocks.0.attn.q_norm.weight" in sd,
         proj_bias="blocks.0.attn.proj.bias" in sd,
         init_values=1e-5 if "blocks.0.ls1.gamma" in sd else None,
@@ -71,7 +81,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: Optional[i
         pre_norm="norm_pre.weight" in sd, final_norm="norm.weight" in sd or "fc_norm.weight" in sd,
         fc_norm="fc_norm.weight" in sd,
     )
-    if not class_token:
+    if not class_token or cfg["fc_norm"]:  # e.g. MAE-style fine-tunes: class token, avg pooling, fc_norm
         cfg["global_pool"] = "avg"
     cfg.update(overrides)
     return cfg
@@ -148,7 +158,8 @@ def from_timm(model: nn.Module, backend: str = "auto") -> FastViT:
     cfg = dict(
         img_size=tuple(pe.img_size), patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
         num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
-        depth=len(model.blocks), num_heads=a.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+        depth=len(model.blocks), num_heads=a.num_heads,
+        mlp_ratio=mlp_ratio_for(blk.mlp.fc1.out_features, model.embed_dim),
         qkv_bias=a.qkv.bias is not None, qk_norm=not isinstance(a.q_norm, nn.Identity),
         proj_bias=a.proj.bias is not None,
         init_values=1e-5 if not isinstance(blk.ls1, nn.Identity) else None,

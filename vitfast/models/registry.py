@@ -215,7 +215,13 @@ def create_model(
         close = difflib.get_close_matches(name, MODEL_CONFIGS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"vitfast.create_model: unknown model {name!r}.{hint} See vitfast.list_models().")
-    model = FastViT(**{**MODEL_CONFIGS[name], **overrides})
+    cfg = {**MODEL_CONFIGS[name], **overrides}
+    for stat in ("mean", "std"):
+        # the table's (RGB) statistics do not fit another in_chans: FastViT's default, 0.5 a channel
+        # (timm keeps its 3-value pretrained_cfg, which is not applied to the model)
+        if stat not in overrides and cfg.get(stat) is not None and len(cfg[stat]) != cfg.get("in_chans", 3):
+            del cfg[stat]
+    model = FastViT(**cfg)
     model.pretrained_cfg = pretrained_cfg_for(name, model, pretrained_cfg_overlay)
     if checkpoint_path is not None:
         if not os.path.exists(checkpoint_path):

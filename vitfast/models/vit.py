@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from ..modules.attention import MODULE_BACKENDS, check_backend
 from ..modules.block import Block, blocks_forward, calls_only_forward, fx_symbolic_tracing
 from ..modules.layers import init_linear, trunc_normal_
-from ..modules.patch_embed import PatchEmbed, check_images, embed_images, grid_of
+from ..modules.patch_embed import PatchEmbed, add_tokens, check_images, embed_images, grid_of, images_for_proj
 
 __all__ = ["FastViT", "BACKENDS", "INCEPTION_MEAN", "INCEPTION_STD"]
 
@@ -25,6 +25,8 @@ POOLS = ("", "token", "avg", "max", "avgmax")
 # graph, run with real tensors (input checks and the kernel-or-reference choice never see a Proxy)
 torch.fx.wrap("check_images")
 torch.fx.wrap("embed_images")
+torch.fx.wrap("images_for_proj")
+torch.fx.wrap("add_tokens")
 
 
 def _take_indices(depth: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
@@ -122,7 +124,10 @@ class FastViT(nn.Module):
         self.backend = backend
         use_fc_norm = global_pool in ("avg", "max", "avgmax") if fc_norm is None else fc_norm
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm)
+        # as timm's: with a dynamic image size the patch embedding gives NHWC maps (any grid)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm,
+                                      output_fmt="NHWC" if dynamic_img_size else None,
+                                      strict_img_size=not dynamic_img_size)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
@@ -247,11 +252,15 @@ class FastViT(nn.Module):
         """Images -> tokens with class/register tokens and positional embedding (and pos dropout)."""
         pe = self.patch_embed
         check_images(x, self.in_chans, pe.patch_size[0], pe.img_size, self.dynamic_img_size, "FastViT")
-        x = embed_images(
-            x, pe.proj, cls_token=self.cls_token, reg_token=self.reg_token, pos_embed=self.pos_embed,
-            no_embed_class=self.no_embed_class, grid_size=pe.grid_size, mean=self.pixel_mean, std=self.pixel_std,
-            backend=self.backend,
-        )
+        tokens = dict(cls_token=self.cls_token, reg_token=self.reg_token, pos_embed=self.pos_embed,
+                      no_embed_class=self.no_embed_class, grid_size=pe.grid_size)
+        if fx_symbolic_tracing() or not all(calls_only_forward(m) for m in pe.modules()):
+            # hooks on patch_embed or its proj (a feature getter's, a user's), a compile or FSDP2
+            # sharding of them, an FX trace (node names patch_embed.*): the module is called
+            x = pe(images_for_proj(x, self.pixel_mean, self.pixel_std, pe.proj.weight.dtype))
+            x = add_tokens(x, **tokens)
+        else:
+            x = embed_images(x, pe.proj, mean=self.pixel_mean, std=self.pixel_std, backend=self.backend, **tokens)
         return self.norm_pre(self.pos_drop(x))
 
     def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -280,10 +289,13 @@ class FastViT(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
     ):
         """timm's forward_intermediates: ``(final features, [block outputs])`` for the blocks in
         ``indices`` (None: all; n: the last n), as ``NCHW`` maps or ``NLC`` tokens, prefix tokens
-        split off (returned as ``(spatial, prefix)`` pairs with ``return_prefix_tokens``)."""
+        split off (returned as ``(spatial, prefix)`` pairs with ``return_prefix_tokens``).
+        ``attn_mask`` / ``is_causal`` go to every block's attention."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = _take_indices(len(self.blocks), indices)
@@ -293,7 +305,10 @@ class FastViT(nn.Module):
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         inter = []
         for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x)
+            if attn_mask is not None or is_causal:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+            else:
+                x = self._run_block(blk, x)
             if i in take:
                 inter.append(self.norm(x) if norm else x)
         n = self.num_prefix_tokens
@@ -306,6 +321,21 @@ class FastViT(nn.Module):
         if intermediates_only:
             return inter
         return self.norm(x), inter
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: Union[int, Sequence[int]] = 1,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> list:
+        """timm's (and DINO's) interface: the outputs of the last ``n`` blocks (or of blocks ``n``),
+        ``NCHW`` maps with ``reshape`` else ``NLC`` tokens; :meth:`forward_intermediates`."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
+                                          attn_mask=attn_mask)
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -323,6 +353,8 @@ class FastViT(nn.Module):
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type not in POOLS:
+            raise ValueError(f"pool_type must be one of {list(POOLS)}, got {pool_type!r}")
         if pool_type == "token":
             return x[:, 0]
         if pool_type == "":

@@ -14,7 +14,7 @@ from .._dispatch import module_uses_kernel
 from ..ops.patch_embed import patch_embed, patch_embed_fused_not_supported_reasons, patch_embed_not_supported_reasons
 from ..ops.reference import normalize_images_ref
 
-__all__ = ["PatchEmbed", "to_2tuple", "embed_images", "resample_abs_pos_embed"]
+__all__ = ["PatchEmbed", "to_2tuple", "embed_images", "add_tokens", "images_for_proj", "resample_abs_pos_embed"]
 
 
 def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -22,10 +22,15 @@ def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
 
 
 class PatchEmbed(nn.Module):
-    """Holds the projection; the model runs it through ``vitfast.ops.patch_embed`` so that
-    normalisation, class token and positional embedding are applied in the same op."""
+    """Holds the projection. The model normally runs it through ``vitfast.ops.patch_embed``, so
+    that normalisation, class token and positional embedding are applied in the same op; it calls
+    the module (timm's ``PatchEmbed.forward``: float images -> ``proj`` -> ``[B, N, D]`` tokens, or
+    ``output_fmt``: "NHWC", "NLC", "NCL", "NCHW") when hooks, a compile or sharding are attached
+    to it, or under ``torch.fx.symbolic_trace``. ``strict_img_size``: images must be ``img_size``
+    (else any multiple of the patch size), as timm's."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True,
+                 output_fmt: Optional[str] = None, strict_img_size: bool = True):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
@@ -33,9 +38,28 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"patch_size must be square, got {self.patch_size}")
         if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if output_fmt not in (None,) + _FORMATS:
+            raise ValueError(f"output_fmt must be one of {list(_FORMATS)} or None, got {output_fmt!r}")
+        # timm's attributes: no output_fmt = flattened to [B, N, D] (output_fmt then reads NCHW)
+        self.flatten = output_fmt is None
+        self.output_fmt = output_fmt or "NCHW"
+        self.strict_img_size = strict_img_size
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.proj.in_channels, self.patch_size[0], self.img_size, not self.strict_img_size,
+                     "PatchEmbed")
+        x = self.proj(x)
+        if self.flatten or self.output_fmt == "NLC":
+            return x.flatten(2).transpose(1, 2)
+        if self.output_fmt == "NHWC":
+            return x.permute(0, 2, 3, 1)
+        return x.flatten(2) if self.output_fmt == "NCL" else x
+
+
+_FORMATS = ("NCHW", "NHWC", "NLC", "NCL")
 
 
 def resample_abs_pos_embed(
@@ -82,22 +106,63 @@ def embed_images(
     without its dropout). A grid other than ``grid_size`` resamples ``pos_embed`` bicubically."""
     p = proj.stride[0]
     gh, gw = images.shape[-2] // p, images.shape[-1] // p
-    prefix = [t for t in (cls_token, reg_token) if t is not None]
-    n_prefix = sum(t.shape[1] for t in prefix)
-    if pos_embed is not None and (gh, gw) != tuple(grid_size):
-        pos_embed = resample_abs_pos_embed(pos_embed, (gh, gw), grid_size, 0 if no_embed_class else n_prefix)
     if images.dtype != torch.uint8:
         mean = std = None  # float images are taken as already normalised (timm's contract)
     w, b = proj.weight, proj.bias
     use_fused = backend != "reference" and module_uses_kernel("FastViT.patch_embed", backend, _reasons(images, w))
-    if use_fused:
-        if reg_token is None:  # the op adds the class token and every position itself
-            return patch_embed(images, w, b, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
-        x = patch_embed(images, w, b, pos_embed=pos_embed if no_embed_class else None, mean=mean, std=std)
-        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
-        return x if no_embed_class or pos_embed is None else x + pos_embed
-    x = normalize_images_ref(images, mean, std, dtype=w.dtype) if images.dtype == torch.uint8 else images.to(w.dtype)
-    x = F.conv2d(x, w, b, stride=p).flatten(2).transpose(1, 2)
+    if not use_fused:
+        x = F.conv2d(images_for_proj(images, mean, std, w.dtype), w, b, stride=p).flatten(2).transpose(1, 2)
+        return _add_tokens(x, (gh, gw), cls_token, reg_token, pos_embed, no_embed_class, grid_size)
+    prefix = [t for t in (cls_token, reg_token) if t is not None]
+    pos_embed = _grid_pos_embed(pos_embed, (gh, gw), grid_size, 0 if no_embed_class else _n_tokens(prefix))
+    if reg_token is None:  # the op adds the class token and every position itself
+        return patch_embed(images, w, b, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+    x = patch_embed(images, w, b, pos_embed=pos_embed if no_embed_class else None, mean=mean, std=std)
+    x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
+    return x if no_embed_class or pos_embed is None else x + pos_embed
+
+
+def images_for_proj(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """What the projection takes: uint8 images normalised with ``mean``/``std``, float images as
+    they are (already normalised, timm's contract), in ``dtype``."""
+    if images.dtype == torch.uint8:
+        return normalize_images_ref(images, mean, std, dtype=dtype)
+    return images.to(dtype)
+
+
+def add_tokens(
+    x: torch.Tensor,
+    *,
+    cls_token: Optional[torch.Tensor],
+    reg_token: Optional[torch.Tensor],
+    pos_embed: Optional[torch.Tensor],
+    no_embed_class: bool,
+    grid_size: Tuple[int, int],
+) -> torch.Tensor:
+    """:class:`PatchEmbed`'s output -> the model's tokens ``[B, prefix + N, D]``: timm's
+    ``VisionTransformer._pos_embed`` without its dropout. ``x``: ``[B, N, D]`` on ``grid_size``,
+    or ``[B, H, W, D]`` (``output_fmt="NHWC"``, dynamic image size) on any grid."""
+    grid = tuple(grid_size)
+    if x.dim() == 4:
+        grid = (x.shape[1], x.shape[2])
+        x = x.flatten(1, 2)
+    return _add_tokens(x, grid, cls_token, reg_token, pos_embed, no_embed_class, grid_size)
+
+
+def _n_tokens(prefix) -> int:
+    return sum(t.shape[1] for t in prefix)
+
+
+def _grid_pos_embed(pos_embed, grid, grid_size, num_prefix_tokens: int):
+    """``pos_embed`` for a ``grid`` of patches (resampled bicubically when it is not ``grid_size``)."""
+    if pos_embed is not None and tuple(grid) != tuple(grid_size):
+        return resample_abs_pos_embed(pos_embed, grid, grid_size, num_prefix_tokens)
+    return pos_embed
+
+
+def _add_tokens(x, grid, cls_token, reg_token, pos_embed, no_embed_class, grid_size) -> torch.Tensor:
+    prefix = [t for t in (cls_token, reg_token) if t is not None]
+    pos_embed = _grid_pos_embed(pos_embed, grid, grid_size, 0 if no_embed_class else _n_tokens(prefix))
     expanded = [t.expand(x.shape[0], -1, -1) for t in prefix]
     if pos_embed is None:
         return torch.cat(expanded + [x], dim=1)
@@ -136,6 +201,10 @@ def check_images(images, in_chans: int, patch: int, img_size: Tuple[int, int], d
             f"{who}: image size {H}x{W} does not match the model's img_size {img_size[0]}x{img_size[1]} "
             "(build it with dynamic_img_size=True to accept other sizes)"
         )
+
+
+# torch.fx.symbolic_trace: a leaf of the graph (PatchEmbed.forward), run with real tensors
+torch.fx.wrap("check_images")
 
 
 def grid_of(images: torch.Tensor, patch: int) -> Tuple[int, int]:
