@@ -231,3 +231,12 @@ def test_timm_model_patched_by_vitfast_trains_like_timm():
     ref = run_inprocess(args + ["--backend", "reference"])
     assert patch.is_patched(unwrap(fast.model)) and not patch.is_patched(unwrap(ref.model))
     assert _losses(fast) == pytest.approx(_losses(ref), rel=1e-4)
+
+
+def test_no_validation_images_report_no_figures(tmp_path):
+    """--val-fraction 0: no validation set; its loss and accuracy are NaN, never a perfect 0.0."""
+    _make_images(tmp_path / "data", n_per_class=4)
+    args = TINY + ["--data-dir", str(tmp_path / "data"), "--img-size", "32", "--patch-size", "8", "--batch-size", "4",
+                   "--steps", "2", "--val-fraction", "0", "--workers", "0"]
+    run = run_inprocess(args)
+    assert run.evals and all(np.isnan(e["val_loss"]) and np.isnan(e["val_acc"]) for e in run.evals)

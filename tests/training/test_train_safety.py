@@ -180,3 +180,17 @@ def test_a_signal_without_output_dir_says_nothing_was_saved(monkeypatch, capsys)
     assert rc == 130
     (note,) = [x for x in io.err.splitlines() if "stopped by SIGINT" in x]
     assert "after step 1/4" in note and "nothing saved (no --output-dir)" in note
+
+
+def test_dataloader_workers_survive_a_sigterm_to_the_process_group():
+    """torchrun, SLURM and `kill -TERM -PGID` signal the whole group, DataLoader workers included:
+    the workers must leave SIGTERM to the main process (which then saves), not die on it."""
+    child = subprocess.Popen([sys.executable, os.path.join(HERE, "_loader_under_group_sigterm.py")], cwd=REPO,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        os.killpg(child.pid, signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and "survived" in stdout, stderr

@@ -46,7 +46,7 @@ from ..training.data import (
     DataError, StepBatchSampler, TensorImages, TrainData, eval_indices, load_digits, load_image_folder,
 )
 from ..training.dist import DistEnv, cleanup, setup, unwrap, wrap_model
-from ..training.interrupt import Interrupted, StopSignals, ignore_sigint
+from ..training.interrupt import Interrupted, StopSignals, ignore_stop_signals
 
 __all__ = ["main", "run", "parse_args", "build_model", "evaluate", "lr_lambda", "TrainResult", "UsageError",
            "Interrupted"]
@@ -284,7 +284,7 @@ def _batches(ds, sampler, env: DistEnv, workers: int, seed: int) -> Iterator[Tup
     # every image's augmentation is seeded by (seed, step, index), and the loader draws its worker
     # seeds from its own generator: the training's random streams do not depend on the workers
     loader = torch.utils.data.DataLoader(StepSeeded(ds, seed), batch_sampler=StepKeys(sampler), num_workers=workers,
-                                         pin_memory=pin, worker_init_fn=ignore_sigint,
+                                         pin_memory=pin, worker_init_fn=ignore_stop_signals,
                                          generator=torch.Generator().manual_seed(seed))
     yield from loader
 
@@ -295,7 +295,7 @@ def _eval_batches(ds, idx: List[int], batch_size: int, workers: int):
             yield ds.batch(idx[lo : lo + batch_size])
         return
     yield from torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
-                                           num_workers=workers, worker_init_fn=ignore_sigint)
+                                           num_workers=workers, worker_init_fn=ignore_stop_signals)
 
 
 def _to_input(x: torch.Tensor, env: DistEnv, stats) -> torch.Tensor:
@@ -328,7 +328,9 @@ def evaluate(model, ds, env: DistEnv, batch_size: int, autocast, stats, workers:
     dist.all_reduce(totals)
     model.train()
     loss_sum, correct, count = totals.tolist()
-    return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
+    if not count:  # no validation images (--val-fraction 0): no figures, not a perfect 0.0 loss
+        return {"val_loss": float("nan"), "val_acc": float("nan")}
+    return {"val_loss": loss_sum / count, "val_acc": correct / count}
 
 
 # -- output folder ------------------------------------------------------------------------------

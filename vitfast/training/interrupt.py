@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["StopSignals", "Interrupted", "ignore_sigint"]
+__all__ = ["StopSignals", "Interrupted", "ignore_stop_signals", "ignore_sigint"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -67,7 +67,15 @@ class StopSignals:
         return int(flag.item())
 
 
-def ignore_sigint(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the workers leave
-    it to the main process, which stops after the current step and shuts them down."""
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: SIGINT and SIGTERM sent to the whole process group (Ctrl-C;
+    torchrun's shutdown, SLURM, ``timeout`` and ``kill -TERM -PGID`` signal the group) are left to
+    the main process, which stops after the current step, saves, and shuts the workers down.
+    SIGTERM matters most: the DataLoader installs its own SIGTERM handler in each worker (before
+    this function runs), which kills the worker, and the main process then fails mid-step
+    ("DataLoader worker ... is killed by signal: Terminated") without saving."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+ignore_sigint = ignore_stop_signals  # the earlier name (SIGINT only then)
