@@ -38,6 +38,8 @@ def test_autocast_residual_stream_and_error_within_2x_timm(backend, kw):
     o32, g32 = _run(t, False)
     ot, gt = _run(t, True)
     of, gf = _run(f, True)
-    assert (of - o32).abs().max() <= 2 * (ot - o32).abs().max() + 1e-6
+    # the logits come out in bf16: a floor of one bf16 ulp at their magnitude (max errors of
+    # rounded values are quantised: 1 ulp for timm against 2 for FastViT fails a bare 2x on AVX2)
+    assert (of - o32).abs().max() <= 2 * (ot - o32).abs().max() + 2**-8 * o32.abs().max()
     for n in g32:
         assert (gf[n] - g32[n]).abs().max() <= 2 * (gt[n] - g32[n]).abs().max() + 1e-6 * g32[n].abs().max(), n
