@@ -105,8 +105,10 @@ def _timm_problems(model: nn.Module) -> List[str]:
         problems.append(f"global_pool={model.global_pool!r} (attention pooling)")
     if getattr(model, "pos_embed", None) is None:
         problems.append("no learned pos_embed (pos_embed='none')")
-    if not isinstance(model.patch_drop, nn.Identity):
-        problems.append("patch_drop_rate > 0")
+    pd = model.patch_drop
+    if not isinstance(pd, nn.Identity) and (type(pd).__name__ != "PatchDropout" or pd.ordered
+                                            or pd.num_prefix_tokens != model.num_prefix_tokens):
+        problems.append("a patch dropout other than timm's PatchDropout of patch_drop_rate (ordered, other prefix)")
     pe = model.patch_embed
     if type(pe) is not TimmPatchEmbed or not isinstance(pe.norm, nn.Identity) or pe.dynamic_img_pad:
         problems.append("a patch embedding other than timm's plain PatchEmbed (embed_norm_layer, dynamic_img_pad, ...)")
@@ -168,7 +170,7 @@ def from_timm(model: nn.Module, backend: str = "auto") -> FastViT:
         final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
         fc_norm=not isinstance(model.fc_norm, nn.Identity), pool_include_prefix=model.pool_include_prefix,
         dynamic_img_size=model.dynamic_img_size, drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p,
-        proj_drop_rate=a.proj_drop.p, attn_drop_rate=a.attn_drop.p,
+        patch_drop_rate=getattr(model.patch_drop, "prob", 0.0), proj_drop_rate=a.proj_drop.p, attn_drop_rate=a.attn_drop.p,
         drop_path_rate=float(f"{getattr(model.blocks[-1].drop_path1, 'drop_prob', 0.0):.6g}"),  # float32 linspace
         norm_eps=blk.norm1.eps, act_layer=_act_name(blk.mlp.act), backend=backend,
     )
@@ -198,7 +200,7 @@ def to_timm(model: FastViT) -> nn.Module:
         no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens, pre_norm=c["pre_norm"],
         final_norm=c["final_norm"], fc_norm=c["fc_norm"], pool_include_prefix=model.pool_include_prefix,
         dynamic_img_size=model.dynamic_img_size, drop_rate=c["drop_rate"], pos_drop_rate=c["pos_drop_rate"],
-        proj_drop_rate=c["proj_drop_rate"], attn_drop_rate=c["attn_drop_rate"], drop_path_rate=c["drop_path_rate"],
+        patch_drop_rate=c.get("patch_drop_rate", 0.0), proj_drop_rate=c["proj_drop_rate"], attn_drop_rate=c["attn_drop_rate"], drop_path_rate=c["drop_path_rate"],
         norm_layer=functools.partial(nn.LayerNorm, eps=c["norm_eps"]), act_layer=c["act_layer"], weight_init="skip",
     )
     if isinstance(model.norm, nn.Identity):  # pruned by prune_intermediate_layers(prune_norm=True)

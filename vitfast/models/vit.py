@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,8 +11,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..modules.attention import MODULE_BACKENDS, check_backend
 from ..modules.block import Block, blocks_forward, calls_only_forward, fx_symbolic_tracing
-from ..modules.layers import init_linear, trunc_normal_
-from ..modules.patch_embed import PatchEmbed, add_tokens, check_images, embed_images, grid_of, images_for_proj
+from ..modules.patch_embed import (PatchDropout, PatchEmbed, add_tokens, check_images, embed_images, grid_of,
+                                   images_for_proj, resample_abs_pos_embed)
+from .init import INIT_MODES, fix_init_weight, init_vit_weights
 
 __all__ = ["FastViT", "BACKENDS", "INCEPTION_MEAN", "INCEPTION_STD"]
 
@@ -83,14 +85,19 @@ class FastViT(nn.Module):
         dynamic_img_size: bool = False,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
+        patch_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        weight_init: str = "",
+        fix_init: bool = False,
         norm_eps: float = 1e-6,
         act_layer: str = "gelu",
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         backend: str = "auto",
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if global_pool not in POOLS:
@@ -106,7 +113,13 @@ class FastViT(nn.Module):
             if v is not None and len(v) != in_chans:
                 raise ValueError(f"{name} must have one value per channel (in_chans={in_chans}), got {tuple(v)}")
         backend = check_backend(backend)
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "name", "v")}
+        if weight_init not in INIT_MODES + ("skip",):
+            raise ValueError(f"weight_init must be one of {list(INIT_MODES + ('skip',))}, got {weight_init!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        # the architecture: where and in which dtype it is built are not part of it
+        self.config = {k: v for k, v in locals().items()
+                       if k not in ("self", "__class__", "name", "v", "device", "dtype")}
         self.config["img_size"] = img_size if isinstance(img_size, int) else tuple(img_size)
         self.config["mean"] = tuple(float(m) for m in mean) if mean is not None else None
         self.config["std"] = tuple(float(s) for s in std) if std is not None else None
@@ -124,45 +137,57 @@ class FastViT(nn.Module):
         self.backend = backend
         use_fc_norm = global_pool in ("avg", "max", "avgmax") if fc_norm is None else fc_norm
 
-        # as timm's: with a dynamic image size the patch embedding gives NHWC maps (any grid)
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm,
-                                      output_fmt="NHWC" if dynamic_img_size else None,
-                                      strict_img_size=not dynamic_img_size)
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
-        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
-        self.pos_drop = nn.Dropout(pos_drop_rate)
-        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        self.blocks = nn.Sequential(
-            *[
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_bias, proj_drop_rate, attn_drop_rate,
-                      init_values, dpr[i], act_layer, norm_eps, backend)
-                for i in range(depth)
-            ]
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        # default: the pretrained configs' (Inception) statistics, 0.5 for every channel
-        mean = self.config["mean"] or (INCEPTION_MEAN[0],) * in_chans
-        std = self.config["std"] or (INCEPTION_STD[0],) * in_chans
-        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
-        self._pixel_stats = (tuple(mean), tuple(std))
-        # timm's keys (a registered name gets timm's own dict from create_model / from_timm)
-        self.pretrained_cfg = dict(
-            input_size=(in_chans, *self.patch_embed.img_size), fixed_input_size=not dynamic_img_size,
-            interpolation="bicubic", crop_pct=0.9, crop_mode="center", mean=tuple(mean), std=tuple(std),
-            num_classes=num_classes, pool_size=None, first_conv="patch_embed.proj", classifier="head",
-        )
-        # one entry per block, as timm's VisionTransformer: what features_only / forward_intermediates give
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
-                             for i in range(depth)]
-        self._init_weights()
+        # timm's factory arguments: every parameter and buffer is created on `device` (e.g. "meta":
+        # no memory, no init, for FSDP's init on the meta device), then cast to `dtype`
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            # as timm's: with a dynamic image size the patch embedding gives NHWC maps (any grid)
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm,
+                                          output_fmt="NHWC" if dynamic_img_size else None,
+                                          strict_img_size=not dynamic_img_size)
+            num_patches = self.patch_embed.num_patches
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+            self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+            embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+            self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+            self.pos_drop = nn.Dropout(pos_drop_rate)
+            # timm's: random patch tokens dropped in training (the prefix tokens kept)
+            self.patch_drop = (PatchDropout(patch_drop_rate, self.num_prefix_tokens) if patch_drop_rate > 0
+                               else nn.Identity())
+            self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+            dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+            self.blocks = nn.Sequential(
+                *[
+                    Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_bias, proj_drop_rate,
+                          attn_drop_rate, init_values, dpr[i], act_layer, norm_eps, backend)
+                    for i in range(depth)
+                ]
+            )
+            self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            # default: the pretrained configs' (Inception) statistics, 0.5 for every channel
+            mean = self.config["mean"] or (INCEPTION_MEAN[0],) * in_chans
+            std = self.config["std"] or (INCEPTION_STD[0],) * in_chans
+            self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
+            self._pixel_stats = (tuple(mean), tuple(std))
+            # timm's keys (a registered name gets timm's own dict from create_model / from_timm)
+            self.pretrained_cfg = dict(
+                input_size=(in_chans, *self.patch_embed.img_size), fixed_input_size=not dynamic_img_size,
+                interpolation="bicubic", crop_pct=0.9, crop_mode="center", mean=tuple(mean), std=tuple(std),
+                num_classes=num_classes, pool_size=None, first_conv="patch_embed.proj", classifier="head",
+            )
+            # one entry per block, as timm's VisionTransformer: what features_only / forward_intermediates give
+            self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim,
+                                      reduction=self.patch_embed.patch_size[0]) for i in range(depth)]
+            # timm's: "skip" leaves the modules' own initialisation (init_weights() later: "reset")
+            self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
+            self.fix_init = fix_init
+            if weight_init != "skip":
+                init_vit_weights(self, weight_init, fix_init=fix_init, needs_reset=False)
+        if dtype is not None:
+            self.to(dtype)  # the uint8 path's mean/std stay float32 (_apply)
 
     @property
     def default_cfg(self) -> dict:
@@ -184,13 +209,16 @@ class FastViT(nn.Module):
             setattr(self, f"pixel_{name}", torch.tensor(stats, dtype=torch.float32, device=dev))
         return self
 
-    def _init_weights(self) -> None:
-        trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        if self.reg_token is not None:
-            nn.init.normal_(self.reg_token, std=1e-6)
-        self.apply(init_linear)
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """timm's: initialise every weight with ``mode`` ("", "jax", "jax_nlhb", "moco", "reset";
+        empty: the constructor's ``weight_init``), as timm's ``init_weights`` draws them
+        (:func:`vitfast.models.init.init_vit_weights`), then :meth:`fix_init_weight` if the model
+        was built with ``fix_init=True``."""
+        init_vit_weights(self, mode or self.weight_init_mode, fix_init=self.fix_init, needs_reset=needs_reset)
+
+    def fix_init_weight(self) -> None:
+        """timm's: each block's attn.proj and mlp.fc2 weights divided by sqrt(2 * (layer + 1))."""
+        fix_init_weight(self)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script(model)`` scripts the plain-PyTorch model this FastViT computes on its
@@ -247,21 +275,52 @@ class FastViT(nn.Module):
             else nn.Identity()
         self.head.train(self.training)
 
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """timm's: change the input resolution and/or the patch size, e.g. to fine-tune at 384.
+        The positional embedding is resampled to the new grid (bicubic, as timm's), a new patch
+        size resamples the projection (FlexiViT's pseudo-inverse, as timm's); ``config`` follows,
+        so ``FastViT(**model.config)`` builds the resized architecture. ``pretrained_cfg`` keeps
+        describing the checkpoint, as timm's does. The new parameters are new ``nn.Parameter``
+        objects: build the optimizer after this call."""
+        pe = self.patch_embed
+        prev_grid = pe.grid_size
+        pe.set_input_size(img_size=img_size, patch_size=patch_size)  # checks before it changes anything
+        if pe.grid_size != prev_grid:
+            old = self.pos_embed
+            with torch.no_grad():
+                new = resample_abs_pos_embed(old.detach(), pe.grid_size, prev_grid,
+                                             0 if self.no_embed_class else self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(new, requires_grad=old.requires_grad)
+        self.config["img_size"] = pe.img_size[0] if pe.img_size[0] == pe.img_size[1] else tuple(pe.img_size)
+        self.config["patch_size"] = pe.patch_size[0]
+        for f in self.feature_info:
+            f["reduction"] = pe.patch_size[0]
+
     # -- forward ------------------------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's: the patch embedding's output (``[B, N, D]``, or ``[B, H, W, D]`` with a dynamic
+        image size) -> tokens with the class/register tokens and the positional embedding, after
+        the positional dropout."""
+        return self.pos_drop(add_tokens(x, cls_token=self.cls_token, reg_token=self.reg_token,
+                                        pos_embed=self.pos_embed, no_embed_class=self.no_embed_class,
+                                        grid_size=self.patch_embed.grid_size))
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> tokens with class/register tokens and positional embedding (and pos dropout)."""
+        """Images -> tokens: timm's ``patch_embed``, ``_pos_embed``, ``patch_drop`` and ``norm_pre``,
+        through the fused patch-embedding op where nothing needs the modules called."""
         pe = self.patch_embed
         check_images(x, self.in_chans, pe.patch_size[0], pe.img_size, self.dynamic_img_size, "FastViT")
-        tokens = dict(cls_token=self.cls_token, reg_token=self.reg_token, pos_embed=self.pos_embed,
-                      no_embed_class=self.no_embed_class, grid_size=pe.grid_size)
         if fx_symbolic_tracing() or not all(calls_only_forward(m) for m in pe.modules()):
             # hooks on patch_embed or its proj (a feature getter's, a user's), a compile or FSDP2
             # sharding of them, an FX trace (node names patch_embed.*): the module is called
-            x = pe(images_for_proj(x, self.pixel_mean, self.pixel_std, pe.proj.weight.dtype))
-            x = add_tokens(x, **tokens)
+            x = self._pos_embed(pe(images_for_proj(x, self.pixel_mean, self.pixel_std, pe.proj.weight.dtype)))
         else:
-            x = embed_images(x, pe.proj, mean=self.pixel_mean, std=self.pixel_std, backend=self.backend, **tokens)
-        return self.norm_pre(self.pos_drop(x))
+            x = self.pos_drop(embed_images(x, pe.proj, mean=self.pixel_mean, std=self.pixel_std, backend=self.backend,
+                                           cls_token=self.cls_token, reg_token=self.reg_token,
+                                           pos_embed=self.pos_embed, no_embed_class=self.no_embed_class,
+                                           grid_size=pe.grid_size))
+        return self.norm_pre(self.patch_drop(x))
 
     def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():

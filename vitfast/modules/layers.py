@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
@@ -67,25 +65,4 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-@torch.no_grad()
-def trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
-    """Normal(0, std) truncated at +-2 std, by inverse CDF (one pass; torch's rejection loop is
-    ~10x slower on large CPU tensors)."""
-    cdf = 0.5 * (1.0 + math.erf(-2.0 / math.sqrt(2.0)))  # P(z < -2)
-    t.uniform_(2 * cdf - 1, 1 - 2 * cdf).erfinv_().mul_(std * math.sqrt(2.0))
-    return t.clamp_(-2 * std, 2 * std)
-
-
-def init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_in = m.in_channels * math.prod(m.kernel_size)
-        trunc_normal_(m.weight, std=math.sqrt(1.0 / fan_in))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 

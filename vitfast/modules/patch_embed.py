@@ -14,7 +14,8 @@ from .._dispatch import module_uses_kernel
 from ..ops.patch_embed import patch_embed, patch_embed_fused_not_supported_reasons, patch_embed_not_supported_reasons
 from ..ops.reference import normalize_images_ref
 
-__all__ = ["PatchEmbed", "to_2tuple", "embed_images", "add_tokens", "images_for_proj", "resample_abs_pos_embed"]
+__all__ = ["PatchEmbed", "PatchDropout", "to_2tuple", "embed_images", "add_tokens", "images_for_proj",
+           "resample_abs_pos_embed", "resample_patch_weight"]
 
 
 def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -47,6 +48,32 @@ class PatchEmbed(nn.Module):
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's: a new image size and/or patch size. A new patch size resamples the projection
+        (:func:`resample_patch_weight`, FlexiViT's pseudo-inverse), keeping its bias, device, dtype
+        and ``requires_grad``. Checks everything before changing anything."""
+        img_size = self.img_size if img_size is None else to_2tuple(img_size)
+        new_patch = self.patch_size if patch_size is None else to_2tuple(patch_size)
+        if new_patch[0] != new_patch[1] or new_patch[0] < 1:
+            raise ValueError(f"patch_size must be a positive square size, got {new_patch}")
+        if min(img_size) < 1 or img_size[0] % new_patch[0] or img_size[1] % new_patch[1]:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {new_patch}")
+        if new_patch != self.patch_size:
+            old = self.proj
+            proj = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=new_patch, stride=new_patch,
+                             bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                proj.weight.copy_(resample_patch_weight(old.weight, new_patch))
+                proj.weight.requires_grad_(old.weight.requires_grad)
+                if old.bias is not None:
+                    proj.bias.copy_(old.bias)
+                    proj.bias.requires_grad_(old.bias.requires_grad)
+            self.proj = proj.train(old.training)
+            self.patch_size = new_patch
+        self.img_size = img_size
+        self.grid_size = (img_size[0] // new_patch[0], img_size[1] // new_patch[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.proj.in_channels, self.patch_size[0], self.img_size, not self.strict_img_size,
@@ -86,6 +113,58 @@ def resample_abs_pos_embed(
     g = F.interpolate(g, size=new_size, mode=interpolation, antialias=antialias)
     g = g.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
     return torch.cat([prefix, g], dim=1) if num_prefix_tokens else g
+
+
+def resample_patch_weight(weight: torch.Tensor, new_size: Sequence[int], interpolation: str = "bicubic",
+                          antialias: bool = True) -> torch.Tensor:
+    """A ``[D, C, p, p]`` patch projection resampled to ``new_size`` patches (FlexiViT,
+    arXiv:2212.08013, as timm's ``resample_patch_embed``): with ``R`` the linear map that resizes a
+    ``p x p`` patch to ``new_size`` (``interpolation``, ``antialias``), the new weights ``w'`` solve
+    ``R^T w' = w`` in the least-squares sense (``w' = pinv(R^T) w``), so a patch resized to the new
+    size projects as the original patch did. Computed in float32 (float64 stays float64), returned
+    in the weight's dtype."""
+    new_size, old_size = to_2tuple(new_size), tuple(weight.shape[-2:])
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be [D, C, p, p], got shape {tuple(weight.shape)}")
+    if new_size == old_size:
+        return weight
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    n_old = old_size[0] * old_size[1]
+    basis = torch.eye(n_old, device=weight.device, dtype=work).reshape(n_old, 1, *old_size)
+    resized = F.interpolate(basis, size=new_size, mode=interpolation, antialias=antialias, align_corners=False)
+    R = resized.reshape(n_old, -1).t()  # [new p*p, old p*p]: column i is basis patch i resized
+    D, C = weight.shape[:2]
+    w = weight.reshape(D, C, n_old).to(work) @ torch.linalg.pinv(R)  # rows: w^T pinv(R) = (pinv(R^T) w)^T
+    return w.reshape(D, C, *new_size).to(weight.dtype)
+
+
+class PatchDropout(nn.Module):
+    """timm's PatchDropout (arXiv:2212.00794): in training, each image keeps a random
+    ``max(1, int(L * (1 - prob)))`` of its ``L`` patch tokens (``ordered``: in their original order),
+    the ``num_prefix_tokens`` class/register tokens always; the identity in eval or at ``prob = 0``."""
+
+    def __init__(self, prob: float = 0.5, num_prefix_tokens: int = 1, ordered: bool = False):
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"patch_drop_rate must be in [0, 1), got {prob}")
+        self.prob = float(prob)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.ordered = ordered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        n = self.num_prefix_tokens
+        prefix, x = x[:, :n], x[:, n:]
+        B, L = x.shape[:2]
+        keep = torch.argsort(torch.randn(B, L, device=x.device), dim=-1)[:, : max(1, int(L * (1.0 - self.prob)))]
+        if self.ordered:
+            keep = keep.sort(dim=-1).values
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, *x.shape[2:]))
+        return torch.cat((prefix, x), dim=1) if n else x
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}, ordered={self.ordered}"
 
 
 def embed_images(

@@ -1,0 +1,168 @@
+"""timm VisionTransformer APIs training code calls beyond the forward: set_input_size (fine-tune at
+another resolution or patch size), patch dropout and _pos_embed, and the device/dtype factory
+arguments. Compared with timm's own model on the same weights (float32 on the CPU)."""
+
+import warnings
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from vitfast.models.convert import from_timm, to_timm  # noqa: E402
+from vitfast.models.registry import create_model  # noqa: E402
+from vitfast.models.vit import FastViT  # noqa: E402
+from vitfast.modules.patch_embed import PatchDropout, resample_patch_weight  # noqa: E402
+
+RTOL = 1e-4
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU runs the reference paths, with a one-time warning
+        yield
+
+
+def _pair(name, **kw):
+    t = timm.create_model(name, pretrained=False, **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return t, from_timm(t)
+
+
+@pytest.mark.parametrize("name,kw,img_size,patch_size", [
+    ("vit_small_patch16_224", dict(depth=2, img_size=64), 96, None),           # fine-tune at a higher resolution
+    ("vit_small_patch16_224", dict(depth=2, img_size=64), (48, 80), None),     # non-square
+    ("vit_small_patch14_reg4_dinov2", dict(depth=1, img_size=56), 84, None),   # no_embed_class, register tokens
+    ("vit_small_patch16_224", dict(depth=1, img_size=64), 64, 8),              # FlexiViT: another patch size
+    ("vit_small_patch16_224", dict(depth=1, img_size=64, class_token=False, global_pool="avg"), 80, 20),
+])
+def test_set_input_size_matches_timm(name, kw, img_size, patch_size):
+    t, f = _pair(name, **kw)
+    t.set_input_size(img_size=img_size if img_size is None or not isinstance(img_size, int) else (img_size,) * 2,
+                     patch_size=patch_size)
+    f.set_input_size(img_size=img_size, patch_size=patch_size)
+    assert f.patch_embed.img_size == t.patch_embed.img_size
+    assert f.patch_embed.patch_size == t.patch_embed.patch_size
+    assert f.patch_embed.grid_size == t.patch_embed.grid_size and f.pos_embed.shape == t.pos_embed.shape
+    assert rel_err(f.pos_embed, t.pos_embed) <= RTOL
+    assert rel_err(f.patch_embed.proj.weight, t.patch_embed.proj.weight) <= RTOL
+    x = torch.randn(2, 3, *t.patch_embed.img_size)
+    with torch.no_grad():
+        assert rel_err(f(x), t(x)) <= RTOL
+    # the config describes the resized architecture; the resized weights load into it
+    g = FastViT(**f.config)
+    g.load_state_dict(f.state_dict())
+    assert [i["reduction"] for i in f.feature_info] == [f.patch_embed.patch_size[0]] * len(f.blocks)
+
+
+def test_set_input_size_keeps_what_it_should():
+    f = create_model("vit_small_patch16_224", depth=1, img_size=64)
+    f.patch_embed.proj.weight.requires_grad_(False)
+    f.pos_embed.requires_grad_(False)
+    f.train()
+    cfg = dict(f.pretrained_cfg)
+    f.set_input_size(96, 8)
+    assert not f.patch_embed.proj.weight.requires_grad and not f.pos_embed.requires_grad
+    assert f.patch_embed.proj.training and f.pretrained_cfg == cfg  # as timm: pretrained_cfg describes the checkpoint
+    before = {k: v.clone() for k, v in f.state_dict().items()}
+    for bad in (dict(img_size=100), dict(patch_size=(8, 16)), dict(img_size=96, patch_size=10)):
+        with pytest.raises(ValueError, match="img_size|patch_size"):
+            f.set_input_size(**bad)
+    after = f.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert f.patch_embed.img_size == (96, 96) and f.patch_embed.patch_size == (8, 8)
+
+
+@pytest.mark.parametrize("old,new", [(16, 8), (8, 16), (14, 16), (16, 14)])
+def test_resample_patch_weight_preserves_projections(old, new):
+    """FlexiViT's property: a patch resized to the new size projects as the original patch did.
+    Exact (up to float error) when upsampling, where the resize is injective; the least-squares
+    fit otherwise, checked against a direct float64 solve."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, old, old, generator=g, dtype=torch.float64)
+    w2 = resample_patch_weight(w, (new, new))
+    assert w2.shape == (6, 3, new, new) and w2.dtype == torch.float64
+    x = torch.randn(5, 3, old, old, generator=g, dtype=torch.float64)
+    xr = torch.nn.functional.interpolate(x, size=(new, new), mode="bicubic", antialias=True, align_corners=False)
+    a = torch.einsum("bchw,dchw->bd", x, w)
+    b = torch.einsum("bchw,dchw->bd", xr, w2)
+    if new >= old:
+        assert (a - b).abs().max() <= 1e-8 * a.abs().max()
+    else:  # w2 minimises ||R^T w2 - w||: R^T (w2 - that minimiser) is zero
+        basis = torch.eye(old * old, dtype=torch.float64).reshape(-1, 1, old, old)
+        R = torch.nn.functional.interpolate(basis, size=(new, new), mode="bicubic", antialias=True,
+                                            align_corners=False).reshape(old * old, -1)  # rows: R^T
+        sol = torch.linalg.lstsq(R, w.reshape(18, -1).t()).solution.t()
+        assert (R @ (w2.reshape(18, -1) - sol).t()).abs().max() <= 1e-8 * w.abs().max()
+    w32 = resample_patch_weight(w.float(), (new, new))
+    assert w32.dtype == torch.float32 and rel_err(w32, w2) <= 1e-4
+
+
+@pytest.mark.parametrize("reg", [0, 4])
+def test_patch_dropout_matches_timm(reg):
+    t, f = _pair("vit_small_patch16_224", depth=2, img_size=64, reg_tokens=reg, patch_drop_rate=0.25)
+    assert isinstance(f.patch_drop, PatchDropout) and f.config["patch_drop_rate"] == 0.25
+    t.train(), f.train()
+    x = torch.randn(3, 3, 64, 64)
+    torch.manual_seed(1)
+    ft = t.forward_features(x)
+    torch.manual_seed(1)
+    ff = f.forward_features(x)
+    # 16 patches, 12 kept (int(16 * 0.75)), the prefix tokens always
+    assert ff.shape == ft.shape == (3, 1 + reg + 12, 384)
+    assert rel_err(ff, ft) <= RTOL
+    t.eval(), f.eval()
+    with torch.no_grad():
+        assert f.forward_features(x).shape[1] == 1 + reg + 16
+        assert rel_err(f(x), t(x)) <= RTOL
+    # and back to timm with it
+    assert to_timm(f).patch_drop.prob == 0.25
+
+
+def test_patch_dropout_keeps_prefix_and_draws_patches():
+    pd = PatchDropout(0.5, num_prefix_tokens=2, ordered=True).train()
+    x = torch.arange(2 * 10, dtype=torch.float32).reshape(1, 10, 2).expand(4, -1, -1).contiguous()
+    y = pd(x)
+    assert y.shape == (4, 2 + 4, 2)
+    assert torch.equal(y[:, :2], x[:, :2])
+    kept = y[:, 2:, 0] / 2  # the token indices kept, in order
+    assert torch.all(kept[:, 1:] > kept[:, :-1]) and torch.all(kept >= 2)
+    assert torch.equal(pd.eval()(x), x)
+    with pytest.raises(ValueError, match="patch_drop_rate"):
+        PatchDropout(1.0)
+
+
+def test_pos_embed_method_matches_timm():
+    t, f = _pair("vit_small_patch14_reg4_dinov2", depth=1, img_size=56)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        tok = t.patch_embed(x)
+        assert rel_err(f._pos_embed(f.patch_embed(x)), t._pos_embed(tok)) <= RTOL
+    # timm's forward_features, spelled out, runs on FastViT too
+    with torch.no_grad():
+        y = f.norm(f.blocks(f.norm_pre(f.patch_drop(f._pos_embed(f.patch_embed(x))))))
+        assert rel_err(y, t.forward_features(x)) <= RTOL
+
+
+def test_device_and_dtype_factory_arguments():
+    m = FastViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, device="meta")
+    assert all(p.device.type == "meta" for p in m.parameters())
+    assert "device" not in m.config and "dtype" not in m.config
+    m.to_empty(device="cpu")
+    assert m.pixel_mean.device.type == "cpu" and torch.equal(m.pixel_mean, torch.full((3,), 0.5))
+    h = FastViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in h.parameters()) and h.pixel_mean.dtype == torch.float32
+    with torch.no_grad():
+        assert h(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+    c = create_model("vit_small_patch16_224", depth=1, img_size=32, device="meta")
+    assert c.pos_embed.device.type == "meta"
+    with pytest.raises(ValueError, match="dtype"):
+        FastViT(depth=1, dtype=torch.int32)

@@ -1,0 +1,185 @@
+"""timm's VisionTransformer weight-initialisation modes, for a FastViT or a timm VisionTransformer.
+
+``init_vit_weights(model, mode)`` is timm's ``VisionTransformer.init_weights(mode)``: the
+positional embedding and the class / register tokens first, then every submodule depth-first,
+children before their parent (timm's ``named_apply``; the model itself is left out), then
+:func:`fix_init_weight` with ``fix_init``. The walk draws random numbers in timm's order, so
+every mode gives timm's tensors bit for bit from the same seed, on either model (they share
+module names and order).
+
+``""`` is timm's default too (``"skip"``, which timm's constructor takes, is the constructor's to
+handle: nothing is initialised). With ``needs_reset=False`` (what the constructors pass: their
+modules have just initialised themselves) modules no mode names keep their values.
+
+Modules the modes do not name get timm's fallback: ``init_weights()`` where they have one,
+else ``reset_parameters()`` (LayerNorm to ones / zeros, LayerScale to its init value).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..modules.layers import LayerScale
+
+__all__ = ["INIT_MODES", "init_vit_weights", "fix_init_weight", "lecun_normal_", "normal_clipped_"]
+
+INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
+
+# std of a standard normal truncated to [-2, 2] (timm's literal: bit-exact lecun_normal_ needs it)
+TRUNC2_STD = 0.87962566103423978
+
+
+def _cdf(x: float) -> float:
+    return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+
+def _inverse_cdf_normal_(t: torch.Tensor, std: float, lo: float, hi: float) -> torch.Tensor:
+    """N(0, std) restricted to [lo, hi] by inverse CDF, then clamped there (timm's sampler, same
+    RNG draw and float ops)."""
+    t.uniform_(2 * _cdf(lo / std) - 1, 2 * _cdf(hi / std) - 1).erfinv_()
+    return t.mul_(std * math.sqrt(2.0)).clamp_(min=lo, max=hi)
+
+
+@torch.no_grad()
+def normal_clipped_(t: torch.Tensor, std: float = 0.02, bound: float = 2.0) -> torch.Tensor:
+    """timm's ``trunc_normal_(t, std=std)``: N(0, std) truncated at +-``bound`` absolute, so with
+    std .02 a plain normal in effect (vitfast's ``trunc_normal_`` truncates at +-2 std)."""
+    return _inverse_cdf_normal_(t, std, -bound, bound)
+
+
+@torch.no_grad()
+def lecun_normal_(w: torch.Tensor) -> torch.Tensor:
+    """Normal truncated at +-2 std, scaled so that its std is sqrt(1 / fan_in) (timm's and JAX's
+    ``lecun_normal``); fan_in = w.shape[1] * the kernel's size."""
+    fan_in = w.shape[1] * math.prod(w.shape[2:])
+    _inverse_cdf_normal_(w, 1.0, -2.0, 2.0)
+    return w.mul_(math.sqrt(1.0 / fan_in) / TRUNC2_STD)
+
+
+def _fallback(m: nn.Module, init_values: Optional[float], reset_only: bool = False, needs_reset: bool = True) -> None:
+    """timm's rule for modules a mode does not name: init_weights(), else reset_parameters() (with
+    ``needs_reset``). vitfast's LayerScale has no reset_parameters: its gamma goes back to the
+    model's init_values."""
+    if not reset_only and hasattr(m, "init_weights"):
+        m.init_weights()
+    elif not needs_reset:
+        return
+    elif hasattr(m, "reset_parameters"):
+        m.reset_parameters()
+    elif isinstance(m, LayerScale) and init_values is not None:
+        m.gamma.fill_(init_values)
+
+
+def _init_default(m: nn.Module, name: str, init_values: Optional[float], needs_reset: bool = True) -> None:
+    if isinstance(m, nn.Linear):
+        normal_clipped_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    else:  # the patch convolution included: PyTorch's default (kaiming-uniform), as timm's
+        _fallback(m, init_values, needs_reset=needs_reset)
+
+
+def _init_jax(m: nn.Module, name: str, init_values: Optional[float], nlhb: bool, needs_reset: bool = True) -> None:
+    if isinstance(m, nn.Linear):
+        if name.startswith("head"):
+            nn.init.zeros_(m.weight)
+            if m.bias is not None:  # -log(classes): the first softmax is uniform
+                m.bias.fill_(-math.log(m.out_features) if nlhb else 0.0)
+            return
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.normal_(m.bias, std=1e-6) if "mlp" in name else nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        lecun_normal_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    else:
+        _fallback(m, init_values, needs_reset=needs_reset)
+
+
+def _init_moco(m: nn.Module, name: str, init_values: Optional[float], needs_reset: bool = True) -> None:
+    if isinstance(m, nn.Linear):
+        if "qkv" in name:  # xavier-uniform as if q, k and v were three (dim, dim) layers
+            bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+            nn.init.uniform_(m.weight, -bound, bound)
+        else:
+            nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    else:  # the patch convolution included: PyTorch's default (moco-v3 fixes it; timm does not)
+        _fallback(m, init_values, needs_reset=needs_reset)
+
+
+def _init_reset(m: nn.Module, name: str, init_values: Optional[float], needs_reset: bool = True) -> None:
+    _fallback(m, init_values, reset_only=True, needs_reset=needs_reset)
+
+
+def _module_init(mode: str) -> Callable[..., None]:
+    if mode.startswith("jax"):
+        return partial(_init_jax, nlhb=mode == "jax_nlhb")
+    return {"": _init_default, "moco": _init_moco, "reset": _init_reset}[mode]
+
+
+def _children_first(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
+    """(name, module) for every submodule, children before their parent, the root left out
+    (timm's ``named_apply`` order)."""
+    for child_name, child in module.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        yield from _children_first(child, name)
+        yield name, child
+
+
+def _check_mode(mode: str) -> str:
+    if not isinstance(mode, str) or mode not in INIT_MODES:
+        raise ValueError(f"weight_init must be one of {list(INIT_MODES)}, got {mode!r}")
+    return mode
+
+
+@torch.no_grad()
+def init_vit_weights(model: nn.Module, mode: str = "", *, fix_init: bool = False, needs_reset: bool = True) -> None:
+    """Initialise ``model`` (a FastViT or a timm VisionTransformer) in place with timm's
+    ``weight_init`` mode ``mode`` (one of :data:`INIT_MODES`); ``fix_init`` then scales each
+    block's residual projections down (:func:`fix_init_weight`).
+
+    - ``""``: timm's default: Linear weights N(0, .02) (timm's ``trunc_normal_``, bounds at +-2),
+      zero biases, the patch convolution PyTorch's default;
+    - ``"jax"``: Linear xavier-uniform, zero biases but N(0, 1e-6) in the MLPs, the head zero,
+      the patch convolution lecun-normal with a zero bias;
+    - ``"jax_nlhb"``: ``"jax"`` with the head bias -log(num_classes);
+    - ``"moco"``: Linear xavier-uniform (qkv as three separate layers), zero biases;
+    - ``"reset"``: every module's ``reset_parameters()`` (PyTorch's defaults).
+
+    Every mode draws ``pos_embed`` ~ N(0, .02) and the class / register tokens ~ N(0, 1e-6) first
+    and resets LayerNorms and LayerScales (with ``needs_reset``: the constructors pass False, their
+    modules having just initialised themselves, as timm's). Parameters on the meta device are
+    accepted (nothing is drawn); a model without a classifier (``num_classes=0``) is fine in every
+    mode.
+    """
+    init = _module_init(_check_mode(mode))
+    pos_embed = getattr(model, "pos_embed", None)
+    if pos_embed is not None:
+        normal_clipped_(pos_embed, std=0.02)
+    for token in ("cls_token", "reg_token"):
+        if getattr(model, token, None) is not None:
+            nn.init.normal_(getattr(model, token), std=1e-6)
+    config = getattr(model, "config", None)
+    init_values = config.get("init_values") if isinstance(config, dict) else None
+    for name, m in _children_first(model):
+        init(m, name, init_values, needs_reset=needs_reset)
+    if fix_init:
+        fix_init_weight(model)
+
+
+@torch.no_grad()
+def fix_init_weight(model: nn.Module) -> None:
+    """Divide each block's ``attn.proj`` and ``mlp.fc2`` weights by sqrt(2 * (layer_id + 1))
+    (timm's ``fix_init``: the residual branches of deeper blocks start smaller)."""
+    for layer_id, block in enumerate(model.blocks):
+        scale = math.sqrt(2.0 * (layer_id + 1))
+        block.attn.proj.weight.div_(scale)
+        block.mlp.fc2.weight.div_(scale)
