@@ -166,3 +166,17 @@ def test_device_and_dtype_factory_arguments():
     assert c.pos_embed.device.type == "meta"
     with pytest.raises(ValueError, match="dtype"):
         FastViT(depth=1, dtype=torch.int32)
+
+
+def test_forward_intermediates_output_dict_matches_timm():
+    t, f = _pair("vit_small_patch14_reg4_dinov2", depth=2, img_size=56)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        for kw in (dict(), dict(return_prefix_tokens=True, indices=1), dict(intermediates_only=True, output_fmt="NLC")):
+            dt = t.forward_intermediates(x, output_dict=True, **kw)
+            df = f.forward_intermediates(x, output_dict=True, **kw)
+            assert df.keys() == dt.keys()
+            for k in dt:
+                a, b = df[k], dt[k]
+                for u, v in zip(a, b) if isinstance(b, list) else [(a, b)]:
+                    assert u.shape == v.shape and rel_err(u, v) <= RTOL

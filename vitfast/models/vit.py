@@ -348,13 +348,16 @@ class FastViT(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        output_dict: bool = False,
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
     ):
         """timm's forward_intermediates: ``(final features, [block outputs])`` for the blocks in
         ``indices`` (None: all; n: the last n), as ``NCHW`` maps or ``NLC`` tokens, prefix tokens
         split off (returned as ``(spatial, prefix)`` pairs with ``return_prefix_tokens``).
-        ``attn_mask`` / ``is_causal`` go to every block's attention."""
+        ``output_dict``: timm's dict instead, ``image_intermediates`` (and
+        ``image_intermediates_prefix`` with ``return_prefix_tokens``, ``image_features`` unless
+        ``intermediates_only``). ``attn_mask`` / ``is_causal`` go to every block's attention."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = _take_indices(len(self.blocks), indices)
@@ -375,6 +378,13 @@ class FastViT(nn.Module):
         inter = [y[:, n:] for y in inter]
         if output_fmt == "NCHW":
             inter = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        if output_dict:
+            out = dict(image_intermediates=inter)
+            if return_prefix_tokens and prefix is not None:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
         if return_prefix_tokens and prefix is not None:
             inter = list(zip(inter, prefix))
         if intermediates_only:
