@@ -29,7 +29,7 @@ def test_standard_names_cover_timm():
     for name in timm.list_models("vit_*"):
         if STANDARD.match(name):
             assert name in ours, name
-    for family in ("reg4_gap", "clip", "clip_quickgelu", "reg4_dinov2"):
+    for family in ("reg4_gap", "clip", "clip_quickgelu", "reg4_dinov2", "siglip"):
         assert list_models(f"*_{family}*"), family
     assert "vit_huge_patch14_224" in ours and list_models("*clip*") == sorted(n for n in ours if "clip" in n)
 

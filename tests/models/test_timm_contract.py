@@ -20,7 +20,7 @@ import vitfast  # noqa: E402
 from vitfast.models.registry import create_model  # noqa: E402
 
 # plain, register tokens + avg pool, DINOv2 style (no_embed_class, LayerScale, no head), CLIP
-# pre-norm, patch 32, 384 pixels; each at a small image size and depth 2 (kept fast on the CPU)
+# pre-norm, patch 32, 384 pixels, SigLIP; each at a small image size and depth 2 (kept fast on the CPU)
 NAMES = {
     "vit_small_patch16_224": dict(img_size=48),
     "vit_base_patch16_reg4_gap_256": dict(img_size=32, embed_dim=96, num_heads=2),
@@ -28,6 +28,7 @@ NAMES = {
     "vit_base_patch16_clip_224": dict(img_size=32, embed_dim=96, num_heads=2),
     "vit_small_patch32_224": dict(img_size=64),
     "vit_tiny_patch16_384": dict(img_size=48),
+    "vit_base_patch16_siglip_224": dict(img_size=32, embed_dim=96, num_heads=2),  # attention-pooling head
 }
 KINDS = ["fastvit", "patched_timm"]
 

@@ -180,3 +180,35 @@ def test_forward_intermediates_output_dict_matches_timm():
                 a, b = df[k], dt[k]
                 for u, v in zip(a, b) if isinstance(b, list) else [(a, b)]:
                     assert u.shape == v.shape and rel_err(u, v) <= RTOL
+
+
+def test_map_pool_gradients_and_head_rules_match_timm():
+    """SigLIP's attention-pooling head ("map"): gradients as timm's, and timm's rules for it in
+    reset_classifier / prune_intermediate_layers; a state dict with attn_pool.* builds a "map" model."""
+    from vitfast.models.convert import config_from_state_dict
+
+    t, f = _pair("vit_base_patch16_siglip_224", depth=1, img_size=32, num_classes=5)
+    assert f.global_pool == "map" and f.attn_pool is not None
+    t.train(), f.train()
+    x = torch.randn(3, 3, 32, 32)
+    y = torch.tensor([1, 4, 0])
+    for m in (t, f):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    tg = dict(t.named_parameters())
+    for n, p in f.named_parameters():
+        assert p.grad is not None and rel_err(p.grad, tg[n].grad) <= 1e-3, n
+    cfg = config_from_state_dict(t.state_dict(), num_heads=12)
+    assert cfg["global_pool"] == "map" and not cfg["class_token"]
+    FastViT(**cfg).load_state_dict(t.state_dict())
+    with pytest.raises(ValueError, match="cannot add attention pooling"):
+        create_model("vit_small_patch16_224", depth=1, img_size=32).reset_classifier(3, "map")
+    f.reset_classifier(7)  # keeps the pool, as timm's
+    assert f.attn_pool is not None and f(x).shape == (3, 7)
+    f.reset_classifier(7, "avg")  # removes it
+    t.reset_classifier(7, "avg")
+    assert f.attn_pool is None and t.attn_pool is None and f(x).shape == (3, 7)
+    g = create_model("vit_base_patch16_siglip_224", depth=2, img_size=32)
+    g.prune_intermediate_layers(1)
+    assert g.attn_pool is None and g.num_classes == 0
+    with pytest.raises(ValueError, match="pool_type='map'"):
+        g.pool(torch.randn(1, 4, 768), "map")

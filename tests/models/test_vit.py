@@ -27,6 +27,8 @@ CONFIGS = [
     ("noclass_avg", "vit_small_patch16_224", dict(depth=2, class_token=False, global_pool="avg"), 224, 224),
     ("dynamic_nonsquare", "vit_small_patch16_224", dict(depth=2, dynamic_img_size=True), 160, 272),
     ("dino_reg_noembedclass", "vit_small_patch14_reg4_dinov2", dict(depth=2, img_size=224), 224, 224),
+    ("siglip_map", "vit_base_patch16_siglip_224", dict(depth=2, num_classes=10), 224, 224),
+    ("so400m_hd72_map", "vit_so400m_patch14_siglip_224", dict(depth=1, img_size=56), 56, 56),
 ]
 
 

@@ -81,7 +81,9 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: Optional[i
         pre_norm="norm_pre.weight" in sd, final_norm="norm.weight" in sd or "fc_norm.weight" in sd,
         fc_norm="fc_norm.weight" in sd,
     )
-    if not class_token or cfg["fc_norm"]:  # e.g. MAE-style fine-tunes: class token, avg pooling, fc_norm
+    if "attn_pool.latent" in sd:  # SigLIP's attention pooling head
+        cfg["global_pool"] = "map"
+    elif not class_token or cfg["fc_norm"]:  # e.g. MAE-style fine-tunes: class token, avg pooling, fc_norm
         cfg["global_pool"] = "avg"
     cfg.update(overrides)
     return cfg
@@ -101,8 +103,9 @@ def _timm_problems(model: nn.Module) -> List[str]:
     from timm.models.vision_transformer import Block as TimmBlock
 
     problems = []
-    if getattr(model, "attn_pool", None) is not None:
-        problems.append(f"global_pool={model.global_pool!r} (attention pooling)")
+    ap = getattr(model, "attn_pool", None)
+    if ap is not None and not _is_map_pool(ap, model):
+        problems.append(f"global_pool={model.global_pool!r} (attention pooling other than timm's 'map' latent pool)")
     if getattr(model, "pos_embed", None) is None:
         problems.append("no learned pos_embed (pos_embed='none')")
     pd = model.patch_drop
@@ -135,6 +138,23 @@ def _timm_problems(model: nn.Module) -> List[str]:
 
 
 _ACTS = {"GELU": None, "QuickGELU": "quick_gelu", "GELUTanh": "gelu_tanh"}
+
+
+def _is_map_pool(ap: nn.Module, model: nn.Module) -> bool:
+    """timm's AttentionPoolLatent as VisionTransformer(global_pool="map") builds it (one latent,
+    a q projection, no positional embedding or q/k norm, LayerNorm + MLP like the blocks'), which
+    FastViT's attention pool computes."""
+    from timm.layers import AttentionPoolLatent as TimmPool
+
+    blk = model.blocks[0]
+    return (type(ap) is TimmPool and ap.latent_len == 1 and ap.pos_embed is None and ap.pool == "token"
+            and isinstance(ap.q, nn.Linear) and ap.q.bias is not None and ap.kv.bias is not None
+            and isinstance(ap.q_norm, nn.Identity) and isinstance(ap.k_norm, nn.Identity) and ap.mlp is not None
+            and ap.num_heads == blk.attn.num_heads and ap.latent_dim == model.embed_dim
+            and isinstance(ap.norm, nn.LayerNorm) and ap.norm.eps == blk.norm1.eps
+            and ap.mlp.fc1.out_features == blk.mlp.fc1.out_features
+            and type(ap.mlp.act) is type(blk.mlp.act) and type(ap.mlp.act).__name__ in _ACTS
+            and _act_name(ap.mlp.act) == _act_name(blk.mlp.act))
 
 
 def _act_name(act: nn.Module) -> str:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..modules.layers import LayerScale
 
-__all__ = ["INIT_MODES", "init_vit_weights", "fix_init_weight", "lecun_normal_", "normal_clipped_"]
+__all__ = ["INIT_MODES", "init_vit_weights", "fix_init_weight", "lecun_normal_", "normal_clipped_", "trunc_normal_tf_"]
 
 INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
 
@@ -50,6 +50,14 @@ def normal_clipped_(t: torch.Tensor, std: float = 0.02, bound: float = 2.0) -> t
     """timm's ``trunc_normal_(t, std=std)``: N(0, std) truncated at +-``bound`` absolute, so with
     std .02 a plain normal in effect (vitfast's ``trunc_normal_`` truncates at +-2 std)."""
     return _inverse_cdf_normal_(t, std, -bound, bound)
+
+
+@torch.no_grad()
+def trunc_normal_tf_(t: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+    """A standard normal truncated to [-2, 2], then scaled by ``std`` (timm's ``trunc_normal_tf_``,
+    TensorFlow's truncated_normal initialiser: the bounds scale with std)."""
+    _inverse_cdf_normal_(t, 1.0, -2.0, 2.0)
+    return t.mul_(std)
 
 
 @torch.no_grad()

@@ -27,11 +27,13 @@ _SIZES = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),  # head dim 80
+    "so400m": dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362),  # SigLIP's shape-optimised, head dim 72
 }
 _FAMILIES = {
     "": dict(),
     "clip": dict(pre_norm=True, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD),
     "clip_quickgelu": dict(pre_norm=True, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD, act_layer="quick_gelu"),
+    "siglip": dict(class_token=False, global_pool="map"),  # attention-pooling head
     "reg4_gap": dict(class_token=False, no_embed_class=True, global_pool="avg", reg_tokens=4),
     "reg4_dinov2": dict(reg_tokens=4, no_embed_class=True, init_values=1e-5, num_classes=0,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD),
@@ -74,6 +76,13 @@ _TABLE = [
     ("huge", 14, "clip", 224, "laion2b_ft_in12k_in1k", {}),
     ("huge", 14, "clip", 336, "laion2b_ft_in12k_in1k", {}),
     ("huge", 14, "clip", 378, "dfn5b", dict(num_classes=1024)),
+    ("base", 16, "siglip", 224, "v2_webli", dict(num_classes=0)),
+    ("base", 16, "siglip", 256, "v2_webli", dict(num_classes=0)),
+    ("base", 16, "siglip", 384, "v2_webli", dict(num_classes=0)),
+    ("base", 16, "siglip", 512, "v2_webli", dict(num_classes=0)),
+    ("large", 16, "siglip", 256, "v2_webli", dict(num_classes=0)),
+    ("large", 16, "siglip", 384, "v2_webli", dict(num_classes=0)),
+    ("so400m", 14, "siglip", 224, "v2_webli", dict(num_classes=0)),
     ("base", 32, "clip_quickgelu", 224, "laion400m_e32", dict(num_classes=512)),
     ("base", 16, "clip_quickgelu", 224, "metaclip_2pt5b", dict(num_classes=512)),
     ("large", 14, "clip_quickgelu", 224, "dfn2b", dict(num_classes=768)),

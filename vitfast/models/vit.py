@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..modules.attention import MODULE_BACKENDS, check_backend
+from ..modules.attention_pool import AttentionPoolLatent
 from ..modules.block import Block, blocks_forward, calls_only_forward, fx_symbolic_tracing
 from ..modules.patch_embed import (PatchDropout, PatchEmbed, add_tokens, check_images, embed_images, grid_of,
                                    images_for_proj, resample_abs_pos_embed)
@@ -20,7 +21,7 @@ __all__ = ["FastViT", "BACKENDS", "INCEPTION_MEAN", "INCEPTION_STD"]
 BACKENDS = MODULE_BACKENDS
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
-POOLS = ("", "token", "avg", "max", "avgmax")
+POOLS = ("", "token", "avg", "max", "avgmax", "map")
 
 
 # torch.fx.symbolic_trace / torchvision's create_feature_extractor: these calls are leaves of the
@@ -163,6 +164,9 @@ class FastViT(nn.Module):
                 ]
             )
             self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+            # "map": attention pooling with a learned query (SigLIP's head), timm's AttentionPoolLatent
+            self.attn_pool = (AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, act_layer, norm_eps)
+                              if global_pool == "map" else None)
             self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
             self.head_drop = nn.Dropout(drop_rate)
             self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -267,6 +271,11 @@ class FastViT(nn.Module):
                 raise ValueError(f"global_pool must be one of {list(POOLS)}, got {global_pool!r}")
             if global_pool == "token" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs a class token; this model has none")
+            if global_pool == "map" and self.attn_pool is None:  # timm's rule: it is built, never added
+                raise ValueError("reset_classifier cannot add attention pooling (global_pool='map'): build the "
+                                 "model with global_pool='map'")
+            if global_pool != "map":
+                self.attn_pool = None  # removed, as timm's
             self.global_pool = self.config["global_pool"] = global_pool
             self.config["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)  # keep the norm placement
         self.num_classes = self.config["num_classes"] = num_classes
@@ -421,7 +430,12 @@ class FastViT(nn.Module):
         return take
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        if self.attn_pool is not None:  # as timm: the attention pool whatever pool_type says
+            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens:])
         pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "map":
+            raise ValueError("pool_type='map' needs the attention pool, which this model has not (built "
+                             "without global_pool='map', or removed by reset_classifier)")
         if pool_type not in POOLS:
             raise ValueError(f"pool_type must be one of {list(POOLS)}, got {pool_type!r}")
         if pool_type == "token":
