@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .initializers import trunc_normal_tf_
 from .layers import Mlp
 
 __all__ = ["AttentionPoolLatent"]
@@ -46,8 +47,6 @@ class AttentionPoolLatent(nn.Module):
 
     def init_weights(self) -> None:
         """The latent ~ N(0, 1/dim) truncated at 2 std (timm's ``trunc_normal_tf_``, same draws)."""
-        from ..models.init import trunc_normal_tf_  # models imports modules, not the reverse, at import time
-
         trunc_normal_tf_(self.latent, std=self.latent_dim**-0.5)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
