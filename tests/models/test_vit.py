@@ -191,7 +191,7 @@ def test_bad_constructor_args_raise():
     with pytest.raises(ValueError, match="global_pool='token' needs class_token"):
         FastViT(class_token=False, global_pool="token")
     with pytest.raises(ValueError, match="global_pool must be one of"):
-        FastViT(global_pool="map")
+        FastViT(global_pool="prr")  # timm's other attention pool: not in FastViT
     with pytest.raises(ValueError, match="backend must be one of"):
         FastViT(backend="cuda")
     with pytest.raises(ValueError, match="not divisible by patch_size"):
