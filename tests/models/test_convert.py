@@ -39,10 +39,10 @@ def test_from_timm_keeps_config_and_weights():
 
 
 def test_from_timm_lists_unsupported_features():
-    t = timm.create_model("vit_small_patch16_224", depth=1, img_size=32, global_pool="map", patch_drop_rate=0.1,
+    t = timm.create_model("vit_small_patch16_224", depth=1, img_size=32, global_pool="prr", patch_drop_rate=0.1,
                           dynamic_img_pad=True)
     t.patch_drop.ordered = True  # FastViT's patch dropout is timm's default (unordered) one
-    with pytest.raises(ValueError, match=r"(?s)global_pool='map'.*patch dropout other than.*dynamic_img_pad"):
+    with pytest.raises(ValueError, match=r"(?s)global_pool='prr'.*patch dropout other than.*dynamic_img_pad"):
         from_timm(t)
     with pytest.raises(TypeError, match="expected a timm VisionTransformer"):
         from_timm(torch.nn.Linear(2, 2))

@@ -212,3 +212,89 @@ def test_map_pool_gradients_and_head_rules_match_timm():
     assert g.attn_pool is None and g.num_classes == 0
     with pytest.raises(ValueError, match="pool_type='map'"):
         g.pool(torch.randn(1, 4, 768), "map")
+
+
+def test_bf16_and_meta_init_draw_in_float32():
+    """Initialised in bfloat16 (meta device, to_empty, init_weights): the draws are made in float32
+    and rounded once (in 16 bits erfinv of a uniform rounded to +-1 is +-inf: values at the +-2
+    bounds, 100 std out)."""
+    m = FastViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+                device="meta", dtype=torch.bfloat16)
+    m.to_empty(device="cpu")
+    torch.manual_seed(0)
+    m.init_weights()
+    for name in ("pos_embed", "blocks.0.attn.qkv.weight", "head.weight"):
+        p = m.get_parameter(name).float()
+        assert p.abs().max() < 0.15 and abs(p.std().item() / 0.02 - 1) < 0.1, name
+
+
+def test_meta_load_with_assign_then_move():
+    """device='meta' + load_state_dict(assign=True): the uint8 path's statistics follow the
+    weights (they are constants, not in the state dict)."""
+    src = FastViT(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=3).eval()
+    m = FastViT(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=3, device="meta")
+    m.load_state_dict(src.state_dict(), assign=True)
+    assert m.pixel_mean.device.type == "cpu"
+    u = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(u), src(u))
+    m.to(torch.float64)
+    assert m.pixel_mean.dtype == torch.float32 and m.pos_embed.dtype == torch.float64
+
+
+def test_timm_input_traits_follow_set_input_size():
+    from timm.data.model_config import resolve_input_data_config
+
+    f = create_model("vit_tiny_patch16_224", depth=1)
+    f.set_input_size(img_size=96)
+    assert resolve_input_data_config(f)["input_size"] == (3, 96, 96)
+
+
+def test_init_conversions_and_compat():
+    """from_timm/to_timm keep how init_weights() re-initialises (mode, fix_init, init_values);
+    timm's _init_weights(m) works; "reset" reaches the attention pool's latent."""
+    t = timm.create_model("vit_small_patch16_224", depth=2, img_size=32, init_values=0.1, weight_init="jax",
+                          fix_init=True, num_classes=4)
+    f = from_timm(t)
+    assert (f.weight_init_mode, f.fix_init, f.config["init_values"]) == ("jax", True, 0.1)
+    f.init_weights()
+    assert not f.head.weight.any() and torch.equal(f.blocks[0].ls1.gamma, torch.full((384,), 0.1))
+    b = to_timm(f)
+    assert (b.weight_init_mode, b.fix_init, b.blocks[0].ls1.init_values) == ("jax", True, 0.1)
+    lin = torch.nn.Linear(300, 300)
+    f._init_weights(lin)
+    assert not lin.bias.any() and abs(lin.weight.std().item() / 0.02 - 1) < 0.05
+    s = FastViT(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, class_token=False,
+                global_pool="map", weight_init="skip", device="meta")
+    s.to_empty(device="cpu")
+    s.init_weights()  # "reset", as timm's: every module's reset_parameters, the latent's included
+    assert torch.isfinite(s(torch.randn(1, 3, 32, 32))).all()
+
+
+def test_patch_dropout_fx_and_nchw_intermediates():
+    f = create_model("vit_small_patch16_224", depth=1, img_size=32, patch_drop_rate=0.5).train()
+    g = torch.fx.symbolic_trace(f)  # the draw is a graph leaf: traceable in training too
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    a = g(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, f(x))
+    with pytest.raises(ValueError, match="output_fmt='NLC'"):
+        f.forward_intermediates(x)
+    assert f.forward_intermediates(x, output_fmt="NLC")[1][0].shape == (2, 2, 384)
+
+
+def test_old_pickles_and_size_errors(tmp_path):
+    f = create_model("vit_small_patch16_224", depth=1, img_size=32).eval()
+    for name in ("weight_init_mode", "fix_init", "_traits", "attn_pool"):  # as a vitfast before them pickled it
+        f.__dict__.pop(name, None)
+        f._modules.pop(name, None)
+    del f._modules["patch_drop"]
+    torch.save(f, tmp_path / "m.pt")
+    g = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert g(x).shape == (1, 1000) and g.weight_init_mode == "" and g.attn_pool is None
+    for bad in (dict(img_size=0), dict(img_size=(32, 32, 3)), dict(img_size=32.0), dict(patch_size=(8, 8, 8))):
+        with pytest.raises(ValueError, match="must be a positive int or a pair"):
+            g.set_input_size(**bad)

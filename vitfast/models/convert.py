@@ -184,7 +184,7 @@ def from_timm(model: nn.Module, backend: str = "auto") -> FastViT:
         mlp_ratio=mlp_ratio_for(blk.mlp.fc1.out_features, model.embed_dim),
         qkv_bias=a.qkv.bias is not None, qk_norm=not isinstance(a.q_norm, nn.Identity),
         proj_bias=a.proj.bias is not None,
-        init_values=1e-5 if not isinstance(blk.ls1, nn.Identity) else None,
+        init_values=getattr(blk.ls1, "init_values", 1e-5) if not isinstance(blk.ls1, nn.Identity) else None,
         class_token=model.has_class_token, no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens,
         pre_norm=not isinstance(model.norm_pre, nn.Identity),
         final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
@@ -193,6 +193,8 @@ def from_timm(model: nn.Module, backend: str = "auto") -> FastViT:
         patch_drop_rate=getattr(model.patch_drop, "prob", 0.0), proj_drop_rate=a.proj_drop.p, attn_drop_rate=a.attn_drop.p,
         drop_path_rate=float(f"{getattr(model.blocks[-1].drop_path1, 'drop_prob', 0.0):.6g}"),  # float32 linspace
         norm_eps=blk.norm1.eps, act_layer=_act_name(blk.mlp.act), backend=backend,
+        # how init_weights() re-initialises it ("skip" builds say "reset", as timm's)
+        weight_init=getattr(model, "weight_init_mode", ""), fix_init=getattr(model, "fix_init", False),
     )
     pcfg = getattr(model, "pretrained_cfg", None) or {}
     if pcfg.get("mean") is not None and len(pcfg["mean"]) == cfg["in_chans"]:
@@ -230,6 +232,7 @@ def to_timm(model: FastViT) -> nn.Module:
     ref = model.pos_embed
     t = t.to(device=ref.device, dtype=ref.dtype)
     t.load_state_dict(model.state_dict())
+    t.weight_init_mode, t.fix_init = model.weight_init_mode, model.fix_init  # built with "skip": what init_weights() uses
     t.pretrained_cfg = dict(model.pretrained_cfg)
     return t.train(model.training)
 

@@ -19,43 +19,47 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..modules.initializers import TRUNC2_STD, lecun_normal_, normal_clipped_, trunc_normal_tf_
-from ..modules.layers import LayerScale
 
-__all__ = ["INIT_MODES", "TRUNC2_STD", "init_vit_weights", "fix_init_weight", "lecun_normal_", "normal_clipped_",
+__all__ = ["INIT_MODES", "TRUNC2_STD", "init_vit_weights", "init_module_default", "fix_init_weight", "lecun_normal_", "normal_clipped_",
            "trunc_normal_tf_"]
 
 INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
 
-def _fallback(m: nn.Module, init_values: Optional[float], reset_only: bool = False, needs_reset: bool = True) -> None:
+
+def _fallback(m: nn.Module, reset_only: bool = False, needs_reset: bool = True) -> None:
     """timm's rule for modules a mode does not name: init_weights(), else reset_parameters() (with
-    ``needs_reset``). vitfast's LayerScale has no reset_parameters: its gamma goes back to the
-    model's init_values."""
+    ``needs_reset``)."""
     if not reset_only and hasattr(m, "init_weights"):
         m.init_weights()
     elif not needs_reset:
         return
     elif hasattr(m, "reset_parameters"):
         m.reset_parameters()
-    elif isinstance(m, LayerScale) and init_values is not None:
-        m.gamma.fill_(init_values)
 
 
-def _init_default(m: nn.Module, name: str, init_values: Optional[float], needs_reset: bool = True) -> None:
+def _init_default(m: nn.Module, name: str, needs_reset: bool = True) -> None:
     if isinstance(m, nn.Linear):
         normal_clipped_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     else:  # the patch convolution included: PyTorch's default (kaiming-uniform), as timm's
-        _fallback(m, init_values, needs_reset=needs_reset)
+        _fallback(m, needs_reset=needs_reset)
 
 
-def _init_jax(m: nn.Module, name: str, init_values: Optional[float], nlhb: bool, needs_reset: bool = True) -> None:
+def init_module_default(m: nn.Module) -> None:
+    """One module as timm's default mode initialises it (timm's ``init_weights_vit_timm``, what
+    ``VisionTransformer._init_weights(m)`` does)."""
+    with torch.no_grad():
+        _init_default(m, "")
+
+
+def _init_jax(m: nn.Module, name: str, nlhb: bool, needs_reset: bool = True) -> None:
     if isinstance(m, nn.Linear):
         if name.startswith("head"):
             nn.init.zeros_(m.weight)
@@ -70,10 +74,10 @@ def _init_jax(m: nn.Module, name: str, init_values: Optional[float], nlhb: bool,
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     else:
-        _fallback(m, init_values, needs_reset=needs_reset)
+        _fallback(m, needs_reset=needs_reset)
 
 
-def _init_moco(m: nn.Module, name: str, init_values: Optional[float], needs_reset: bool = True) -> None:
+def _init_moco(m: nn.Module, name: str, needs_reset: bool = True) -> None:
     if isinstance(m, nn.Linear):
         if "qkv" in name:  # xavier-uniform as if q, k and v were three (dim, dim) layers
             bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
@@ -83,11 +87,11 @@ def _init_moco(m: nn.Module, name: str, init_values: Optional[float], needs_rese
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     else:  # the patch convolution included: PyTorch's default (moco-v3 fixes it; timm does not)
-        _fallback(m, init_values, needs_reset=needs_reset)
+        _fallback(m, needs_reset=needs_reset)
 
 
-def _init_reset(m: nn.Module, name: str, init_values: Optional[float], needs_reset: bool = True) -> None:
-    _fallback(m, init_values, reset_only=True, needs_reset=needs_reset)
+def _init_reset(m: nn.Module, name: str, needs_reset: bool = True) -> None:
+    _fallback(m, reset_only=True, needs_reset=needs_reset)
 
 
 def _module_init(mode: str) -> Callable[..., None]:
@@ -107,7 +111,7 @@ def _children_first(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, 
 
 def _check_mode(mode: str) -> str:
     if not isinstance(mode, str) or mode not in INIT_MODES:
-        raise ValueError(f"weight_init must be one of {list(INIT_MODES)}, got {mode!r}")
+        raise ValueError(f"mode (timm's weight_init) must be one of {list(INIT_MODES)}, got {mode!r}")
     return mode
 
 
@@ -138,10 +142,8 @@ def init_vit_weights(model: nn.Module, mode: str = "", *, fix_init: bool = False
     for token in ("cls_token", "reg_token"):
         if getattr(model, token, None) is not None:
             nn.init.normal_(getattr(model, token), std=1e-6)
-    config = getattr(model, "config", None)
-    init_values = config.get("init_values") if isinstance(config, dict) else None
     for name, m in _children_first(model):
-        init(m, name, init_values, needs_reset=needs_reset)
+        init(m, name, needs_reset=needs_reset)
     if fix_init:
         fix_init_weight(model)
 

@@ -14,7 +14,7 @@ from ..modules.attention_pool import AttentionPoolLatent
 from ..modules.block import Block, blocks_forward, calls_only_forward, fx_symbolic_tracing
 from ..modules.patch_embed import (PatchDropout, PatchEmbed, add_tokens, check_images, embed_images, grid_of,
                                    images_for_proj, resample_abs_pos_embed)
-from .init import INIT_MODES, fix_init_weight, init_vit_weights
+from .init import INIT_MODES, fix_init_weight, init_module_default, init_vit_weights
 
 __all__ = ["FastViT", "BACKENDS", "INCEPTION_MEAN", "INCEPTION_STD"]
 
@@ -46,6 +46,10 @@ def _take_indices(depth: int, indices: Optional[Union[int, Sequence[int]]]) -> T
         if bad:
             raise ValueError(f"indices {bad} are out of range for {depth} blocks")
     return take, max(take)
+
+
+def _pixel_stats_follow(module: "FastViT", incompatible_keys) -> None:
+    module._place_pixel_stats()
 
 
 class FastViT(nn.Module):
@@ -185,6 +189,9 @@ class FastViT(nn.Module):
             # one entry per block, as timm's VisionTransformer: what features_only / forward_intermediates give
             self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim,
                                       reduction=self.patch_embed.patch_size[0]) for i in range(depth)]
+            # timm's model traits (what timm's resolve_input_data_config reads; set_input_size updates them)
+            self._traits = dict(img_size=tuple(self.patch_embed.img_size), fixed_input_size=not dynamic_img_size,
+                                first_conv="patch_embed.proj")
             # timm's: "skip" leaves the modules' own initialisation (init_weights() later: "reset")
             self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
             self.fix_init = fix_init
@@ -192,6 +199,8 @@ class FastViT(nn.Module):
                 init_vit_weights(self, weight_init, fix_init=fix_init, needs_reset=False)
         if dtype is not None:
             self.to(dtype)  # the uint8 path's mean/std stay float32 (_apply)
+        # load_state_dict(..., assign=True) onto a meta-device model: the statistics follow pos_embed
+        self.register_load_state_dict_post_hook(_pixel_stats_follow)
 
     @property
     def default_cfg(self) -> dict:
@@ -204,14 +213,41 @@ class FastViT(nn.Module):
 
     # -- construction helpers ---------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
-        # The uint8 path's statistics are constants: rebuilt in float32 on the new device, so that
-        # model.to(bf16) does not round them and to_empty() (meta-device init) does not blank them.
-        super()._apply(fn, *args, **kwargs)
-        for name in ("mean", "std"):
-            dev = getattr(self, f"pixel_{name}").device
-            stats = self._pixel_stats[0 if name == "mean" else 1]
-            setattr(self, f"pixel_{name}", torch.tensor(stats, dtype=torch.float32, device=dev))
+        # The uint8 path's statistics are constants, never moved or cast: rebuilt in float32 beside
+        # pos_embed, so that model.to(bf16) does not round them, to_empty() (meta-device init) does
+        # not blank them and a model whose weights were loaded with assign=True moves off "meta".
+        del self._buffers["pixel_mean"], self._buffers["pixel_std"]
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            self._place_pixel_stats(force=True)
         return self
+
+    def _place_pixel_stats(self, force: bool = False) -> None:
+        dev = self.pos_embed.device
+        if force or self._buffers.get("pixel_mean") is None or self.pixel_mean.device != dev:
+            for name, stats in zip(("pixel_mean", "pixel_std"), self._pixel_stats):
+                self.register_buffer(name, torch.tensor(stats, dtype=torch.float32, device=dev), persistent=False)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # a FastViT pickled whole by a vitfast before these existed
+        if "patch_drop" not in self._modules:
+            self.patch_drop = nn.Identity()
+        defaults = dict(attn_pool=None, weight_init_mode="", fix_init=False,
+                        _traits=dict(img_size=tuple(self.patch_embed.img_size),
+                                     fixed_input_size=not self.dynamic_img_size, first_conv="patch_embed.proj"))
+        for name, value in defaults.items():
+            if name not in self.__dict__ and name not in self._modules:
+                setattr(self, name, value)
+        self.config.setdefault("patch_drop_rate", 0.0)
+        self.config.setdefault("weight_init", "")
+        self.config.setdefault("fix_init", False)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        """timm's compatibility method: one module initialised as timm's default mode does
+        (``model.apply(model._init_weights)``)."""
+        init_module_default(m)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's: initialise every weight with ``mode`` ("", "jax", "jax_nlhb", "moco", "reset";
@@ -305,6 +341,7 @@ class FastViT(nn.Module):
         self.config["patch_size"] = pe.patch_size[0]
         for f in self.feature_info:
             f["reduction"] = pe.patch_size[0]
+        self._traits = dict(self._traits, img_size=tuple(pe.img_size))
 
     # -- forward ------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -386,6 +423,9 @@ class FastViT(nn.Module):
         prefix = [y[:, :n] for y in inter] if n else None
         inter = [y[:, n:] for y in inter]
         if output_fmt == "NCHW":
+            if inter and inter[0].shape[1] != H * W:  # timm reshapes the kept tokens to the grid regardless
+                raise ValueError(f"output_fmt='NCHW' needs all {H * W} patch tokens, the blocks saw "
+                                 f"{inter[0].shape[1]} (patch dropout in training): use output_fmt='NLC'")
             inter = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
         if output_dict:
             out = dict(image_intermediates=inter)

@@ -49,6 +49,10 @@ class AttentionPoolLatent(nn.Module):
         """The latent ~ N(0, 1/dim) truncated at 2 std (timm's ``trunc_normal_tf_``, same draws)."""
         trunc_normal_tf_(self.latent, std=self.latent_dim**-0.5)
 
+    # the latent's only initialisation: weight_init="reset" (and "skip", then init_weights()) reach it
+    # too, where timm's "reset" leaves it as torch.empty gave it
+    reset_parameters = init_weights
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, D = x.shape
         H, hd = self.num_heads, self.head_dim

@@ -22,6 +22,16 @@ def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (int(x), int(x)) if isinstance(x, int) else tuple(int(v) for v in x)
 
 
+def size_pair(v, name: str) -> Optional[Tuple[int, int]]:
+    """An image or patch size as a pair of positive ints (None stays None)."""
+    if v is None:
+        return None
+    pair = tuple(v) if isinstance(v, (tuple, list)) else (v, v) if hasattr(v, "__index__") else None
+    if pair is None or len(pair) != 2 or not all(hasattr(x, "__index__") and int(x) > 0 for x in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them (height, width), got {v!r}")
+    return (int(pair[0]), int(pair[1]))
+
+
 class PatchEmbed(nn.Module):
     """Holds the projection. The model normally runs it through ``vitfast.ops.patch_embed``, so
     that normalisation, class token and positional embedding are applied in the same op; it calls
@@ -53,11 +63,11 @@ class PatchEmbed(nn.Module):
         """timm's: a new image size and/or patch size. A new patch size resamples the projection
         (:func:`resample_patch_weight`, FlexiViT's pseudo-inverse), keeping its bias, device, dtype
         and ``requires_grad``. Checks everything before changing anything."""
-        img_size = self.img_size if img_size is None else to_2tuple(img_size)
-        new_patch = self.patch_size if patch_size is None else to_2tuple(patch_size)
-        if new_patch[0] != new_patch[1] or new_patch[0] < 1:
-            raise ValueError(f"patch_size must be a positive square size, got {new_patch}")
-        if min(img_size) < 1 or img_size[0] % new_patch[0] or img_size[1] % new_patch[1]:
+        img_size = size_pair(img_size, "img_size") or self.img_size
+        new_patch = size_pair(patch_size, "patch_size") or self.patch_size
+        if new_patch[0] != new_patch[1]:
+            raise ValueError(f"patch_size must be square, got {new_patch}")
+        if img_size[0] % new_patch[0] or img_size[1] % new_patch[1]:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {new_patch}")
         if new_patch != self.patch_size:
             old = self.proj
@@ -138,6 +148,24 @@ def resample_patch_weight(weight: torch.Tensor, new_size: Sequence[int], interpo
     return w.reshape(D, C, *new_size).to(weight.dtype)
 
 
+def patch_dropout(x: torch.Tensor, prob: float, num_prefix_tokens: int, ordered: bool, training: bool) -> torch.Tensor:
+    """:class:`PatchDropout`'s computation (a leaf of ``torch.fx.symbolic_trace`` graphs: the token
+    count it draws from is a real number there)."""
+    if not training or prob == 0.0:
+        return x
+    n = num_prefix_tokens
+    prefix, x = x[:, :n], x[:, n:]
+    B, L = x.shape[:2]
+    keep = torch.argsort(torch.randn(B, L, device=x.device), dim=-1)[:, : max(1, int(L * (1.0 - prob)))]
+    if ordered:
+        keep = keep.sort(dim=-1).values
+    x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, *x.shape[2:]))
+    return torch.cat((prefix, x), dim=1) if n else x
+
+
+torch.fx.wrap("patch_dropout")
+
+
 class PatchDropout(nn.Module):
     """timm's PatchDropout (arXiv:2212.00794): in training, each image keeps a random
     ``max(1, int(L * (1 - prob)))`` of its ``L`` patch tokens (``ordered``: in their original order),
@@ -152,16 +180,7 @@ class PatchDropout(nn.Module):
         self.ordered = ordered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.prob == 0.0:
-            return x
-        n = self.num_prefix_tokens
-        prefix, x = x[:, :n], x[:, n:]
-        B, L = x.shape[:2]
-        keep = torch.argsort(torch.randn(B, L, device=x.device), dim=-1)[:, : max(1, int(L * (1.0 - self.prob)))]
-        if self.ordered:
-            keep = keep.sort(dim=-1).values
-        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, *x.shape[2:]))
-        return torch.cat((prefix, x), dim=1) if n else x
+        return patch_dropout(x, self.prob, self.num_prefix_tokens, self.ordered, self.training)
 
     def extra_repr(self) -> str:
         return f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}, ordered={self.ordered}"
