@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how tokens become the head's input (default: the model's)")
     g.add_argument("--qk-norm", action="store_true", help="LayerNorm on q and k (steadier at high learning rates)")
     g.add_argument("--drop-path", type=FRACTION, default=0.0)
+    g.add_argument("--weight-init", choices=("", "jax", "jax_nlhb", "moco"), default=None,
+                   help="timm's weight_init mode for a model trained from scratch (default: the model's, timm's '')")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile the wrapped model")
 
@@ -223,6 +225,8 @@ def build_model(a: argparse.Namespace, data: TrainData) -> Tuple[nn.Module, Opti
         over["drop_path_rate"] = a.drop_path
     if a.qk_norm:
         over["qk_norm"] = True
+    if a.weight_init is not None:
+        over["weight_init"] = a.weight_init
     if a.global_pool is not None:
         over["global_pool"] = a.global_pool
     if a.model.startswith("timm:"):
