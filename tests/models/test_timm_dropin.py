@@ -278,7 +278,7 @@ def test_patch_dropout_fx_and_nchw_intermediates():
     torch.manual_seed(0)
     a = g(x)
     torch.manual_seed(0)
-    assert torch.equal(a, f(x))
+    assert rel_err(a, f(x)) <= RTOL  # the same tokens dropped (the graph calls each block, eager fuses them)
     with pytest.raises(ValueError, match="output_fmt='NLC'"):
         f.forward_intermediates(x)
     assert f.forward_intermediates(x, output_fmt="NLC")[1][0].shape == (2, 2, 384)
