@@ -286,7 +286,7 @@ def test_patch_dropout_fx_and_nchw_intermediates():
 
 def test_old_pickles_and_size_errors(tmp_path):
     f = create_model("vit_small_patch16_224", depth=1, img_size=32).eval()
-    for name in ("weight_init_mode", "fix_init", "_traits", "attn_pool"):  # as a vitfast before them pickled it
+    for name in ("weight_init_mode", "fix_init", "attn_pool"):  # as a vitfast before them pickled it
         f.__dict__.pop(name, None)
         f._modules.pop(name, None)
     del f._modules["patch_drop"]

@@ -190,7 +190,8 @@ def from_timm(model: nn.Module, backend: str = "auto") -> FastViT:
         final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
         fc_norm=not isinstance(model.fc_norm, nn.Identity), pool_include_prefix=model.pool_include_prefix,
         dynamic_img_size=model.dynamic_img_size, drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p,
-        patch_drop_rate=getattr(model.patch_drop, "prob", 0.0), proj_drop_rate=a.proj_drop.p, attn_drop_rate=a.attn_drop.p,
+        patch_drop_rate=getattr(model.patch_drop, "prob", 0.0), proj_drop_rate=a.proj_drop.p,
+        attn_drop_rate=a.attn_drop.p,
         drop_path_rate=float(f"{getattr(model.blocks[-1].drop_path1, 'drop_prob', 0.0):.6g}"),  # float32 linspace
         norm_eps=blk.norm1.eps, act_layer=_act_name(blk.mlp.act), backend=backend,
         # how init_weights() re-initialises it ("skip" builds say "reset", as timm's)
@@ -222,7 +223,8 @@ def to_timm(model: FastViT) -> nn.Module:
         no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens, pre_norm=c["pre_norm"],
         final_norm=c["final_norm"], fc_norm=c["fc_norm"], pool_include_prefix=model.pool_include_prefix,
         dynamic_img_size=model.dynamic_img_size, drop_rate=c["drop_rate"], pos_drop_rate=c["pos_drop_rate"],
-        patch_drop_rate=c.get("patch_drop_rate", 0.0), proj_drop_rate=c["proj_drop_rate"], attn_drop_rate=c["attn_drop_rate"], drop_path_rate=c["drop_path_rate"],
+        patch_drop_rate=c.get("patch_drop_rate", 0.0), proj_drop_rate=c["proj_drop_rate"],
+        attn_drop_rate=c["attn_drop_rate"], drop_path_rate=c["drop_path_rate"],
         norm_layer=functools.partial(nn.LayerNorm, eps=c["norm_eps"]), act_layer=c["act_layer"], weight_init="skip",
     )
     if isinstance(model.norm, nn.Identity):  # pruned by prune_intermediate_layers(prune_norm=True)
@@ -232,7 +234,7 @@ def to_timm(model: FastViT) -> nn.Module:
     ref = model.pos_embed
     t = t.to(device=ref.device, dtype=ref.dtype)
     t.load_state_dict(model.state_dict())
-    t.weight_init_mode, t.fix_init = model.weight_init_mode, model.fix_init  # built with "skip": what init_weights() uses
+    t.weight_init_mode, t.fix_init = model.weight_init_mode, model.fix_init  # what its init_weights() then uses
     t.pretrained_cfg = dict(model.pretrained_cfg)
     return t.train(model.training)
 

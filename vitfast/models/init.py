@@ -7,12 +7,11 @@ children before their parent (timm's ``named_apply``; the model itself is left o
 every mode gives timm's tensors bit for bit from the same seed, on either model (they share
 module names and order).
 
-``""`` is timm's default too (``"skip"``, which timm's constructor takes, is the constructor's to
-handle: nothing is initialised). With ``needs_reset=False`` (what the constructors pass: their
-modules have just initialised themselves) modules no mode names keep their values.
-
-Modules the modes do not name get timm's fallback: ``init_weights()`` where they have one,
-else ``reset_parameters()`` (LayerNorm to ones / zeros, LayerScale to its init value).
+``"skip"``, which timm's constructor also takes, is the constructor's to handle (nothing is
+initialised). Modules the modes do not name get timm's fallback: ``init_weights()`` where they
+have one, else ``reset_parameters()`` (LayerNorm to ones / zeros, LayerScale to its init value),
+the latter only with ``needs_reset`` (the constructors pass False: their modules have just
+initialised themselves).
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ import torch.nn as nn
 
 from ..modules.initializers import TRUNC2_STD, lecun_normal_, normal_clipped_, trunc_normal_tf_
 
-__all__ = ["INIT_MODES", "TRUNC2_STD", "init_vit_weights", "init_module_default", "fix_init_weight", "lecun_normal_", "normal_clipped_",
-           "trunc_normal_tf_"]
+__all__ = ["INIT_MODES", "TRUNC2_STD", "init_vit_weights", "init_module_default", "fix_init_weight",
+           "lecun_normal_", "normal_clipped_", "trunc_normal_tf_"]
 
 INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
 

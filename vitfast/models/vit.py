@@ -189,9 +189,6 @@ class FastViT(nn.Module):
             # one entry per block, as timm's VisionTransformer: what features_only / forward_intermediates give
             self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim,
                                       reduction=self.patch_embed.patch_size[0]) for i in range(depth)]
-            # timm's model traits (what timm's resolve_input_data_config reads; set_input_size updates them)
-            self._traits = dict(img_size=tuple(self.patch_embed.img_size), fixed_input_size=not dynamic_img_size,
-                                first_conv="patch_embed.proj")
             # timm's: "skip" leaves the modules' own initialisation (init_weights() later: "reset")
             self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
             self.fix_init = fix_init
@@ -201,6 +198,13 @@ class FastViT(nn.Module):
             self.to(dtype)  # the uint8 path's mean/std stay float32 (_apply)
         # load_state_dict(..., assign=True) onto a meta-device model: the statistics follow pos_embed
         self.register_load_state_dict_post_hook(_pixel_stats_follow)
+
+    @property
+    def _traits(self) -> dict:
+        """timm's model traits (what timm's resolve_input_data_config reads), from the model as it is
+        now: set_input_size moves them."""
+        return dict(img_size=tuple(self.patch_embed.img_size), fixed_input_size=not self.dynamic_img_size,
+                    first_conv="patch_embed.proj")
 
     @property
     def default_cfg(self) -> dict:
@@ -234,10 +238,7 @@ class FastViT(nn.Module):
         # a FastViT pickled whole by a vitfast before these existed
         if "patch_drop" not in self._modules:
             self.patch_drop = nn.Identity()
-        defaults = dict(attn_pool=None, weight_init_mode="", fix_init=False,
-                        _traits=dict(img_size=tuple(self.patch_embed.img_size),
-                                     fixed_input_size=not self.dynamic_img_size, first_conv="patch_embed.proj"))
-        for name, value in defaults.items():
+        for name, value in dict(attn_pool=None, weight_init_mode="", fix_init=False).items():
             if name not in self.__dict__ and name not in self._modules:
                 setattr(self, name, value)
         self.config.setdefault("patch_drop_rate", 0.0)
@@ -341,7 +342,6 @@ class FastViT(nn.Module):
         self.config["patch_size"] = pe.patch_size[0]
         for f in self.feature_info:
             f["reduction"] = pe.patch_size[0]
-        self._traits = dict(self._traits, img_size=tuple(pe.img_size))
 
     # -- forward ------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
