@@ -120,6 +120,13 @@ def extensions():
     ]
     # the C++ standard is left to torch.utils.cpp_extension (C++17 or C++20 by torch version)
     cxx = ["-O0", "-g"] if debug else ["-O3"]
+    link = [] if debug else ["-Wl,-O1"]
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a `#pragma omp parallel` in ATen's headers (torch's CPU builds use
+        # OpenMP): without -fopenmp it compiles to a serial loop, and every CPU pass of the op ran
+        # on one thread. -fopenmp links libgomp.so.1, the soname of the one torch has loaded.
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
@@ -140,7 +147,7 @@ def extensions():
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args=extra,
-            extra_link_args=[] if debug else ["-Wl,-O1"],
+            extra_link_args=link,
             py_limited_api=True,
         )
     ]

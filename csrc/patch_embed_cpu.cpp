@@ -15,17 +15,22 @@
 //
 // Backward: with G = grad_out [B*T, D] and X the normalised patch matrix with a zero row
 // where each class token sits, grad_weight = G^T X ("gemm"; oneDNN's convolution backward
-// over the normalised image for "conv"), grad_images = unpatchify(G W) * scale, grad_bias/
-// cls/pos are sums of grad_out over the batch.
+// over the normalised image for "conv", G's patch rows transposed to NCHW by one tiled pass that
+// also sums grad_out over the batch), grad_images = unpatchify(G W) * scale, grad_bias/cls/pos
+// are sums of grad_out over the batch.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
 #endif
 
 #include "patch_embed.h"
@@ -187,15 +192,20 @@ void normalize_image(const in_t* img, ImageStrides st, const PatchEmbedShape& s,
         const in_t* src = img + b * st.b + c * st.c + h * st.h;
         float* o = out + b * os.b + c * os.c + h * os.h;
         const float sc = scale[c], sh = shift[c];
-        for (int64_t w = 0; w < W; ++w) o[w * os.w] = static_cast<float>(src[w * st.w]) * sc + sh;
+        if (st.w == 1 && os.w == 1) {  // NCHW to NCHW: a loop the compiler vectorises
+          for (int64_t w = 0; w < W; ++w) o[w] = static_cast<float>(src[w]) * sc + sh;
+        } else {
+          for (int64_t w = 0; w < W; ++w) o[w * os.w] = static_cast<float>(src[w * st.w]) * sc + sh;
+        }
       }
     }
   });
 }
 
-// channels_last for the forward (oneDNN then writes the tokens as [B, N, D] rows: 1.6x faster at
-// p = 14 than from NCHW on the AMD EPYC measured); the weight gradient reads either equally well,
-// so the backward keeps the images' own layout (no copy for float32 images without mean/std).
+// channels_last for the forward (oneDNN then writes the tokens as [B, N, D] rows, which the
+// tokens pass reads in order); NCHW for the backward: oneDNN's weight gradient from NCHW images
+// and an NCHW grad took 4.7-5.7 ms at ViT-S/B/L shapes on the AMD EPYC measured, from
+// channels_last 4.8-6.7 ms (slower at ViT-B/16 and L/14, as fast at S/16 384).
 at::Tensor normalized_image(const at::Tensor& images, const PatchEmbedShape& s, const at::Tensor& mean,
                             const at::Tensor& std, at::MemoryFormat fmt) {
   if (images.scalar_type() == at::kFloat && !mean.defined() && !std.defined()) {
@@ -219,6 +229,88 @@ at::Tensor normalized_image(const at::Tensor& images, const PatchEmbedShape& s, 
 at::Tensor conv_patch_tokens(const at::Tensor& xn, const at::Tensor& w4, const PatchEmbedShape& s) {
   at::Tensor y = at::conv2d(xn, w4, {}, {s.p, s.p});
   return y.contiguous(at::MemoryFormat::ChannelsLast);  // what oneDNN gives for channels_last input: no copy
+}
+
+// One pass over grad_out [B, T, D] for the conv strategy's weight gradient: the patch rows
+// transposed into gy [B, D, Hp, Wp] (contiguous NCHW, what oneDNN's convolution backward takes
+// with NCHW images: handed the permuted view instead, it makes that copy itself with ATen's
+// strided copy, 1.1-1.3 ms for 4 MB at ViT-L/14 B 4 on the AMD EPYC measured, ~0.35 ms here),
+// and, where `sum` is given, the batch sum S[t, d] = sum_b grad_out[b, t, d] that grad_bias/cls/
+// pos are made of (no second pass over grad_out). One task per tile of kTile tokens x kTile
+// channels; the batch loops inside it, one image's rows at a time (rows of several images at
+// once alias in L1 when D * 4 bytes is a multiple of 4 KB), its sums kept in a local tile and
+// added in batch order.
+constexpr int64_t kTile = 32;
+
+// dst[d * ldd + n] = src[n * lds + d] and acc[n][d] += src[n * lds + d], n < nn, d < nd.
+void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t nn, int64_t nd,
+                    float (*acc)[kTile]) {
+  int64_t n = 0;
+#if defined(__SSE__)
+  const int64_t d4 = nd & ~int64_t(3);
+  for (; n + 4 <= nn; n += 4) {
+    for (int64_t d = 0; d < d4; d += 4) {
+      __m128 r0 = _mm_loadu_ps(src + (n + 0) * lds + d);
+      __m128 r1 = _mm_loadu_ps(src + (n + 1) * lds + d);
+      __m128 r2 = _mm_loadu_ps(src + (n + 2) * lds + d);
+      __m128 r3 = _mm_loadu_ps(src + (n + 3) * lds + d);
+      if (acc != nullptr) {
+        _mm_storeu_ps(&acc[n + 0][d], _mm_add_ps(_mm_loadu_ps(&acc[n + 0][d]), r0));
+        _mm_storeu_ps(&acc[n + 1][d], _mm_add_ps(_mm_loadu_ps(&acc[n + 1][d]), r1));
+        _mm_storeu_ps(&acc[n + 2][d], _mm_add_ps(_mm_loadu_ps(&acc[n + 2][d]), r2));
+        _mm_storeu_ps(&acc[n + 3][d], _mm_add_ps(_mm_loadu_ps(&acc[n + 3][d]), r3));
+      }
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      _mm_storeu_ps(dst + (d + 0) * ldd + n, r0);
+      _mm_storeu_ps(dst + (d + 1) * ldd + n, r1);
+      _mm_storeu_ps(dst + (d + 2) * ldd + n, r2);
+      _mm_storeu_ps(dst + (d + 3) * ldd + n, r3);
+    }
+    for (int64_t d = d4; d < nd; ++d) {
+      for (int64_t k = n; k < n + 4; ++k) {
+        const float v = src[k * lds + d];
+        dst[d * ldd + k] = v;
+        if (acc != nullptr) acc[k][d] += v;
+      }
+    }
+  }
+#endif
+  for (; n < nn; ++n) {
+    for (int64_t d = 0; d < nd; ++d) {
+      const float v = src[n * lds + d];
+      dst[d * ldd + n] = v;
+      if (acc != nullptr) acc[n][d] += v;
+    }
+  }
+}
+
+void transpose_patch_grad(const float* go, const PatchEmbedShape& s, float* gy, float* sum) {
+  const int64_t N = s.N, D = s.D, T = s.T, off = s.off();
+  const int64_t dt = (D + kTile - 1) / kTile;
+  at::parallel_for(0, ((N + kTile - 1) / kTile) * dt, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kTile][kTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = (task / dt) * kTile, d0 = (task % dt) * kTile;
+      const int64_t nn = std::min(kTile, N - n0), nd = std::min(kTile, D - d0);
+      if (sum != nullptr) std::memset(acc, 0, sizeof(acc));
+      for (int64_t b = 0; b < s.B; ++b) {
+        transpose_tile(go + (b * T + off + n0) * D + d0, D, gy + (b * D + d0) * N + n0, N, nn, nd,
+                       sum != nullptr ? acc : nullptr);
+      }
+      if (sum != nullptr) {
+        for (int64_t n = 0; n < nn; ++n) std::memcpy(sum + (off + n0 + n) * D + d0, acc[n], nd * sizeof(float));
+      }
+    }
+  });
+  if (sum != nullptr) {  // the class token rows: B * off rows of D
+    for (int64_t t = 0; t < off; ++t) {
+      for (int64_t d = 0; d < D; ++d) {
+        float a = 0;
+        for (int64_t b = 0; b < s.B; ++b) a += go[(b * T + t) * D + d];
+        sum[t * D + d] = a;
+      }
+    }
+  }
 }
 
 at::ScalarType compute_type(const at::Tensor& weight) {
@@ -318,12 +410,17 @@ Grads patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ima
   const at::Tensor mean64 = channel_stat(mean), std64 = channel_stat(std);
   std::optional<at::Tensor> g_images, g_weight, g_bias, g_cls, g_pos;
 
+  const bool want_sum = output_mask[2] || output_mask[3] || output_mask[4];
+  at::Tensor S;  // [T, D]: grad_out summed over the batch, for grad_bias/cls/pos
   // (not for D = 0: oneDNN's convolution refuses a weight with no output channels)
   if (output_mask[1] && !patches && uses_conv(ct) && s.N > 0 && s.D > 0) {
-    // the weight gradient of the convolution: G's patch rows as [B, D, Hp, Wp] (channels_last
-    // strides, a view) against the normalised image
-    const at::Tensor xn = normalized_image(images, s, mean64, std64, images.suggest_memory_format());
-    const at::Tensor gy = go.narrow(1, s.off(), s.N).view({s.B, s.Hp, s.Wp, s.D}).permute({0, 3, 1, 2});
+    // the weight gradient of the convolution: G's patch rows as [B, D, Hp, Wp] (NCHW, made by
+    // one pass that also sums over the batch) against the normalised image in NCHW
+    const at::Tensor xn = normalized_image(images, s, mean64, std64, at::MemoryFormat::Contiguous);
+    const at::Tensor gy = at::empty({s.B, s.D, s.Hp, s.Wp}, go.options());
+    if (want_sum) S = at::empty({s.T, s.D}, go.options());
+    transpose_patch_grad(go.const_data_ptr<float>(), s, gy.mutable_data_ptr<float>(),
+                         want_sum ? S.mutable_data_ptr<float>() : nullptr);  // the conv strategy is float32
     const at::Tensor w4 = weight.to(ct).contiguous();
     const auto grads = at::convolution_backward(gy, xn, w4, std::nullopt, {s.p, s.p}, {0, 0}, {1, 1}, false, {0, 0}, 1,
                                                 {false, true, false});
@@ -350,8 +447,8 @@ Grads patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ima
     }
     g_images = gi;
   }
-  if (output_mask[2] || output_mask[3] || output_mask[4]) {
-    const at::Tensor S = go.sum(0);  // [T, D]
+  if (want_sum) {
+    if (!S.defined()) S = go.sum(0);
     if (output_mask[2]) g_bias = S.narrow(0, s.off(), s.N).sum(0);
     if (output_mask[3]) g_cls = S.select(0, 0).clone();
     if (output_mask[4]) g_pos = S.narrow(0, s.T - pos_tokens, pos_tokens).unsqueeze(0).clone();
