@@ -334,6 +334,70 @@ def test_time_alternating_varies_who_follows_whom():
     assert again == order  # seeded: the same schedule every run
 
 
+def test_time_group_records_each_cpu_rows_page_faults():
+    """CPU rows carry the median minor page faults of their timed steps: a step that touches a
+    fresh 4 MB buffer every time faults >= 900 times (1024 pages), one that reuses a buffer not."""
+    import mmap
+
+    kept = bytearray(4 << 20)
+
+    def fresh(i):  # a new anonymous mapping each step: every page is a fault when first written
+        m = mmap.mmap(-1, 4 << 20)
+        for off in range(0, 4 << 20, 4096):
+            m[off] = 1
+        m.close()
+
+    def reuse(i):
+        for off in range(0, 4 << 20, 4096):
+            kept[off] = 1
+
+    group = [dict(impl="fresh"), dict(impl="reuse")]
+    steps = {"fresh": fresh, "reuse": reuse}
+    bu.time_group(group, lambda name: steps[name], warmup=1, iters=5, device=torch.device("cpu"))
+    faults = {r["impl"]: r["page_faults"] for r in group}
+    assert faults["fresh"] >= 900 and faults["reuse"] <= 16, faults
+
+
+def test_steady_cpu_malloc_modes():
+    with pytest.raises(ValueError, match="cpu malloc mode"):
+        bu.steady_cpu_malloc("jemalloc")
+    assert bu.steady_cpu_malloc("default") == bu._cpu_malloc  # "default" changes nothing
+    assert bu.env_info(torch.device("cpu"))["cpu_malloc"] == bu._cpu_malloc
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_steady_cpu_malloc_keeps_freed_memory_for_the_next_step():
+    """In a fresh process (mallopt is for the rest of the process): a 40 MB tensor made and freed
+    step after step faults in all its pages every step under glibc's defaults (blocks over 32 MB
+    are always fresh mmap pages), and almost none once the heap is kept (medians over steps: the
+    first steps may still grow the heap)."""
+    import subprocess
+
+    code = textwrap.dedent("""
+        import sys, torch
+        from vitfast.cli import benchmarking as bu
+        mode = bu.steady_cpu_malloc(sys.argv[1])
+        def step():
+            torch.ones(10 << 20)  # 40 MB, written once, freed
+        faults = []
+        for _ in range(15):  # the first steps may still grow the heap
+            f0 = bu.minor_page_faults()
+            step()
+            faults.append(bu.minor_page_faults() - f0)
+        print(mode, sorted(faults[5:])[5])  # the median of the last 10
+    """)
+    out = {}
+    for mode in ("default", "steady"):
+        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        line = res.stdout.strip().splitlines()[-1]
+        out[mode] = (line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1]))
+    if not out["steady"][0].startswith("steady"):
+        pytest.skip(f"not glibc: {out['steady'][0]}")
+    assert out["default"][0] == "default" and out["default"][1] >= 5000  # 10240 pages of 4 KB
+    assert out["steady"][1] <= 64, out
+
+
 @pytest.mark.parametrize("timer", ["time_steps", "time_alternating"])
 def test_cuda_timing_brackets_the_steps_on_the_timed_devices_stream(timer, monkeypatch):
     """`--device cuda:1` while cuda:0 is current: the steps' work goes to cuda:1's current stream,

@@ -45,6 +45,7 @@ import contextlib
 import difflib
 import gc
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where FastViT's ops run on CUDA: the measured table (default), always the kernels, or "
                         "always PyTorch (sets VITFAST_DISPATCH for this run; each row records the paths taken)")
     bu.add_noise_args(p)
+    bu.add_cpu_malloc_arg(p)
     return p
 
 
@@ -424,7 +426,7 @@ def _prepare(cfg: Config, entry: Entry, name: str, impl: str, compiled: bool, mo
         _free_device(cfg.device)
 
 
-def _time_surviving(cfg: Config, entries: dict, on_step: Callable[[], None]) -> dict:
+def _time_surviving(cfg: Config, entries: dict, on_step: Callable[[], None], faults: Optional[dict] = None) -> dict:
     """:func:`bu.time_alternating` over the entries that can run. A step that raises (an
     out-of-memory error at this batch) puts its status in its row, is dropped, and the others
     are timed again without it; an error no step can be blamed for fails every entry left."""
@@ -445,7 +447,7 @@ def _time_surviving(cfg: Config, entries: dict, on_step: Callable[[], None]) -> 
         try:
             # one untimed round first: building the later entries evicted the earlier ones' caches
             return bu.time_alternating({k: guarded(k, e.step) for k, e in live.items()}, warmup=1, iters=cfg.iters,
-                                       device=cfg.device, on_step=on_step)
+                                       device=cfg.device, on_step=on_step, faults=faults)
         except Exception as e:  # noqa: BLE001  (said in the row, the run goes on)
             status = _failure(e)
         for k in raised[:1] or list(live):
@@ -460,12 +462,15 @@ def time_group(cfg: Config, entries: dict, peak: dict, on_step: Callable[[], Non
     spread, img/s, TFLOP/s, MFU, and ``speedup_vs_reference`` as the median of the per-round
     ratios to the eager reference (compiled or not, every entry is compared with it). A step
     that fails here leaves its status in its row (:func:`_time_surviving`)."""
-    times = _time_surviving(cfg, entries, on_step)
+    faults: dict = {}
+    times = _time_surviving(cfg, entries, on_step, faults)
     for k, e in entries.items():
         if k not in times:
             continue
         row = e.row
         row.update(bu.summarize_ms(times[k]))
+        if faults.get(k):  # CPU: minor page faults per step (median; see bu.steady_cpu_malloc)
+            row["page_faults"] = statistics.median(faults[k][-len(times[k]):])
         row["img_per_s"] = cfg.batch_size / (row["ms_median"] * 1e-3)
         row["tflops"] = row["flops_per_image"] * row["img_per_s"] / 1e12
         row["peak_tflops"] = peak["tflops"]
@@ -569,6 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "dispatch", None):
         os.environ["VITFAST_DISPATCH"] = args.dispatch
         dispatch.reload()
+    bu.steady_cpu_malloc(args.cpu_malloc)
     env = bu.env_info(cfg.device, argv)
     env["dispatch"] = dispatch.override()
     env["dispatch_sources"] = dispatch.table().sources
