@@ -108,6 +108,23 @@ def warn_if_isolated() -> None:
           f"the extension is built\nagainst the torch you run.\n{bar}\n", file=sys.stderr)
 
 
+def _torch_uses_libgomp() -> bool:
+    """Whether torch's CPU library needs GNU OpenMP by the soname ``-fopenmp`` links
+    (libgomp.so.1: PyPI's Linux wheels). Elsewhere (LLVM's or Intel's OpenMP, a renamed libgomp),
+    linking it would load a second OpenMP runtime with its own thread count, so the extension's
+    CPU loops stay serial, as before."""
+    if not sys.platform.startswith("linux"):
+        return False
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        import mmap
+
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(b"\0libgomp.so.1\0") >= 0
+    except (OSError, ValueError):
+        return False
+
+
 def extensions():
     debug = _env_flag("DEBUG")
     with_cuda = build_cuda()
@@ -121,10 +138,11 @@ def extensions():
     # the C++ standard is left to torch.utils.cpp_extension (C++17 or C++20 by torch version)
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     link = [] if debug else ["-Wl,-O1"]
-    if sys.platform.startswith("linux"):
+    if _torch_uses_libgomp():
         # at::parallel_for is a `#pragma omp parallel` in ATen's headers (torch's CPU builds use
         # OpenMP): without -fopenmp it compiles to a serial loop, and every CPU pass of the op ran
-        # on one thread. -fopenmp links libgomp.so.1, the soname of the one torch has loaded.
+        # on one thread. -fopenmp links libgomp.so.1, the soname of the one torch has loaded, so
+        # the loops run in torch's thread pool (torch.set_num_threads applies).
         cxx += ["-fopenmp"]
         link += ["-fopenmp"]
     extra = {"cxx": cxx}
