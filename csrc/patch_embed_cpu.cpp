@@ -288,8 +288,8 @@ at::Tensor conv_patch_tokens(const at::Tensor& xn, const at::Tensor& w4, const P
 // with NCHW images: handed the permuted view instead, it makes that copy itself with ATen's
 // strided copy, 1.1-1.3 ms for 4 MB at ViT-L/14 B 4 on the AMD EPYC measured; this pass alone,
 // sums included, 0.35 ms on one thread with grad_out in cache),
-// and, where `sum` is given, the batch sum S[t, d] = sum_b grad_out[b, t, d] that grad_bias/cls/
-// pos are made of (no second pass over grad_out). One task per tile of kTile tokens x kTile
+// and, where `sum` is given, the batch sum S[t, d] = sum_b grad_out[b, t, d] of the patch rows
+// t >= off that grad_bias/pos are made of (no second pass over grad_out). One task per tile of kTile tokens x kTile
 // channels; the batch loops inside it, one image's rows at a time (rows of several images at
 // once alias in L1 when D * 4 bytes is a multiple of 4 KB), its sums kept in a local tile and
 // added in batch order.
@@ -355,15 +355,6 @@ void transpose_patch_grad(const float* go, const PatchEmbedShape& s, float* gy, 
       }
     }
   });
-  if (sum != nullptr) {  // the class token rows: B * off rows of D
-    for (int64_t t = 0; t < off; ++t) {
-      for (int64_t d = 0; d < D; ++d) {
-        float a = 0;
-        for (int64_t b = 0; b < s.B; ++b) a += go[(b * T + t) * D + d];
-        sum[t * D + d] = a;
-      }
-    }
-  }
 }
 
 at::ScalarType compute_type(const at::Tensor& weight) {
@@ -474,6 +465,10 @@ Grads patch_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ima
     if (want_sum) S = at::empty({s.T, s.D}, go.options());
     transpose_patch_grad(go.const_data_ptr<float>(), s, gy.mutable_data_ptr<float>(),
                          want_sum ? S.mutable_data_ptr<float>() : nullptr);  // the conv strategy is float32
+    if (want_sum && s.off() > 0) {  // the class rows
+      at::Tensor class_rows = S.narrow(0, 0, s.off());
+      at::sum_out(class_rows, go.narrow(1, 0, s.off()), 0);
+    }
     const at::Tensor w4 = weight.to(ct).contiguous();
     const auto grads = at::convolution_backward(gy, xn, w4, std::nullopt, {s.p, s.p}, {0, 0}, {1, 1}, false, {0, 0}, 1,
                                                 {false, true, false});

@@ -444,6 +444,8 @@ def _time_surviving(cfg: Config, entries: dict, on_step: Callable[[], None], fau
 
             return run_step
 
+        if faults is not None:
+            faults.clear()  # this attempt's, aligned with the times it returns
         try:
             # one untimed round first: building the later entries evicted the earlier ones' caches
             return bu.time_alternating({k: guarded(k, e.step) for k, e in live.items()}, warmup=1, iters=cfg.iters,
@@ -470,7 +472,7 @@ def time_group(cfg: Config, entries: dict, peak: dict, on_step: Callable[[], Non
         row = e.row
         row.update(bu.summarize_ms(times[k]))
         if faults.get(k):  # CPU: minor page faults per step (median; see bu.steady_cpu_malloc)
-            row["page_faults"] = statistics.median(faults[k][-len(times[k]):])
+            row["page_faults"] = statistics.median(faults[k])
         row["img_per_s"] = cfg.batch_size / (row["ms_median"] * 1e-3)
         row["tflops"] = row["flops_per_image"] * row["img_per_s"] / 1e12
         row["peak_tflops"] = peak["tflops"]
